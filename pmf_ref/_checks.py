@@ -1,0 +1,69 @@
+"""Input validation shared by every ``pmf_ref`` function.
+
+Shape and dtype checks always run (they are static, so ``vmap`` and ``torch.compile`` see them
+as constants). Value checks (t in [0, 1], r <= t) look at the data, so they are skipped inside a
+``torch.func`` transform, where the tensors are wrapped and data-dependent Python control flow
+is not allowed; the outermost call still checks the real values.
+"""
+from __future__ import annotations
+
+import torch
+from torch._C._functorch import is_functorch_wrapped_tensor
+
+
+def _is_transformed(tensor: torch.Tensor) -> bool:
+    return is_functorch_wrapped_tensor(tensor)
+
+
+def check_float(name: str, tensor: torch.Tensor) -> None:
+    """Raise ``ValueError`` unless ``tensor`` is a floating-point tensor."""
+    if not isinstance(tensor, torch.Tensor):
+        raise ValueError(f"{name} must be a torch.Tensor, got {type(tensor).__name__}")
+    if not tensor.is_floating_point():
+        raise ValueError(f"{name} must have a floating dtype (float16/bfloat16/float32/float64), got {tensor.dtype}")
+
+
+def check_same_shape(name_a: str, a: torch.Tensor, name_b: str, b: torch.Tensor) -> None:
+    """Raise ``ValueError`` unless ``a`` and ``b`` have the same shape."""
+    if a.shape != b.shape:
+        raise ValueError(f"{name_a} and {name_b} must have the same shape, got {tuple(a.shape)} and {tuple(b.shape)}")
+
+
+def check_time(name: str, t: torch.Tensor, like: torch.Tensor | None = None) -> None:
+    """Check a per-example time: float, shape () or (B,) matching ``like``'s batch, values in [0, 1]."""
+    check_float(name, t)
+    if t.ndim > 1:
+        raise ValueError(f"{name} must be a scalar or a (B,) vector of times, got shape {tuple(t.shape)}")
+    if like is not None and t.ndim == 1:
+        if like.ndim == 0 or like.shape[0] != t.shape[0]:
+            raise ValueError(
+                f"{name} has batch size {t.shape[0]} but the data has shape {tuple(like.shape)}; "
+                f"they must share the batch dimension")
+    if not _is_transformed(t) and t.numel() > 0:
+        if bool(torch.isnan(t).any()) or bool((t < 0).any()) or bool((t > 1).any()):
+            raise ValueError(
+                f"{name} must lie in [0, 1] (0 = data, 1 = noise), got values in "
+                f"[{t.min().item():.4g}, {t.max().item():.4g}]")
+
+
+def check_r_le_t(r: torch.Tensor, t: torch.Tensor) -> None:
+    """Check 0 <= r <= t <= 1 elementwise (the average velocity integrates from r up to t)."""
+    check_time("r", r)
+    check_time("t", t)
+    if r.shape != t.shape:
+        raise ValueError(f"r and t must have the same shape, got {tuple(r.shape)} and {tuple(t.shape)}")
+    if not (_is_transformed(r) or _is_transformed(t)) and bool((r > t).any()):
+        worst = (r - t).max().item()
+        raise ValueError(f"r must satisfy 0 <= r <= t, but r exceeds t by up to {worst:.4g}")
+
+
+def expand_like(t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """Reshape a per-example time ``t`` of shape (B,) (or ()) to broadcast against ``x`` (B, ...).
+
+    The one broadcasting helper of the package: (B,) -> (B, 1, ..., 1) with ``x.ndim`` dims.
+    """
+    if t.ndim == 0:
+        return t
+    if t.ndim != 1 or x.ndim == 0 or t.shape[0] != x.shape[0]:
+        raise ValueError(f"time of shape {tuple(t.shape)} cannot be broadcast per example against data of shape {tuple(x.shape)}")
+    return t.reshape(t.shape[0], *([1] * (x.ndim - 1)))  # (B, 1, ..., 1)

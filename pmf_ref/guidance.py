@@ -1,0 +1,144 @@
+"""Classifier-free guidance trained into the network (iMF style, pMF Sec. 4 and App. A).
+
+The network is conditioned on a guidance scale omega and an interval [t_min, t_max]; the target
+is the guided velocity, so one network call at sampling time already applies CFG.
+"""
+from __future__ import annotations
+
+import torch
+
+from ._checks import check_float, check_same_shape, check_time, expand_like
+
+OMEGA_S_MAX = 7.0
+"""Training range of omega is [1, 1 + s_max] = [1, 8] in pMF."""
+LABEL_DROP_PROB = 0.1
+"""Fraction of rows trained unconditionally (null label), as in pMF / iMF."""
+
+
+def _check_n(n: int) -> None:
+    if not isinstance(n, int) or n < 0:
+        raise ValueError(f"n must be a non-negative int, got {n!r}")
+
+
+def sample_omega(n: int, *, s_max: float = OMEGA_S_MAX, beta: float = 1.0,
+                 generator: torch.Generator | None = None, device=None,
+                 dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Guidance scales with density ``p(omega) ∝ omega^(-beta)`` on ``[1, 1 + s_max]`` (iMF; pMF App. A).
+
+    Inverse CDF of a uniform u: with ``m = 1 + s_max``,
+    ``omega = m^u`` for beta = 1, else ``omega = (1 + u (m^(1-beta) - 1))^(1 / (1 - beta))``.
+    pMF: beta = 1 for B models, 2 for L.
+
+    Args:
+        n: number of rows.  s_max: >= 0.  beta: >= 0.
+    Returns:
+        omega, (n,).
+    """
+    _check_n(n)
+    if s_max < 0:
+        raise ValueError(f"s_max must be >= 0 (omega lies in [1, 1 + s_max]), got {s_max}")
+    if beta < 0:
+        raise ValueError(f"beta must be >= 0, got {beta}")
+    u = torch.rand(n, generator=generator, device=device, dtype=torch.float64)
+    m = 1.0 + s_max
+    if abs(beta - 1.0) < 1e-12:
+        omega = m ** u
+    else:
+        a = 1.0 - beta
+        omega = (1.0 + u * (m ** a - 1.0)) ** (1.0 / a)
+    return omega.clamp(1.0, m).to(dtype)
+
+
+def sample_guidance_interval(r: torch.Tensor, t: torch.Tensor, *, generator: torch.Generator | None = None
+                             ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Guidance intervals ``t_min ~ U(0, 0.5)``, ``t_max ~ U(0.5, 1)``; rows with r = t get [0, 1].
+
+    (pMF App. A: on the r = t line the target is the instantaneous guided velocity everywhere.)
+
+    Args:
+        r, t: (B,) sampled times.
+    Returns:
+        (t_min, t_max), each (B,), with 0 <= t_min <= 0.5 <= t_max <= 1.
+    """
+    check_time("r", r)
+    check_time("t", t)
+    check_same_shape("r", r, "t", t)
+    n = t.shape[0] if t.ndim else 1
+    t_min = 0.5 * torch.rand(n, generator=generator, device=t.device, dtype=torch.float32).to(t.dtype)
+    t_max = 0.5 + 0.5 * torch.rand(n, generator=generator, device=t.device, dtype=torch.float32).to(t.dtype)
+    on_diagonal = (r == t).reshape(n)
+    t_min = torch.where(on_diagonal, torch.zeros_like(t_min), t_min)
+    t_max = torch.where(on_diagonal, torch.ones_like(t_max), t_max)
+    return t_min.reshape(t.shape), t_max.reshape(t.shape)
+
+
+def effective_guidance_scale(omega: torch.Tensor, t: torch.Tensor, *, t_min: torch.Tensor,
+                             t_max: torch.Tensor, dropped: torch.Tensor | None = None) -> torch.Tensor:
+    """Interval gating ``omega' = omega if t_min <= t <= t_max (and the row is not label-dropped) else 1``.
+
+    Args:
+        omega: (B,) >= 1.  t, t_min, t_max: (B,).  dropped: optional bool (B,).
+    Returns:
+        omega', (B,).
+    """
+    check_float("omega", omega)
+    check_same_shape("omega", omega, "t", t)
+    if not torch._C._functorch.is_functorch_wrapped_tensor(omega) and bool((omega < 1).any()):
+        raise ValueError(f"omega must be >= 1, got min {omega.min().item():.4g}")
+    inside = (t >= t_min) & (t <= t_max)
+    if dropped is not None:
+        if dropped.dtype != torch.bool or dropped.shape != omega.shape:
+            raise ValueError(f"dropped must be a bool tensor of shape {tuple(omega.shape)}, "
+                             f"got {dropped.dtype} {tuple(dropped.shape)}")
+        inside = inside & ~dropped
+    return torch.where(inside, omega, torch.ones_like(omega))
+
+
+def guided_velocity(v_t: torch.Tensor, v_c: torch.Tensor, v_u: torch.Tensor, omega: torch.Tensor) -> torch.Tensor:
+    """Guided target ``v_g = v_t + (1 - 1/omega) (v_c - v_u)``  (iMF Eq. 13; pMF App. A).
+
+    omega = 1 gives v_t exactly. v_c, v_u are the model's conditional and unconditional
+    instantaneous velocities (the caller stops their gradient).
+
+    Args:
+        v_t, v_c, v_u: (B, ...).  omega: (B,) >= 1.
+    Returns:
+        v_g, (B, ...).
+    """
+    check_same_shape("v_t", v_t, "v_c", v_c)
+    check_same_shape("v_t", v_t, "v_u", v_u)
+    check_float("omega", omega)
+    return v_t + expand_like(1.0 - 1.0 / omega, v_t) * (v_c - v_u)
+
+
+def label_drop_mask(n: int, *, p: float = LABEL_DROP_PROB, generator: torch.Generator | None = None,
+                    device=None) -> torch.Tensor:
+    """Per-row Bernoulli(p) mask of rows trained with the null label.
+
+    # Deviation: the released code drops the first round(p * B) rows of each device batch; an
+    # i.i.d. mask has the same rate and does not depend on how a batch is split across devices.
+
+    Args:
+        n: rows.  p: drop probability in [0, 1].
+    Returns:
+        bool mask, (n,).
+    """
+    _check_n(n)
+    if not 0.0 <= p <= 1.0:
+        raise ValueError(f"p must lie in [0, 1], got {p}")
+    return torch.rand(n, generator=generator, device=device) < p
+
+
+def drop_labels(y: torch.Tensor, dropped: torch.Tensor, *, null_label: int) -> torch.Tensor:
+    """Replace the labels of dropped rows by ``null_label`` (= num_classes).
+
+    Args:
+        y: int labels, (B,).  dropped: bool (B,).
+    Returns:
+        labels, (B,).
+    """
+    if y.is_floating_point():
+        raise ValueError(f"y must be an integer label tensor, got {y.dtype}")
+    if dropped.shape != y.shape or dropped.dtype != torch.bool:
+        raise ValueError(f"dropped must be a bool tensor of shape {tuple(y.shape)}")
+    return torch.where(dropped, torch.full_like(y, null_label), y)

@@ -1,0 +1,179 @@
+"""Per-sample losses: squared error, adaptive weighting, and the assembled pMF / flow-matching losses.
+
+Every function returns one value per example, shape (B,); the caller takes the batch mean last.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable, NamedTuple
+
+import torch
+
+from ._checks import check_float, check_r_le_t, check_same_shape, check_time
+from .guidance import effective_guidance_scale, guided_velocity
+from .meanflow import (average_velocity_jvp, compound_velocity, tangent_from_model,
+                       tangent_from_v_head, u_fn_from_x_fn)
+from .path import average_velocity_from_x, interpolate, target_velocity
+
+ADAPTIVE_C = 0.01
+"""Constant c of the adaptive weight (pMF and MeanFlow); keeps the weight finite as L -> 0."""
+ADAPTIVE_P = 1.0
+"""Power p of the adaptive weight: pMF uses 1 (MeanFlow ablated 0.5, 0.75, 1); p = 0 turns it off."""
+
+
+def squared_error(prediction: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Per-sample squared error ``L = sum_{non-batch dims} (prediction - target)^2``.
+
+    A **sum**, not a mean (pMF Sec. 4): the adaptive weight's constant c is relative to this scale.
+
+    Args:
+        prediction, target: (B, ...).
+    Returns:
+        L, (B,).
+    """
+    check_float("prediction", prediction)
+    check_float("target", target)
+    check_same_shape("prediction", prediction, "target", target)
+    return (prediction - target).square().flatten(1).sum(dim=1) if prediction.ndim > 1 \
+        else (prediction - target).square()
+
+
+def adaptively_weighted(loss: torch.Tensor, *, c: float = ADAPTIVE_C, p: float = ADAPTIVE_P) -> torch.Tensor:
+    """Adaptive loss weighting ``adp(L) = L / sg((L + c)^p)``  (MeanFlow Sec. 4.3, pMF Sec. 4).
+
+    Its value is ~1 for large L, but its gradient is that of ``L`` scaled by ``1 / (L + c)^p``:
+    with p = 1 the gradient is that of log(L + c), a robust (Cauchy-like) loss.
+
+    Args:
+        loss: per-sample losses, (B,), non-negative.  c: > 0.  p: >= 0.
+    Returns:
+        weighted losses, (B,).
+    """
+    check_float("loss", loss)
+    if c <= 0:
+        raise ValueError(f"c must be > 0, got {c}")
+    if p < 0:
+        raise ValueError(f"p must be >= 0, got {p}")
+    return loss / (loss.detach() + c) ** p
+
+
+class MeanFlowLossTerms(NamedTuple):
+    loss: torch.Tensor      # adaptively weighted per-sample loss, (B,)
+    raw: torch.Tensor       # per-sample sum of squares before weighting, (B,)
+    u: torch.Tensor         # u_theta(z_t, r, t), (B, ...)
+    dudt: torch.Tensor      # du/dt from the JVP, (B, ...)
+    aux: Any                # aux of u_fn (x_hat for pMF)
+
+
+def meanflow_loss(u_fn: Callable, z_t: torch.Tensor, r: torch.Tensor, t: torch.Tensor, *,
+                  v_target: torch.Tensor, v_tangent: torch.Tensor, has_aux: bool = False,
+                  c: float = ADAPTIVE_C, p: float = ADAPTIVE_P) -> MeanFlowLossTerms:
+    """iMF velocity loss ``adp(|| u + (t - r) sg(du/dt) - sg(v_target) ||^2)``  (pMF Eq. 12).
+
+    Args:
+        u_fn: ``(z, r, t) -> u`` (or ``(u, aux)`` with has_aux).
+        z_t: (B, ...).  r, t: (B,).  v_target: regression target, (B, ...), detached here.
+        v_tangent: JVP tangent for z (see the ``tangent_*`` functions), (B, ...).
+    Returns:
+        ``MeanFlowLossTerms``.
+    """
+    check_same_shape("z_t", z_t, "v_target", v_target)
+    jvp = average_velocity_jvp(u_fn, z_t, r, t, v_tangent=v_tangent, has_aux=has_aux)
+    V = compound_velocity(jvp.u, jvp.dudt, r, t)
+    raw = squared_error(V, v_target.detach())
+    return MeanFlowLossTerms(adaptively_weighted(raw, c=c, p=p), raw, jvp.u, jvp.dudt, jvp.aux)
+
+
+def pmf_loss(x_fn: Callable, x: torch.Tensor, e: torch.Tensor, r: torch.Tensor, t: torch.Tensor, *,
+             c: float = ADAPTIVE_C, p: float = ADAPTIVE_P) -> MeanFlowLossTerms:
+    """pMF loss of the paper's Alg. 1 for an x-prediction network ``x_fn(z, r, t) -> x_hat``.
+
+    ``z_t = (1-t) x + t e``; ``u = (z_t - x_hat) / max(t, t_eps)``; tangent ``sg(u(z_t, t, t))``;
+    target the clipped ``v_t``; loss ``adp(||u + (t - r) sg(du/dt) - v_t||^2)``. aux = x_hat.
+
+    Args:
+        x_fn: x-prediction network, (B, ...), (B,), (B,) -> (B, ...).
+        x, e: data and noise, (B, ...).  r, t: (B,), 0 <= r <= t <= 1.
+    Returns:
+        ``MeanFlowLossTerms`` with per-sample terms.
+    """
+    return velocity_loss(u_fn_from_x_fn(x_fn), x, e, r, t, has_aux=True, c=c, p=p)
+
+
+def velocity_loss(u_fn: Callable, x: torch.Tensor, e: torch.Tensor, r: torch.Tensor, t: torch.Tensor, *,
+                  has_aux: bool = False, c: float = ADAPTIVE_C, p: float = ADAPTIVE_P) -> MeanFlowLossTerms:
+    """Alg. 1 loss for any parametrisation given as ``u_fn`` (x-prediction via
+    :func:`u_fn_from_x_fn`, or a network that outputs u directly, as in iMF).
+
+    Args / Returns: as :func:`pmf_loss`.
+    """
+    check_r_le_t(r, t)
+    z_t = interpolate(x, e, t)
+    v_t = target_velocity(z_t, x, t)
+    v_tangent = tangent_from_model(u_fn, z_t, t, has_aux=has_aux)
+    return meanflow_loss(u_fn, z_t, r, t, v_target=v_t, v_tangent=v_tangent, has_aux=has_aux, c=c, p=p)
+
+
+class GuidedLossTerms(NamedTuple):
+    loss_u: torch.Tensor    # adp(||V - v_g||^2), (B,)
+    loss_v: torch.Tensor    # adp(||v_theta - v_g||^2), (B,)
+    raw_u: torch.Tensor     # (B,)
+    raw_v: torch.Tensor     # (B,)
+    x_hat: torch.Tensor     # u-head denoised image at (z_t, r, t), (B, ...), with grad
+    v_g: torch.Tensor       # guided target, (B, ...)
+
+
+def pmf_guided_loss(x_net: Callable, v_net: Callable, x: torch.Tensor, e: torch.Tensor,
+                    r: torch.Tensor, t: torch.Tensor, *, cond: Any, uncond: Any,
+                    omega: torch.Tensor, t_min: torch.Tensor, t_max: torch.Tensor, dropped: torch.Tensor,
+                    c: float = ADAPTIVE_C, p: float = ADAPTIVE_P) -> GuidedLossTerms:
+    """The released-code pMF recipe: v-head tangent, trained-in CFG target, v-head loss.
+
+    ``x_net(z, r, t, cond) -> x_hat`` is the u-head and ``v_net(z, t, cond) -> x_hat_v`` the
+    v-head (evaluated at h = 0); ``cond`` / ``uncond`` are opaque conditioning (labels with drops
+    applied, omega, interval) that the networks understand, uncond with the null label and omega 1.
+
+    1. ``v_theta = (z_t - v_net(z_t, t, cond)) / max(t, t_eps)`` (with gradient: it is trained);
+    2. ``v_u`` likewise with ``uncond``, without gradient;
+    3. ``v_g = v_t + (1 - 1/omega') (sg(v_theta) - v_u)``, omega' = omega inside [t_min, t_max]
+       and not dropped, else 1 (:func:`effective_guidance_scale`);
+    4. ``L_u = adp(||u + (t - r) sg(du/dt) - v_g||^2)`` with tangent ``sg(v_theta)``;
+       ``L_v = adp(||v_theta - v_g||^2)``.
+
+    The conditional velocity v_c of step 3 is the v-head's own (detached) prediction: the
+    conditioning is the same, so a separate no-grad pass would compute the same tensor.
+
+    Returns:
+        ``GuidedLossTerms``, per-sample (B,) terms, x_hat for a perceptual loss, and v_g.
+    """
+    check_r_le_t(r, t)
+    z_t = interpolate(x, e, t)
+    v_t = target_velocity(z_t, x, t)
+    v_theta = average_velocity_from_x(z_t, v_net(z_t, t, cond), t)       # r = t: u is v
+    with torch.no_grad():
+        v_u = average_velocity_from_x(z_t, v_net(z_t, t, uncond), t)
+    omega_eff = effective_guidance_scale(omega, t, t_min=t_min, t_max=t_max, dropped=dropped)
+    v_g = guided_velocity(v_t, v_theta.detach(), v_u, omega_eff).detach()
+    u_fn = u_fn_from_x_fn(lambda z, r_, t_: x_net(z, r_, t_, cond))
+    terms = meanflow_loss(u_fn, z_t, r, t, v_target=v_g, v_tangent=tangent_from_v_head(v_theta),
+                          has_aux=True, c=c, p=p)
+    raw_v = squared_error(v_theta, v_g)
+    return GuidedLossTerms(terms.loss, adaptively_weighted(raw_v, c=c, p=p), terms.raw, raw_v, terms.aux, v_g)
+
+
+def flow_matching_loss(x_fn: Callable, x: torch.Tensor, e: torch.Tensor, t: torch.Tensor, *,
+                       c: float = ADAPTIVE_C, p: float = 0.0) -> torch.Tensor:
+    """JiT-style flow-matching baseline: x-prediction, velocity loss, r = t (no JVP).
+
+    ``L = ||(z_t - x_fn(z_t, t, t)) / max(t, t_eps) - v_t||^2`` per sample (JiT Eq. 6 with the
+    same sum reduction and t clip as pMF); p = 0 by default: no adaptive weighting, as in JiT.
+
+    Args:
+        x_fn: x-prediction network.  x, e: (B, ...).  t: (B,).
+    Returns:
+        per-sample loss, (B,).
+    """
+    check_time("t", t, like=x)
+    z_t = interpolate(x, e, t)
+    v_t = target_velocity(z_t, x, t)
+    v_hat = average_velocity_from_x(z_t, x_fn(z_t, t, t), t)
+    return adaptively_weighted(squared_error(v_hat, v_t), c=c, p=p)
