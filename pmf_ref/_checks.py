@@ -40,16 +40,34 @@ def check_time(name: str, t: torch.Tensor, like: torch.Tensor | None = None) -> 
                 f"{name} has batch size {t.shape[0]} but the data has shape {tuple(like.shape)}; "
                 f"they must share the batch dimension")
     if not _is_transformed(t) and t.numel() > 0:
-        if bool(torch.isnan(t).any()) or bool((t < 0).any()) or bool((t > 1).any()):
+        if bool(torch.isnan(t).any()):
+            raise ValueError(f"{name} must lie in [0, 1] (0 = data, 1 = noise), got NaN")
+        if bool((t < 0).any()) or bool((t > 1).any()):
             raise ValueError(
                 f"{name} must lie in [0, 1] (0 = data, 1 = noise), got values in "
                 f"[{t.min().item():.4g}, {t.max().item():.4g}]")
 
 
-def check_r_le_t(r: torch.Tensor, t: torch.Tensor) -> None:
-    """Check 0 <= r <= t <= 1 elementwise (the average velocity integrates from r up to t)."""
-    check_time("r", r)
-    check_time("t", t)
+def check_per_example(name: str, value: torch.Tensor, like: torch.Tensor) -> None:
+    """Check a per-example scalar (omega, a mask, ...): shape (B,) with the batch size of ``like``."""
+    if not isinstance(value, torch.Tensor):
+        raise ValueError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
+    if value.ndim != 1 or like.ndim == 0 or value.shape[0] != like.shape[0]:
+        raise ValueError(f"{name} must have shape (B,) = ({like.shape[0] if like.ndim else '?'},) to match "
+                         f"data of shape {tuple(like.shape)}, got {tuple(value.shape)}")
+
+
+def check_float_dtype(name: str, dtype: torch.dtype) -> None:
+    """Raise ``ValueError`` unless ``dtype`` is a floating-point dtype (for samplers given a dtype)."""
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise ValueError(f"{name} must be a floating dtype (float16/bfloat16/float32/float64), got {dtype}")
+
+
+def check_r_le_t(r: torch.Tensor, t: torch.Tensor, like: torch.Tensor | None = None) -> None:
+    """Check 0 <= r <= t <= 1 elementwise (the average velocity integrates from r up to t);
+    with ``like``, also that r and t share its batch dimension."""
+    check_time("r", r, like=like)
+    check_time("t", t, like=like)
     if r.shape != t.shape:
         raise ValueError(f"r and t must have the same shape, got {tuple(r.shape)} and {tuple(t.shape)}")
     if not (_is_transformed(r) or _is_transformed(t)) and bool((r > t).any()):

@@ -7,7 +7,8 @@ from __future__ import annotations
 
 import torch
 
-from ._checks import check_float, check_same_shape, check_time, expand_like
+from ._checks import (_is_transformed, check_float, check_float_dtype, check_per_example,
+                      check_same_shape, check_time, expand_like)
 
 OMEGA_S_MAX = 7.0
 """Training range of omega is [1, 1 + s_max] = [1, 8] in pMF."""
@@ -18,6 +19,12 @@ LABEL_DROP_PROB = 0.1
 def _check_n(n: int) -> None:
     if not isinstance(n, int) or n < 0:
         raise ValueError(f"n must be a non-negative int, got {n!r}")
+
+
+def _check_omega(omega: torch.Tensor) -> None:
+    # A value check: skipped inside torch.func transforms, like the time checks.
+    if not _is_transformed(omega) and omega.numel() > 0 and not bool((omega >= 1).all()):
+        raise ValueError(f"omega must be >= 1 (1 = no guidance), got min {omega.min().item():.4g}")
 
 
 def sample_omega(n: int, *, s_max: float = OMEGA_S_MAX, beta: float = 1.0,
@@ -39,6 +46,7 @@ def sample_omega(n: int, *, s_max: float = OMEGA_S_MAX, beta: float = 1.0,
         raise ValueError(f"s_max must be >= 0 (omega lies in [1, 1 + s_max]), got {s_max}")
     if beta < 0:
         raise ValueError(f"beta must be >= 0, got {beta}")
+    check_float_dtype("dtype", dtype)
     u = torch.rand(n, generator=generator, device=device, dtype=torch.float64)
     m = 1.0 + s_max
     if abs(beta - 1.0) < 1e-12:
@@ -77,14 +85,22 @@ def effective_guidance_scale(omega: torch.Tensor, t: torch.Tensor, *, t_min: tor
     """Interval gating ``omega' = omega if t_min <= t <= t_max (and the row is not label-dropped) else 1``.
 
     Args:
-        omega: (B,) >= 1.  t, t_min, t_max: (B,).  dropped: optional bool (B,).
+        omega: (B,) >= 1.  t: (B,).  t_min, t_max: (B,), or floats for one interval for all rows.
+        dropped: optional bool (B,).
     Returns:
         omega', (B,).
     """
     check_float("omega", omega)
     check_same_shape("omega", omega, "t", t)
-    if not torch._C._functorch.is_functorch_wrapped_tensor(omega) and bool((omega < 1).any()):
-        raise ValueError(f"omega must be >= 1, got min {omega.min().item():.4g}")
+    _check_omega(omega)
+    check_time("t", t)
+    for name, bound in (("t_min", t_min), ("t_max", t_max)):
+        if isinstance(bound, torch.Tensor):  # a Python float is one interval for every row
+            check_time(name, bound)
+            if bound.ndim != 0:
+                check_same_shape(name, bound, "t", t)
+        elif not 0.0 <= bound <= 1.0:
+            raise ValueError(f"{name} must lie in [0, 1], got {bound}")
     inside = (t >= t_min) & (t <= t_max)
     if dropped is not None:
         if dropped.dtype != torch.bool or dropped.shape != omega.shape:
@@ -108,6 +124,9 @@ def guided_velocity(v_t: torch.Tensor, v_c: torch.Tensor, v_u: torch.Tensor, ome
     check_same_shape("v_t", v_t, "v_c", v_c)
     check_same_shape("v_t", v_t, "v_u", v_u)
     check_float("omega", omega)
+    if omega.ndim != 0:  # a scalar omega applies to every row
+        check_per_example("omega", omega, v_t)
+    _check_omega(omega)
     return v_t + expand_like(1.0 - 1.0 / omega, v_t) * (v_c - v_u)
 
 

@@ -106,7 +106,7 @@ def velocity_loss(u_fn: Callable, x: torch.Tensor, e: torch.Tensor, r: torch.Ten
 
     Args / Returns: as :func:`pmf_loss`.
     """
-    check_r_le_t(r, t)
+    check_r_le_t(r, t, like=x)
     z_t = interpolate(x, e, t)
     v_t = target_velocity(z_t, x, t)
     v_tangent = tangent_from_model(u_fn, z_t, t, has_aux=has_aux)
@@ -145,7 +145,7 @@ def pmf_guided_loss(x_net: Callable, v_net: Callable, x: torch.Tensor, e: torch.
     Returns:
         ``GuidedLossTerms``, per-sample (B,) terms, x_hat for a perceptual loss, and v_g.
     """
-    check_r_le_t(r, t)
+    check_r_le_t(r, t, like=x)
     z_t = interpolate(x, e, t)
     v_t = target_velocity(z_t, x, t)
     v_theta = average_velocity_from_x(z_t, v_net(z_t, t, cond), t)       # r = t: u is v

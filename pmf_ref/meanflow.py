@@ -44,7 +44,7 @@ def average_velocity_jvp(u_fn: UFn, z: torch.Tensor, r: torch.Tensor, t: torch.T
     check_float("z", z)
     check_float("v_tangent", v_tangent)
     check_same_shape("z", z, "v_tangent", v_tangent)
-    check_r_le_t(r, t)
+    check_r_le_t(r, t, like=z)
     tangent_z = v_tangent.detach()
     tangent_r = torch.zeros_like(r)  # r is held fixed: du/dt is a derivative in t alone
     tangent_t = torch.ones_like(t)
@@ -67,7 +67,7 @@ def compound_velocity(u: torch.Tensor, dudt: torch.Tensor, r: torch.Tensor, t: t
         V, (B, ...).
     """
     check_same_shape("u", u, "dudt", dudt)
-    check_r_le_t(r, t)
+    check_r_le_t(r, t, like=u)
     return u + expand_like(t - r, u) * dudt.detach()
 
 
@@ -83,7 +83,7 @@ def meanflow_target(v: torch.Tensor, dudt: torch.Tensor, r: torch.Tensor, t: tor
         u_tgt, (B, ...), detached.
     """
     check_same_shape("v", v, "dudt", dudt)
-    check_r_le_t(r, t)
+    check_r_le_t(r, t, like=v)
     return (v - expand_like(t - r, v) * dudt).detach()
 
 

@@ -13,6 +13,11 @@ def _u_only(u_fn: Callable, z, r, t, has_aux: bool) -> torch.Tensor:
     return u[0] if has_aux else u
 
 
+def _check_batched(e: torch.Tensor) -> None:
+    if e.ndim == 0:
+        raise ValueError("e must have a batch dimension, shape (B, ...), got a 0-d tensor")
+
+
 @torch.no_grad()
 def sample_one_step(u_fn: Callable, e: torch.Tensor, *, has_aux: bool = False) -> torch.Tensor:
     """One-step generation ``x = z_1 - u(z_1, 0, 1)`` with ``z_1 = e``  (pMF Eq. 9; Alg. 2).
@@ -25,6 +30,7 @@ def sample_one_step(u_fn: Callable, e: torch.Tensor, *, has_aux: bool = False) -
         x, (B, ...).
     """
     check_float("e", e)
+    _check_batched(e)
     n = e.shape[0]
     zeros = torch.zeros(n, device=e.device, dtype=e.dtype)
     ones = torch.ones(n, device=e.device, dtype=e.dtype)
@@ -44,6 +50,7 @@ def sample_multi_step(u_fn: Callable, e: torch.Tensor, *, steps: int, has_aux: b
         x = z_0, (B, ...).
     """
     check_float("e", e)
+    _check_batched(e)
     if not isinstance(steps, int) or steps < 1:
         raise ValueError(f"steps must be an int >= 1, got {steps!r}")
     n = e.shape[0]

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import torch
 
+from ._checks import check_float_dtype
+
 P_MEAN, P_STD = 0.8, 0.8
 """Logit-normal (mean, std) of pMF B/16, B/32, L/16; L/32 and H use (0.0, 0.8); MeanFlow (-0.4, 1.0)."""
 EQUAL_FRACTION = 0.5
@@ -29,6 +31,7 @@ def sample_logit_normal(n: int, *, mean: float = P_MEAN, std: float = P_STD,
         t, (n,), in (0, 1).
     """
     _check(n)
+    check_float_dtype("dtype", dtype)
     if std <= 0:
         raise ValueError(f"std must be > 0, got {std}")
     return torch.sigmoid(mean + std * torch.randn(n, generator=generator, device=device, dtype=dtype))

@@ -1,0 +1,157 @@
+"""Measurement tools of the benchmarks: interleaved medians, peak memory, machine description.
+
+Timing: every variant of a comparison runs in the same process, interleaved in a rotating order
+(ABC, BCA, CAB, ...), after warm-up; a sample is the mean of ``inner`` calls (chosen so a sample
+lasts at least ``min_sample_s``) and the reported number is the median over samples, so slow
+drifts of a shared machine hit all variants alike and outliers do not move the result.
+
+Peak memory: on CUDA ``torch.cuda.max_memory_allocated`` above the allocation before the call.
+On CPU PyTorch keeps no allocator statistics, so we read the process's resident set: reset the
+kernel's high-water mark (``/proc/self/clear_refs``), run the call once, and report
+``VmHWM - VmRSS(before)``. freed heap is first handed back to the OS (``malloc_trim``) so the
+baseline holds no reusable free memory. This counts every byte the step touches (activations,
+gradients, workspace), at page granularity, and it is Linux-only (else ``None``).
+"""
+from __future__ import annotations
+
+import ctypes
+import gc
+import os
+import platform
+import statistics
+import time
+from typing import Callable
+
+import torch
+
+MIN_SAMPLE_S = 0.05
+"""A timing sample spans at least this long (many calls of a fast step are averaged into one)."""
+MAX_INNER = 1000
+"""Cap on the calls averaged into one sample."""
+CPU_MEMORY_METHOD = "rss_high_water (VmHWM after /proc/self/clear_refs=5, minus VmRSS before; malloc_trim first)"
+CUDA_MEMORY_METHOD = "torch.cuda.max_memory_allocated minus memory_allocated before"
+
+
+def synchronize(device: torch.device) -> None:
+    """Wait for queued kernels, so a wall-clock interval covers the work it launched."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _time_calls(fn: Callable[[], object], calls: int, device: torch.device) -> float:
+    synchronize(device)
+    start = time.perf_counter()
+    for _ in range(calls):
+        fn()
+    synchronize(device)
+    return (time.perf_counter() - start) / calls
+
+
+def interleaved_medians(fns: dict[str, Callable[[], object]], *, device: torch.device, warmup: int,
+                        repeats: int, min_sample_s: float = MIN_SAMPLE_S, progress=None) -> dict[str, dict]:
+    """Time several variants interleaved; per variant the median seconds per call.
+
+    Args:
+        fns: name -> zero-argument callable (one training step, one sampling call, ...).
+        warmup: untimed calls of each variant first (allocator, caches, compilation).
+        repeats: timed samples per variant (>= 5 for a median worth quoting).
+        progress: optional tqdm bar, advanced once per sample.
+    Returns:
+        name -> {"median_s", "min_s", "iqr_s", "samples_s", "inner"}.
+    """
+    names = list(fns)
+    inner = {}
+    for name in names:
+        for _ in range(warmup):
+            fns[name]()
+        once = _time_calls(fns[name], 1, device)
+        inner[name] = int(min(MAX_INNER, max(1, round(min_sample_s / max(once, 1e-9)))))
+    samples: dict[str, list[float]] = {name: [] for name in names}
+    for rep in range(repeats):
+        order = names[rep % len(names):] + names[:rep % len(names)]  # rotate: no variant always first
+        for name in order:
+            samples[name].append(_time_calls(fns[name], inner[name], device))
+            if progress is not None:
+                progress.update(1)
+    result = {}
+    for name in names:
+        values = sorted(samples[name])
+        quartiles = statistics.quantiles(values, n=4) if len(values) >= 2 else [values[0]] * 3
+        result[name] = {"median_s": statistics.median(values), "min_s": values[0],
+                        "iqr_s": quartiles[2] - quartiles[0], "samples_s": samples[name],
+                        "inner": inner[name]}
+    return result
+
+
+# ----------------------------------------------------------------------------- memory
+
+def _proc_status_kib(field: str) -> int | None:
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1])
+    except OSError:
+        return None
+    return None
+
+
+def _release_free_heap() -> None:
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass  # not glibc: the baseline may then include cached free memory
+
+
+def peak_memory_bytes(fn: Callable[[], object], device: torch.device) -> int | None:
+    """Extra memory at the peak of one call of ``fn`` (see the module docstring), or None."""
+    if device.type == "cuda":
+        synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        before = torch.cuda.memory_allocated(device)
+        fn()
+        synchronize(device)
+        return torch.cuda.max_memory_allocated(device) - before
+    _release_free_heap()
+    before = _proc_status_kib("VmRSS")
+    try:
+        with open("/proc/self/clear_refs", "w") as clear_refs:
+            clear_refs.write("5")  # "5" resets the peak-RSS counter (Linux >= 4.0)
+    except OSError:
+        return None
+    fn()
+    peak = _proc_status_kib("VmHWM")
+    if before is None or peak is None:
+        return None
+    return max(0, peak - before) * 1024
+
+
+def memory_method(device: torch.device) -> str:
+    return CUDA_MEMORY_METHOD if device.type == "cuda" else CPU_MEMORY_METHOD
+
+
+# ----------------------------------------------------------------------------- machine
+
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as cpuinfo:
+            for line in cpuinfo:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def machine_info(device: torch.device) -> dict:
+    """What the numbers were measured on (a shared machine's load average included)."""
+    info = {"cpu_model": _cpu_model(), "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+            "torch_version": torch.__version__, "python": platform.python_version(),
+            "platform": platform.platform(), "device": str(device),
+            "load_average_1_5_15": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
+            "date_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    if device.type == "cuda":
+        info["gpu"] = torch.cuda.get_device_name(device)
+        info["cuda_version"] = torch.version.cuda
+    return info

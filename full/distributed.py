@@ -1,0 +1,60 @@
+"""Process-group set-up for ``torchrun`` (or an already initialised group, as in the tests).
+
+One process per device. ``torchrun --nproc_per_node=N -m full.train ...`` sets RANK, WORLD_SIZE
+and LOCAL_RANK; a plain ``python -m full.train`` runs as rank 0 of 1 without a process group.
+"""
+from __future__ import annotations
+
+import os
+from typing import NamedTuple
+
+import torch
+import torch.distributed as dist
+
+
+class DistInfo(NamedTuple):
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+
+
+def world_size_from_env() -> int:
+    """WORLD_SIZE set by torchrun (1 without it); used to validate the batch size before start-up."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def init_distributed(device: str | None = None) -> DistInfo:
+    """Join (or reuse) the default process group: NCCL on CUDA, gloo on CPU.
+
+    Args:
+        device: "cpu" or "cuda" to force a device type; default CUDA when available.
+    Returns:
+        ``DistInfo``; world_size 1 and no process group outside torchrun.
+    """
+    use_cuda = torch.cuda.is_available() if device is None else device.startswith("cuda")
+    if not dist.is_initialized() and world_size_from_env() > 1:
+        dist.init_process_group(backend="nccl" if use_cuda else "gloo")
+    if dist.is_initialized():
+        rank, world_size = dist.get_rank(), dist.get_world_size()
+        local_rank = int(os.environ.get("LOCAL_RANK", rank))
+    else:
+        rank, world_size, local_rank = 0, 1, 0
+    if use_cuda:
+        torch.cuda.set_device(local_rank)
+        return DistInfo(rank, world_size, local_rank, torch.device("cuda", local_rank))
+    return DistInfo(rank, world_size, local_rank, torch.device("cpu"))
+
+
+def mean_over_ranks(values: torch.Tensor) -> torch.Tensor:
+    """Average a tensor over all ranks (identity without a process group); for logging."""
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        values = values.clone()
+        dist.all_reduce(values, op=dist.ReduceOp.SUM)
+        values /= dist.get_world_size()
+    return values
+
+
+def barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()

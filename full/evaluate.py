@@ -1,0 +1,263 @@
+"""FID and Inception Score of a sample set, and the reference statistics FID compares against.
+
+    python -m full.evaluate --samples samples/samples.npz --ref imagenet256_train.npz
+    python -m full.evaluate --samples samples/images --ref imagenet256_train.npz --json fid.json
+    python -m full.evaluate ref-stats --data /data/imagenet/train --resolution 256 --out imagenet256_train.npz
+
+Samples: an .npz with ``arr_0`` uint8 (N, H, W, C) (what full.sample writes; the ADM evaluation
+suite's layout) or a folder of image files. Reference statistics: an .npz with ``mu`` (2048,) and
+``sigma`` (2048, 2048) of the Inception pool features -- written by ``ref-stats`` from an
+ImageFolder with the trainer's ADM center crop (full.data.center_crop_arr), or an ADM reference
+batch (its ``mu``/``sigma`` come from the same TF-Inception graph). The paper reports FID-50K
+against ImageNet-train statistics (shared/method.md §7).
+
+The Inception-v3 weights (torch-fidelity's TF port) are read from --inception-weights or the torch
+hub cache, never downloaded; see full/fid.py.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader
+
+from .data import IMAGE_EXTENSIONS, ImageFolderDataset, center_crop_arr
+from .fid import (IS_SPLITS, atomic_write, build_inception, extract_features, feature_statistics,
+                  frechet_distance, inception_score, load_statistics, save_statistics)
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    samples: str
+    ref: str
+    inception_weights: str | None = None   # None: the torch hub cache
+    batch_size: int = 100
+    is_splits: int = IS_SPLITS
+    device: str = "cpu"
+    progress: bool = True
+
+
+@dataclass(frozen=True)
+class RefStatsConfig:
+    data: str
+    resolution: int
+    out: str
+    inception_weights: str | None = None
+    batch_size: int = 100
+    num_workers: int = 4
+    max_images: int | None = None         # None: every image of the folder
+    device: str = "cpu"
+    progress: bool = True
+
+
+# --------------------------------------------------------------------------------------------
+# Reading sample sets
+# --------------------------------------------------------------------------------------------
+
+def _image_files(folder: Path) -> list[Path]:
+    return sorted(path for path in folder.iterdir() if path.is_file() and path.suffix.lower() in IMAGE_EXTENSIONS)
+
+
+def count_samples(path: str | Path) -> int:
+    path = Path(path)
+    if path.is_dir():
+        return len(_image_files(path))
+    with np.load(path) as data:
+        return data["arr_0"].shape[0]
+
+
+def iter_sample_batches(path: str | Path, batch_size: int) -> Iterator[torch.Tensor]:
+    """uint8 (B, C, H, W) batches from an .npz (``arr_0``, NHWC) or a folder of images (as RGB)."""
+    path = Path(path)
+    if path.is_dir():
+        files = _image_files(path)
+        for start in range(0, len(files), batch_size):
+            arrays = []
+            for file in files[start:start + batch_size]:
+                with Image.open(file) as image:
+                    arrays.append(np.asarray(image.convert("RGB")))
+            yield torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2)
+        return
+    with np.load(path) as data:
+        if "arr_0" not in data.files:
+            raise ValueError(f"{path} has no 'arr_0' (uint8 images N x H x W x C); it holds {data.files}")
+        images = data["arr_0"]   # ADM layout; the whole array is read, as the ADM suite does
+    if images.dtype != np.uint8 or images.ndim != 4 or images.shape[3] not in (1, 3):
+        raise ValueError(f"{path}: arr_0 must be uint8 (N, H, W, 1 or 3), got {images.dtype} {images.shape}")
+    for start in range(0, len(images), batch_size):
+        yield torch.from_numpy(np.ascontiguousarray(images[start:start + batch_size])).permute(0, 3, 1, 2)
+
+
+def check_samples_path(path: str) -> str | None:
+    """None if ``path`` is a readable sample set, else the reason."""
+    path = Path(path)
+    if path.is_dir():
+        return None if _image_files(path) else f"folder {path} holds no image files {sorted(set(IMAGE_EXTENSIONS))}"
+    if path.is_file() and path.suffix == ".npz":
+        return None
+    return f"{path} is neither an .npz file nor a folder of images"
+
+
+# --------------------------------------------------------------------------------------------
+# FID / IS of a sample set; reference statistics of an image folder
+# --------------------------------------------------------------------------------------------
+
+def metrics_from_features(pool: np.ndarray, logits: np.ndarray, ref_mu: np.ndarray, ref_sigma: np.ndarray, *,
+                          is_splits: int = IS_SPLITS) -> dict:
+    """{"fid", "is_mean", "is_std", "num"} of features (N, 2048) and logits (N, 1008)."""
+    mu, sigma = feature_statistics(pool)
+    is_mean, is_std = inception_score(logits, splits=is_splits)
+    return {"fid": frechet_distance(mu, sigma, ref_mu, ref_sigma), "is_mean": is_mean, "is_std": is_std,
+            "num": int(pool.shape[0])}
+
+
+def evaluate(cfg: EvalConfig, extractor=None) -> dict:
+    """FID against ``cfg.ref`` and the Inception Score of the sample set ``cfg.samples``."""
+    extractor = extractor if extractor is not None else build_inception(cfg.inception_weights, cfg.device)
+    ref_mu, ref_sigma = load_statistics(cfg.ref)
+    features = extract_features(extractor, iter_sample_batches(cfg.samples, cfg.batch_size),
+                                total=count_samples(cfg.samples), progress=cfg.progress)
+    return metrics_from_features(features.pool, features.logits, ref_mu, ref_sigma, is_splits=cfg.is_splits)
+
+
+class CenterCroppedImages(ImageFolderDataset):
+    """The trainer's ImageFolder (same file list, same ADM center crop), as uint8 (3, H, W) images."""
+
+    def __getitem__(self, index: int) -> torch.Tensor:
+        path, _ = self.samples[index]
+        with Image.open(path) as image:
+            image = center_crop_arr(image.convert("RGB"), self.resolution)
+        return torch.from_numpy(np.asarray(image)).permute(2, 0, 1)
+
+
+def reference_statistics(cfg: RefStatsConfig, extractor=None) -> tuple[np.ndarray, np.ndarray, int]:
+    """(mu, sigma, number of images) of the Inception pool features of an ImageFolder."""
+    # The weights first: a missing file should fail before listing a million images.
+    extractor = extractor if extractor is not None else build_inception(cfg.inception_weights, cfg.device)
+    dataset = CenterCroppedImages(cfg.data, cfg.resolution)
+    if cfg.max_images is not None:
+        dataset = torch.utils.data.Subset(dataset, range(min(cfg.max_images, len(dataset))))
+    loader = DataLoader(dataset, batch_size=cfg.batch_size, shuffle=False, num_workers=cfg.num_workers)
+    features = extract_features(extractor, loader, total=len(dataset), progress=cfg.progress)
+    mu, sigma = feature_statistics(features.pool)
+    return mu, sigma, len(dataset)
+
+
+# --------------------------------------------------------------------------------------------
+# Command line
+# --------------------------------------------------------------------------------------------
+
+def _add_common(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--inception-weights", default=None,
+                        help="torch-fidelity's weights-inception-2015-12-05-6726825d.pth; default: look in the "
+                             "torch hub cache (<TORCH_HOME or ~/.cache/torch>/hub/checkpoints/)")
+    parser.add_argument("--batch-size", type=int, default=100, help="images per Inception call")
+    parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto", help="where to run")
+    parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+
+
+def _device(flag: str) -> str:
+    return ("cuda" if torch.cuda.is_available() else "cpu") if flag == "auto" else flag
+
+
+def build_eval_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m full.evaluate", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        description="FID and Inception Score of a sample set. "
+                    "Reference statistics: `python -m full.evaluate ref-stats --help`.")
+    parser.add_argument("--samples", required=True,
+                        help="samples.npz (arr_0 uint8 N x H x W x C) or a folder of images")
+    parser.add_argument("--ref", required=True, help="reference statistics .npz with mu and sigma")
+    parser.add_argument("--is-splits", type=int, default=IS_SPLITS, help="Inception Score splits (<= N)")
+    parser.add_argument("--json", default=None, help="also write the metrics to this JSON file")
+    _add_common(parser)
+    return parser
+
+
+def build_ref_stats_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m full.evaluate ref-stats", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        description="Inception mean and covariance (mu, sigma) of an ImageFolder (root/<class>/<image>), "
+                    "after the trainer's ADM center crop to --resolution.")
+    parser.add_argument("--data", required=True, help="ImageFolder root, e.g. ImageNet train")
+    parser.add_argument("--resolution", type=int, required=True, help="center-crop side, e.g. 256 or 512")
+    parser.add_argument("--out", required=True, help="output .npz (mu, sigma, num)")
+    parser.add_argument("--num-workers", type=int, default=4, help="image-decoding worker processes")
+    parser.add_argument("--max-images", type=int, default=None,
+                        help="use only the first N images in folder order (a quick check; default all)")
+    _add_common(parser)
+    return parser
+
+
+def _check_common(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    if args.batch_size < 1:
+        parser.error(f"--batch-size must be >= 1, got {args.batch_size}")
+    if args.inception_weights is not None and not Path(args.inception_weights).is_file():
+        parser.error(f"--inception-weights {args.inception_weights} is not a file")
+
+
+def main_ref_stats(argv: list[str]) -> None:
+    parser = build_ref_stats_parser()
+    args = parser.parse_args(argv)
+    _check_common(parser, args)
+    if args.resolution < 1:
+        parser.error(f"--resolution must be >= 1, got {args.resolution}")
+    if args.num_workers < 0:
+        parser.error(f"--num-workers must be >= 0, got {args.num_workers}")
+    if args.max_images is not None and args.max_images < 2:
+        parser.error(f"--max-images must be >= 2 (a covariance needs two images), got {args.max_images}")
+    if not Path(args.data).is_dir():
+        parser.error(f"--data {args.data} is not a folder")
+    cfg = RefStatsConfig(data=args.data, resolution=args.resolution, out=args.out,
+                         inception_weights=args.inception_weights, batch_size=args.batch_size,
+                         num_workers=args.num_workers, max_images=args.max_images,
+                         device=_device(args.device), progress=not args.no_progress)
+    try:
+        mu, sigma, num = reference_statistics(cfg)
+    except FileNotFoundError as error:   # missing Inception weights or an empty image folder
+        sys.exit(f"error: {error}")
+    save_statistics(cfg.out, mu, sigma, num=np.array(num), resolution=np.array(cfg.resolution))
+    print(f"wrote mu, sigma of {num} images ({cfg.resolution} px) to {cfg.out}")
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv and argv[0] == "ref-stats":
+        return main_ref_stats(argv[1:])
+    parser = build_eval_parser()
+    args = parser.parse_args(argv)
+    _check_common(parser, args)
+    problem = check_samples_path(args.samples)
+    if problem:
+        parser.error(f"--samples: {problem}")
+    if not Path(args.ref).is_file():
+        parser.error(f"--ref {args.ref} is not a file (make one with `python -m full.evaluate ref-stats`)")
+    num = count_samples(args.samples)
+    if not 1 <= args.is_splits <= num:
+        parser.error(f"--is-splits must lie in [1, number of samples = {num}], got {args.is_splits}")
+    if num < 2:
+        parser.error(f"--samples holds {num} image(s); FID needs at least 2")
+    cfg = EvalConfig(samples=args.samples, ref=args.ref, inception_weights=args.inception_weights,
+                     batch_size=args.batch_size, is_splits=args.is_splits, device=_device(args.device),
+                     progress=not args.no_progress)
+    try:
+        metrics = evaluate(cfg)
+    except FileNotFoundError as error:   # the Inception weights are missing: the message says where to put them
+        sys.exit(f"error: {error}")
+    except ValueError as error:          # a malformed --ref or --samples file
+        parser.error(str(error))
+    print(f"samples {metrics['num']}  FID {metrics['fid']:.3f}  IS {metrics['is_mean']:.2f} ± {metrics['is_std']:.2f}")
+    if args.json:
+        record = {**metrics, "samples": args.samples, "ref": args.ref}
+        atomic_write(Path(args.json), lambda file: file.write(json.dumps(record, indent=2).encode()))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,223 @@
+"""FID and Inception Score: Inception-v3 features, Gaussian statistics, the Fréchet distance.
+
+The feature extractor is torch-fidelity's port of the TF-Inception graph (2015-12-05) that FID and
+IS were defined with; its weights come only from a local file or the torch hub cache, never from
+the network. The Fréchet distance is written here (and tested against a float64 scipy oracle);
+the Inception Score is torch-fidelity's.
+
+    FID = |mu_1 - mu_2|^2 + tr(S_1) + tr(S_2) - 2 tr((S_1 S_2)^(1/2))     (Heusel et al. 2017)
+    IS  = exp(E_x KL(p(y|x) || p(y)))                                      (Salimans et al. 2016)
+
+Images enter as uint8 tensors (B, 3, H, W) in [0, 255]; torch-fidelity resizes them to 299 x 299
+with TF-1.x-compatible bilinear interpolation, as the reference implementations do.
+"""
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+from typing import Iterable, NamedTuple
+
+import numpy as np
+import torch
+from torch_fidelity.feature_extractor_inceptionv3 import URL_INCEPTION_V3, FeatureExtractorInceptionV3
+from torch_fidelity.metric_isc import KEY_METRIC_ISC_MEAN, KEY_METRIC_ISC_STD, isc_features_to_metric
+from tqdm import tqdm
+
+# torch-fidelity's converted TF-Inception weights (the name its own download would cache under).
+INCEPTION_WEIGHTS_FILENAME = "weights-inception-2015-12-05-6726825d.pth"
+POOL_FEATURE = "2048"              # pool_3 features, the FID space
+LOGITS_FEATURE = "logits_unbiased"  # 1008-way logits without bias, torch-fidelity's IS default
+IS_SPLITS = 10                     # the Inception Score's customary number of splits
+IS_SHUFFLE_SEED = 2020             # torch-fidelity's default shuffle seed before splitting
+
+
+# --------------------------------------------------------------------------------------------
+# Inception-v3 feature extractor
+# --------------------------------------------------------------------------------------------
+
+def default_inception_weights_path() -> Path:
+    """Where the weights are looked for by default: ``<torch hub dir>/checkpoints/<file>``."""
+    return Path(torch.hub.get_dir()) / "checkpoints" / INCEPTION_WEIGHTS_FILENAME
+
+
+def missing_weights_message(path: Path) -> str:
+    return (f"Inception weights not found at {path}. FID/IS need torch-fidelity's TF-Inception port "
+            f"'{INCEPTION_WEIGHTS_FILENAME}': put it in {default_inception_weights_path().parent} "
+            f"(the torch hub cache; TORCH_HOME moves it) or pass --inception-weights PATH. Nothing is "
+            f"downloaded at run time; fetch it elsewhere from {URL_INCEPTION_V3} and copy it over.")
+
+
+def resolve_inception_weights(path: str | os.PathLike | None) -> Path:
+    """The weights file to use: ``path`` if given, else the torch hub cache; raises if absent.
+
+    Raises:
+        FileNotFoundError: naming the file and the folder to put it in.
+    """
+    resolved = Path(path) if path is not None else default_inception_weights_path()
+    if not resolved.is_file():
+        raise FileNotFoundError(missing_weights_message(resolved))
+    return resolved
+
+
+def build_inception(weights_path: str | os.PathLike | None, device: str | torch.device = "cpu"
+                    ) -> FeatureExtractorInceptionV3:
+    """torch-fidelity's Inception-v3 returning (pool features (B, 2048), logits (B, 1008)).
+
+    Always given a local file, so torch-fidelity never reaches its download branch.
+    """
+    weights = resolve_inception_weights(weights_path)
+    extractor = FeatureExtractorInceptionV3("inception-v3-compat", [POOL_FEATURE, LOGITS_FEATURE],
+                                            feature_extractor_weights_path=str(weights))
+    return extractor.to(device)
+
+
+def save_random_inception_weights(path: str | os.PathLike, *, seed: int = 0) -> Path:
+    """Write a randomly initialised Inception-v3 state dict with the layout torch-fidelity loads.
+
+    For tests and plumbing checks only: FID/IS computed with it mean nothing. Convolutions get
+    He-normal weights so activations stay O(1) through the ~100 layers (PyTorch's default init
+    shrinks them to ~1e-8); batch norms keep their identity statistics.
+    The layer names come from torchvision's Inception-v3 (torch-fidelity uses the same names; its
+    strict ``load_state_dict`` would reject any mismatch).
+    """
+    import torchvision  # local: only this helper needs it
+
+    generator = torch.Generator().manual_seed(seed)
+    template = torchvision.models.inception_v3(weights=None, aux_logits=False, init_weights=False,
+                                               num_classes=1008)
+    state = {}
+    for name, tensor in template.state_dict().items():
+        if name.endswith("conv.weight") or name == "fc.weight":
+            fan_in = tensor[0].numel()
+            tensor = torch.randn(tensor.shape, generator=generator) * (2.0 / fan_in) ** 0.5
+        state[name] = tensor.clone()
+    path = Path(path)
+    atomic_write(path, lambda handle: torch.save(state, handle))
+    return path
+
+
+# --------------------------------------------------------------------------------------------
+# Features and statistics
+# --------------------------------------------------------------------------------------------
+
+class InceptionFeatures(NamedTuple):
+    pool: np.ndarray    # (N, 2048) float64, the FID features
+    logits: np.ndarray  # (N, 1008) float64, the IS logits
+
+
+def to_rgb_uint8(images: torch.Tensor) -> torch.Tensor:
+    """(B, C, H, W) uint8 with C in {1, 3} -> (B, 3, H, W); grey images are repeated to RGB."""
+    if images.dtype != torch.uint8 or images.dim() != 4 or images.shape[1] not in (1, 3):
+        raise ValueError(f"images must be uint8 (B, 1 or 3, H, W), got {images.dtype} {tuple(images.shape)}")
+    return images.expand(-1, 3, -1, -1) if images.shape[1] == 1 else images
+
+
+@torch.no_grad()
+def extract_features(extractor: FeatureExtractorInceptionV3, batches: Iterable[torch.Tensor], *,
+                     total: int | None = None, progress: bool = True) -> InceptionFeatures:
+    """Run uint8 image batches (B, C, H, W) through the Inception; returns all features in float64."""
+    device = next(extractor.parameters()).device
+    pools, logits = [], []
+    with tqdm(total=total, unit="img", desc="inception", disable=not progress) as bar:
+        for images in batches:
+            pool, logit = extractor(to_rgb_uint8(images).to(device))
+            pools.append(pool.double().cpu().numpy())
+            logits.append(logit.double().cpu().numpy())
+            bar.update(images.shape[0])
+    if not pools:
+        raise ValueError("no images were given to the Inception network")
+    return InceptionFeatures(np.concatenate(pools), np.concatenate(logits))
+
+
+def feature_statistics(features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Mean and unbiased covariance of features (N, D), N >= 2 -> (mu (D,), sigma (D, D)), float64."""
+    features = np.asarray(features, dtype=np.float64)
+    if features.ndim != 2 or features.shape[0] < 2:
+        raise ValueError(f"features must be (N >= 2, D), got shape {features.shape}")
+    return features.mean(axis=0), np.cov(features, rowvar=False)
+
+
+def _psd_sqrt(matrix: np.ndarray) -> np.ndarray:
+    """Symmetric square root of a symmetric PSD matrix by eigendecomposition."""
+    eigenvalues, eigenvectors = np.linalg.eigh(matrix)
+    # Rounding can make the smallest eigenvalues of a PSD matrix slightly negative.
+    return (eigenvectors * np.sqrt(np.clip(eigenvalues, 0.0, None))) @ eigenvectors.T
+
+
+def frechet_distance(mu_1: np.ndarray, sigma_1: np.ndarray, mu_2: np.ndarray, sigma_2: np.ndarray) -> float:
+    """Fréchet (2-Wasserstein squared) distance between N(mu_1, S_1) and N(mu_2, S_2), float64.
+
+        d^2 = |mu_1 - mu_2|^2 + tr S_1 + tr S_2 - 2 tr (S_1 S_2)^(1/2)
+
+    The trace term is computed without a non-symmetric matrix square root: with A = S_1^(1/2),
+    S_1 S_2 = A (A S_2) has the eigenvalues of the symmetric PSD matrix A S_2 A, so
+    tr (S_1 S_2)^(1/2) = sum_i sqrt(lambda_i(A S_2 A)).
+
+    Args:
+        mu_1, mu_2: (D,).  sigma_1, sigma_2: (D, D) symmetric positive semi-definite.
+    Returns:
+        the distance, a Python float >= 0 up to rounding.
+    """
+    mu_1, mu_2 = np.asarray(mu_1, np.float64), np.asarray(mu_2, np.float64)
+    sigma_1, sigma_2 = np.asarray(sigma_1, np.float64), np.asarray(sigma_2, np.float64)
+    dim = mu_1.shape[0] if mu_1.ndim == 1 else -1
+    for name, array, shape in (("mu_1", mu_1, (dim,)), ("mu_2", mu_2, (dim,)),
+                               ("sigma_1", sigma_1, (dim, dim)), ("sigma_2", sigma_2, (dim, dim))):
+        if array.shape != shape:
+            raise ValueError(f"{name} has shape {array.shape}, expected {shape} (mu_1 is {mu_1.shape})")
+        if not np.all(np.isfinite(array)):
+            raise ValueError(f"{name} contains NaN or inf")
+    root_1 = _psd_sqrt(sigma_1)
+    middle = root_1 @ sigma_2 @ root_1
+    middle = 0.5 * (middle + middle.T)  # symmetric by construction; remove rounding asymmetry
+    trace_sqrt = np.sqrt(np.clip(np.linalg.eigvalsh(middle), 0.0, None)).sum()
+    diff = mu_1 - mu_2
+    return float(diff @ diff + np.trace(sigma_1) + np.trace(sigma_2) - 2.0 * trace_sqrt)
+
+
+def inception_score(logits: np.ndarray, *, splits: int = IS_SPLITS) -> tuple[float, float]:
+    """Inception Score (mean, std over ``splits`` chunks) of logits (N, 1008), N >= splits.
+
+    torch-fidelity's implementation (samples shuffled with a fixed seed, then split).
+    """
+    logits = np.asarray(logits)
+    if logits.ndim != 2 or not 1 <= splits <= logits.shape[0]:
+        raise ValueError(f"need logits (N, K) with 1 <= splits <= N, got shape {logits.shape}, splits={splits}")
+    score = isc_features_to_metric(torch.from_numpy(logits), splits=splits, shuffle=True,
+                                   rng_seed=IS_SHUFFLE_SEED)
+    return score[KEY_METRIC_ISC_MEAN], score[KEY_METRIC_ISC_STD]
+
+
+# --------------------------------------------------------------------------------------------
+# Statistics files (.npz with mu, sigma; the same keys as the ADM reference batches)
+# --------------------------------------------------------------------------------------------
+
+def atomic_write(path: Path, write) -> None:
+    """Call ``write(file_handle)`` on a temp file beside ``path``, then rename it into place."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, temp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(handle, "wb") as file:
+            write(file)
+            file.flush()
+            os.fsync(file.fileno())
+        os.replace(temp_name, path)
+    except BaseException:
+        if os.path.exists(temp_name):
+            os.unlink(temp_name)
+        raise
+
+
+def save_statistics(path: str | os.PathLike, mu: np.ndarray, sigma: np.ndarray, **extra) -> None:
+    """Write ``mu`` (D,) and ``sigma`` (D, D) (and any extra arrays) to an .npz, atomically."""
+    atomic_write(Path(path), lambda file: np.savez(file, mu=mu, sigma=sigma, **extra))
+
+
+def load_statistics(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray]:
+    """Read ``mu`` and ``sigma`` from an .npz (ours, torch-fidelity's or ADM's reference batch)."""
+    with np.load(path) as data:
+        missing = {"mu", "sigma"} - set(data.files)
+        if missing:
+            raise ValueError(f"{path} lacks {sorted(missing)}; it holds {data.files}")
+        return data["mu"].astype(np.float64), data["sigma"].astype(np.float64)

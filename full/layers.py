@@ -1,0 +1,258 @@
+"""Building blocks of the pMF ViT: RMSNorm, 2-D RoPE, attention, SwiGLU, the gated block, embedders.
+
+Every op here is written with plain tensor arithmetic (matmul, softmax, elementwise), so that
+``torch.func.jvp`` (forward-mode AD) goes through it on CPU and GPU, and ``torch.compile`` sees no
+data-dependent Python branches. Token layout everywhere: ``(B, L, W)`` with L tokens of width W;
+per-head tensors ``(B, heads, L, head_dim)``.
+"""
+from __future__ import annotations
+
+import math
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+RMS_EPS = 1e-6             # pMF (and JiT) RMSNorm epsilon
+ROPE_THETA = 1e4           # RoPE base frequency
+SINUSOID_DIM = 256         # width of the sinusoidal features of a conditioning scalar
+SINUSOID_MAX_PERIOD = 1e4  # longest period of those features
+SWIGLU_RATIO = 8 / 3       # SwiGLU hidden = int(8/3 * W): same parameters as a 4x GELU MLP
+BLOCK_INIT_SCALE = 0.1     # Var[W] = 0.1 / fan_in for Linear weights inside blocks (pMF)
+EMBED_INIT_SCALE = 1.0     # Var[W] = 1 / fan_in for embedders (patch embedding, scalar MLPs, label table)
+
+
+def init_linear_(layer: nn.Linear | nn.Conv2d, scale: float) -> None:
+    """Weights ~ N(0, scale / fan_in), bias = 0 (variance scaling, 'fan_in', normal)."""
+    fan_in = layer.weight[0].numel()  # in_features, or in_channels * k * k for a conv
+    nn.init.normal_(layer.weight, std=math.sqrt(scale / fan_in))
+    if layer.bias is not None:
+        nn.init.zeros_(layer.bias)
+
+
+# ----------------------------------------------------------------------------- normalisation
+
+class RMSNorm(nn.Module):
+    """``y = x / sqrt(mean(x^2, -1) + eps) * g`` with a learned per-channel gain g (init 1).
+
+    Written out rather than ``nn.RMSNorm`` so that forward-mode AD and torch.compile see plain ops;
+    the statistic is taken in float32 (or float64) even under bf16 autocast.
+    """
+
+    def __init__(self, dim: int, eps: float = RMS_EPS):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x_stat = x if x.dtype == torch.float64 else x.float()
+        normed = x_stat * torch.rsqrt(x_stat.pow(2).mean(-1, keepdim=True) + self.eps)
+        return (normed * self.weight).to(x.dtype)
+
+
+# ----------------------------------------------------------------------------- 2-D RoPE
+
+def rope_angles_2d(grid: int, head_dim: int, num_prefix: int, theta: float = ROPE_THETA) -> torch.Tensor:
+    """Rotation angles of 2-D RoPE for ``num_prefix`` unrotated tokens followed by a grid x grid
+    raster of patch tokens.
+
+    The head dimension is read as head_dim/2 channel pairs (2i, 2i+1); the first head_dim/4 pairs
+    rotate with the patch's row index, the last head_dim/4 with its column index, each axis using
+    frequencies ``theta^(-2k / (head_dim/2))``, k = 0 .. head_dim/4 - 1 (half the head dim per axis).
+    Prefix (conditioning) tokens get angle 0, i.e. no rotation.
+
+    Returns:
+        angles, (num_prefix + grid^2, head_dim / 2).
+    """
+    if head_dim % 4:
+        raise ValueError(f"2-D RoPE needs head_dim divisible by 4, got {head_dim}")
+    axis_dim = head_dim // 2
+    freqs = theta ** (-torch.arange(0, axis_dim, 2, dtype=torch.float64) / axis_dim)  # (head_dim/4,)
+    pos = torch.arange(grid, dtype=torch.float64)
+    row = (pos[:, None, None] * freqs).expand(grid, grid, -1)  # (grid, grid, head_dim/4)
+    col = (pos[None, :, None] * freqs).expand(grid, grid, -1)
+    patch_angles = torch.cat([row, col], dim=-1).reshape(grid * grid, axis_dim)
+    prefix_angles = torch.zeros(num_prefix, axis_dim, dtype=torch.float64)
+    return torch.cat([prefix_angles, patch_angles], dim=0)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate channel pairs: ``(a, b) -> (a cos - b sin, a sin + b cos)``.
+
+    Args:
+        x: (B, heads, L, head_dim).  cos, sin: (L, head_dim / 2).
+    Returns:
+        (B, heads, L, head_dim).
+    """
+    pairs = x.unflatten(-1, (-1, 2))        # (B, heads, L, head_dim/2, 2)
+    a, b = pairs[..., 0], pairs[..., 1]     # (B, heads, L, head_dim/2)
+    rotated = torch.stack([a * cos - b * sin, a * sin + b * cos], dim=-1)
+    return rotated.flatten(-2).to(x.dtype)
+
+
+# ----------------------------------------------------------------------------- attention
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, use_sdpa_math: bool = False) -> torch.Tensor:
+    """``softmax(q k^T / sqrt(d)) v`` with the softmax in float32.
+
+    Explicit matmul + softmax because forward-mode AD (``torch.func.jvp``) is not implemented by
+    the fused SDPA kernels (flash / memory-efficient / cuDNN, and the default CPU path).
+    ``use_sdpa_math=True`` instead calls ``F.scaled_dot_product_attention`` pinned to the MATH
+    backend, which also supports forward AD (same numbers up to rounding; it does not upcast
+    bf16 scores to float32).
+
+    Args:
+        q, k, v: (B, heads, L, d).
+    Returns:
+        (B, heads, L, d).
+    """
+    if use_sdpa_math:
+        with sdpa_kernel(SDPBackend.MATH):
+            return F.scaled_dot_product_attention(q, k, v)
+    scores = (q @ k.transpose(-2, -1)) * (q.shape[-1] ** -0.5)   # (B, heads, L, L)
+    weights = scores.float().softmax(dim=-1) if scores.dtype != torch.float64 else scores.softmax(dim=-1)
+    return weights.to(v.dtype) @ v
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention: bias-free q, k, v, out; per-head RMSNorm on q and k (qk-norm);
+    2-D RoPE on the patch tokens (angles given by the caller)."""
+
+    def __init__(self, width: int, heads: int, use_sdpa_math: bool = False):
+        super().__init__()
+        if width % heads:
+            raise ValueError(f"width {width} must be divisible by heads {heads}")
+        self.heads = heads
+        self.use_sdpa_math = use_sdpa_math
+        self.q = nn.Linear(width, width, bias=False)
+        self.k = nn.Linear(width, width, bias=False)
+        self.v = nn.Linear(width, width, bias=False)
+        self.out = nn.Linear(width, width, bias=False)
+        self.q_norm = RMSNorm(width // heads)
+        self.k_norm = RMSNorm(width // heads)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        """x: (B, L, W); cos, sin: (L, head_dim/2). Returns (B, L, W)."""
+        def split_heads(tokens):                                  # (B, L, W) -> (B, heads, L, d)
+            return tokens.unflatten(-1, (self.heads, -1)).transpose(1, 2)
+        q = apply_rope(self.q_norm(split_heads(self.q(x))), cos, sin)
+        k = apply_rope(self.k_norm(split_heads(self.k(x))), cos, sin)
+        v = split_heads(self.v(x))
+        mixed = attention(q, k, v, self.use_sdpa_math)            # (B, heads, L, d)
+        return self.out(mixed.transpose(1, 2).flatten(2))         # (B, L, W)
+
+
+# ----------------------------------------------------------------------------- MLP and block
+
+def swiglu_hidden(width: int) -> int:
+    """SwiGLU hidden width, ``int(8/3 * W)`` (2048 for W = 768)."""
+    return int(width * SWIGLU_RATIO)
+
+
+class SwiGLU(nn.Module):
+    """``out(silu(gate(x)) * value(x))``, all bias-free, hidden ``int(8/3 W)``."""
+
+    def __init__(self, width: int):
+        super().__init__()
+        hidden = swiglu_hidden(width)
+        self.gate = nn.Linear(width, hidden, bias=False)
+        self.value = nn.Linear(width, hidden, bias=False)
+        self.out = nn.Linear(hidden, width, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.out(F.silu(self.gate(x)) * self.value(x))
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block with per-channel residual gates initialised to zero:
+
+        x <- x + g_attn * Attn(RMSNorm(x));   x <- x + g_mlp * SwiGLU(RMSNorm(x))
+
+    With g = 0 every block starts as the identity map.
+    """
+
+    def __init__(self, width: int, heads: int, use_sdpa_math: bool = False):
+        super().__init__()
+        self.norm1 = RMSNorm(width)
+        self.attn = Attention(width, heads, use_sdpa_math)
+        self.norm2 = RMSNorm(width)
+        self.mlp = SwiGLU(width)
+        self.gate_attn = nn.Parameter(torch.zeros(width))
+        self.gate_mlp = nn.Parameter(torch.zeros(width))
+        for layer in self.modules():
+            if isinstance(layer, nn.Linear):
+                init_linear_(layer, BLOCK_INIT_SCALE)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        x = x + self.gate_attn * self.attn(self.norm1(x), cos, sin)
+        return x + self.gate_mlp * self.mlp(self.norm2(x))
+
+
+# ----------------------------------------------------------------------------- embedders
+
+class BottleneckPatchEmbed(nn.Module):
+    """Patchify through a low-rank bottleneck: p x p conv (stride p) to ``bottleneck`` channels,
+    then a 1x1 conv to the width (JiT). (B, C, H, W) -> (B, (H/p)(W/p), width), raster order."""
+
+    def __init__(self, channels: int, patch: int, bottleneck: int, width: int):
+        super().__init__()
+        self.reduce = nn.Conv2d(channels, bottleneck, kernel_size=patch, stride=patch, bias=False)
+        self.expand = nn.Conv2d(bottleneck, width, kernel_size=1, bias=True)
+        init_linear_(self.reduce, EMBED_INIT_SCALE)
+        init_linear_(self.expand, EMBED_INIT_SCALE)
+
+    def forward(self, image: torch.Tensor) -> torch.Tensor:
+        return self.expand(self.reduce(image)).flatten(2).transpose(1, 2)  # (B, N, width)
+
+
+def sinusoidal_features(s: torch.Tensor, dim: int = SINUSOID_DIM,
+                        max_period: float = SINUSOID_MAX_PERIOD) -> torch.Tensor:
+    """``[cos(s f_k), sin(s f_k)]`` with ``f_k = max_period^(-k / (dim/2))``, k = 0 .. dim/2 - 1.
+
+    Applied to the raw scalar (h in [0, 1], 1 - 1/omega in [0, 1), t_min, t_max) as in the released
+    code; no rescaling by 1000.
+
+    Args:
+        s: (B,).
+    Returns:
+        (B, dim), dtype of ``s``.
+    """
+    half = dim // 2
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, device=s.device, dtype=s.dtype) / half)
+    angles = s[:, None] * freqs                                   # (B, dim/2)
+    return torch.cat([torch.cos(angles), torch.sin(angles)], dim=-1)
+
+
+class ScalarEmbedder(nn.Module):
+    """A conditioning scalar -> width: sinusoidal features, then Linear-SiLU-Linear."""
+
+    def __init__(self, width: int):
+        super().__init__()
+        self.fc1 = nn.Linear(SINUSOID_DIM, width)
+        self.fc2 = nn.Linear(width, width)
+        init_linear_(self.fc1, EMBED_INIT_SCALE)
+        init_linear_(self.fc2, EMBED_INIT_SCALE)
+
+    def forward(self, s: torch.Tensor) -> torch.Tensor:
+        """s: (B,) -> (B, width)."""
+        features = sinusoidal_features(s.to(self.fc1.weight.dtype))
+        return self.fc2(F.silu(self.fc1(features)))
+
+
+class LabelEmbedder(nn.Module):
+    """Class label -> width, a table with ``num_classes + 1`` rows; row ``num_classes`` is the null
+    (unconditional) label used for label dropout and classifier-free guidance."""
+
+    def __init__(self, num_classes: int, width: int):
+        super().__init__()
+        self.table = nn.Embedding(num_classes + 1, width)
+        nn.init.normal_(self.table.weight, std=math.sqrt(EMBED_INIT_SCALE / width))
+
+    def forward(self, y: torch.Tensor) -> torch.Tensor:
+        """y: (B,) long -> (B, width)."""
+        return self.table(y)
+
+
+__all__ = ["RMSNorm", "rope_angles_2d", "apply_rope", "attention", "Attention", "SwiGLU", "Block",
+           "BottleneckPatchEmbed", "sinusoidal_features", "ScalarEmbedder", "LabelEmbedder",
+           "swiglu_hidden", "init_linear_"]

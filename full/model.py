@@ -1,0 +1,294 @@
+"""The pMF ViT (pMF paper §4 and Table 8; shared/method.md §5), presets and the conditioning dict.
+
+    image z (B, C, H, W) --bottleneck patch embed--> N = (H/p)^2 patch tokens
+    prefix: class 8 | omega 4 | t_min 2 | t_max 2 | h 4   (20 in-context tokens, no adaLN)
+    [prefix, patches] + learned position embedding
+      -> trunk: depth - head_depth gated blocks
+      -> u-head: head_depth blocks, RMSNorm, zero-init Linear -> x_hat   (inference)
+      -> v-head: head_depth blocks, RMSNorm, zero-init Linear -> x_hat_v (training only, at h = 0)
+
+The network outputs a *denoised image* x_hat. It is conditioned on the class y, the guidance
+scale (as 1 - 1/omega), the guidance interval [t_min, t_max] and h = t - r, but not on t itself:
+t enters only through the x -> u conversion ``u = (z - x_hat) / max(t, t_eps)``, which lives in
+``pmf_ref`` (never here). Build a model with ``build_model("pMF-B/16")`` or a tiny CPU preset
+``build_model("pMF-T/4")``; count parameters and GMACs with ``python -m full.params``.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from .layers import BottleneckPatchEmbed, Block, LabelEmbedder, RMSNorm, ScalarEmbedder, rope_angles_2d
+
+# In-context conditioning tokens per group (released code); 20 in all.
+CLASS_TOKENS = 8
+OMEGA_TOKENS = 4
+INTERVAL_TOKENS = 2   # for t_min and again for t_max
+H_TOKENS = 4
+NUM_PREFIX_TOKENS = CLASS_TOKENS + OMEGA_TOKENS + 2 * INTERVAL_TOKENS + H_TOKENS
+POS_EMBED_STD = 0.02  # learned absolute position embedding init (released code)
+
+# ----------------------------------------------------------------------------- presets
+# Architecture (paper Table 8) plus the recipe's per-preset numbers (shared/method.md §2-§4).
+# depth counts trunk + u-head (the inference network); the v-head adds head_depth more blocks.
+# t_thr: perceptual loss only for t < t_thr.  P_mean, P_std: logit-normal time sampler.
+# omega_beta: omega has density ∝ omega^-beta on [1, 8].  uniform_fraction: rows with (r, t) ~ U.
+# sample_*: best one-step sampling settings (omega, interval, EMA half-life in kimg).
+_B = dict(depth=16, width=768, heads=12, bottleneck=128, head_depth=8)
+_L = dict(depth=32, width=1024, heads=16, bottleneck=128, head_depth=8)
+_H = dict(depth=48, width=1280, heads=16, bottleneck=256, head_depth=8)
+_IMAGENET = dict(channels=3, num_classes=1000)
+_RECIPE_BL = dict(t_thr=0.8, P_mean=0.8, P_std=0.8, uniform_fraction=0.0)
+_RECIPE_H = dict(t_thr=0.6, P_mean=0.0, P_std=0.8, uniform_fraction=0.1)
+# Not given for H by the paper (method.md: "configs differ for H"); beta = 1 like B and L/32 is our choice.
+_H_OMEGA_BETA = 1.0
+
+PRESETS: dict[str, dict] = {
+    "pMF-B/16": dict(resolution=256, patch=16, **_B, **_IMAGENET, noise_scale=1.0, **_RECIPE_BL, omega_beta=1.0,
+                     sample_omega=8.5, sample_t_min=0.1, sample_t_max=0.7, sample_ema_kimg=2000),
+    "pMF-L/16": dict(resolution=256, patch=16, **_L, **_IMAGENET, noise_scale=1.0, **_RECIPE_BL, omega_beta=2.0,
+                     sample_omega=7.0, sample_t_min=0.2, sample_t_max=0.7, sample_ema_kimg=1000),
+    "pMF-H/16": dict(resolution=256, patch=16, **_H, **_IMAGENET, noise_scale=2.0, **_RECIPE_H,
+                     omega_beta=_H_OMEGA_BETA,
+                     sample_omega=7.0, sample_t_min=0.2, sample_t_max=0.6, sample_ema_kimg=1000),
+    "pMF-B/32": dict(resolution=512, patch=32, **_B, **_IMAGENET, noise_scale=2.0, **_RECIPE_BL, omega_beta=1.0,
+                     sample_omega=6.5, sample_t_min=0.1, sample_t_max=0.7, sample_ema_kimg=2000),
+    # L/32 uses P_mean 0 and t_thr 0.6 like H, but no uniform rows; beta = 1 in the released config
+    # (method.md's "2 for L" holds for L/16).
+    "pMF-L/32": dict(resolution=512, patch=32, **_L, **_IMAGENET, noise_scale=4.0,
+                     t_thr=0.6, P_mean=0.0, P_std=0.8, uniform_fraction=0.0, omega_beta=1.0,
+                     sample_omega=7.5, sample_t_min=0.2, sample_t_max=0.6, sample_ema_kimg=2000),
+    "pMF-H/32": dict(resolution=512, patch=32, **_H, **_IMAGENET, noise_scale=4.0, **_RECIPE_H,
+                     omega_beta=_H_OMEGA_BETA,
+                     sample_omega=5.5, sample_t_min=0.1, sample_t_max=0.6, sample_ema_kimg=500),
+    # Tiny CPU presets (ours): trunk 2 + u-head 2 + v-head 2 blocks of width 64; B/16's recipe.
+    "pMF-T/4": dict(resolution=32, patch=4, depth=4, width=64, heads=4, bottleneck=16, head_depth=2,
+                    **_IMAGENET, noise_scale=1.0, **_RECIPE_BL, omega_beta=1.0,
+                    sample_omega=8.5, sample_t_min=0.1, sample_t_max=0.7, sample_ema_kimg=2000),
+    "pMF-T/2": dict(resolution=16, patch=2, depth=4, width=64, heads=4, bottleneck=16, head_depth=2,
+                    **_IMAGENET, noise_scale=1.0, **_RECIPE_BL, omega_beta=1.0,
+                    sample_omega=8.5, sample_t_min=0.1, sample_t_max=0.7, sample_ema_kimg=2000),
+}
+
+# Keys of a preset that configure the network (the rest are recipe numbers), and extra switches.
+ARCH_KEYS = ("resolution", "patch", "depth", "width", "heads", "bottleneck", "head_depth", "channels",
+             "num_classes", "noise_scale")
+SWITCH_KEYS = ("v_head", "use_sdpa_math")
+
+
+# ----------------------------------------------------------------------------- conditioning
+
+def make_cond(y: torch.Tensor, omega: torch.Tensor | float, t_min: torch.Tensor | float,
+              t_max: torch.Tensor | float) -> dict[str, torch.Tensor]:
+    """The conditioning dict every PMFViT forward takes.
+
+    Args:
+        y: (B,) long class labels; the null (unconditional) label is ``num_classes``.
+        omega: guidance scale >= 1, (B,) or a float broadcast to (B,).
+        t_min, t_max: guidance interval, (B,) or floats. (omega = 1 means no guidance; the
+            interval is then irrelevant but still embedded.)
+    Returns:
+        ``{"y", "omega", "t_min", "t_max"}``, each (B,) on y's device; the floats as float32.
+    """
+    if not isinstance(y, torch.Tensor) or y.ndim != 1 or y.dtype != torch.long:
+        raise ValueError(f"y must be a (B,) torch.long tensor of labels, got "
+                         f"{getattr(y, 'dtype', type(y).__name__)} of shape {tuple(getattr(y, 'shape', ()))}")
+    cond = {"y": y}
+    for name, value in (("omega", omega), ("t_min", t_min), ("t_max", t_max)):
+        value = torch.as_tensor(value, device=y.device)
+        if not value.is_floating_point():
+            value = value.float()
+        if value.ndim == 0:
+            value = value.expand(y.shape[0])
+        if value.shape != y.shape:
+            raise ValueError(f"{name} must be a float or a (B,) tensor with B = {y.shape[0]}, got {tuple(value.shape)}")
+        cond[name] = value
+    return cond
+
+
+# ----------------------------------------------------------------------------- the network
+
+class Head(nn.Module):
+    """head_depth blocks, then RMSNorm and a zero-initialised Linear to p*p*C values per patch."""
+
+    def __init__(self, depth: int, width: int, heads: int, patch_dim: int, use_sdpa_math: bool):
+        super().__init__()
+        self.blocks = nn.ModuleList(Block(width, heads, use_sdpa_math) for _ in range(depth))
+        self.norm = RMSNorm(width)
+        self.out = nn.Linear(width, patch_dim)
+        nn.init.zeros_(self.out.weight)  # the network starts by predicting x_hat = 0
+        nn.init.zeros_(self.out.bias)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        """x: (B, 20 + N, W) -> (B, N, p*p*C), the patch tokens only."""
+        for block in self.blocks:
+            x = block(x, cos, sin)
+        return self.out(self.norm(x[:, NUM_PREFIX_TOKENS:]))  # drop the in-context tokens
+
+
+class PMFViT(nn.Module):
+    """x-prediction ViT with in-context conditioning, a u-head and a training-only v-head.
+
+    Args:
+        resolution: image side H = W.  patch: p.  channels: C.  num_classes: labels 0..K-1, K = null.
+        depth: trunk + u-head blocks.  head_depth: blocks per head (the trunk has depth - head_depth).
+        width, heads: token width and attention heads (head_dim = width / heads, divisible by 4).
+        bottleneck: channels of the bottleneck patch embedding.
+        noise_scale: s of e ~ N(0, s^2 I); stored for the trainer and sampler, unused by the network.
+        v_head: build the auxiliary v-head (training); False gives the inference network.
+        use_sdpa_math: attention through ``F.scaled_dot_product_attention`` on the MATH backend
+            instead of explicit matmul + softmax (both support torch.func.jvp).
+    """
+
+    def __init__(self, *, resolution: int, patch: int, depth: int, width: int, heads: int, bottleneck: int,
+                 head_depth: int, channels: int = 3, num_classes: int = 1000, noise_scale: float = 1.0,
+                 v_head: bool = True, use_sdpa_math: bool = False):
+        super().__init__()
+        _check_arch(resolution=resolution, patch=patch, depth=depth, width=width, heads=heads,
+                    bottleneck=bottleneck, head_depth=head_depth, channels=channels, num_classes=num_classes)
+        self.resolution, self.patch, self.channels = resolution, patch, channels
+        self.num_classes, self.noise_scale, self.has_v_head = num_classes, float(noise_scale), v_head
+        self.config = dict(resolution=resolution, patch=patch, depth=depth, width=width, heads=heads,
+                           bottleneck=bottleneck, head_depth=head_depth, channels=channels,
+                           num_classes=num_classes, noise_scale=float(noise_scale), v_head=v_head,
+                           use_sdpa_math=use_sdpa_math)
+        self.grid = resolution // patch
+        num_tokens = NUM_PREFIX_TOKENS + self.grid ** 2
+
+        self.patch_embed = BottleneckPatchEmbed(channels, patch, bottleneck, width)
+        self.y_embed = LabelEmbedder(num_classes, width)
+        self.omega_embed = ScalarEmbedder(width)
+        self.t_min_embed = ScalarEmbedder(width)
+        self.t_max_embed = ScalarEmbedder(width)
+        self.h_embed = ScalarEmbedder(width)
+        token_std = 1 / math.sqrt(width)  # learned in-context tokens, as in the released code
+        self.class_tokens = nn.Parameter(torch.randn(1, CLASS_TOKENS, width) * token_std)
+        self.omega_tokens = nn.Parameter(torch.randn(1, OMEGA_TOKENS, width) * token_std)
+        self.t_min_tokens = nn.Parameter(torch.randn(1, INTERVAL_TOKENS, width) * token_std)
+        self.t_max_tokens = nn.Parameter(torch.randn(1, INTERVAL_TOKENS, width) * token_std)
+        self.h_tokens = nn.Parameter(torch.randn(1, H_TOKENS, width) * token_std)
+        self.pos_embed = nn.Parameter(torch.randn(1, num_tokens, width) * POS_EMBED_STD)
+
+        angles = rope_angles_2d(self.grid, width // heads, NUM_PREFIX_TOKENS)   # (L, head_dim/2), float64
+        # Not persistent: rebuilt from the config, so checkpoints stay small and dtype-agnostic.
+        self.register_buffer("rope_cos", angles.cos().to(torch.get_default_dtype()), persistent=False)
+        self.register_buffer("rope_sin", angles.sin().to(torch.get_default_dtype()), persistent=False)
+
+        self.trunk = nn.ModuleList(Block(width, heads, use_sdpa_math) for _ in range(depth - head_depth))
+        patch_dim = patch * patch * channels
+        self.u_head = Head(head_depth, width, heads, patch_dim, use_sdpa_math)
+        self.v_head = Head(head_depth, width, heads, patch_dim, use_sdpa_math) if v_head else None
+
+    # ------------------------------------------------------------------ pieces
+    def _tokens(self, z: torch.Tensor, h: torch.Tensor, cond: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Prefix + patch tokens with position embedding: (B, 20 + N, W)."""
+        if z.ndim != 4 or tuple(z.shape[1:]) != (self.channels, self.resolution, self.resolution):
+            raise ValueError(f"z must have shape (B, {self.channels}, {self.resolution}, {self.resolution}), "
+                             f"got {tuple(z.shape)}")
+        if cond["y"].dtype != torch.long:
+            raise ValueError(f"cond['y'] must be torch.long labels, got {cond['y'].dtype}")
+
+        def group(tokens, embedding):     # (1, n, W) + (B, W) -> (B, n, W)
+            return tokens + embedding[:, None, :]
+        prefix = torch.cat([
+            group(self.class_tokens, self.y_embed(cond["y"])),
+            group(self.omega_tokens, self.omega_embed(1 - 1 / cond["omega"])),  # omega in [1, inf) -> [0, 1)
+            group(self.t_min_tokens, self.t_min_embed(cond["t_min"])),
+            group(self.t_max_tokens, self.t_max_embed(cond["t_max"])),
+            group(self.h_tokens, self.h_embed(h)),
+        ], dim=1)                                                      # (B, 20, W)
+        patches = self.patch_embed(z)                                  # (B, N, W)
+        return torch.cat([prefix, patches.to(prefix.dtype)], dim=1) + self.pos_embed
+
+    def _trunk(self, z: torch.Tensor, h: torch.Tensor, cond: dict[str, torch.Tensor]) -> torch.Tensor:
+        x = self._tokens(z, h, cond)
+        for block in self.trunk:
+            x = block(x, self.rope_cos, self.rope_sin)
+        return x                                                       # (B, 20 + N, W)
+
+    def _unpatchify(self, patch_values: torch.Tensor) -> torch.Tensor:
+        """(B, N, p*p*C), raster patch order, per patch (p, p, C) -> image (B, C, H, W)."""
+        g, p, c = self.grid, self.patch, self.channels
+        x = patch_values.reshape(-1, g, g, p, p, c)                    # (B, gy, gx, py, px, C)
+        return x.permute(0, 5, 1, 3, 2, 4).reshape(-1, c, g * p, g * p)
+
+    def _decode(self, head: Head, x: torch.Tensor) -> torch.Tensor:
+        return self._unpatchify(head(x, self.rope_cos, self.rope_sin))
+
+    # ------------------------------------------------------------------ public API
+    @property
+    def null_label(self) -> int:
+        return self.num_classes
+
+    def forward_u(self, z: torch.Tensor, r: torch.Tensor, t: torch.Tensor,
+                  cond: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The u-head's denoised image ``x_hat(z, r, t)``; conditions on h = t - r (not on t).
+
+        Args:
+            z: z_t, (B, C, H, W).  r, t: (B,) with 0 <= r <= t <= 1.  cond: from :func:`make_cond`.
+        Returns:
+            x_hat, (B, C, H, W).
+        """
+        return self._decode(self.u_head, self._trunk(z, t - r, cond))
+
+    def forward_v(self, z: torch.Tensor, t: torch.Tensor, cond: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The v-head's denoised image at h = 0 (its velocity is ``(z - x_hat_v) / max(t, t_eps)``).
+
+        Args:
+            z: (B, C, H, W).  t: (B,) (unused by the network; kept for the common signature).
+            cond: from :func:`make_cond`.
+        Returns:
+            x_hat_v, (B, C, H, W).
+        """
+        if self.v_head is None:
+            raise RuntimeError("this PMFViT was built with v_head=False (inference network); forward_v needs the v-head")
+        return self._decode(self.v_head, self._trunk(z, torch.zeros_like(t), cond))
+
+    def forward(self, z: torch.Tensor, r: torch.Tensor, t: torch.Tensor,
+                cond: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Same as :meth:`forward_u`."""
+        return self.forward_u(z, r, t, cond)
+
+    def param_count(self, with_v_head: bool = True) -> int:
+        """Number of parameters; ``with_v_head=False`` counts the inference network only."""
+        total = sum(p.numel() for p in self.parameters())
+        if not with_v_head and self.v_head is not None:
+            total -= sum(p.numel() for p in self.v_head.parameters())
+        return total
+
+
+def _check_arch(**arch: int) -> None:
+    for name, value in arch.items():
+        if not isinstance(value, int) or value < (0 if name == "head_depth" else 1):
+            raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    if arch["resolution"] % arch["patch"]:
+        raise ValueError(f"resolution {arch['resolution']} must be divisible by patch {arch['patch']}")
+    if not 1 <= arch["head_depth"] <= arch["depth"]:
+        raise ValueError(f"head_depth must lie in [1, depth={arch['depth']}], got {arch['head_depth']}")
+    if arch["width"] % arch["heads"] or (arch["width"] // arch["heads"]) % 4:
+        raise ValueError(f"width / heads must be an integer divisible by 4 (2-D RoPE), "
+                         f"got width {arch['width']}, heads {arch['heads']}")
+
+
+def build_model(preset: str, **overrides) -> PMFViT:
+    """Build a PMFViT from a preset name, e.g. ``build_model("pMF-T/4", num_classes=10, channels=1)``.
+
+    Args:
+        preset: one of :data:`PRESETS`.
+        overrides: any architecture key (resolution, patch, depth, width, heads, bottleneck,
+            head_depth, channels, num_classes, noise_scale) or switch (v_head, use_sdpa_math).
+    Returns:
+        PMFViT, on the current default device (use ``with torch.device("meta"):`` to count).
+    """
+    if preset not in PRESETS:
+        raise ValueError(f"unknown preset {preset!r}; choose one of {sorted(PRESETS)}")
+    unknown = set(overrides) - set(ARCH_KEYS) - set(SWITCH_KEYS)
+    if unknown:
+        raise ValueError(f"unknown model override(s) {sorted(unknown)}; allowed: {list(ARCH_KEYS + SWITCH_KEYS)}")
+    arch = {key: PRESETS[preset][key] for key in ARCH_KEYS}
+    return PMFViT(**{**arch, **overrides})
+
+
+__all__ = ["PRESETS", "ARCH_KEYS", "NUM_PREFIX_TOKENS", "PMFViT", "Head", "build_model", "make_cond"]

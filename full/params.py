@@ -1,0 +1,146 @@
+"""Parameter and GMAC counts of every PMFViT preset, checked against the paper (Table 8).
+
+    python -m full.params                 # table: params (inference / with v-head), GMACs, paper, deviation
+    python -m full.params --json          # {preset: {"params", "params_with_v_head", "gmacs"}}
+    python -m full.params --flop-counter  # also measure GMACs with torch.utils.flop_counter (slower)
+
+Parameters are counted on a model built on the ``meta`` device (shapes only, no memory). GMACs
+are computed **analytically** (:func:`analytic_gmacs`): multiply-accumulates of every matmul and
+convolution in one forward of the inference network (trunk + u-head) for one image, i.e. the patch
+embedding, the four scalar-embedder MLPs, per block the q/k/v/out and SwiGLU projections on all
+20 + N tokens plus q k^T and (attention) v, and the output Linear on the N patch tokens.
+Norms, RoPE, softmax, SiLU and additions are not counted (the usual convention).
+``--flop-counter`` cross-checks with ``FlopCounterMode`` on meta tensors (FLOPs / 2); the test suite
+asserts the two agree exactly, and :func:`analytic_params` agrees with ``sum(p.numel())``.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from .layers import SINUSOID_DIM, swiglu_hidden
+from .model import NUM_PREFIX_TOKENS, PRESETS, PMFViT, build_model, make_cond
+
+NUM_SCALAR_EMBEDDERS = 4  # omega, t_min, t_max, h
+
+# Paper Table 8: (inference parameters, GMACs per forward).
+PAPER = {
+    "pMF-B/16": (118e6, 33.0), "pMF-L/16": (410e6, 117.0), "pMF-H/16": (956e6, 271.0),
+    "pMF-B/32": (120e6, 34.0), "pMF-L/32": (413e6, 117.0), "pMF-H/32": (959e6, 272.0),
+}
+
+
+def _arch(preset: str, overrides: dict) -> dict:
+    """The preset's architecture numbers with overrides applied."""
+    arch = {key: PRESETS[preset][key] for key in ("resolution", "patch", "depth", "width", "heads",
+                                                  "bottleneck", "head_depth", "channels", "num_classes")}
+    arch.update({k: v for k, v in overrides.items() if k in arch})
+    return arch
+
+
+def analytic_params(preset: str, with_v_head: bool = True, **overrides) -> int:
+    """Parameter count in closed form (an oracle for ``model.param_count``)."""
+    a = _arch(preset, overrides)
+    width, patch_dim = a["width"], a["patch"] ** 2 * a["channels"]
+    num_tokens = NUM_PREFIX_TOKENS + (a["resolution"] // a["patch"]) ** 2
+    head_dim = width // a["heads"]
+    block = (4 * width * width                          # q, k, v, out (bias-free)
+             + 3 * width * swiglu_hidden(width)         # SwiGLU gate, value, out (bias-free)
+             + 2 * width + 2 * head_dim                 # two RMSNorms, q-norm, k-norm
+             + 2 * width)                               # residual gates
+    head = a["head_depth"] * block + width + width * patch_dim + patch_dim  # blocks, RMSNorm, Linear
+    embed = (a["channels"] * a["patch"] ** 2 * a["bottleneck"]              # p x p conv, no bias
+             + a["bottleneck"] * width + width                              # 1x1 conv
+             + NUM_SCALAR_EMBEDDERS * (SINUSOID_DIM * width + width + width * width + width)
+             + (a["num_classes"] + 1) * width                               # label table incl. null
+             + NUM_PREFIX_TOKENS * width + num_tokens * width)              # tokens, position embed
+    trunk = (a["depth"] - a["head_depth"]) * block
+    return embed + trunk + head + (head if with_v_head else 0)
+
+
+def analytic_gmacs(preset: str, **overrides) -> float:
+    """GMACs of one inference forward (trunk + u-head) for one image; see the module docstring."""
+    a = _arch(preset, overrides)
+    width, patch_dim = a["width"], a["patch"] ** 2 * a["channels"]
+    num_patches = (a["resolution"] // a["patch"]) ** 2
+    num_tokens = NUM_PREFIX_TOKENS + num_patches
+    per_block = (num_tokens * (4 * width * width + 3 * width * swiglu_hidden(width))
+                 + 2 * num_tokens * num_tokens * width)        # q k^T and (attention) v, all heads
+    macs = (a["depth"] * per_block
+            + num_patches * (a["channels"] * a["patch"] ** 2 * a["bottleneck"] + a["bottleneck"] * width)
+            + NUM_SCALAR_EMBEDDERS * (SINUSOID_DIM * width + width * width)
+            + num_patches * width * patch_dim)                 # output Linear on patch tokens
+    return macs / 1e9
+
+
+def meta_model(preset: str, **overrides) -> PMFViT:
+    """The preset built on the ``meta`` device: real shapes, no storage, no init cost."""
+    with torch.device("meta"):
+        return build_model(preset, **overrides)
+
+
+def measured_gmacs(model: PMFViT) -> float:
+    """GMACs of ``model.forward_u`` on one image, counted by ``FlopCounterMode`` (FLOPs / 2) on
+    tensors on the model's device (use a meta model to count without compute)."""
+    device = model.rope_cos.device
+    z = torch.zeros(1, model.channels, model.resolution, model.resolution, device=device)
+    t = torch.ones(1, device=device)
+    cond = make_cond(torch.zeros(1, dtype=torch.long, device=device), 1.0, 0.0, 1.0)
+    counter = FlopCounterMode(display=False)
+    with counter, torch.no_grad():
+        model.forward_u(z, torch.zeros_like(t), t, cond)
+    return counter.get_total_flops() / 2 / 1e9
+
+
+def count_preset(preset: str, flop_counter: bool = False) -> dict:
+    """``{"params", "params_with_v_head", "gmacs"[, "gmacs_flop_counter"]}`` of one preset."""
+    model = meta_model(preset)
+    row = {"params": model.param_count(with_v_head=False), "params_with_v_head": model.param_count(True),
+           "gmacs": analytic_gmacs(preset)}
+    if flop_counter:
+        row["gmacs_flop_counter"] = measured_gmacs(model)
+    return row
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        prog="python -m full.params",
+        description="Parameters (inference, and with the training-only v-head) and GMACs per forward of "
+                    "every pMF ViT preset, compared with the paper's Table 8.")
+    parser.add_argument("--json", action="store_true",
+                        help='print {preset: {"params": int, "params_with_v_head": int, "gmacs": float}} only')
+    parser.add_argument("--presets", nargs="+", default=list(PRESETS), metavar="NAME",
+                        help=f"presets to count (default: all of {list(PRESETS)})")
+    parser.add_argument("--flop-counter", action="store_true",
+                        help="also count GMACs with torch.utils.flop_counter.FlopCounterMode on meta tensors")
+    args = parser.parse_args()
+    for name in args.presets:
+        if name not in PRESETS:
+            parser.error(f"--presets: unknown preset {name!r}; choose from {list(PRESETS)}")
+
+    rows = {name: count_preset(name, args.flop_counter) for name in args.presets}
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return
+    header = f"{'preset':<10} {'params':>10} {'+v-head':>10} {'GMACs':>8} {'paper':>14} {'d params':>9} {'d GMACs':>8}"
+    if args.flop_counter:
+        header += f" {'GMACs(fc)':>10}"
+    print(header)
+    for name, row in rows.items():
+        paper_params, paper_gmacs = PAPER.get(name, (None, None))
+        line = f"{name:<10} {row['params'] / 1e6:>9.2f}M {row['params_with_v_head'] / 1e6:>9.2f}M {row['gmacs']:>8.2f}"
+        if paper_params:
+            line += (f" {paper_params / 1e6:>6.0f}M/{paper_gmacs:>5.0f}G"
+                     f" {100 * (row['params'] / paper_params - 1):>+8.2f}% {100 * (row['gmacs'] / paper_gmacs - 1):>+7.2f}%")
+        else:
+            line += f" {'-':>14} {'-':>9} {'-':>8}"
+        if args.flop_counter:
+            line += f" {row['gmacs_flop_counter']:>10.2f}"
+        print(line)
+
+
+if __name__ == "__main__":
+    main()

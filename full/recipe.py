@@ -1,0 +1,148 @@
+"""The per-step pMF objective of the released recipe, as one ``nn.Module`` that DDP can wrap.
+
+Why a module: ``torch.func.jvp`` cannot take a DDP-wrapped network, and calling the inner
+network directly bypasses DDP's gradient hooks set-up in ``DDP.forward`` (gradients would silently
+not be averaged across ranks). Wrapping :class:`PMFObjective` -- whose ``forward`` runs the whole
+loss, the JVP included -- puts every use of the parameters inside one ``DDP.forward``, so DDP's
+all-reduce covers them (checked by tests/test_full_ddp.py against a 1-process run).
+
+Every equation comes from ``pmf_ref``: the loss is ``pmf_guided_loss`` (v-head tangent, trained-in
+CFG target, v-head loss, adaptive weights, per-sample sums, t_eps clip) plus the perceptual terms
+``0.4 adp(LPIPS) + 0.1 adp(ConvNeXt)`` on rows with t < t_thr. The ablations (x vs u prediction,
+time sampler, guidance off) are functions chosen at the entry point and passed in here.
+"""
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+from typing import Callable, NamedTuple
+
+import torch
+from torch import nn
+
+import pmf_ref as P
+
+from .model import make_cond
+from .perceptual import CONVNEXT_WEIGHT, LPIPS_WEIGHT, PerceptualDistances, sample_crop_boxes
+
+TimePairSampler = Callable[..., tuple[torch.Tensor, torch.Tensor]]   # (n, *, generator, device) -> (r, t)
+
+
+class StepRandomness(NamedTuple):
+    """Everything random in one training step, for the *global* batch (rows sliced per rank)."""
+    e: torch.Tensor          # noise, (B, C, H, W), N(0, noise_scale^2)
+    r: torch.Tensor          # (B,)
+    t: torch.Tensor          # (B,)
+    omega: torch.Tensor      # guidance scale, (B,) >= 1
+    t_min: torch.Tensor      # guidance interval, (B,)
+    t_max: torch.Tensor      # (B,)
+    dropped: torch.Tensor    # label-drop mask, bool (B,)
+    crop_boxes: torch.Tensor  # paired random-resized-crop boxes (top, left, h, w), int64 (B, 4)
+
+    def rows(self, start: int, stop: int) -> "StepRandomness":
+        return StepRandomness(*(field[start:stop] for field in self))
+
+    def to(self, device: torch.device) -> "StepRandomness":
+        return StepRandomness(*(field.to(device) for field in self))
+
+
+@dataclass(frozen=True)
+class GuidanceSampler:
+    """Trained-in CFG draws (pMF App. A): omega ∝ omega^-beta on [1, 8], interval, 10% label drop."""
+    beta: float = 1.0
+    label_drop_prob: float = P.LABEL_DROP_PROB
+
+    def __call__(self, r: torch.Tensor, t: torch.Tensor, generator: torch.Generator):
+        n = t.shape[0]
+        omega = P.sample_omega(n, beta=self.beta, generator=generator, device=t.device)
+        t_min, t_max = P.sample_guidance_interval(r, t, generator=generator)
+        dropped = P.label_drop_mask(n, p=self.label_drop_prob, generator=generator, device=t.device)
+        return omega, t_min, t_max, dropped
+
+
+def no_guidance(r: torch.Tensor, t: torch.Tensor, generator: torch.Generator):
+    """Guidance off: omega = 1 (so v_g = v_t), interval [0, 1], no label drop."""
+    del r, generator
+    return torch.ones_like(t), torch.zeros_like(t), torch.ones_like(t), torch.zeros_like(t, dtype=torch.bool)
+
+
+def draw_step_randomness(n: int, image_shape: tuple[int, int, int], *, generator: torch.Generator,
+                         noise_scale: float, sample_time_pair: TimePairSampler,
+                         sample_guidance: Callable, device: torch.device) -> StepRandomness:
+    """Draw one step's randomness for ``n`` rows from ``generator`` (on ``device``), in a fixed order:
+    times, guidance, crop boxes, noise. Every rank draws the same global numbers and keeps its rows."""
+    r, t = sample_time_pair(n, generator=generator, device=device)
+    omega, t_min, t_max, dropped = sample_guidance(r, t, generator)
+    boxes = sample_crop_boxes(n, image_shape[1], image_shape[2], generator=generator)
+    e = noise_scale * torch.randn(n, *image_shape, generator=generator, device=device)
+    return StepRandomness(e, r, t, omega, t_min, t_max, dropped, boxes.to(device))
+
+
+class PMFObjective(nn.Module):
+    """The pMF training objective around a PMFViT; ``forward`` returns per-sample terms and the total.
+
+    Args:
+        model: PMFViT with a v-head (``forward_u(z, r, t, cond)``, ``forward_v(z, t, cond)``).
+        perceptual: frozen :class:`PerceptualDistances`, or None (MSE-only recipe).
+        t_thr: perceptual terms only on rows with t < t_thr (pMF: 0.8 for B/L-16, B/32; 0.6 for L/32, H).
+        x_from_output: None for x-prediction (the network outputs x_hat); ``pmf_ref.x_from_average_velocity``
+            for the u-prediction ablation (the output is read as u and converted).
+        autocast_dtype: e.g. torch.bfloat16 to run the v-head passes and perceptual nets under autocast;
+            the u-head pass inside the JVP stays in fp32.
+    """
+
+    def __init__(self, model: nn.Module, *, perceptual: PerceptualDistances | None = None, t_thr: float = 0.8,
+                 x_from_output: Callable | None = None, autocast_dtype: torch.dtype | None = None,
+                 lpips_weight: float = LPIPS_WEIGHT, convnext_weight: float = CONVNEXT_WEIGHT,
+                 c: float = P.ADAPTIVE_C, p: float = P.ADAPTIVE_P):
+        super().__init__()
+        self.model, self.perceptual = model, perceptual
+        self.t_thr, self.x_from_output, self.autocast_dtype = t_thr, x_from_output, autocast_dtype
+        self.weights = {"lpips": lpips_weight, "convnext": convnext_weight}
+        self.c, self.p = c, p
+
+    def _autocast(self, device: torch.device):
+        if self.autocast_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(device.type, dtype=self.autocast_dtype)
+
+    def _x_net(self, z, r, t, cond):
+        # fp32 always: this is the function torch.func.jvp differentiates (forward-mode AD in
+        # bf16 would put bf16 rounding into du/dt, which is multiplied by (t - r) in the target).
+        output = self.model.forward_u(z, r, t, cond)
+        return output if self.x_from_output is None else self.x_from_output(z, output, t)
+
+    def _v_net(self, z, t, cond):
+        with self._autocast(z.device):
+            output = self.model.forward_v(z, t, cond)
+        output = output.float()
+        return output if self.x_from_output is None else self.x_from_output(z, output, t)
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor, randomness: StepRandomness) -> dict[str, torch.Tensor]:
+        """Args: x (B, C, H, W) in [-1, 1]; y (B,) labels; randomness for these B rows.
+
+        Returns:
+            ``{"loss": scalar batch mean of "total", "total", "loss_u", "loss_v", "raw_u", "raw_v",
+            "lpips", "convnext"}``, all but "loss" per-sample (B,); absent perceptual terms are zeros.
+        """
+        rnd = randomness
+        null_label = self.model.num_classes
+        cond = make_cond(P.drop_labels(y, rnd.dropped, null_label=null_label), rnd.omega, rnd.t_min, rnd.t_max)
+        uncond = make_cond(torch.full_like(y, null_label), torch.ones_like(rnd.omega), rnd.t_min, rnd.t_max)
+        terms = P.pmf_guided_loss(self._x_net, self._v_net, x, rnd.e, rnd.r, rnd.t, cond=cond, uncond=uncond,
+                                  omega=rnd.omega, t_min=rnd.t_min, t_max=rnd.t_max, dropped=rnd.dropped,
+                                  c=self.c, p=self.p)
+        out = {"loss_u": terms.loss_u, "loss_v": terms.loss_v, "raw_u": terms.raw_u.detach(),
+               "raw_v": terms.raw_v.detach(),
+               "lpips": torch.zeros_like(terms.loss_u), "convnext": torch.zeros_like(terms.loss_u)}
+        if self.perceptual is not None:
+            rows = torch.nonzero(rnd.t < self.t_thr).flatten()      # perceptual loss only at low noise
+            if rows.numel():
+                with self._autocast(x.device):
+                    distances = self.perceptual(terms.x_hat[rows], x[rows], rnd.crop_boxes[rows])
+                for name, distance in distances.items():
+                    weighted = self.weights[name] * P.adaptively_weighted(distance.float(), c=self.c, p=self.p)
+                    out[name] = out[name].index_put((rows,), weighted)
+        out["total"] = out["loss_u"] + out["loss_v"] + out["lpips"] + out["convnext"]
+        out["loss"] = out["total"].mean()
+        return out

@@ -1,0 +1,320 @@
+"""One-step class-conditional sampling from a pMF checkpoint: PNG folder, .npz and a preview grid.
+
+    python -m full.sample --ckpt run/ckpt.pt --per-class 50 --out samples/       # FID-50K set
+    torchrun --nproc_per_node 8 -m full.sample --ckpt run/ckpt.pt --num 50000 --out samples/
+
+Every image costs one network call (pMF Alg. 2):  ``x = z_1 - u(z_1, 0, 1) = x_theta(z_1, 0, 1 | c)``,
+z_1 = s * eps with the preset's noise scale s, c = (y, omega, t_min, t_max). Sample i has label
+``y_i = i mod K`` (any prefix is class-balanced; ``--per-class k`` gives exactly k per class) and
+noise from a generator seeded by (seed, i), so the images depend on neither the batch size nor the
+number of processes. Defaults for omega, the interval and the EMA are the preset's best settings
+(pMF §4, shared/method.md §4).
+
+Output folder: ``images/000000.png ...``, ``samples.npz`` (``arr_0`` uint8 (N, H, W, C) and
+``labels`` (N,), the layout of the ADM evaluation suite), ``grid.png`` and ``sample_config.json``.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import os
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torchvision
+from PIL import Image
+from tqdm import tqdm
+
+import pmf_ref as P
+
+from .distributed import barrier, init_distributed
+from .ema import format_half_life
+from .fid import atomic_write
+from .model import PRESETS, make_cond
+
+SEED_STRIDE = 2 ** 32   # seed of sample i is seed * SEED_STRIDE + i: distinct for i < 2^32
+PIXEL_HALF_RANGE = 127.5  # uint8 = round((x + 1) * 127.5), x in [-1, 1]
+GRID_PADDING = 2
+FORMATS = ("png", "npz")
+
+
+@dataclass(frozen=True)
+class SampleConfig:
+    """What to sample and where to write it (built by ``main`` or by a caller)."""
+    out: str                              # output folder
+    num: int                              # number of images N
+    omega: float                          # guidance scale, >= 1 (1 = no guidance)
+    t_min: float                          # guidance interval [t_min, t_max] within [0, 1]
+    t_max: float
+    seed: int = 0
+    batch_size: int = 64                  # per process; the images do not depend on it
+    formats: tuple[str, ...] = FORMATS    # "png" folder and/or "npz"
+    grid: int = 64                        # images in grid.png (0: no grid)
+    progress: bool = True
+
+
+# --------------------------------------------------------------------------------------------
+# Labels, noise, one network call
+# --------------------------------------------------------------------------------------------
+
+def class_labels(indices: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """Class-balanced labels ``y_i = i mod K`` for global sample indices (B,) -> (B,) long."""
+    return indices.long() % num_classes
+
+
+def sample_noise(indices: torch.Tensor, shape: tuple[int, ...], *, seed: int, noise_scale: float) -> torch.Tensor:
+    """z_1 = s * eps_i with eps_i ~ N(0, I) drawn from a CPU generator seeded by (seed, i).
+
+    Args:
+        indices: global sample indices (B,).  shape: (C, H, W) of one image.
+    Returns:
+        (B, C, H, W) float32 on the CPU; row b depends only on (seed, indices[b]).
+    """
+    rows = [torch.randn(shape, generator=torch.Generator().manual_seed(seed * SEED_STRIDE + int(i)))
+            for i in indices.tolist()]
+    return noise_scale * torch.stack(rows)
+
+
+@torch.no_grad()
+def generate(model: torch.nn.Module, y: torch.Tensor, z_1: torch.Tensor, *, omega: float, t_min: float,
+             t_max: float) -> torch.Tensor:
+    """One-step sample ``x = z_1 - u_theta(z_1, 0, 1)`` through ``pmf_ref.sample_one_step``.
+
+    Args:
+        model: a PMFViT (``forward_u(z, r, t, cond) -> x_hat``).  y: labels (B,).  z_1: noise (B, C, H, W).
+    Returns:
+        x, (B, C, H, W), nominally in [-1, 1].
+    """
+    cond = make_cond(y, omega, t_min, t_max)
+    u_fn = P.u_fn_from_x_fn(lambda z, r, t: model.forward_u(z, r, t, cond))
+    return P.sample_one_step(u_fn, z_1, has_aux=True)
+
+
+def to_uint8(x: torch.Tensor) -> torch.Tensor:
+    """[-1, 1] float -> uint8 ``round((x + 1) * 127.5)`` clipped to [0, 255]."""
+    return ((x + 1) * PIXEL_HALF_RANGE).round().clamp(0, 255).to(torch.uint8)
+
+
+def iter_samples(model: torch.nn.Module, indices: torch.Tensor, *, omega: float, t_min: float, t_max: float,
+                 seed: int, batch_size: int, progress: bool = True
+                 ) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """Generate the samples with the given global indices, ``batch_size`` at a time.
+
+    Yields:
+        (indices (B,), labels (B,), images uint8 (B, C, H, W) on the CPU).
+    """
+    device = next(model.parameters()).device
+    shape = (model.channels, model.resolution, model.resolution)
+    with tqdm(total=len(indices), unit="img", desc="sampling", disable=not progress) as bar:
+        for batch in indices.split(batch_size):
+            y = class_labels(batch, model.num_classes)
+            z_1 = sample_noise(batch, shape, seed=seed, noise_scale=model.noise_scale)
+            x = generate(model, y.to(device), z_1.to(device), omega=omega, t_min=t_min, t_max=t_max)
+            bar.update(len(batch))
+            yield batch, y, to_uint8(x).cpu()
+
+
+# --------------------------------------------------------------------------------------------
+# Writing: PNGs, a shared .npy assembled into the .npz, the grid
+# --------------------------------------------------------------------------------------------
+
+def _pil(image: torch.Tensor) -> Image.Image:
+    """uint8 (C, H, W) -> PIL image (mode L or RGB)."""
+    array = image.permute(1, 2, 0).numpy()
+    return Image.fromarray(array[:, :, 0] if array.shape[2] == 1 else array)
+
+
+def save_png(image: torch.Tensor, path: Path) -> None:
+    atomic_write(path, lambda file: _pil(image).save(file, format="PNG"))
+
+
+def save_grid(images: torch.Tensor, path: Path) -> None:
+    """A near-square grid of uint8 images (B, C, H, W) as one PNG."""
+    grid = torchvision.utils.make_grid(images, nrow=math.ceil(math.sqrt(len(images))),
+                                       padding=GRID_PADDING, pad_value=255)
+    save_png(grid, path)
+
+
+def _npz_from_npy(images_npy: Path, labels: np.ndarray, path: Path) -> None:
+    """Zip the (possibly huge) images .npy as ``arr_0`` with ``labels`` into an .npz, streaming."""
+    def write(file):
+        with zipfile.ZipFile(file, "w", compression=zipfile.ZIP_STORED, allowZip64=True) as archive:
+            archive.write(images_npy, arcname="arr_0.npy")
+            with archive.open("labels.npy", "w", force_zip64=True) as entry:
+                np.lib.format.write_array(entry, labels)
+    atomic_write(path, write)
+
+
+def shard(num: int, rank: int, world_size: int) -> torch.Tensor:
+    """Contiguous global indices [rank * N / W, (rank + 1) * N / W) of this process."""
+    return torch.arange(rank * num // world_size, (rank + 1) * num // world_size)
+
+
+def sample_to_folder(model: torch.nn.Module, cfg: SampleConfig, *, rank: int = 0, world_size: int = 1,
+                     extra_info: dict | None = None) -> Path:
+    """Sample ``cfg.num`` images into ``cfg.out`` (this process's share when ``world_size > 1``).
+
+    Every process writes its own PNGs and its rows of one shared ``.npy`` (memory-mapped, so 50K
+    images at 512 px never sit in memory); rank 0 then packs the ``.npz`` and writes the grid.
+    Returns the output folder.
+    """
+    out = Path(cfg.out)
+    images_npy = out / ".arr_0.npy.partial"
+    shape = (model.channels, model.resolution, model.resolution)
+    if rank == 0:
+        (out / "images").mkdir(parents=True, exist_ok=True)
+        if "npz" in cfg.formats:   # created once, before any process writes its rows into it
+            np.lib.format.open_memmap(images_npy, mode="w+", dtype=np.uint8,
+                                      shape=(cfg.num, shape[1], shape[2], shape[0])).flush()
+    barrier()
+    rows = np.lib.format.open_memmap(images_npy, mode="r+") if "npz" in cfg.formats else None
+    grid_images = []
+    for indices, _, images in iter_samples(model, shard(cfg.num, rank, world_size), omega=cfg.omega,
+                                           t_min=cfg.t_min, t_max=cfg.t_max, seed=cfg.seed,
+                                           batch_size=cfg.batch_size, progress=cfg.progress and rank == 0):
+        if "png" in cfg.formats:
+            for index, image in zip(indices.tolist(), images):
+                save_png(image, out / "images" / f"{index:06d}.png")
+        if rows is not None:
+            rows[indices.numpy()] = images.permute(0, 2, 3, 1).numpy()   # (B, H, W, C)
+        if rank == 0 and len(grid_images) * cfg.batch_size < cfg.grid:
+            grid_images.append(images)
+    if rows is not None:
+        rows.flush()
+        del rows
+    barrier()   # every row is on disk before rank 0 packs the archive
+    if rank == 0:
+        if "npz" in cfg.formats:
+            labels = class_labels(torch.arange(cfg.num), model.num_classes).numpy()
+            _npz_from_npy(images_npy, labels, out / "samples.npz")
+            images_npy.unlink()
+        if cfg.grid > 0 and grid_images:
+            save_grid(torch.cat(grid_images)[:cfg.grid], out / "grid.png")
+        info = {**dataclasses.asdict(cfg), **(extra_info or {}), "world_size": world_size,
+                "num_classes": model.num_classes, "noise_scale": model.noise_scale}
+        atomic_write(out / "sample_config.json", lambda file: file.write(json.dumps(info, indent=2).encode()))
+    barrier()
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# Checkpoint loading and the command line
+# --------------------------------------------------------------------------------------------
+
+def sampling_defaults(preset: str) -> dict:
+    """The preset's best one-step settings: omega, t_min, t_max, EMA half-life (kimg, as str)."""
+    settings = PRESETS[preset]
+    return dict(omega=settings["sample_omega"], t_min=settings["sample_t_min"], t_max=settings["sample_t_max"],
+                ema=str(settings["sample_ema_kimg"]))
+
+
+def checkpoint_preset(path: str) -> str:
+    """The preset name stored in a ``full.train`` checkpoint's config."""
+    # mmap: read the config without pulling every tensor (EMAs, optimizer) into memory.
+    return torch.load(path, map_location="cpu", mmap=True, weights_only=False)["config"]["model"]["preset"]
+
+
+def load_for_sampling(path: str, ema: str | None, device: torch.device) -> tuple[torch.nn.Module, str, str]:
+    """(model in eval mode on ``device``, preset name, EMA key used) from a ``full.train`` checkpoint.
+
+    ``ema`` is the EMA half-life key ("2000"), "raw" for the raw weights, or None for the preset's best.
+    Raises KeyError (listing the EMAs present) when the checkpoint lacks it.
+    """
+    from .checkpoint import load_model  # the trainer's format, read only here
+
+    preset = checkpoint_preset(path)
+    if ema is None:
+        ema = sampling_defaults(preset)["ema"]
+    elif ema != "raw":
+        ema = format_half_life(float(ema))   # "2000.0" and "2000" name the same EMA
+    model = load_model(path, None if ema == "raw" else ema)
+    return model.to(device).eval(), preset, ema
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m full.sample", description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--ckpt", required=True, help="checkpoint written by full.train")
+    parser.add_argument("--ema", default=None,
+                        help="EMA half-life in kimg (a key of the checkpoint's EMAs, e.g. 2000), or 'raw' for "
+                             "the raw weights; default: the preset's best (B/16: 2000)")
+    parser.add_argument("--omega", type=float, default=None,
+                        help="guidance scale omega >= 1 (1 = unguided); default: the preset's best (B/16: 8.5)")
+    parser.add_argument("--interval", type=float, nargs=2, metavar=("TMIN", "TMAX"), default=None,
+                        help="guidance interval, 0 <= TMIN <= TMAX <= 1; default: the preset's best (B/16: 0.1 0.7)")
+    parser.add_argument("--num", type=int, default=None,
+                        help="number of images N (labels i mod K, balanced to within one per class)")
+    parser.add_argument("--per-class", type=int, default=None,
+                        help="images per class k (N = k * num_classes); default 50 (FID-50K on ImageNet) "
+                             "when --num is not given")
+    parser.add_argument("--out", required=True, help="output folder")
+    parser.add_argument("--format", choices=["png", "npz", "both"], default="both",
+                        help="write images/*.png, samples.npz (arr_0 uint8 NHWC, labels), or both")
+    parser.add_argument("--seed", type=int, default=0, help="noise seed; sample i uses seed * 2^32 + i")
+    parser.add_argument("--batch-size", type=int, default=64, help="images per network call per process")
+    parser.add_argument("--grid", type=int, default=64, help="images in grid.png (0: none)")
+    parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto", help="where to run")
+    parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    return parser
+
+
+def check_sampling_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Range checks shared with full.guidance_search; ``parser.error`` names the argument."""
+    if args.omega is not None and not (math.isfinite(args.omega) and args.omega >= 1):
+        parser.error(f"--omega must be a finite number >= 1, got {args.omega}")
+    if args.interval is not None:
+        t_min, t_max = args.interval
+        if not 0 <= t_min <= t_max <= 1:
+            parser.error(f"--interval needs 0 <= TMIN <= TMAX <= 1, got {t_min} {t_max}")
+    if args.batch_size < 1:
+        parser.error(f"--batch-size must be >= 1, got {args.batch_size}")
+    if args.seed < 0 or args.seed >= 2 ** 31:
+        parser.error(f"--seed must lie in [0, 2^31), got {args.seed}")
+    if not Path(args.ckpt).is_file():
+        parser.error(f"--ckpt {args.ckpt} is not a file")
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    check_sampling_args(parser, args)
+    if args.num is not None and args.num < 1:
+        parser.error(f"--num must be >= 1, got {args.num}")
+    if args.per_class is not None and args.per_class < 1:
+        parser.error(f"--per-class must be >= 1, got {args.per_class}")
+    if args.grid < 0:
+        parser.error(f"--grid must be >= 0, got {args.grid}")
+
+    rank, world_size, _, device = init_distributed(None if args.device == "auto" else args.device)
+    try:
+        model, preset, ema = load_for_sampling(args.ckpt, args.ema, device)
+    except (KeyError, ValueError) as error:   # an absent EMA (the message lists those present), or not a number
+        parser.error(f"--ema: {error.args[0]}")
+    defaults = sampling_defaults(preset)
+    per_class = args.per_class if args.per_class is not None or args.num is not None else 50
+    num = args.num if args.num is not None else per_class * model.num_classes
+    if per_class is not None and num != per_class * model.num_classes:
+        parser.error(f"--num {num} disagrees with --per-class {per_class} x {model.num_classes} classes")
+    t_min, t_max = args.interval if args.interval is not None else (defaults["t_min"], defaults["t_max"])
+    cfg = SampleConfig(out=args.out, num=num, omega=args.omega if args.omega is not None else defaults["omega"],
+                       t_min=t_min, t_max=t_max, seed=args.seed, batch_size=args.batch_size,
+                       formats=FORMATS if args.format == "both" else (args.format,), grid=args.grid,
+                       progress=not args.no_progress)
+    extra = {"ckpt": str(args.ckpt), "ema": ema, "preset": preset}
+    out = sample_to_folder(model, cfg, rank=rank, world_size=world_size, extra_info=extra)
+    if rank == 0:
+        print(f"wrote {num} samples (omega {cfg.omega}, interval [{t_min}, {t_max}], EMA {extra['ema']}) to {out}")
+    if world_size > 1:
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()

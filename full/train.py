@@ -1,0 +1,316 @@
+"""Train a pMF ViT on ImageNet (or any class-folder dataset): the released-code recipe, flat.
+
+    python -m full.train --preset pMF-B/16 --data /data/imagenet/train --batch-size 1024 --steps 400000
+    torchrun --nproc_per_node=8 -m full.train --preset pMF-B/16 --data /data/imagenet/train ...
+    python -m full.train --preset pMF-T/4 --data synthetic --steps 50          # CPU smoke run
+
+setup -> model + EMAs -> data -> objective (+ DDP) -> optimiser -> loop (randomness, loss, step,
+EMA, log, checkpoint). The loss of a step is :class:`full.recipe.PMFObjective`; every equation in
+it comes from ``pmf_ref``. In-process API: ``train(TrainConfig(...), dataset)``.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import functools
+import json
+import os
+import random
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import NamedTuple
+
+import numpy as np
+import torch
+from torch.nn.parallel import DistributedDataParallel
+from tqdm import tqdm
+
+import pmf_ref as P
+
+from .checkpoint import capture_rng_state, load_checkpoint, restore_rng_state, save_checkpoint
+from .data import ImageFolderDataset, SyntheticDataset, infinite_batches
+from .distributed import init_distributed, mean_over_ranks, world_size_from_env
+from .ema import EMASet
+from .model import PRESETS, build_model
+from .optim import build_optimizer
+from .perceptual import CROP_SIZE, PerceptualDistances, build_convnext_v2, build_lpips_vgg
+from .recipe import GuidanceSampler, PMFObjective, draw_step_randomness, no_guidance
+
+TIME_SAMPLERS = {"full": P.sample_time_pair, "diagonal": P.sample_time_pair_diagonal,
+                 "endpoint": P.sample_time_pair_endpoint, "two_lines": P.sample_time_pair_two_lines}
+PERCEPTUAL_CHOICES = ("none", "lpips", "lpips+convnext")
+MODEL_OVERRIDE_FIELDS = ("num_classes", "channels", "resolution", "patch")
+LOGGED_TERMS = ("loss", "loss_u", "loss_v", "raw_u", "raw_v", "lpips", "convnext")
+SYNTHETIC_SIZE = 1024   # images in ``--data synthetic``
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    preset: str = "pMF-T/4"
+    data: str = "synthetic"                  # class-folder root, or "synthetic"
+    num_classes: int | None = None           # model overrides (None: the preset's)
+    channels: int | None = None
+    resolution: int | None = None
+    patch: int | None = None
+    batch_size: int = 1024                   # global batch over all ranks (pMF: 1024)
+    steps: int = 400_000
+    lr: float = 1e-3                         # constant, no warm-up (pMF §6)
+    seed: int = 0
+    optimizer: str = "muon"                  # "muon" (pMF) | "adam" (ablation)
+    prediction: str = "x"                    # "x" (pMF) | "u" (ablation: output read as u)
+    time_sampler: str = "full"               # "full" (pMF) | "diagonal" | "endpoint" | "two_lines"
+    guidance: bool = True                    # trained-in CFG (omega, interval, label drop)
+    ema_half_lives_kimg: tuple[float, ...] = (500.0, 1000.0, 2000.0)
+    perceptual: str = "lpips+convnext"       # "none" | "lpips" | "lpips+convnext" (pMF)
+    perceptual_pretrained: bool = True       # False: random VGG / ConvNeXt (tests only)
+    convnext_arch: str = "convnextv2_base"
+    convnext_weights: str | None = None      # default: <torch hub dir>/checkpoints/convnextv2_base_22k_224_ema.pt
+    perceptual_crop: int = CROP_SIZE
+    bf16: bool = False                       # autocast the v-head passes and perceptual nets (JVP stays fp32)
+    ckpt_every: int = 5000
+    log_every: int = 100
+    out: str = "runs/pmf"
+    resume: str | None = None
+    num_workers: int = 8
+    device: str | None = None                # None: CUDA when available
+
+    def model_overrides(self) -> dict:
+        return {name: getattr(self, name) for name in MODEL_OVERRIDE_FIELDS if getattr(self, name) is not None}
+
+
+class TrainResult(NamedTuple):
+    model: torch.nn.Module
+    emas: dict                     # {"500": nn.Module, ...} (empty on ranks > 0)
+    history: list                  # per-step dicts of the logged terms
+    checkpoint: Path | None
+
+
+def check_config(cfg: TrainConfig, world_size: int = 1) -> None:
+    """Raise ValueError naming the field and its allowed values for any bad setting."""
+    checks = [
+        (cfg.preset in PRESETS, f"preset must be one of {sorted(PRESETS)}, got {cfg.preset!r}"),
+        (cfg.steps >= 1, f"steps must be >= 1, got {cfg.steps}"),
+        (cfg.batch_size >= 1, f"batch_size must be >= 1, got {cfg.batch_size}"),
+        (cfg.batch_size % world_size == 0,
+         f"batch_size {cfg.batch_size} must be divisible by the world size {world_size}"),
+        (cfg.lr > 0, f"lr must be > 0, got {cfg.lr}"),
+        (cfg.optimizer in ("muon", "adam"), f"optimizer must be 'muon' or 'adam', got {cfg.optimizer!r}"),
+        (cfg.prediction in ("x", "u"), f"prediction must be 'x' or 'u', got {cfg.prediction!r}"),
+        (cfg.time_sampler in TIME_SAMPLERS, f"time_sampler must be one of {list(TIME_SAMPLERS)}, got {cfg.time_sampler!r}"),
+        (cfg.perceptual in PERCEPTUAL_CHOICES, f"perceptual must be one of {PERCEPTUAL_CHOICES}, got {cfg.perceptual!r}"),
+        (len(cfg.ema_half_lives_kimg) > 0 and all(hl > 0 for hl in cfg.ema_half_lives_kimg),
+         f"ema_half_lives_kimg must be positive numbers, got {cfg.ema_half_lives_kimg}"),
+        (cfg.ckpt_every >= 1 and cfg.log_every >= 1, "ckpt_every and log_every must be >= 1"),
+    ]
+    for ok, message in checks:
+        if not ok:
+            raise ValueError(message)
+
+
+def open_dataset(cfg: TrainConfig, resolution: int, channels: int, num_classes: int):
+    if cfg.data == "synthetic":
+        return SyntheticDataset(SYNTHETIC_SIZE, resolution, channels=channels, num_classes=num_classes, seed=cfg.seed)
+    return ImageFolderDataset(cfg.data, resolution, channels)
+
+
+def build_perceptual(cfg: TrainConfig) -> PerceptualDistances | None:
+    if cfg.perceptual == "none":
+        return None
+    lpips_net = build_lpips_vgg(pretrained_backbone=cfg.perceptual_pretrained)
+    convnext = (build_convnext_v2(arch=cfg.convnext_arch, weights=cfg.convnext_weights,
+                                  pretrained=cfg.perceptual_pretrained)
+                if cfg.perceptual == "lpips+convnext" else None)
+    return PerceptualDistances(lpips_net, convnext, crop_size=cfg.perceptual_crop)
+
+
+def train(cfg: TrainConfig, dataset=None, progress: bool = True) -> TrainResult:
+    """Train (or resume) a PMFViT; returns the model, its EMAs, the per-step history and the last checkpoint."""
+    dist_info = init_distributed(cfg.device)
+    rank, world_size, device = dist_info.rank, dist_info.world_size, dist_info.device
+    check_config(cfg, world_size)
+    local_batch = cfg.batch_size // world_size
+    random.seed(cfg.seed)
+    np.random.seed(cfg.seed)
+    torch.manual_seed(cfg.seed)                       # same initial weights on every rank
+    preset = PRESETS[cfg.preset]
+
+    # ---- model, EMAs
+    model = build_model(cfg.preset, **cfg.model_overrides()).to(device)
+    emas = EMASet(model, cfg.ema_half_lives_kimg) if rank == 0 else None
+
+    # ---- data
+    dataset = dataset if dataset is not None else open_dataset(cfg, model.resolution, model.channels,
+                                                               model.num_classes)
+    if getattr(dataset, "num_classes", 0) > model.num_classes:
+        raise ValueError(f"the data has {dataset.num_classes} classes but the model only {model.num_classes}; "
+                         f"pass --num-classes {dataset.num_classes}")
+    image_shape = (model.channels, model.resolution, model.resolution)
+
+    # ---- objective: the ablations are pmf_ref functions chosen here, not switches inside the math
+    objective = PMFObjective(
+        model, perceptual=build_perceptual(cfg), t_thr=preset["t_thr"],
+        x_from_output=P.x_from_average_velocity if cfg.prediction == "u" else None,
+        autocast_dtype=torch.bfloat16 if cfg.bf16 else None).to(device)
+    # DDP wraps the whole objective: the JVP runs inside DDP.forward, so gradients are all-reduced.
+    step_objective = (DistributedDataParallel(objective, device_ids=[device.index] if device.type == "cuda" else None)
+                      if world_size > 1 else objective)
+    sampler_kwargs = {"mean": preset["P_mean"], "std": preset["P_std"]}
+    if cfg.time_sampler == "full":
+        sampler_kwargs["uniform_fraction"] = preset["uniform_fraction"]
+    sample_time_pair = functools.partial(TIME_SAMPLERS[cfg.time_sampler], **sampler_kwargs)
+    sample_guidance = GuidanceSampler(beta=preset["omega_beta"]) if cfg.guidance else no_guidance
+
+    # ---- optimiser, state
+    optimizer = build_optimizer(model, kind=cfg.optimizer, lr=cfg.lr)
+    step_generator = torch.Generator(device).manual_seed(cfg.seed)   # per-step randomness, global batch
+    step, images_seen, epoch, batch_in_epoch = 0, 0, 0, 0
+    if cfg.resume:
+        state = load_checkpoint(cfg.resume, map_location=device)
+        saved = state["config"]["train"]
+        for name in ("preset", "batch_size", "optimizer", *MODEL_OVERRIDE_FIELDS):
+            if saved[name] != getattr(cfg, name):
+                raise ValueError(f"--resume: checkpoint was trained with {name}={saved[name]!r}, "
+                                 f"this run asks for {getattr(cfg, name)!r}")
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        if emas is not None:
+            emas.load_state_dict(state["ema"])
+        step, images_seen = state["step"], state["images_seen"]
+        epoch, batch_in_epoch = state["data"]["epoch"], state["data"]["batch"]
+        restore_rng_state(state["rng"], step_generator)
+    batches = infinite_batches(dataset, cfg.batch_size, rank=rank, world_size=world_size, seed=cfg.seed,
+                               epoch=epoch, start_batch=batch_in_epoch,
+                               num_workers=cfg.num_workers if device.type == "cuda" else 0)
+
+    out = Path(cfg.out)
+    if rank == 0:
+        out.mkdir(parents=True, exist_ok=True)
+    log_path, checkpoint_path = out / "log.jsonl", None
+    history = []
+    bar = tqdm(total=cfg.steps, initial=step, disable=not progress or rank != 0, desc="pMF", dynamic_ncols=True)
+    tick = time.perf_counter()
+    objective.train()
+    while step < cfg.steps:
+        epoch, batch_in_epoch, (x, y) = next(batches)
+        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        randomness = draw_step_randomness(cfg.batch_size, image_shape, generator=step_generator,
+                                          noise_scale=model.noise_scale, sample_time_pair=sample_time_pair,
+                                          sample_guidance=sample_guidance, device=device)
+        randomness = randomness.rows(rank * local_batch, (rank + 1) * local_batch)   # this rank's rows
+
+        terms = step_objective(x, y, randomness)
+        optimizer.zero_grad(set_to_none=True)
+        terms["loss"].backward()                 # DDP averages gradients over ranks here
+        grad_norm = torch.nn.utils.get_total_norm([p.grad for p in model.parameters() if p.grad is not None])
+        optimizer.step()
+        if emas is not None:
+            emas.update(model, batch=cfg.batch_size, images_seen=images_seen)
+        images_seen += cfg.batch_size
+        step += 1
+        batch_in_epoch += 1                      # position of the next batch (for resume)
+
+        logged = torch.stack([terms[name].detach().mean() for name in LOGGED_TERMS] + [grad_norm.detach()])
+        logged = mean_over_ranks(logged).tolist()
+        now = time.perf_counter()
+        record = {"step": step, "images_seen": images_seen, **dict(zip(LOGGED_TERMS, logged[:-1])),
+                  "grad_norm": logged[-1], "images_per_s": cfg.batch_size / max(now - tick, 1e-9)}
+        tick = now
+        history.append(record)
+        bar.update(1)
+        if rank == 0 and (step % cfg.log_every == 0 or step == cfg.steps):
+            bar.set_postfix(loss=f"{record['loss']:.4f}", img_s=f"{record['images_per_s']:.0f}")
+            with open(log_path, "a") as log_file:
+                log_file.write(json.dumps(record) + "\n")
+        if step % cfg.ckpt_every == 0 or step == cfg.steps:
+            if rank == 0:
+                checkpoint_path = save_checkpoint(out / "checkpoint.pt", {
+                    "model": model.state_dict(), "ema": emas.state_dict(), "optimizer": optimizer.state_dict(),
+                    "step": step, "images_seen": images_seen, "rng": capture_rng_state(step_generator),
+                    "data": {"epoch": epoch, "batch": batch_in_epoch},
+                    "config": {"model": {"preset": cfg.preset, **cfg.model_overrides()},
+                               "noise_scale": model.noise_scale, "num_classes": model.num_classes,
+                               "resolution": model.resolution, "train": dataclasses.asdict(cfg)}})
+            else:
+                checkpoint_path = out / "checkpoint.pt"
+    bar.close()
+    return TrainResult(model, dict(emas.models) if emas is not None else {}, history, checkpoint_path)
+
+
+# ----------------------------------------------------------------------------- command line
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m full.train", description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--preset", default="pMF-B/16", help=f"model preset, one of {sorted(PRESETS)}")
+    parser.add_argument("--data", required=True,
+                        help="ImageNet-style folder root/<class>/<image> (ADM center crop, no flip), or 'synthetic'")
+    parser.add_argument("--batch-size", type=int, default=1024, help="global batch over all processes (pMF: 1024)")
+    parser.add_argument("--steps", type=int, default=400_000, help="optimiser steps (320 epochs of ImageNet at 1024 = 400k)")
+    parser.add_argument("--lr", type=float, default=1e-3, help="constant learning rate of Muon and Adam (pMF: 1e-3)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of weights, data order and per-step randomness")
+    parser.add_argument("--optimizer", choices=("muon", "adam"), default="muon",
+                        help="muon: Muon for Linear weights + Nesterov Adam for the rest; adam: Nesterov Adam for all")
+    parser.add_argument("--prediction", choices=("x", "u"), default="x",
+                        help="x: the network outputs x_hat (pMF); u: its output is read as u (ablation)")
+    parser.add_argument("--time-sampler", choices=tuple(TIME_SAMPLERS), default="full",
+                        help="(r, t) sampler: full plane (pMF) or the paper's ablations")
+    parser.add_argument("--no-guidance", action="store_true",
+                        help="train without CFG: omega = 1, no interval, no label drop")
+    parser.add_argument("--ema-kimg", default="500,1000,2000", help="comma-separated EMA half-lives in kimg")
+    parser.add_argument("--perceptual", choices=PERCEPTUAL_CHOICES, default="lpips+convnext",
+                        help="perceptual terms on x_hat for rows with t < t_thr")
+    parser.add_argument("--convnext-weights", default=None,
+                        help="local ConvNeXt-V2-Base checkpoint (default: <torch hub dir>/checkpoints/"
+                             "convnextv2_base_22k_224_ema.pt)")
+    parser.add_argument("--num-classes", type=int, default=None, help="override the preset's 1000 classes")
+    parser.add_argument("--bf16", action="store_true", help="bf16 autocast for the v-head and perceptual passes "
+                                                             "(the JVP stays fp32)")
+    parser.add_argument("--ckpt-every", type=int, default=5000, help="steps between (atomic) checkpoints")
+    parser.add_argument("--log-every", type=int, default=100, help="steps between JSONL log lines")
+    parser.add_argument("--out", default="runs/pmf", help="output folder: checkpoint.pt and log.jsonl")
+    parser.add_argument("--resume", default=None, help="checkpoint to continue from (exactly)")
+    parser.add_argument("--num-workers", type=int, default=8, help="data-loading processes per GPU")
+    parser.add_argument("--device", choices=("cpu", "cuda"), default=None, help="default: cuda when available")
+    args = parser.parse_args(argv)
+
+    if args.preset not in PRESETS:
+        parser.error(f"--preset: unknown preset {args.preset!r}; choose one of {sorted(PRESETS)}")
+    for flag, value, minimum in (("--steps", args.steps, 1), ("--batch-size", args.batch_size, 1),
+                                 ("--ckpt-every", args.ckpt_every, 1), ("--log-every", args.log_every, 1),
+                                 ("--num-workers", args.num_workers, 0)):
+        if value < minimum:
+            parser.error(f"{flag} must be >= {minimum}, got {value}")
+    if not args.lr > 0:
+        parser.error(f"--lr must be > 0, got {args.lr}")
+    world_size = world_size_from_env()
+    if args.batch_size % world_size:
+        parser.error(f"--batch-size {args.batch_size} must be divisible by the number of processes ({world_size})")
+    if args.data != "synthetic" and not Path(args.data).is_dir():
+        parser.error(f"--data: folder {args.data!r} does not exist (expected root/<class>/<image>, or 'synthetic')")
+    if args.resume is not None and not Path(args.resume).is_file():
+        parser.error(f"--resume: checkpoint {args.resume!r} does not exist")
+    try:
+        half_lives = tuple(float(value) for value in args.ema_kimg.split(","))
+    except ValueError:
+        parser.error(f"--ema-kimg must be comma-separated numbers, got {args.ema_kimg!r}")
+    if not all(hl > 0 for hl in half_lives):
+        parser.error(f"--ema-kimg values must be > 0, got {args.ema_kimg!r}")
+
+    cfg = TrainConfig(preset=args.preset, data=args.data, num_classes=args.num_classes,
+                      batch_size=args.batch_size, steps=args.steps, lr=args.lr, seed=args.seed,
+                      optimizer=args.optimizer, prediction=args.prediction, time_sampler=args.time_sampler,
+                      guidance=not args.no_guidance, ema_half_lives_kimg=half_lives, perceptual=args.perceptual,
+                      convnext_weights=args.convnext_weights, bf16=args.bf16, ckpt_every=args.ckpt_every,
+                      log_every=args.log_every, out=args.out, resume=args.resume, num_workers=args.num_workers,
+                      device=args.device)
+    try:
+        train(cfg)
+    except FileNotFoundError as error:   # missing images or pretrained weights: one clear line
+        print(f"python -m full.train: error: {error}", file=sys.stderr)
+        raise SystemExit(2)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,261 @@
+"""Tests of the pMF ViT (full/model.py, full/layers.py) and its parameter / GMAC counter (full/params.py).
+
+Oracles: float64 central finite differences (JVP), F.scaled_dot_product_attention (attention),
+closed forms (RMSNorm, RoPE's relative-position property, zero-init identity), an analytic
+parameter / MAC formula against sum(p.numel()) and torch's FlopCounterMode, and the paper's Table 8.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given, strategies as st
+from torch.func import functional_call, jvp
+
+import pmf_ref as P
+from full.layers import Block, RMSNorm, apply_rope, attention, rope_angles_2d
+from full.model import NUM_PREFIX_TOKENS, PRESETS, build_model, make_cond
+from full.params import PAPER, analytic_gmacs, analytic_params, measured_gmacs, meta_model
+
+TINY = ["pMF-T/4", "pMF-T/2"]
+FD_EPS = 1e-6          # central-difference step in float64: truncation ~eps^2, rounding ~1e-16/eps
+FD_RTOL = 1e-6         # relative to the largest tangent entry
+
+
+def _randomised(model: torch.nn.Module, seed: int = 0, scale: float = 0.2) -> torch.nn.Module:
+    """Add N(0, scale^2) noise to every parameter: zero-init gates and output layers otherwise make
+    the network a constant (x_hat = 0), for which every derivative check passes trivially."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(scale * torch.randn(p.shape, generator=generator, dtype=p.dtype))
+    return model
+
+
+def _inputs(model, batch: int, seed: int, dtype=torch.float32):
+    generator = torch.Generator().manual_seed(seed)
+    z = torch.randn(batch, model.channels, model.resolution, model.resolution, generator=generator, dtype=dtype)
+    t = torch.rand(batch, generator=generator, dtype=dtype) * 0.9 + 0.05
+    r = t * torch.rand(batch, generator=generator, dtype=dtype)
+    y = torch.randint(0, model.num_classes + 1, (batch,), generator=generator)   # includes the null label
+    omega = 1 + 7 * torch.rand(batch, generator=generator, dtype=dtype)
+    cond = make_cond(y, omega, torch.full((batch,), 0.1, dtype=dtype), torch.full((batch,), 0.7, dtype=dtype))
+    return z, r, t, cond
+
+
+# ----------------------------------------------------------------------------- shapes and init
+
+@pytest.mark.parametrize("preset, overrides", [("pMF-T/4", {}), ("pMF-T/2", {}),
+                                               ("pMF-T/4", {"channels": 1, "num_classes": 10}),
+                                               ("pMF-T/4", {"channels": 1, "num_classes": 10, "resolution": 28})])
+def test_model_output_shapes_and_zero_init(preset, overrides):
+    torch.manual_seed(0)
+    model = build_model(preset, **overrides)
+    z, r, t, cond = _inputs(model, batch=3, seed=1)
+    x_hat, x_hat_v = model.forward_u(z, r, t, cond), model.forward_v(z, t, cond)
+    expected = (3, model.channels, model.resolution, model.resolution)
+    assert x_hat.shape == expected and x_hat_v.shape == expected
+    # zero-initialised output Linears: both heads start by predicting exactly x_hat = 0
+    assert torch.equal(x_hat, torch.zeros(expected)) and torch.equal(x_hat_v, torch.zeros(expected))
+    assert torch.equal(model(z, r, t, cond), x_hat)
+
+
+def test_block_initial_identity():
+    torch.manual_seed(0)
+    block = Block(width=32, heads=4)
+    x = torch.randn(2, NUM_PREFIX_TOKENS + 16, 32)
+    angles = rope_angles_2d(4, 8, NUM_PREFIX_TOKENS).float()
+    assert torch.equal(block(x, angles.cos(), angles.sin()), x)   # zero gates: the block is the identity
+
+
+def test_unpatchify_round_trips_patch_layout():
+    """Output patch values laid out (p, p, C) per raster patch land at the right pixels: feed the
+    head's Linear a bias that encodes (row-in-patch, col-in-patch, channel) and compare with the image."""
+    model = build_model("pMF-T/4", channels=2)
+    p, c = model.patch, model.channels
+    code = torch.arange(p * p * c, dtype=torch.float32)                    # index = (py * p + px) * C + ch
+    with torch.no_grad():
+        model.u_head.out.bias.copy_(code)
+    z, r, t, cond = _inputs(model, batch=1, seed=0)
+    image = model.forward_u(z, r, t, cond)[0]                              # (C, H, W)
+    py, px = torch.meshgrid(torch.arange(model.resolution) % p, torch.arange(model.resolution) % p, indexing="ij")
+    for ch in range(c):
+        assert torch.equal(image[ch], ((py * p + px) * c + ch).float())
+
+
+# ----------------------------------------------------------------------------- conditioning
+
+def test_null_label_and_guidance_condition_the_output():
+    model = _randomised(build_model("pMF-T/2", num_classes=10))
+    z, r, t, cond = _inputs(model, batch=2, seed=3)
+    outputs = {}
+    for name, y, omega in [("null", 10, 1.0), ("class0", 0, 1.0), ("class0_w4", 0, 4.0)]:
+        outputs[name] = model.forward_u(z, r, t, make_cond(torch.full((2,), y), omega, 0.1, 0.7))
+        assert torch.isfinite(outputs[name]).all()
+    assert not torch.allclose(outputs["null"], outputs["class0"])
+    assert not torch.allclose(outputs["class0"], outputs["class0_w4"])
+    with pytest.raises(IndexError):   # label K + 1 does not exist (the table has K + 1 rows: 0..K)
+        model.forward_u(z, r, t, make_cond(torch.full((2,), 11), 1.0, 0.1, 0.7))
+
+
+def test_forward_u_depends_on_t_only_through_h():
+    """The network sees h = t - r, never t: moving r and t together leaves x_hat unchanged,
+    while changing h does change it."""
+    model = _randomised(build_model("pMF-T/2").double())
+    z, _, _, cond = _inputs(model, batch=2, seed=5, dtype=torch.float64)
+    t = torch.tensor([0.5, 0.6], dtype=torch.float64)
+    r = torch.tensor([0.4, 0.35], dtype=torch.float64)
+    x_hat = model.forward_u(z, r, t, cond)
+    for shift in (-0.35, 0.1, 0.4):
+        torch.testing.assert_close(model.forward_u(z, r + shift, t + shift, cond), x_hat, rtol=1e-12, atol=1e-12)
+    assert not torch.allclose(model.forward_u(z, r - 0.2, t, cond), x_hat)
+
+
+def test_make_cond_broadcasts_and_validates():
+    cond = make_cond(torch.tensor([1, 2, 3]), 2.0, 0.1, torch.tensor([0.5, 0.6, 0.7]))
+    assert cond["omega"].shape == (3,) and cond["omega"].dtype == torch.float32
+    torch.testing.assert_close(cond["t_max"], torch.tensor([0.5, 0.6, 0.7]))
+    with pytest.raises(ValueError, match="y must be"):
+        make_cond(torch.tensor([1.0, 2.0]), 2.0, 0.1, 0.7)
+    with pytest.raises(ValueError, match="omega"):
+        make_cond(torch.tensor([1, 2]), torch.ones(3), 0.1, 0.7)
+
+
+# ----------------------------------------------------------------------------- heads
+
+def test_heads_use_disjoint_parameters():
+    """forward_u never touches the v-head (it gets no gradient), forward_v never the u-head;
+    both reach the shared trunk."""
+    model = _randomised(build_model("pMF-T/2"))
+    z, r, t, cond = _inputs(model, batch=2, seed=7)
+    for forward, used, unused in [(lambda: model.forward_u(z, r, t, cond), model.u_head, model.v_head),
+                                  (lambda: model.forward_v(z, t, cond), model.v_head, model.u_head)]:
+        model.zero_grad(set_to_none=True)
+        forward().square().sum().backward()
+        assert all(p.grad is None for p in unused.parameters())
+        assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in used.parameters())
+        assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in model.trunk.parameters())
+    assert not torch.allclose(model.forward_u(z, t, t, cond), model.forward_v(z, t, cond))
+
+
+def test_inference_model_has_no_v_head():
+    model = build_model("pMF-T/4", v_head=False)
+    assert model.v_head is None and not model.has_v_head
+    assert model.param_count(with_v_head=True) == model.param_count(with_v_head=False)
+    z, _, t, cond = _inputs(model, batch=1, seed=0)
+    with pytest.raises(RuntimeError, match="v_head"):
+        model.forward_v(z, t, cond)
+
+
+# ----------------------------------------------------------------------------- forward-mode AD
+
+@pytest.mark.parametrize("use_sdpa_math", [False, True])
+def test_forward_u_jvp_matches_finite_differences(use_sdpa_math):
+    """torch.func.jvp through functional_call(model) w.r.t. (z, r, t) vs float64 central differences."""
+    model = _randomised(build_model("pMF-T/2", use_sdpa_math=use_sdpa_math).double(), seed=11)
+    z, r, t, cond = _inputs(model, batch=2, seed=13, dtype=torch.float64)
+    state = {**dict(model.named_parameters()), **dict(model.named_buffers())}
+
+    def x_fn(z, r, t):
+        return functional_call(model, state, (z, r, t, cond))
+
+    generator = torch.Generator().manual_seed(17)
+    dz, dr, dt = (torch.randn(v.shape, generator=generator, dtype=torch.float64) for v in (z, r, t))
+    x_hat, tangent = jvp(x_fn, (z, r, t), (dz, dr, dt))
+    finite_difference = (x_fn(z + FD_EPS * dz, r + FD_EPS * dr, t + FD_EPS * dt)
+                         - x_fn(z - FD_EPS * dz, r - FD_EPS * dr, t - FD_EPS * dt)) / (2 * FD_EPS)
+    torch.testing.assert_close(x_hat, x_fn(z, r, t), rtol=0, atol=0)
+    scale = tangent.abs().max()
+    assert scale > 1e-3   # the randomised network really depends on its inputs
+    torch.testing.assert_close(tangent, finite_difference, rtol=0, atol=FD_RTOL * scale.item())
+
+
+def test_model_with_core_average_velocity_jvp():
+    """The model plugs into pmf_ref unchanged: du/dt from P.average_velocity_jvp equals the finite
+    difference of u = (z - x_hat) / max(t, t_eps) along (dz, dr, dt) = (v, 0, 1)."""
+    model = _randomised(build_model("pMF-T/2").double(), seed=19)
+    z, r, t, cond = _inputs(model, batch=2, seed=23, dtype=torch.float64)
+    v = torch.randn(z.shape, generator=torch.Generator().manual_seed(29), dtype=torch.float64)
+    u_fn = P.u_fn_from_x_fn(lambda z, r, t: model.forward_u(z, r, t, cond))
+    u, dudt, x_hat = P.average_velocity_jvp(u_fn, z, r, t, v_tangent=v, has_aux=True)
+    finite_difference = (u_fn(z + FD_EPS * v, r, t + FD_EPS)[0] - u_fn(z - FD_EPS * v, r, t - FD_EPS)[0]) / (2 * FD_EPS)
+    torch.testing.assert_close(dudt, finite_difference, rtol=0, atol=FD_RTOL * dudt.abs().max().item())
+    u.square().sum().backward()   # the primal keeps its graph: parameters get gradients
+    assert model.u_head.out.weight.grad is not None
+
+
+# ----------------------------------------------------------------------------- layers
+
+def test_attention_matches_sdpa():
+    generator = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 3, 10, 8, generator=generator, dtype=torch.float64) for _ in range(3))
+    torch.testing.assert_close(attention(q, k, v), F.scaled_dot_product_attention(q, k, v))
+    torch.testing.assert_close(attention(q.float(), k.float(), v.float(), use_sdpa_math=True),
+                               attention(q, k, v).float(), rtol=1e-5, atol=1e-5)
+
+
+def test_rmsnorm_unit_rms():
+    x = torch.randn(4, 7, 16, dtype=torch.float64) * 5
+    normed = RMSNorm(16).double()(x)
+    torch.testing.assert_close(normed.pow(2).mean(-1), torch.ones(4, 7, dtype=torch.float64), rtol=1e-5, atol=0)
+
+
+@given(shift_row=st.integers(-1, 3), shift_col=st.integers(-2, 2))  # keeps a and b on the 6x6 grid
+def test_rope_scores_depend_on_relative_position(shift_row, shift_col):
+    """<R(a) q, R(b) k> depends on the patch offset a - b only; prefix tokens are not rotated."""
+    grid, head_dim = 6, 16
+    angles = rope_angles_2d(grid, head_dim, NUM_PREFIX_TOKENS)
+    cos, sin = angles.cos(), angles.sin()
+    generator = torch.Generator().manual_seed(1)
+    q, k = (torch.randn(head_dim, generator=generator, dtype=torch.float64) for _ in range(2))
+    length = NUM_PREFIX_TOKENS + grid * grid
+    q_rot = apply_rope(q.expand(1, 1, length, head_dim), cos, sin)[0, 0]
+    k_rot = apply_rope(k.expand(1, 1, length, head_dim), cos, sin)[0, 0]
+
+    def index(row, col):
+        return NUM_PREFIX_TOKENS + row * grid + col
+    a, b = (2, 3), (1, 2)
+    moved_a, moved_b = (a[0] + shift_row, a[1] + shift_col), (b[0] + shift_row, b[1] + shift_col)
+    torch.testing.assert_close(q_rot[index(*a)] @ k_rot[index(*b)], q_rot[index(*moved_a)] @ k_rot[index(*moved_b)])
+    torch.testing.assert_close(q_rot[:NUM_PREFIX_TOKENS], q.expand(NUM_PREFIX_TOKENS, head_dim))
+    # rotations preserve norms
+    torch.testing.assert_close(q_rot.norm(dim=-1), q.norm().expand(length))
+
+
+# ----------------------------------------------------------------------------- counts
+
+@pytest.mark.parametrize("preset", TINY)
+def test_param_count_matches_numel_and_formula(preset):
+    model = build_model(preset)
+    assert model.param_count() == sum(p.numel() for p in model.parameters()) == analytic_params(preset)
+    assert model.param_count(with_v_head=False) == analytic_params(preset, with_v_head=False)
+    inference = build_model(preset, v_head=False, channels=1, num_classes=10)
+    assert inference.param_count() == analytic_params(preset, with_v_head=False, channels=1, num_classes=10)
+
+
+@pytest.mark.parametrize("preset", list(PAPER))
+def test_param_count_presets_match_paper(preset):
+    """Inference parameters within 1% and GMACs within 5% of the paper's Table 8."""
+    paper_params, paper_gmacs = PAPER[preset]
+    model = meta_model(preset)
+    assert model.param_count(with_v_head=False) == analytic_params(preset, with_v_head=False)
+    assert abs(model.param_count(with_v_head=False) / paper_params - 1) < 0.01
+    assert abs(analytic_gmacs(preset) / paper_gmacs - 1) < 0.05
+
+
+@pytest.mark.parametrize("preset, device", [("pMF-T/4", "cpu"), ("pMF-T/2", "cpu"), ("pMF-B/16", "meta")])
+def test_gmacs_analytic_matches_flop_counter(preset, device):
+    model = meta_model(preset) if device == "meta" else build_model(preset)
+    assert measured_gmacs(model) == pytest.approx(analytic_gmacs(preset), rel=1e-12)
+
+
+def test_build_model_rejects_bad_arguments():
+    with pytest.raises(ValueError, match="unknown preset"):
+        build_model("pMF-X/16")
+    with pytest.raises(ValueError, match="unknown model override"):
+        build_model("pMF-T/4", P_mean=0.0)
+    with pytest.raises(ValueError, match="divisible by patch"):
+        build_model("pMF-T/4", resolution=30)
+    with pytest.raises(ValueError, match="head_depth"):
+        build_model("pMF-T/4", head_depth=5)
+    assert set(PRESETS) >= {"pMF-B/16", "pMF-L/16", "pMF-H/16", "pMF-B/32", "pMF-L/32", "pMF-H/32", *TINY}

@@ -1,0 +1,206 @@
+"""Tests of one-step sampling (full/sample.py).
+
+Oracles: the network's own x_hat at (r, t) = (0, 1) (one-step generation of an x-prediction
+network is exactly that), per-index noise drawn alone vs in a batch, single-batch vs any batch
+size / process count, the PNG files vs the .npz, closed-form uint8 values, and a checkpoint
+written by full.train sampled through the command line vs in-process.
+"""
+from __future__ import annotations
+
+import json
+import os
+import socket
+
+import numpy as np
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from hypothesis import given, strategies as st
+from PIL import Image
+
+from full import sample as S
+from full.checkpoint import load_model, save_checkpoint
+from full.model import build_model, make_cond
+
+PRESET = "pMF-T/2"      # 16 px, patch 2: the smallest network
+NUM_CLASSES = 10
+BATCH_TOL = 1e-5        # float32 differences between batch compositions (matmul blocking)
+
+
+def _tiny_model(seed: int = 0) -> torch.nn.Module:
+    """pMF-T/2 with every parameter perturbed: zero-init heads and gates would make x_hat = 0."""
+    torch.manual_seed(seed)
+    model = build_model(PRESET, num_classes=NUM_CLASSES, v_head=False)
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.2 * torch.randn(p.shape, generator=generator))
+    return model.eval()
+
+
+@pytest.fixture(scope="module")
+def model():
+    return _tiny_model()
+
+
+def _all_images(model, num, batch_size, indices=None, **settings):
+    indices = torch.arange(num) if indices is None else indices
+    settings = {"omega": 3.0, "t_min": 0.1, "t_max": 0.7, "seed": 5, **settings}
+    return torch.cat([images for _, _, images in S.iter_samples(model, indices, batch_size=batch_size,
+                                                                 progress=False, **settings)])
+
+
+# ---------------------------------------------------------------------------- noise, labels, uint8
+
+@given(seed=st.integers(0, 2 ** 31 - 1), index=st.integers(0, 2 ** 32 - 1), scale=st.sampled_from([1.0, 2.0, 4.0]))
+def test_sample_noise_depends_only_on_seed_and_index(seed, index, scale):
+    alone = S.sample_noise(torch.tensor([index]), (1, 4, 4), seed=seed, noise_scale=scale)
+    neighbours = torch.tensor([max(index - 1, 0), index, index + 1])
+    in_batch = S.sample_noise(neighbours, (1, 4, 4), seed=seed, noise_scale=scale)
+    assert torch.equal(alone[0], in_batch[1])
+    reference = scale * torch.randn((1, 4, 4), generator=torch.Generator().manual_seed(seed * 2 ** 32 + index))
+    assert torch.equal(alone[0], reference)
+    other_seed = S.sample_noise(torch.tensor([index]), (1, 4, 4), seed=seed + 1, noise_scale=scale)
+    assert not torch.equal(alone, other_seed)
+
+
+@given(num_classes=st.integers(1, 50), num=st.integers(1, 400))
+def test_class_labels_balanced_for_every_prefix(num_classes, num):
+    counts = torch.bincount(S.class_labels(torch.arange(num), num_classes), minlength=num_classes)
+    assert counts.max() - counts.min() <= 1 and counts.sum() == num
+    if num % num_classes == 0:
+        assert torch.all(counts == num // num_classes)
+
+
+def test_to_uint8_closed_form():
+    x = torch.tensor([-1.5, -1.0, -1 + 0.4 / 127.5, -1 + 0.6 / 127.5, 0.0, 1.0, 7.0])
+    expected = torch.tensor([0, 0, 0, 1, 128, 255, 255], dtype=torch.uint8)   # (0 + 1) * 127.5 = 127.5 -> 128
+    assert torch.equal(S.to_uint8(x), expected)
+
+
+# ---------------------------------------------------------------------------- the one network call
+
+def test_generate_equals_network_x_hat_at_one_step(model):
+    """x = z_1 - u(z_1, 0, 1) with u = (z_1 - x_hat) / 1 must return the network's x_hat."""
+    generator = torch.Generator().manual_seed(1)
+    z_1 = torch.randn(6, 3, 16, 16, generator=generator)
+    y = torch.tensor([0, 3, 9, 10, 1, 2])                   # 10 = the null label
+    x = S.generate(model, y, z_1, omega=4.0, t_min=0.2, t_max=0.6)
+    with torch.no_grad():
+        x_hat = model.forward_u(z_1, torch.zeros(6), torch.ones(6), make_cond(y, 4.0, 0.2, 0.6))
+    torch.testing.assert_close(x, x_hat, atol=1e-6, rtol=0)
+    assert x.std() > 0.1   # not the constant output of an untrained head
+
+
+def test_samples_batch_size_and_shard_invariant(model):
+    reference = _all_images(model, 10, batch_size=10)
+    for batch_size in (1, 3, 4):
+        assert (_all_images(model, 10, batch_size).int() - reference.int()).abs().max() <= 1
+    shards = [_all_images(model, 10, 2, indices=S.shard(10, rank, 3)) for rank in range(3)]
+    assert (torch.cat(shards).int() - reference.int()).abs().max() <= 1
+    assert not torch.equal(_all_images(model, 10, 10, seed=6), reference)
+    assert not torch.equal(_all_images(model, 10, 10, omega=1.0), reference)   # guidance is an input
+
+
+# ---------------------------------------------------------------------------- the output folder
+
+def test_sample_folder_png_npz_grid_agree(model, tmp_path):
+    cfg = S.SampleConfig(out=str(tmp_path), num=12, omega=2.0, t_min=0.1, t_max=0.7, batch_size=5, grid=9,
+                         progress=False)
+    S.sample_to_folder(model, cfg)
+    with np.load(tmp_path / "samples.npz") as data:
+        images, labels = data["arr_0"], data["labels"]
+    assert images.shape == (12, 16, 16, 3) and images.dtype == np.uint8
+    np.testing.assert_array_equal(labels, np.arange(12) % NUM_CLASSES)
+    pngs = sorted(os.listdir(tmp_path / "images"))
+    assert pngs == [f"{i:06d}.png" for i in range(12)]
+    for i, name in enumerate(pngs):
+        np.testing.assert_array_equal(np.asarray(Image.open(tmp_path / "images" / name)), images[i])
+    expected = _all_images(model, 12, 12, omega=2.0, seed=0).permute(0, 2, 3, 1).numpy()
+    assert np.abs(images.astype(int) - expected.astype(int)).max() <= 1
+    grid = np.asarray(Image.open(tmp_path / "grid.png"))
+    assert grid.shape == (2 + 3 * 18, 2 + 3 * 18, 3)                 # 3 x 3 tiles of 16 px, 2 px padding
+    np.testing.assert_array_equal(grid[2:18, 2:18], images[0])
+    info = json.loads((tmp_path / "sample_config.json").read_text())
+    assert info["omega"] == 2.0 and info["num"] == 12
+    assert not [name for name in os.listdir(tmp_path) if name.startswith(".")]   # no temp files left
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _sample_rank(rank: int, world_size: int, port: int, out: str) -> None:
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size)
+    try:
+        cfg = S.SampleConfig(out=out, num=7, omega=2.0, t_min=0.1, t_max=0.7, batch_size=2, grid=4, progress=False)
+        S.sample_to_folder(_tiny_model(), cfg, rank=rank, world_size=world_size)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_sample_two_processes_match_one(model, tmp_path):
+    """Two gloo processes write one .npz and one PNG folder equal to a single process's."""
+    single = S.sample_to_folder(model, S.SampleConfig(out=str(tmp_path / "one"), num=7, omega=2.0, t_min=0.1,
+                                                      t_max=0.7, batch_size=7, grid=0, progress=False))
+    mp.spawn(_sample_rank, args=(2, _free_port(), str(tmp_path / "two")), nprocs=2, join=True)
+    with np.load(single / "samples.npz") as one, np.load(tmp_path / "two" / "samples.npz") as two:
+        assert np.abs(one["arr_0"].astype(int) - two["arr_0"].astype(int)).max() <= 1
+        np.testing.assert_array_equal(one["labels"], two["labels"])
+    assert sorted(os.listdir(tmp_path / "two" / "images")) == sorted(os.listdir(single / "images"))
+
+
+# ---------------------------------------------------------------------------- checkpoints and the CLI
+
+@pytest.fixture(scope="module")
+def train_checkpoint(tmp_path_factory):
+    """One optimiser step of full.train on synthetic data: a real checkpoint of the trainer's format."""
+    from full.train import TrainConfig, train
+
+    out = tmp_path_factory.mktemp("train")
+    cfg = TrainConfig(preset=PRESET, num_classes=NUM_CLASSES, batch_size=4, steps=1, perceptual="none",
+                      ema_half_lives_kimg=(0.001, 2.0), out=str(out), num_workers=0, device="cpu", log_every=1)
+    return train(cfg, progress=False).checkpoint
+
+
+def test_sample_cli_on_train_checkpoint_matches_in_process(train_checkpoint, tmp_path, capsys):
+    S.main(["--ckpt", str(train_checkpoint), "--ema", "0.001", "--omega", "3", "--interval", "0.2", "0.6",
+            "--per-class", "1", "--batch-size", "4", "--out", str(tmp_path), "--device", "cpu", "--no-progress"])
+    assert "wrote 10 samples" in capsys.readouterr().out
+    with np.load(tmp_path / "samples.npz") as data:
+        images = data["arr_0"]
+    assert images.shape == (NUM_CLASSES, 16, 16, 3)
+    reference = load_model(train_checkpoint, "0.001")
+    expected = _all_images(reference, NUM_CLASSES, 10, omega=3.0, t_min=0.2, t_max=0.6, seed=0)
+    assert np.abs(images.astype(int) - expected.permute(0, 2, 3, 1).numpy().astype(int)).max() <= 1
+    info = json.loads((tmp_path / "sample_config.json").read_text())
+    assert info["ema"] == "0.001" and info["preset"] == PRESET
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--omega", "0.5"], "--omega must be"),
+    (["--interval", "0.7", "0.2"], "--interval needs"),
+    (["--num", "7", "--per-class", "1"], "disagrees with --per-class"),
+    (["--batch-size", "0"], "--batch-size must be"),
+    (["--ema", "123"], "available EMAs"),                 # the message lists the checkpoint's EMAs
+    (["--ema", "2000"], "'0.001', '2'"),
+])
+def test_sample_cli_rejects_bad_arguments(train_checkpoint, tmp_path, capsys, flags, message):
+    with pytest.raises(SystemExit):
+        S.main(["--ckpt", str(train_checkpoint), "--out", str(tmp_path), "--num", "10", "--device", "cpu",
+                "--no-progress", *flags])
+    assert message in capsys.readouterr().err
+
+
+def test_load_model_hand_written_checkpoint(model, tmp_path):
+    """The contract's minimal checkpoint (config + EMA dict) loads to the same network."""
+    state = {"model": model.state_dict(), "ema": {"500": model.state_dict()},
+             "config": {"model": {"preset": PRESET, "num_classes": NUM_CLASSES}}}
+    save_checkpoint(tmp_path / "ckpt.pt", state)
+    loaded, preset, ema = S.load_for_sampling(str(tmp_path / "ckpt.pt"), "500.0", torch.device("cpu"))
+    assert (preset, ema) == (PRESET, "500")
+    assert torch.equal(_all_images(loaded, 4, 4), _all_images(model, 4, 4))

@@ -1,0 +1,117 @@
+"""Plumbing shared by the tutorials: fast mode, output folder, figure saving, printed numbers.
+
+Nothing here is part of the method -- every equation the tutorials use comes from ``pmf_ref``.
+
+* ``PMF_TUTORIAL_FAST=1`` shrinks training steps and sample counts (the test suite sets it).
+* ``PMF_TUTORIAL_OUT=DIR`` chooses the folder the figures go to (default ``runs/tutorials/NN/``).
+* :func:`report` prints ``name = value`` lines; the tests parse them to check the numbers.
+"""
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")  # headless: the tutorials write PNG files, they never open windows
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from torch import nn  # noqa: E402
+
+FAST = os.environ.get("PMF_TUTORIAL_FAST", "0") not in ("", "0")
+"""True when the test suite (or an impatient reader) asks for a quick run."""
+REPO_ROOT = Path(__file__).resolve().parents[1]
+NUM_THREADS = 1
+"""Networks this small run fastest on one thread: a second one costs more in synchronisation than it
+saves in arithmetic, and much more on a busy machine. Tutorial 06 (a ViT) asks for 2."""
+
+
+def setup(number: str, seed: int = 0, num_threads: int = NUM_THREADS) -> Path:
+    """Seed torch and numpy, limit threads, and return (creating it) the output folder of tutorial ``number``."""
+    torch.manual_seed(seed)
+    np.random.seed(seed)
+    torch.set_num_threads(min(num_threads, torch.get_num_threads()))
+    out = Path(os.environ.get("PMF_TUTORIAL_OUT", REPO_ROOT / "runs" / "tutorials" / number))
+    out.mkdir(parents=True, exist_ok=True)
+    print(f"tutorial {number}: fast mode {'on' if FAST else 'off'}; figures go to {out}")
+    return out
+
+
+def steps(full: int, fast: int) -> int:
+    """Pick the full-mode or the fast-mode size of a loop."""
+    return fast if FAST else full
+
+
+def save_figure(fig: plt.Figure, path: Path) -> None:
+    """Write ``fig`` to ``path`` atomically (temporary file, then ``os.replace``) and close it."""
+    path = Path(path)
+    handle, tmp = tempfile.mkstemp(suffix=path.suffix, dir=path.parent)
+    os.close(handle)
+    try:
+        fig.savefig(tmp, dpi=110, bbox_inches="tight")
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    plt.close(fig)
+    print(f"wrote {path}")
+
+
+def report(name: str, value: float) -> float:
+    """Print one number as ``name = value`` (the tests look for these lines) and return it."""
+    print(f"{name} = {float(value):.6g}")
+    return float(value)
+
+
+# ----------------------------------------------------------------------------- 2-D data
+
+def swiss_roll(n: int, *, generator: torch.Generator) -> torch.Tensor:
+    """Points of a 2-D Swiss roll (the toy of pMF Fig. 2), scaled to roughly [-1, 1]^2.
+
+    Returns:
+        x, (n, 2), float32.
+    """
+    angle = 1.5 * np.pi * (1 + 2 * torch.rand(n, generator=generator))      # (n,) in [1.5 pi, 4.5 pi]
+    radius = angle / (4.5 * np.pi)                                            # outer arm at radius 1
+    x = torch.stack([radius * torch.cos(angle), radius * torch.sin(angle)], dim=1)
+    return x + 0.02 * torch.randn(n, 2, generator=generator)
+
+
+def sliced_wasserstein(a: torch.Tensor, b: torch.Tensor, *, projections: int = 128, seed: int = 0) -> float:
+    """Sliced 1-Wasserstein distance between two equally sized point clouds (n, D): the mean over
+    random unit directions of the 1-D W1 between the projections (sorted-sample matching).
+    A distance between distributions, used only to *measure* samples."""
+    if a.shape != b.shape:
+        raise ValueError(f"point clouds must have the same shape, got {tuple(a.shape)} and {tuple(b.shape)}")
+    directions = torch.randn(a.shape[1], projections, generator=torch.Generator().manual_seed(seed),
+                             dtype=a.dtype)
+    directions = directions / directions.norm(dim=0, keepdim=True)
+    pa, _ = torch.sort(a @ directions, dim=0)
+    pb, _ = torch.sort(b @ directions, dim=0)
+    return float((pa - pb).abs().mean())
+
+
+class MLP(nn.Module):
+    """A small SiLU MLP on a concatenation of its inputs: ``MLP(d_in, d_out)(*tensors)``.
+
+    Smooth activations keep ``du/dt`` (a JVP) a smooth function; the last layer starts at zero so
+    every parametrisation starts from the same "predict nothing" output.
+    """
+
+    def __init__(self, d_in: int, d_out: int, width: int = 128, depth: int = 4):
+        super().__init__()
+        layers: list[nn.Module] = []
+        d = d_in
+        for _ in range(depth - 1):
+            layers += [nn.Linear(d, width), nn.SiLU()]
+            d = width
+        layers.append(nn.Linear(d, d_out))
+        nn.init.zeros_(layers[-1].weight)
+        nn.init.zeros_(layers[-1].bias)
+        self.layers = nn.Sequential(*layers)
+
+    def forward(self, *inputs: torch.Tensor) -> torch.Tensor:
+        columns = [i if i.ndim == 2 else i[:, None] for i in inputs]        # (B,) -> (B, 1)
+        return self.layers(torch.cat(columns, dim=1))
