@@ -17,6 +17,7 @@ from toy.model import ToyMLP
 
 from .bench_steps import Batch
 from .model import PRESETS, build_model, make_cond
+from .recipe import GuidanceSampler, PMFObjective, StepRandomness
 
 SEED_INIT, SEED_BATCH = 0, 1  # the network's init and the batch never share draws
 
@@ -55,33 +56,18 @@ def toy_workload(*, dim: int, batch_size: int, sample_batch: int, device: torch.
                     sample_x_fn=model, sample_noise=noise)
 
 
-def _released_loss_fn(model, batch: Batch, y: torch.Tensor, preset: dict, seed: int):
-    """Per-sample released-recipe loss: ``full.recipe.PMFObjective`` when it exposes the agreed
-    API, else ``pmf_ref.pmf_guided_loss`` with the batch randomness drawn by the core."""
-    try:
-        from . import recipe
-        return recipe_loss_fn(recipe, model, batch, y, preset, seed)
-    except (ImportError, AttributeError, TypeError) as error:
-        reason = f"{type(error).__name__}: {error}"
-    n = batch.x.shape[0]
+def released_loss_fn(model, batch: Batch, y: torch.Tensor, preset: dict, seed: int):
+    """The trainer's own objective, ``full.recipe.PMFObjective`` (MSE-only: no perceptual nets),
+    on the fixed batch; guidance draws from the recipe's ``GuidanceSampler``."""
+    objective = PMFObjective(model)
     generator = torch.Generator(device=batch.x.device).manual_seed(seed)
-    omega = P.sample_omega(n, beta=preset["omega_beta"], generator=generator, device=batch.x.device)
-    t_min, t_max = P.sample_guidance_interval(batch.r, batch.t, generator=generator)
-    dropped = P.label_drop_mask(n, generator=generator, device=batch.x.device)
-    cond = make_cond(P.drop_labels(y, dropped, null_label=model.null_label), omega, t_min, t_max)
-    uncond = make_cond(torch.full_like(y, model.null_label), 1.0, t_min, t_max)
+    omega, t_min, t_max, dropped = GuidanceSampler(beta=preset["omega_beta"])(batch.r, batch.t, generator)
+    no_crops = torch.zeros(batch.x.shape[0], 4, dtype=torch.long, device=batch.x.device)  # perceptual off
+    randomness = StepRandomness(batch.e, batch.r, batch.t, omega, t_min, t_max, dropped, no_crops)
 
     def loss() -> torch.Tensor:
-        terms = P.pmf_guided_loss(model.forward_u, model.forward_v, batch.x, batch.e, batch.r, batch.t,
-                                  cond=cond, uncond=uncond, omega=omega, t_min=t_min, t_max=t_max,
-                                  dropped=dropped)
-        return terms.loss_u + terms.loss_v
-    return loss, f"pmf_ref.pmf_guided_loss (full.recipe unavailable: {reason})"
-
-
-def recipe_loss_fn(recipe, model, batch: Batch, y: torch.Tensor, preset: dict, seed: int):
-    """The trainer's own objective, ``full.recipe.PMFObjective``, on the fixed batch."""
-    raise ImportError("full.recipe adapter not written yet")
+        return objective(batch.x, y, randomness)["total"]
+    return loss, "full.recipe.PMFObjective (perceptual=None)"
 
 
 def vit_workload(preset_name: str, *, batch_size: int, sample_batch: int, device: torch.device,
@@ -102,7 +88,7 @@ def vit_workload(preset_name: str, *, batch_size: int, sample_batch: int, device
     def x_fn(z, r_, t_):
         return model.forward_u(z, r_, t_, train_cond)
 
-    released_loss, released_source = _released_loss_fn(model, batch, y, preset, SEED_BATCH)
+    released_loss, released_source = released_loss_fn(model, batch, y, preset, SEED_BATCH)
     y_sample = torch.randint(0, model.num_classes, (sample_batch,), generator=generator, device=device)
     sample_cond = make_cond(y_sample, preset["sample_omega"], preset["sample_t_min"], preset["sample_t_max"])
 

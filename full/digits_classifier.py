@@ -8,13 +8,13 @@ keyed by those settings and by a checksum of the training split, and is rebuilt 
 from __future__ import annotations
 
 import os
-import tempfile
 from pathlib import Path
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .checkpoint import save_checkpoint
 from .digits_data import NUM_CLASSES, load_digits_split
 
 CLASSIFIER_SEED = 0
@@ -77,21 +77,6 @@ def train_classifier(x8: torch.Tensor, y: torch.Tensor, *, epochs: int = CLASSIF
     return model.eval()
 
 
-def _atomic_torch_save(obj, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    try:
-        with os.fdopen(handle, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-
-
 def load_or_train_classifier(cache_dir: str | os.PathLike) -> DigitsClassifier:
     """The cached classifier from ``cache_dir/digits_classifier.pt``; trained and cached (atomically) if
     absent or stale."""
@@ -106,5 +91,5 @@ def load_or_train_classifier(cache_dir: str | os.PathLike) -> DigitsClassifier:
             model.load_state_dict(cached["state_dict"])
             return model.eval()
     model = train_classifier(data.x_train, data.y_train)
-    _atomic_torch_save({"meta": meta, "state_dict": model.state_dict()}, path)
+    save_checkpoint(path, {"meta": meta, "state_dict": model.state_dict()}, path)
     return model

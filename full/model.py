@@ -261,7 +261,7 @@ class PMFViT(nn.Module):
 
 def _check_arch(**arch: int) -> None:
     for name, value in arch.items():
-        if not isinstance(value, int) or value < (0 if name == "head_depth" else 1):
+        if not isinstance(value, int) or value < 1:
             raise ValueError(f"{name} must be a positive integer, got {value!r}")
     if arch["resolution"] % arch["patch"]:
         raise ValueError(f"resolution {arch['resolution']} must be divisible by patch {arch['patch']}")

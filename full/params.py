@@ -105,6 +105,10 @@ def count_preset(preset: str, flop_counter: bool = False) -> dict:
     return row
 
 
+def _gmacs_str(gmacs: float) -> str:
+    return f"{gmacs:.2f}" if gmacs >= 1 else f"{gmacs:.4f}"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         prog="python -m full.params",
@@ -131,14 +135,14 @@ def main() -> None:
     print(header)
     for name, row in rows.items():
         paper_params, paper_gmacs = PAPER.get(name, (None, None))
-        line = f"{name:<10} {row['params'] / 1e6:>9.2f}M {row['params_with_v_head'] / 1e6:>9.2f}M {row['gmacs']:>8.2f}"
+        line = f"{name:<10} {row['params'] / 1e6:>9.2f}M {row['params_with_v_head'] / 1e6:>9.2f}M {_gmacs_str(row['gmacs']):>8}"
         if paper_params:
             line += (f" {paper_params / 1e6:>6.0f}M/{paper_gmacs:>5.0f}G"
                      f" {100 * (row['params'] / paper_params - 1):>+8.2f}% {100 * (row['gmacs'] / paper_gmacs - 1):>+7.2f}%")
         else:
             line += f" {'-':>14} {'-':>9} {'-':>8}"
         if args.flop_counter:
-            line += f" {row['gmacs_flop_counter']:>10.2f}"
+            line += f" {_gmacs_str(row['gmacs_flop_counter']):>10}"
         print(line)
 
 

@@ -6,7 +6,7 @@
 Every image costs one network call (pMF Alg. 2):  ``x = z_1 - u(z_1, 0, 1) = x_theta(z_1, 0, 1 | c)``,
 z_1 = s * eps with the preset's noise scale s, c = (y, omega, t_min, t_max). Sample i has label
 ``y_i = i mod K`` (any prefix is class-balanced; ``--per-class k`` gives exactly k per class) and
-noise from a generator seeded by (seed, i), so the images depend on neither the batch size nor the
+noise from a generator seeded by the pair (seed, i), so the images depend on neither the batch size nor the
 number of processes. Defaults for omega, the interval and the EMA are the preset's best settings
 (pMF §4, shared/method.md §4).
 
@@ -39,7 +39,6 @@ from .ema import format_half_life
 from .fid import atomic_write
 from .model import PRESETS, make_cond
 
-SEED_STRIDE = 2 ** 32   # seed of sample i is seed * SEED_STRIDE + i: distinct for i < 2^32
 PIXEL_HALF_RANGE = 127.5  # uint8 = round((x + 1) * 127.5), x in [-1, 1]
 GRID_PADDING = 2
 FORMATS = ("png", "npz")
@@ -70,16 +69,21 @@ def class_labels(indices: torch.Tensor, num_classes: int) -> torch.Tensor:
 
 
 def sample_noise(indices: torch.Tensor, shape: tuple[int, ...], *, seed: int, noise_scale: float) -> torch.Tensor:
-    """z_1 = s * eps_i with eps_i ~ N(0, I) drawn from a CPU generator seeded by (seed, i).
+    """z_1 = s * eps_i, eps_i ~ N(0, I) from a generator seeded by the pair (seed, i) alone.
+
+    Each row uses numpy's PCG64 keyed by ``SeedSequence([seed, i])``: every pair gets its own
+    stream. (torch's CPU generator is not used because it keeps only the low 32 bits of its seed,
+    so no packing of (seed, i) into one torch seed keeps all pairs apart.) Drawn on the CPU, so the
+    noise is the same on any device.
 
     Args:
-        indices: global sample indices (B,).  shape: (C, H, W) of one image.
+        indices: global sample indices (B,), each >= 0.  shape: (C, H, W) of one image.
     Returns:
         (B, C, H, W) float32 on the CPU; row b depends only on (seed, indices[b]).
     """
-    rows = [torch.randn(shape, generator=torch.Generator().manual_seed(seed * SEED_STRIDE + int(i)))
-            for i in indices.tolist()]
-    return noise_scale * torch.stack(rows)
+    rows = [np.random.Generator(np.random.PCG64(np.random.SeedSequence([seed, index])))
+            .standard_normal(shape, dtype=np.float32) for index in indices.tolist()]
+    return noise_scale * torch.from_numpy(np.stack(rows))
 
 
 @torch.no_grad()
@@ -258,7 +262,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--out", required=True, help="output folder")
     parser.add_argument("--format", choices=["png", "npz", "both"], default="both",
                         help="write images/*.png, samples.npz (arr_0 uint8 NHWC, labels), or both")
-    parser.add_argument("--seed", type=int, default=0, help="noise seed; sample i uses seed * 2^32 + i")
+    parser.add_argument("--seed", type=int, default=0, help="noise seed; sample i draws from a generator keyed by (seed, i)")
     parser.add_argument("--batch-size", type=int, default=64, help="images per network call per process")
     parser.add_argument("--grid", type=int, default=64, help="images in grid.png (0: none)")
     parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto", help="where to run")
@@ -297,7 +301,7 @@ def main(argv: list[str] | None = None) -> None:
     try:
         model, preset, ema = load_for_sampling(args.ckpt, args.ema, device)
     except (KeyError, ValueError) as error:   # an absent EMA (the message lists those present), or not a number
-        parser.error(f"--ema: {error.args[0]}")
+        parser.error(f"--ema: {error.args[0]}; --ema raw selects the raw weights")
     defaults = sampling_defaults(preset)
     per_class = args.per_class if args.per_class is not None or args.num is not None else 50
     num = args.num if args.num is not None else per_class * model.num_classes

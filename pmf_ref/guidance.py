@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import torch
 
-from ._checks import (_is_transformed, check_float, check_float_dtype, check_per_example,
+from ._checks import (_is_transformed, check_float, check_float_dtype, check_per_example, check_r_le_t,
                       check_same_shape, check_time, expand_like)
 
 OMEGA_S_MAX = 7.0
@@ -68,9 +68,7 @@ def sample_guidance_interval(r: torch.Tensor, t: torch.Tensor, *, generator: tor
     Returns:
         (t_min, t_max), each (B,), with 0 <= t_min <= 0.5 <= t_max <= 1.
     """
-    check_time("r", r)
-    check_time("t", t)
-    check_same_shape("r", r, "t", t)
+    check_r_le_t(r, t)
     n = t.shape[0] if t.ndim else 1
     t_min = 0.5 * torch.rand(n, generator=generator, device=t.device, dtype=torch.float32).to(t.dtype)
     t_max = 0.5 + 0.5 * torch.rand(n, generator=generator, device=t.device, dtype=torch.float32).to(t.dtype)

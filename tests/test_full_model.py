@@ -184,6 +184,23 @@ def test_model_with_core_average_velocity_jvp():
     assert model.u_head.out.weight.grad is not None
 
 
+def test_forward_u_jvp_under_bf16_autocast():
+    """The bf16 training path: forward and JVP run under CPU autocast and stay close to float32
+    (residual stream, norms and softmax stay in float32)."""
+    model = _randomised(build_model("pMF-T/2"), seed=31, scale=0.05)
+    z, r, t, cond = _inputs(model, batch=2, seed=37)
+    tangents = (torch.randn_like(z), torch.zeros_like(r), torch.ones_like(t))
+
+    def x_fn(z, r, t):
+        return model.forward_u(z, r, t, cond)
+    x_hat, dx = jvp(x_fn, (z, r, t), tangents)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        x_hat_bf16, dx_bf16 = jvp(x_fn, (z, r, t), tangents)
+    for full, low in ((x_hat, x_hat_bf16), (dx, dx_bf16)):
+        assert torch.isfinite(low).all()
+        assert (low.float() - full).norm() < 0.05 * full.norm()
+
+
 # ----------------------------------------------------------------------------- layers
 
 def test_attention_matches_sdpa():

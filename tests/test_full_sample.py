@@ -39,6 +39,15 @@ def _tiny_model(seed: int = 0) -> torch.nn.Module:
     return model.eval()
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """These tiny networks run fastest on one thread (no OpenMP hand-offs on a shared 2-core box)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
 def model():
     return _tiny_model()
@@ -53,14 +62,15 @@ def _all_images(model, num, batch_size, indices=None, **settings):
 
 # ---------------------------------------------------------------------------- noise, labels, uint8
 
-@given(seed=st.integers(0, 2 ** 31 - 1), index=st.integers(0, 2 ** 32 - 1), scale=st.sampled_from([1.0, 2.0, 4.0]))
+@given(seed=st.integers(0, 2 ** 31 - 1), index=st.integers(0, 2 ** 40), scale=st.sampled_from([1.0, 2.0, 4.0]))
 def test_sample_noise_depends_only_on_seed_and_index(seed, index, scale):
     alone = S.sample_noise(torch.tensor([index]), (1, 4, 4), seed=seed, noise_scale=scale)
     neighbours = torch.tensor([max(index - 1, 0), index, index + 1])
     in_batch = S.sample_noise(neighbours, (1, 4, 4), seed=seed, noise_scale=scale)
     assert torch.equal(alone[0], in_batch[1])
-    reference = scale * torch.randn((1, 4, 4), generator=torch.Generator().manual_seed(seed * 2 ** 32 + index))
-    assert torch.equal(alone[0], reference)
+    reference = np.random.Generator(np.random.PCG64(np.random.SeedSequence([seed, index]))).standard_normal(
+        (1, 4, 4), dtype=np.float32)
+    assert torch.equal(alone[0], scale * torch.from_numpy(reference))
     other_seed = S.sample_noise(torch.tensor([index]), (1, 4, 4), seed=seed + 1, noise_scale=scale)
     assert not torch.equal(alone, other_seed)
 
@@ -184,7 +194,7 @@ def test_sample_cli_on_train_checkpoint_matches_in_process(train_checkpoint, tmp
 @pytest.mark.parametrize("flags, message", [
     (["--omega", "0.5"], "--omega must be"),
     (["--interval", "0.7", "0.2"], "--interval needs"),
-    (["--num", "7", "--per-class", "1"], "disagrees with --per-class"),
+    (["--num", "7", "--per-class", "1", "--ema", "2"], "disagrees with --per-class"),
     (["--batch-size", "0"], "--batch-size must be"),
     (["--ema", "123"], "available EMAs"),                 # the message lists the checkpoint's EMAs
     (["--ema", "2000"], "'0.001', '2'"),

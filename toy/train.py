@@ -122,7 +122,7 @@ def train(config: ToyConfig, *, progress: bool = True) -> ToyRun:
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
-        losses[step] = float(terms.raw.mean())
+        losses[step] = float(terms.raw.detach().mean())
         if step % 50 == 0:
             bar.set_postfix(raw_loss=f"{losses[step]:.3g}")
 

@@ -40,7 +40,7 @@ for ax, t_value in zip(axes, [0.0, 0.25, 0.5, 0.75, 1.0]):
     t = torch.full((x_data.shape[0],), t_value)
     z_t = P.interpolate(x_data, e_data, t)
     ax.scatter(z_t[:, 0], z_t[:, 1], s=1, alpha=0.5)
-    ax.set(title=f"z_t at t = {t_value}", xlim=(-3, 3), ylim=(-3, 3), aspect="equal")
+    ax.set(title=f"z_t at t = {t_value}", xlim=(-3.5, 3.5), ylim=(-3.5, 3.5), aspect="equal")
 save_figure(fig, out / "noising_path.png")
 
 # %% [markdown]
@@ -161,8 +161,8 @@ for row, (name, x_fn) in enumerate([("x-pred", x_fn_x_pred), ("v-pred", x_fn_v_p
         ax = axes[row, col]
         ax.scatter(x_data[:, 0], x_data[:, 1], s=1, c="lightgray")
         ax.scatter(x_gen[:, 0], x_gen[:, 1], s=1)
-        ax.set(title=f"{name}, {n} step{'s' * (n > 1)}\nSW1 = {distance:.3f}", xlim=(-1.3, 1.3),
-               ylim=(-1.3, 1.3), aspect="equal", xticks=[], yticks=[])
+        ax.set(title=f"{name}, {n} step{'s' * (n > 1)}\nSW1 = {distance:.3f}", xlim=(-2.5, 2.5),
+               ylim=(-2.5, 2.5), aspect="equal", xticks=[], yticks=[])
 save_figure(fig, out / "multi_step_samples.png")
 
 # %% [markdown]

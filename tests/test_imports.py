@@ -1,0 +1,43 @@
+"""The core imports torch and nothing of ours: ``pmf_ref`` never imports ``toy`` or ``full``."""
+import ast
+import pathlib
+import subprocess
+import sys
+
+import pmf_ref as P
+
+PACKAGE_DIR = pathlib.Path(P.__file__).parent
+FORBIDDEN = ("toy", "full")
+ALLOWED_TOP_LEVEL = {"__future__", "typing", "dataclasses", "math", "torch", "pmf_ref"}
+
+
+def test_pmf_ref_import_pulls_in_neither_toy_nor_full():
+    code = ("import sys, pmf_ref; "
+            "bad = sorted(m for m in sys.modules if m.split('.')[0] in ('toy', 'full')); "
+            "print(','.join(bad))")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                            cwd=PACKAGE_DIR.parent)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == ""
+
+
+def _imported_modules(path: pathlib.Path) -> set[str]:
+    names = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            names.update(alias.name.split(".")[0] for alias in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            names.add("pmf_ref" if node.level > 0 else node.module.split(".")[0])
+    return names
+
+
+def test_pmf_ref_source_imports_only_torch_and_the_standard_library():
+    sources = sorted(PACKAGE_DIR.glob("*.py"))
+    assert sources
+    for path in sources:
+        imported = _imported_modules(path)
+        assert not imported & set(FORBIDDEN), (path.name, imported)
+        assert imported <= ALLOWED_TOP_LEVEL, (path.name, imported - ALLOWED_TOP_LEVEL)
+        text = path.read_text()
+        for name in FORBIDDEN:
+            assert f"import {name}" not in text and f"from {name}" not in text, (path.name, name)
