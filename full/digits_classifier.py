@@ -18,8 +18,8 @@ from .checkpoint import save_checkpoint
 from .digits_data import NUM_CLASSES, load_digits_split
 
 CLASSIFIER_SEED = 0
-CLASSIFIER_EPOCHS = 40
-"""Enough for ~98-99% held-out accuracy; the loss is flat well before."""
+CLASSIFIER_EPOCHS = 20
+"""Enough for ~98% held-out accuracy on the 500 held-out digits."""
 CLASSIFIER_BATCH = 64
 CLASSIFIER_LR = 1e-3
 FEATURE_DIM = 64
@@ -91,5 +91,5 @@ def load_or_train_classifier(cache_dir: str | os.PathLike) -> DigitsClassifier:
             model.load_state_dict(cached["state_dict"])
             return model.eval()
     model = train_classifier(data.x_train, data.y_train)
-    save_checkpoint(path, {"meta": meta, "state_dict": model.state_dict()}, path)
+    save_checkpoint(path, {"meta": meta, "state_dict": model.state_dict()})
     return model

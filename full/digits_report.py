@@ -82,6 +82,7 @@ def save_figure(path: Path, title: str, panels: list[tuple[str, list]], rows: li
         axis.tick_params(labelsize=7)
         if j == 2:
             axis.legend(fontsize=6)
-    figure.tight_layout()
+    # Room on the left for the bar labels (tight_layout cannot fit image panels and long labels together).
+    figure.subplots_adjust(left=0.2, right=0.98, top=0.9, bottom=0.06, hspace=0.25, wspace=0.2)
     _savefig_atomic(figure, path)
     plt.close(figure)

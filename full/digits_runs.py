@@ -22,7 +22,9 @@ import torch
 import pmf_ref as P
 
 from .digits_data import NUM_CLASSES, DigitsDataset
+from .checkpoint import load_model
 from .digits_metrics import DigitsEvaluator
+from .ema import format_half_life
 from .model import make_cond
 from .sample import class_labels, generate, sample_noise
 from .train import TrainConfig, train
@@ -122,43 +124,56 @@ def _grid(images: torch.Tensor, labels: torch.Tensor) -> list:
     return np.round(torch.stack(rows).numpy(), 3).tolist()
 
 
+def _evaluate(networks: dict, spec: ArmSpec, omega: float, budget: Budget, evaluator: DigitsEvaluator,
+              sample_interval: tuple[float, float], result: dict) -> None:
+    # Without trained-in CFG the network only ever saw omega = 1 on the interval [0, 1].
+    t_min, t_max = sample_interval if spec.guidance else (0.0, 1.0)
+    for name, network in networks.items():
+        images, labels = one_step_samples(network, spec.prediction, per_class=budget.per_class,
+                                          omega=omega, t_min=t_min, t_max=t_max)
+        result["metrics"][name][str(omega)] = evaluator.evaluate(images, labels)
+        if name == "ema":
+            result["grid"][str(omega)] = _grid(images, labels)
+
+
 def run_arm(spec: ArmSpec, budget: Budget, evaluator: DigitsEvaluator, *, out: Path, sample_interval: tuple[float, float],
             progress: bool = True, fresh: bool = False) -> dict:
-    """Train (or load the cached result of) one arm and evaluate it at every omega of ``spec``.
+    """Train one arm (or reuse its cached training) and evaluate it at every omega of ``spec``.
+
+    Omegas missing from a cached result are evaluated from the arm's checkpoint, without retraining.
 
     Returns:
-        ``{"key", "spec", "budget", "train_seconds", "final_loss", "loss_curve", "metrics": {"ema"|"raw":
-        {omega: {"fd", "accuracy", "off_subspace_rms"}}}, "grid": {omega: (10, k, res, res) list}}`` (EMA grids).
+        ``{"key", "spec", "budget", "train_seconds", "final_raw_u", "loss_curve", "metrics": {"ema"|"raw":
+        {str(omega): {"fd", "accuracy", "off_subspace_rms"}}}, "grid": {str(omega): (10, k, res, res) list}}``
+        (grids of the EMA weights).
     """
     key = arm_key(spec, budget)
     folder = out / "runs" / key
     result_path = folder / "result.json"
+    ema_key = format_half_life(budget.ema_kimg)
+    result, networks = None, None
     if result_path.exists() and not fresh:
-        cached = json.loads(result_path.read_text())
-        wanted = {str(float(omega)) for omega in spec.omegas}
-        if cached.get("version") == RESULT_VERSION and wanted <= set(cached["metrics"]["ema"]):
-            return cached
-    start = time.perf_counter()
-    trained = train(train_config(spec, budget, folder), dataset=DigitsDataset(spec.resolution), progress=progress)
-    train_seconds = time.perf_counter() - start
-    networks = {"ema": next(iter(trained.emas.values())), "raw": trained.model.eval()}
-    metrics: dict = {"ema": {}, "raw": {}}
-    grid = {}
-    for omega in spec.omegas:
-        # omega = 1 means no guidance: the interval is embedded but changes nothing in training targets.
-        t_min, t_max = sample_interval if spec.guidance else (0.0, 1.0)
-        for name, network in networks.items():
-            images, labels = one_step_samples(network, spec.prediction, per_class=budget.per_class,
-                                              omega=float(omega), t_min=t_min, t_max=t_max)
-            metrics[name][str(float(omega))] = evaluator.evaluate(images, labels)
-            if name == "ema":
-                grid[str(float(omega))] = _grid(images, labels)
-    losses = [record["raw_u"] for record in trained.history]
-    tail = max(1, len(losses) // 10)
-    result = {"version": RESULT_VERSION, "key": key, "spec": dataclasses.asdict(spec),
-              "budget": dataclasses.asdict(budget), "train_seconds": train_seconds,
-              "final_raw_u": float(np.mean(losses[-tail:])),
-              "loss_curve": [float(np.mean(losses[i:i + tail])) for i in range(0, len(losses), tail)],
-              "sample_interval": list(sample_interval), "metrics": metrics, "grid": grid}
-    _atomic_write_text(result_path, json.dumps(result))
+        result = json.loads(result_path.read_text())
+        if result.get("version") != RESULT_VERSION:
+            result = None
+    if result is None:
+        start = time.perf_counter()
+        trained = train(train_config(spec, budget, folder), dataset=DigitsDataset(spec.resolution), progress=progress)
+        train_seconds = time.perf_counter() - start
+        networks = {"ema": trained.emas[ema_key], "raw": trained.model.eval()}
+        losses = [record["raw_u"] for record in trained.history]
+        tail = max(1, len(losses) // 10)
+        result = {"version": RESULT_VERSION, "key": key, "spec": dataclasses.asdict(spec),
+                  "budget": dataclasses.asdict(budget), "train_seconds": train_seconds,
+                  "final_raw_u": float(np.mean(losses[-tail:])),
+                  "loss_curve": [float(np.mean(losses[i:i + tail])) for i in range(0, len(losses), tail)],
+                  "sample_interval": list(sample_interval), "metrics": {"ema": {}, "raw": {}}, "grid": {}}
+    missing = [float(omega) for omega in spec.omegas if str(float(omega)) not in result["metrics"]["ema"]]
+    if missing:
+        if networks is None:
+            checkpoint = folder / "checkpoint.pt"
+            networks = {"ema": load_model(checkpoint, ema_key), "raw": load_model(checkpoint, None)}
+        for omega in missing:
+            _evaluate(networks, spec, omega, budget, evaluator, sample_interval, result)
+        _atomic_write_text(result_path, json.dumps(result))
     return result

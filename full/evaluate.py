@@ -30,7 +30,7 @@ from torch.utils.data import DataLoader
 
 from .data import IMAGE_EXTENSIONS, ImageFolderDataset, center_crop_arr
 from .fid import (IS_SPLITS, atomic_write, build_inception, extract_features, feature_statistics,
-                  frechet_distance, inception_score, load_statistics, save_statistics)
+                  frechet_distance_from_features, inception_score, load_statistics, save_statistics)
 
 
 @dataclass(frozen=True)
@@ -112,9 +112,8 @@ def check_samples_path(path: str) -> str | None:
 def metrics_from_features(pool: np.ndarray, logits: np.ndarray, ref_mu: np.ndarray, ref_sigma: np.ndarray, *,
                           is_splits: int = IS_SPLITS) -> dict:
     """{"fid", "is_mean", "is_std", "num"} of features (N, 2048) and logits (N, 1008)."""
-    mu, sigma = feature_statistics(pool)
     is_mean, is_std = inception_score(logits, splits=is_splits)
-    return {"fid": frechet_distance(mu, sigma, ref_mu, ref_sigma), "is_mean": is_mean, "is_std": is_std,
+    return {"fid": frechet_distance_from_features(pool, ref_mu, ref_sigma), "is_mean": is_mean, "is_std": is_std,
             "num": int(pool.shape[0])}
 
 

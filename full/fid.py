@@ -145,6 +145,16 @@ def _psd_sqrt(matrix: np.ndarray) -> np.ndarray:
     return (eigenvectors * np.sqrt(np.clip(eigenvalues, 0.0, None))) @ eigenvectors.T
 
 
+def _check_shapes(dim: int, **arrays: np.ndarray) -> None:
+    """Raise ValueError unless every ``mu*`` is (dim,), every ``sigma*`` is (dim, dim), all finite."""
+    for name, array in arrays.items():
+        shape = (dim,) if name.startswith("mu") else (dim, dim)
+        if array.shape != shape:
+            raise ValueError(f"{name} has shape {array.shape}, expected {shape}")
+        if not np.all(np.isfinite(array)):
+            raise ValueError(f"{name} contains NaN or inf")
+
+
 def frechet_distance(mu_1: np.ndarray, sigma_1: np.ndarray, mu_2: np.ndarray, sigma_2: np.ndarray) -> float:
     """Fréchet (2-Wasserstein squared) distance between N(mu_1, S_1) and N(mu_2, S_2), float64.
 
@@ -161,19 +171,42 @@ def frechet_distance(mu_1: np.ndarray, sigma_1: np.ndarray, mu_2: np.ndarray, si
     """
     mu_1, mu_2 = np.asarray(mu_1, np.float64), np.asarray(mu_2, np.float64)
     sigma_1, sigma_2 = np.asarray(sigma_1, np.float64), np.asarray(sigma_2, np.float64)
-    dim = mu_1.shape[0] if mu_1.ndim == 1 else -1
-    for name, array, shape in (("mu_1", mu_1, (dim,)), ("mu_2", mu_2, (dim,)),
-                               ("sigma_1", sigma_1, (dim, dim)), ("sigma_2", sigma_2, (dim, dim))):
-        if array.shape != shape:
-            raise ValueError(f"{name} has shape {array.shape}, expected {shape} (mu_1 is {mu_1.shape})")
-        if not np.all(np.isfinite(array)):
-            raise ValueError(f"{name} contains NaN or inf")
+    _check_shapes(mu_1.shape[0] if mu_1.ndim == 1 else -1, mu_1=mu_1, sigma_1=sigma_1, mu_2=mu_2, sigma_2=sigma_2)
     root_1 = _psd_sqrt(sigma_1)
     middle = root_1 @ sigma_2 @ root_1
     middle = 0.5 * (middle + middle.T)  # symmetric by construction; remove rounding asymmetry
     trace_sqrt = np.sqrt(np.clip(np.linalg.eigvalsh(middle), 0.0, None)).sum()
     diff = mu_1 - mu_2
     return float(diff @ diff + np.trace(sigma_1) + np.trace(sigma_2) - 2.0 * trace_sqrt)
+
+
+def frechet_distance_from_features(features: np.ndarray, mu_2: np.ndarray, sigma_2: np.ndarray) -> float:
+    """:func:`frechet_distance` with (mu_1, S_1) the statistics of ``features``; cheaper when N <= D.
+
+    With X = (F - mean F) / sqrt(N - 1), (N, D), the covariance is S_1 = X^T X, so S_1 S_2 =
+    X^T (X S_2) has the nonzero eigenvalues of the N x N matrix X S_2 X^T and
+    tr (S_1 S_2)^(1/2) = sum_i sqrt(lambda_i(X S_2 X^T)),  tr S_1 = |X|_F^2. For fewer samples
+    than feature dimensions (quick checks, tests) this avoids two D x D eigendecompositions and
+    the square roots of the D - N + 1 eigenvalues that rounding leaves near zero.
+
+    Args:
+        features: (N, D), N >= 2.  mu_2: (D,).  sigma_2: (D, D) symmetric PSD.
+    """
+    features = np.asarray(features, dtype=np.float64)
+    if features.ndim != 2 or features.shape[0] < 2:
+        raise ValueError(f"features must be (N >= 2, D), got shape {features.shape}")
+    n, dim = features.shape
+    if n - 1 >= dim:   # S_1 may be full rank: the D x D route is the cheaper one
+        return frechet_distance(*feature_statistics(features), mu_2, sigma_2)
+    mu_2, sigma_2 = np.asarray(mu_2, np.float64), np.asarray(sigma_2, np.float64)
+    _check_shapes(dim, mu_2=mu_2, sigma_2=sigma_2)
+    mu_1 = features.mean(axis=0)
+    x = (features - mu_1) / np.sqrt(n - 1)
+    middle = x @ sigma_2 @ x.T
+    middle = 0.5 * (middle + middle.T)
+    trace_sqrt = np.sqrt(np.clip(np.linalg.eigvalsh(middle), 0.0, None)).sum()
+    diff = mu_1 - mu_2
+    return float(diff @ diff + (x * x).sum() + np.trace(sigma_2) - 2.0 * trace_sqrt)
 
 
 def inception_score(logits: np.ndarray, *, splits: int = IS_SPLITS) -> tuple[float, float]:

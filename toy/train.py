@@ -7,6 +7,7 @@ loss, time sampler, optimiser, batch and steps; only the output's meaning differ
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 from typing import Callable
 
@@ -26,6 +27,11 @@ TIME_MEAN, TIME_STD = 0.0, 1.0
 # Logit-normal (mean, std) of t and r for the toy; the papers do not give them (method.md Sec. 8).
 # Deviation: pMF ImageNet uses (0.8, 0.8), which puts most times near t = 1; a centred, wider
 # sampler covers the whole [0, 1] range that a 2-D toy needs (see the README for the comparison).
+EMA_DECAY = 0.995
+# Samples come from an exponential moving average of the weights, as in pMF (Sec. 6 of method.md:
+# EMA half-lives of 500-2000 kimg there). Here 0.995 averages over ~200 steps: it smooths Adam's
+# step noise at constant lr, which otherwise dominates the 1-NFE sample quality of a short run.
+EMA_WARMUP = 10              # decay_k = min(EMA_DECAY, (1 + k) / (EMA_WARMUP + k)): early steps not frozen in
 EVAL_SAMPLES = 4096          # 1-NFE samples and fresh data samples compared by the metrics
 FINAL_LOSS_FRACTION = 0.1    # final_loss averages the raw loss over the last 10% of the steps
 # Seed offsets, so the projection, the init, the data stream and the evaluation never share draws.
@@ -46,6 +52,7 @@ class ToyConfig:
     time_std: float = TIME_STD
     depth: int = DEPTH
     width: int = WIDTH
+    ema_decay: float = EMA_DECAY  # 0 evaluates the raw weights
     device: str = "cpu"
 
 
@@ -56,7 +63,7 @@ class ToyRun:
     samples_2d: np.ndarray       # (EVAL_SAMPLES, 2): 1-NFE samples projected back by P^T
     losses: np.ndarray           # (steps,): batch mean of the raw (unweighted) loss per step
     config: ToyConfig
-    model: ToyMLP
+    model: ToyMLP                # the EMA weights (those that drew samples_2d)
     projection: torch.Tensor     # P, (D, 2)
 
 
@@ -81,6 +88,13 @@ def loss_terms(u_fn: Callable, has_aux: bool, x: torch.Tensor, e: torch.Tensor, 
     raise ValueError(f"tangent must be one of {TANGENTS}, got {tangent!r}")
 
 
+@torch.no_grad()
+def update_ema(ema_model: torch.nn.Module, model: torch.nn.Module, decay: float) -> None:
+    """``theta_ema <- decay * theta_ema + (1 - decay) * theta``, parameter by parameter."""
+    for ema_parameter, parameter in zip(ema_model.parameters(), model.parameters()):
+        ema_parameter.lerp_(parameter, 1.0 - decay)
+
+
 def evaluate(model: ToyMLP, config: ToyConfig, projection: torch.Tensor) -> tuple[dict, np.ndarray]:
     """1-NFE samples from fixed noise; swd and energy against fresh data on the plane; off-manifold norm."""
     u_fn, has_aux = make_u_fn(model, config.prediction)
@@ -103,6 +117,7 @@ def train(config: ToyConfig, *, progress: bool = True) -> ToyRun:
     projection = random_projection(config.dim, seed=config.seed + SEED_PROJECTION)
     model = ToyMLP(config.dim, depth=config.depth, width=config.width).to(config.device)
     u_fn, has_aux = make_u_fn(model, config.prediction)
+    ema_model = copy.deepcopy(model).requires_grad_(False)
     optimizer = torch.optim.Adam(model.parameters(), lr=config.lr)
     generator = torch.Generator().manual_seed(config.seed + SEED_DATA)   # noise and times
     data_stream = np.random.RandomState(config.seed + SEED_DATA)           # fresh data each step
@@ -122,13 +137,14 @@ def train(config: ToyConfig, *, progress: bool = True) -> ToyRun:
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
+        update_ema(ema_model, model, min(config.ema_decay, (1 + step) / (EMA_WARMUP + step)))
         losses[step] = float(terms.raw.detach().mean())
         if step % 50 == 0:
             bar.set_postfix(raw_loss=f"{losses[step]:.3g}")
 
-    metrics, samples_2d = evaluate(model, config, projection)
+    metrics, samples_2d = evaluate(ema_model, config, projection)
     tail = max(1, int(config.steps * FINAL_LOSS_FRACTION))
     record = {"prediction": config.prediction, "dim": config.dim, "dataset": config.dataset,
               "steps": config.steps, "seed": config.seed, **metrics,
               "final_loss": float(losses[-tail:].mean())}
-    return ToyRun(record, samples_2d, losses, config, model, projection)
+    return ToyRun(record, samples_2d, losses, config, ema_model, projection)

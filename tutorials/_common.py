@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import tempfile
+import warnings
 from pathlib import Path
 
 import matplotlib
@@ -19,6 +20,10 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from torch import nn  # noqa: E402
+
+# torch's first forward-mode JVP loads decompositions through the deprecated torch.jit.script and
+# warns about it; the warning is torch's internal business, not the reader's.
+warnings.filterwarnings("ignore", message=r".*torch\.jit\.script.*is deprecated", category=FutureWarning)
 
 FAST = os.environ.get("PMF_TUTORIAL_FAST", "0") not in ("", "0")
 """True when the test suite (or an impatient reader) asks for a quick run."""
@@ -61,8 +66,9 @@ def save_figure(fig: plt.Figure, path: Path) -> None:
 
 def report(name: str, value: float) -> float:
     """Print one number as ``name = value`` (the tests look for these lines) and return it."""
-    print(f"{name} = {float(value):.6g}")
-    return float(value)
+    value = float(value.detach()) if isinstance(value, torch.Tensor) else float(value)
+    print(f"{name} = {value:.6g}")
+    return value
 
 
 # ----------------------------------------------------------------------------- 2-D data
