@@ -33,7 +33,7 @@ from .digits_report import markdown_table, save_figure
 from .digits_runs import Budget, run_arm
 
 # Default budget: each experiment fits 30 min on an idle 2-core CPU (the largest, "prediction", has six arms).
-DEFAULT_STEPS = 800
+DEFAULT_STEPS = 600
 DEFAULT_BATCH = 32
 DEFAULT_LR = 1e-3       # pMF's constant lr
 DEFAULT_PER_CLASS = 50  # 500 samples, as many as the held-out floor set

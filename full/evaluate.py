@@ -28,6 +28,7 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader
 
+from .sample import HelpFormatter
 from .data import IMAGE_EXTENSIONS, ImageFolderDataset, center_crop_arr
 from .fid import (IS_SPLITS, atomic_write, build_inception, extract_features, feature_statistics,
                   frechet_distance_from_features, inception_score, load_statistics, save_statistics)
@@ -133,7 +134,7 @@ class CenterCroppedImages(ImageFolderDataset):
         path, _ = self.samples[index]
         with Image.open(path) as image:
             image = center_crop_arr(image.convert("RGB"), self.resolution)
-        return torch.from_numpy(np.asarray(image)).permute(2, 0, 1)
+        return torch.from_numpy(np.array(image)).permute(2, 0, 1)   # a writable copy
 
 
 def reference_statistics(cfg: RefStatsConfig, extractor=None) -> tuple[np.ndarray, np.ndarray, int]:
@@ -168,7 +169,7 @@ def _device(flag: str) -> str:
 
 def build_eval_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="python -m full.evaluate", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        prog="python -m full.evaluate", formatter_class=HelpFormatter,
         description="FID and Inception Score of a sample set. "
                     "Reference statistics: `python -m full.evaluate ref-stats --help`.")
     parser.add_argument("--samples", required=True,
@@ -182,7 +183,7 @@ def build_eval_parser() -> argparse.ArgumentParser:
 
 def build_ref_stats_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="python -m full.evaluate ref-stats", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        prog="python -m full.evaluate ref-stats", formatter_class=HelpFormatter,
         description="Inception mean and covariance (mu, sigma) of an ImageFolder (root/<class>/<image>), "
                     "after the trainer's ADM center crop to --resolution.")
     parser.add_argument("--data", required=True, help="ImageFolder root, e.g. ImageNet train")

@@ -135,7 +135,7 @@ def feature_statistics(features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     features = np.asarray(features, dtype=np.float64)
     if features.ndim != 2 or features.shape[0] < 2:
         raise ValueError(f"features must be (N >= 2, D), got shape {features.shape}")
-    return features.mean(axis=0), np.cov(features, rowvar=False)
+    return features.mean(axis=0), np.atleast_2d(np.cov(features, rowvar=False))   # np.cov gives () for D = 1
 
 
 def _psd_sqrt(matrix: np.ndarray) -> np.ndarray:
@@ -226,15 +226,20 @@ def inception_score(logits: np.ndarray, *, splits: int = IS_SPLITS) -> tuple[flo
 # Statistics files (.npz with mu, sigma; the same keys as the ADM reference batches)
 # --------------------------------------------------------------------------------------------
 
-def atomic_write(path: Path, write) -> None:
-    """Call ``write(file_handle)`` on a temp file beside ``path``, then rename it into place."""
+def atomic_write(path: Path, write, *, fsync: bool = True) -> None:
+    """Call ``write(file_handle)`` on a temp file beside ``path``, then rename it into place.
+
+    Readers see the old file or the complete new one, never a partial one. ``fsync=False`` skips
+    the flush to disk (durability across a power cut), which would cost ~ms for each of 50K PNGs.
+    """
     path.parent.mkdir(parents=True, exist_ok=True)
     handle, temp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(handle, "wb") as file:
             write(file)
-            file.flush()
-            os.fsync(file.fileno())
+            if fsync:
+                file.flush()
+                os.fsync(file.fileno())
         os.replace(temp_name, path)
     except BaseException:
         if os.path.exists(temp_name):

@@ -25,7 +25,8 @@ import torch
 
 from .evaluate import metrics_from_features
 from .fid import IS_SPLITS, atomic_write, build_inception, extract_features, load_statistics
-from .sample import checkpoint_preset, iter_samples, load_for_sampling, sampling_defaults
+from .sample import (HelpFormatter, checkpoint_info, iter_samples, load_for_sampling, normalize_ema,
+                     sampling_defaults)
 
 
 @dataclass(frozen=True)
@@ -95,12 +96,13 @@ def _interval(text: str) -> tuple[float, float]:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m full.guidance_search", description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                     formatter_class=HelpFormatter)
     parser.add_argument("--ckpt", required=True, help="checkpoint written by full.train")
     parser.add_argument("--ref", required=True, help="reference statistics .npz (python -m full.evaluate ref-stats)")
     parser.add_argument("--omegas", type=float, nargs="+", required=True, help="guidance scales to try, each >= 1")
-    parser.add_argument("--intervals", type=_interval, nargs="+", default=[(0.0, 1.0)],
-                        help="guidance intervals TMIN,TMAX to try, 0 <= TMIN <= TMAX <= 1")
+    parser.add_argument("--intervals", type=_interval, nargs="+", default=None,
+                        help="guidance intervals TMIN,TMAX to try, 0 <= TMIN <= TMAX <= 1; default: the preset's "
+                             "best (B/16: 0.1,0.7)")
     parser.add_argument("--emas", nargs="+", default=None,
                         help="EMA half-lives (kimg keys of the checkpoint) or 'raw'; default: the preset's best")
     parser.add_argument("--num", type=int, default=10000, help="samples per setting (class-balanced)")
@@ -122,7 +124,7 @@ def main(argv: list[str] | None = None) -> None:
     for omega in args.omegas:
         if not (math.isfinite(omega) and omega >= 1):
             parser.error(f"--omegas: each must be a finite number >= 1, got {omega}")
-    for t_min, t_max in args.intervals:
+    for t_min, t_max in args.intervals or ():
         if not 0 <= t_min <= t_max <= 1:
             parser.error(f"--intervals: each needs 0 <= TMIN <= TMAX <= 1, got {t_min},{t_max}")
     if args.num < 2:
@@ -137,22 +139,28 @@ def main(argv: list[str] | None = None) -> None:
         if not Path(path).is_file():
             parser.error(f"{flag} {path} is not a file")
 
+    preset, available = checkpoint_info(args.ckpt)
+    defaults = sampling_defaults(preset)
+    try:
+        emas = tuple(normalize_ema(ema) for ema in args.emas) if args.emas else (defaults["ema"],)
+    except ValueError:
+        parser.error(f"--emas: each must be a half-life in kimg or 'raw', got {args.emas}")
+    missing = [ema for ema in emas if ema != "raw" and ema not in available]
+    if missing:   # checked up front, not after hours of searching the other EMAs
+        parser.error(f"--emas: the checkpoint has no EMA {missing}; available (half-life kimg): {available} or 'raw'")
+    intervals = tuple(args.intervals) if args.intervals else ((defaults["t_min"], defaults["t_max"]),)
+    try:
+        ref_mu, ref_sigma = load_statistics(args.ref)
+    except ValueError as error:
+        parser.error(f"--ref: {error}")
     device = torch.device("cuda" if args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
                           else "cpu")
     try:
         extractor = build_inception(args.inception_weights, device)
     except FileNotFoundError as error:   # the message names the weights file and where to put it
         sys.exit(f"error: {error}")
-    ref_mu, ref_sigma = load_statistics(args.ref)
 
-    def load(ema: str) -> torch.nn.Module:
-        try:
-            return load_for_sampling(args.ckpt, ema, device)[0]
-        except (KeyError, ValueError) as error:   # an absent EMA (the message lists those present), or not a number
-            parser.error(f"--emas: {error.args[0]}")
-
-    emas = tuple(args.emas) if args.emas else (sampling_defaults(checkpoint_preset(args.ckpt))["ema"],)
-    cfg = SearchConfig(omegas=tuple(args.omegas), intervals=tuple(args.intervals), emas=emas, num=args.num,
+    cfg = SearchConfig(omegas=tuple(args.omegas), intervals=intervals, emas=emas, num=args.num,
                        seed=args.seed, batch_size=args.batch_size, is_splits=args.is_splits,
                        progress=not args.no_progress)
     rows: list[dict] = []
@@ -165,7 +173,8 @@ def main(argv: list[str] | None = None) -> None:
             record = {"ckpt": args.ckpt, "ref": args.ref, "num": args.num, "seed": args.seed, "rows": rows}
             atomic_write(Path(args.out), lambda file: file.write(json.dumps(record, indent=2).encode()))
 
-    search(load, extractor, ref_mu, ref_sigma, cfg, on_row=on_row)
+    search(lambda ema: load_for_sampling(args.ckpt, ema, device)[0], extractor, ref_mu, ref_sigma, cfg,
+           on_row=on_row)
     print("\n" + format_table(rows))
 
 

@@ -135,8 +135,8 @@ def _pil(image: torch.Tensor) -> Image.Image:
     return Image.fromarray(array[:, :, 0] if array.shape[2] == 1 else array)
 
 
-def save_png(image: torch.Tensor, path: Path) -> None:
-    atomic_write(path, lambda file: _pil(image).save(file, format="PNG"))
+def save_png(image: torch.Tensor, path: Path, *, fsync: bool = True) -> None:
+    atomic_write(path, lambda file: _pil(image).save(file, format="PNG"), fsync=fsync)
 
 
 def save_grid(images: torch.Tensor, path: Path) -> None:
@@ -173,7 +173,7 @@ def sample_to_folder(model: torch.nn.Module, cfg: SampleConfig, *, rank: int = 0
     images_npy = out / ".arr_0.npy.partial"
     shape = (model.channels, model.resolution, model.resolution)
     if rank == 0:
-        (out / "images").mkdir(parents=True, exist_ok=True)
+        (out / "images" if "png" in cfg.formats else out).mkdir(parents=True, exist_ok=True)
         if "npz" in cfg.formats:   # created once, before any process writes its rows into it
             np.lib.format.open_memmap(images_npy, mode="w+", dtype=np.uint8,
                                       shape=(cfg.num, shape[1], shape[2], shape[0])).flush()
@@ -185,7 +185,7 @@ def sample_to_folder(model: torch.nn.Module, cfg: SampleConfig, *, rank: int = 0
                                            batch_size=cfg.batch_size, progress=cfg.progress and rank == 0):
         if "png" in cfg.formats:
             for index, image in zip(indices.tolist(), images):
-                save_png(image, out / "images" / f"{index:06d}.png")
+                save_png(image, out / "images" / f"{index:06d}.png", fsync=False)   # renamed whole, not synced
         if rows is not None:
             rows[indices.numpy()] = images.permute(0, 2, 3, 1).numpy()   # (B, H, W, C)
         if rank == 0 and len(grid_images) * cfg.batch_size < cfg.grid:
@@ -219,10 +219,16 @@ def sampling_defaults(preset: str) -> dict:
                 ema=str(settings["sample_ema_kimg"]))
 
 
-def checkpoint_preset(path: str) -> str:
-    """The preset name stored in a ``full.train`` checkpoint's config."""
+def checkpoint_info(path: str) -> tuple[str, list[str]]:
+    """(preset name, EMA keys) of a ``full.train`` checkpoint."""
     # mmap: read the config without pulling every tensor (EMAs, optimizer) into memory.
-    return torch.load(path, map_location="cpu", mmap=True, weights_only=False)["config"]["model"]["preset"]
+    checkpoint = torch.load(path, map_location="cpu", mmap=True, weights_only=False)
+    return checkpoint["config"]["model"]["preset"], sorted(checkpoint.get("ema", {}), key=float)
+
+
+def normalize_ema(ema: str) -> str:
+    """"raw" or the checkpoint key of a half-life: "2000.0" and "2000" name the same EMA (ValueError if neither)."""
+    return ema if ema == "raw" else format_half_life(float(ema))
 
 
 def load_for_sampling(path: str, ema: str | None, device: torch.device) -> tuple[torch.nn.Module, str, str]:
@@ -233,19 +239,23 @@ def load_for_sampling(path: str, ema: str | None, device: torch.device) -> tuple
     """
     from .checkpoint import load_model  # the trainer's format, read only here
 
-    preset = checkpoint_preset(path)
-    if ema is None:
-        ema = sampling_defaults(preset)["ema"]
-    elif ema != "raw":
-        ema = format_half_life(float(ema))   # "2000.0" and "2000" name the same EMA
+    preset, _ = checkpoint_info(path)
+    ema = sampling_defaults(preset)["ema"] if ema is None else normalize_ema(ema)
     model = load_model(path, None if ema == "raw" else ema)
     return model.to(device).eval(), preset, ema
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows "(default: ...)" only for real defaults; None/False ones are explained in the help text."""
+
+    def _get_help_string(self, action):
+        return action.help if action.default is None or action.default is False else super()._get_help_string(action)
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m full.sample", description=__doc__.split("\n\n")[0],
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        formatter_class=HelpFormatter)
     parser.add_argument("--ckpt", required=True, help="checkpoint written by full.train")
     parser.add_argument("--ema", default=None,
                         help="EMA half-life in kimg (a key of the checkpoint's EMAs, e.g. 2000), or 'raw' for "

@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import tempfile
 
+import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
@@ -17,6 +18,16 @@ from full.data import SyntheticDataset
 from full.train import TrainConfig, train
 
 STEPS = 3
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """As in the workers: a tiny model, and the two extra processes share the cores."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
 GLOBAL_BATCH = 4
 
 

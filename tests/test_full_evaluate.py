@@ -268,3 +268,17 @@ def test_guidance_search_rows_match_sample_then_evaluate(tiny_checkpoint, image_
     assert rows[1]["fid"] == pytest.approx(metrics["fid"], rel=1e-6)
     assert rows[1]["is_mean"] == pytest.approx(metrics["is_mean"], rel=1e-6)
     assert not os.path.exists(tmp_path / "samples" / "images" / "000000.png")   # --format npz only
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--emas", "123"], "available (half-life kimg): ['500']"),
+    (["--emas", "fast"], "--emas: each must be"),
+    (["--omegas", "0.9"], "--omegas: each must be"),
+    (["--intervals", "0.5,0.2"], "--intervals: each needs"),
+    (["--num", "1"], "--num must be"),
+])
+def test_guidance_search_cli_rejects_bad_arguments(tiny_checkpoint, tmp_path, capsys, flags, message):
+    F.save_statistics(tmp_path / "ref.npz", np.zeros(2048), np.eye(2048))
+    with pytest.raises(SystemExit):
+        G.main(["--ckpt", str(tiny_checkpoint), "--ref", str(tmp_path / "ref.npz"), "--omegas", "2", *flags])
+    assert message in capsys.readouterr().err

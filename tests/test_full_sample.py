@@ -157,7 +157,9 @@ def test_sample_two_processes_match_one(model, tmp_path):
     """Two gloo processes write one .npz and one PNG folder equal to a single process's."""
     single = S.sample_to_folder(model, S.SampleConfig(out=str(tmp_path / "one"), num=7, omega=2.0, t_min=0.1,
                                                       t_max=0.7, batch_size=7, grid=0, progress=False))
-    mp.spawn(_sample_rank, args=(2, _free_port(), str(tmp_path / "two")), nprocs=2, join=True)
+    # fork: the children reuse the imported modules (spawn would re-import torch in each).
+    mp.start_processes(_sample_rank, args=(2, _free_port(), str(tmp_path / "two")), nprocs=2, join=True,
+                       start_method="fork")
     with np.load(single / "samples.npz") as one, np.load(tmp_path / "two" / "samples.npz") as two:
         assert np.abs(one["arr_0"].astype(int) - two["arr_0"].astype(int)).max() <= 1
         np.testing.assert_array_equal(one["labels"], two["labels"])
@@ -214,3 +216,27 @@ def test_load_model_hand_written_checkpoint(model, tmp_path):
     loaded, preset, ema = S.load_for_sampling(str(tmp_path / "ckpt.pt"), "500.0", torch.device("cpu"))
     assert (preset, ema) == (PRESET, "500")
     assert torch.equal(_all_images(loaded, 4, 4), _all_images(model, 4, 4))
+
+
+@pytest.mark.parametrize("preset, expected", [     # pMF §4 / shared/method.md §4: (omega, t_min, t_max, EMA kimg)
+    ("pMF-B/16", (8.5, 0.1, 0.7, "2000")), ("pMF-L/16", (7.0, 0.2, 0.7, "1000")),
+    ("pMF-H/16", (7.0, 0.2, 0.6, "1000")), ("pMF-B/32", (6.5, 0.1, 0.7, "2000")),
+    ("pMF-L/32", (7.5, 0.2, 0.6, "2000")), ("pMF-H/32", (5.5, 0.1, 0.6, "500")),
+])
+def test_sampling_defaults_are_the_paper_best_settings(preset, expected):
+    defaults = S.sampling_defaults(preset)
+    assert (defaults["omega"], defaults["t_min"], defaults["t_max"], defaults["ema"]) == expected
+
+
+def test_sample_cli_defaults_come_from_the_preset(model, tmp_path):
+    """No --omega/--interval/--ema: the preset's best settings (T/2 copies B/16's: 8.5, [0.1, 0.7], 2000)."""
+    save_checkpoint(tmp_path / "ckpt.pt", {"model": model.state_dict(), "ema": {"2000": model.state_dict()},
+                                           "config": {"model": {"preset": PRESET, "num_classes": NUM_CLASSES}}})
+    S.main(["--ckpt", str(tmp_path / "ckpt.pt"), "--num", "3", "--out", str(tmp_path / "out"), "--format", "png",
+            "--grid", "0", "--device", "cpu", "--no-progress"])
+    info = json.loads((tmp_path / "out" / "sample_config.json").read_text())
+    assert (info["omega"], info["t_min"], info["t_max"], info["ema"]) == (8.5, 0.1, 0.7, "2000")
+    first = np.asarray(Image.open(tmp_path / "out" / "images" / "000000.png"))
+    expected = _all_images(model, 1, 1, omega=8.5, t_min=0.1, t_max=0.7, seed=0)[0].permute(1, 2, 0).numpy()
+    assert np.abs(first.astype(int) - expected.astype(int)).max() <= 1
+    assert not (tmp_path / "out" / "samples.npz").exists()

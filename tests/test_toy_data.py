@@ -2,14 +2,16 @@
 import hypothesis.strategies as st
 import pytest
 import torch
-from hypothesis import given
+from hypothesis import given, settings
 
 from toy.data import DATASETS, embed, off_manifold, project, random_projection, sample_2d
 
 dims = st.sampled_from([2, 3, 8, 16, 512, 1024])
+FEW = settings(max_examples=10)  # each example is a cheap QR; ten cover the dims list well
 seeds = st.integers(0, 2**31 - 1)
 
 
+@FEW
 @given(dim=dims, seed=seeds)
 def test_projection_is_column_orthonormal(dim, seed):
     projection = random_projection(dim, seed=seed)
@@ -23,6 +25,7 @@ def test_projection_depends_only_on_seed():
     assert not torch.allclose(random_projection(64, seed=3), random_projection(64, seed=4))
 
 
+@FEW
 @given(dim=dims, seed=seeds)
 def test_embedding_round_trip_stays_on_plane(dim, seed):
     generator = torch.Generator().manual_seed(seed)
@@ -33,7 +36,8 @@ def test_embedding_round_trip_stays_on_plane(dim, seed):
     assert off_manifold(x, projection).max() < 1e-4 * (1 + x.norm(dim=1).max())
 
 
-@given(dim=st.sampled_from([3, 8, 512]), seed=seeds)
+@FEW
+@given(dim=st.sampled_from([3, 8, 64]), seed=seeds)
 def test_off_manifold_is_norm_of_orthogonal_part(dim, seed):
     # Oracle: an explicit orthogonal complement of P from a full QR (independent of the code's formula).
     generator = torch.Generator().manual_seed(seed)

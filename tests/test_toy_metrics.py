@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import scipy.stats
 import torch
-from hypothesis import given
+from hypothesis import given, settings
 
 from toy.metrics import energy_distance, sliced_wasserstein
 
@@ -23,10 +23,11 @@ def test_distances_vanish_on_identical_samples():
     assert abs(energy_distance(a, shuffled)) < 1e-10
 
 
+@settings(max_examples=10)
 @given(shift_x=st.floats(-3, 3), shift_y=st.floats(-3, 3))
 def test_sliced_wasserstein_of_a_translation(shift_x, shift_y):
     # Translating every point by m moves each 1-D projection by m.theta, so SW2^2 = mean(m.theta)^2 = |m|^2 / 2.
-    a = _gaussian(500, 2)
+    a = _gaussian(200, 2)
     b = a + torch.tensor([shift_x, shift_y], dtype=torch.float64)
     assert sliced_wasserstein(a, b) == pytest.approx(math.hypot(shift_x, shift_y) / math.sqrt(2), abs=1e-9)
 
@@ -37,9 +38,10 @@ def test_sliced_wasserstein_of_shifted_gaussians():
     assert sliced_wasserstein(a, b) == pytest.approx(2.5 / math.sqrt(2), abs=0.03)
 
 
+@settings(max_examples=10)
 @given(scale=st.floats(0.1, 10.0))
 def test_sliced_wasserstein_scales_linearly(scale):
-    a, b = _gaussian(300, 5), _gaussian(300, 6, mean=(0.5, 0.0))
+    a, b = _gaussian(200, 5), _gaussian(200, 6, mean=(0.5, 0.0))
     assert sliced_wasserstein(scale * a, scale * b) == pytest.approx(scale * sliced_wasserstein(a, b), rel=1e-9)
 
 

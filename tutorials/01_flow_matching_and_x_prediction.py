@@ -14,14 +14,16 @@
 
 # %%
 import matplotlib.pyplot as plt
+import numpy as np
 import torch
 
 import pmf_ref as P
-from _common import MLP, report, save_figure, setup, sliced_wasserstein, steps, swiss_roll
+from _common import MLP, report, save_figure, setup, steps
+from toy import sample_2d, sliced_wasserstein
 
 out = setup("01")
 generator = torch.Generator().manual_seed(0)
-x_data = swiss_roll(steps(4000, 1000), generator=generator)       # (N, 2) samples of the data distribution
+x_data = sample_2d("swiss_roll", steps(4000, 1000), seed=0)      # (N, 2) data: mean 0, unit variance
 
 # %% [markdown]
 # ## 1. The noising path
@@ -112,9 +114,10 @@ def x_fn_v_pred(z, r, t):
 def train(x_fn, parameters, num_steps: int, seed: int) -> list[float]:
     optimizer = torch.optim.Adam(parameters, lr=2e-3)
     g = torch.Generator().manual_seed(seed)
+    data_stream = np.random.RandomState(seed)
     losses = []
     for _ in range(num_steps):
-        x = swiss_roll(512, generator=g)
+        x = sample_2d("swiss_roll", 512, seed=data_stream)
         e = torch.randn(x.shape, generator=g)
         t = P.sample_logit_normal(x.shape[0], mean=0.0, std=1.0, generator=g)
         loss = P.flow_matching_loss(x_fn, x, e, t).mean()            # batch mean last
@@ -157,12 +160,12 @@ for row, (name, x_fn) in enumerate([("x-pred", x_fn_x_pred), ("v-pred", x_fn_v_p
     for col, n in enumerate(step_counts):
         x_gen = P.sample_multi_step(u_fn_of(x_fn), e_sample, steps=n)
         distance = sliced_wasserstein(x_gen, x_data)
-        report(f"sliced W1 to data, {name}, {n} steps", distance)
+        report(f"sliced W2 to data, {name}, {n} steps", distance)
         ax = axes[row, col]
         ax.scatter(x_data[:, 0], x_data[:, 1], s=1, c="lightgray")
         ax.scatter(x_gen[:, 0], x_gen[:, 1], s=1)
-        ax.set(title=f"{name}, {n} step{'s' * (n > 1)}\nSW1 = {distance:.3f}", xlim=(-2.5, 2.5),
-               ylim=(-2.5, 2.5), aspect="equal", xticks=[], yticks=[])
+        ax.set(title=f"{name}, {n} step{'s' * (n > 1)}\nSW2 = {distance:.3f}", xlim=(-3, 3),
+               ylim=(-3, 3), aspect="equal", xticks=[], yticks=[])
 save_figure(fig, out / "multi_step_samples.png")
 
 # %% [markdown]

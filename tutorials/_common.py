@@ -71,38 +71,7 @@ def report(name: str, value: float) -> float:
     return value
 
 
-# ----------------------------------------------------------------------------- 2-D data
-
-ROLL_RADIUS = 2.0
-"""Outer radius of the Swiss roll: data of about unit variance, the scale of the noise, which is
-what flow models are tuned for (a roll of radius 1 trains visibly worse in the same steps)."""
-
-
-def swiss_roll(n: int, *, generator: torch.Generator) -> torch.Tensor:
-    """Points of a 2-D Swiss roll (the toy of pMF Fig. 2) in [-2, 2]^2, per-axis std about 1 like the noise.
-
-    Returns:
-        x, (n, 2), float32.
-    """
-    angle = 1.5 * np.pi * (1 + 2 * torch.rand(n, generator=generator))      # (n,) in [1.5 pi, 4.5 pi]
-    radius = ROLL_RADIUS * angle / (4.5 * np.pi)                              # outer arm at ROLL_RADIUS
-    x = torch.stack([radius * torch.cos(angle), radius * torch.sin(angle)], dim=1)
-    return x + 0.02 * torch.randn(n, 2, generator=generator)
-
-
-def sliced_wasserstein(a: torch.Tensor, b: torch.Tensor, *, projections: int = 128, seed: int = 0) -> float:
-    """Sliced 1-Wasserstein distance between two equally sized point clouds (n, D): the mean over
-    random unit directions of the 1-D W1 between the projections (sorted-sample matching).
-    A distance between distributions, used only to *measure* samples."""
-    if a.shape != b.shape:
-        raise ValueError(f"point clouds must have the same shape, got {tuple(a.shape)} and {tuple(b.shape)}")
-    directions = torch.randn(a.shape[1], projections, generator=torch.Generator().manual_seed(seed),
-                             dtype=a.dtype)
-    directions = directions / directions.norm(dim=0, keepdim=True)
-    pa, _ = torch.sort(a @ directions, dim=0)
-    pb, _ = torch.sort(b @ directions, dim=0)
-    return float((pa - pb).abs().mean())
-
+# ----------------------------------------------------------------------------- a small network
 
 class MLP(nn.Module):
     """A small SiLU MLP on a concatenation of its inputs: ``MLP(d_in, d_out)(*tensors)``.
