@@ -146,10 +146,11 @@ def build_convnext_v2(*, arch: str = "convnextv2_base", weights: str | os.PathLi
     import timm
     from timm.models.convnext import checkpoint_filter_fn
 
-    network = timm.create_model(arch, pretrained=False, num_classes=0)
-    if pretrained:
+    if pretrained:   # check the file before building the network (Base has 88M parameters)
         path = require_file(Path(weights) if weights else weights_dir() / CONVNEXT_V2_BASE_FILE,
                             "ConvNeXt-V2", "--convnext-weights")
+    network = timm.create_model(arch, pretrained=False, num_classes=0)
+    if pretrained:
         if path.suffix == ".safetensors":
             from safetensors.torch import load_file
             state = load_file(str(path))

@@ -19,7 +19,6 @@ import argparse
 import dataclasses
 import json
 import math
-import os
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
