@@ -32,7 +32,7 @@ from tqdm.auto import tqdm
 
 from .bench_nets import Workload, toy_workload, vit_workload
 from .bench_steps import ALG1_STRATEGIES, flow_matching_loss, alg1_loss, sampling_calls, training_step
-from .bench_timing import interleaved_medians, machine_info, memory_method, peak_memory_bytes
+from .bench_timing import CLOCKS, interleaved_medians, machine_info, memory_method, peak_memory_bytes
 
 TARGETS = {"step_ratio_alg1": ("<=", 2.0), "step_ratio_released": ("<=", 2.5),
            "sampling_vs_forward": (">=", 0.95)}
@@ -45,9 +45,16 @@ MB = 2 ** 20
 @dataclasses.dataclass(frozen=True)
 class BenchConfig:
     device: str = "cpu"
-    threads: int = 2                    # torch.set_num_threads, fixed and reported
+    # torch.set_num_threads, fixed and reported. 1 by default: on a machine shared with other jobs
+    # OpenMP workers wait for each other at every op, and a 2-thread run of small ops can be
+    # hundreds of times slower than 1 thread (measured: 3.6 ms vs 9.5 us for a 16x64 @ 64x64 matmul).
+    threads: int = 1
     warmup: int = 2
     repeats: int = 7
+    min_sample_s: float = 0.05          # a timing sample averages calls over at least this long
+    # Clock behind the medians and ratios: "process" (CPU time; steady on a shared CPU with one
+    # thread) or "wall" (needed on GPU). Both are recorded in every row.
+    clock: str = "process"
     sections: tuple[str, ...] = SECTIONS
     toy_dim: int = 512                  # D of the toy MLP (pMF Fig. 2's hardest case)
     toy_batch: int = 1024               # the toy trainer's batch
@@ -72,7 +79,9 @@ QUICK = dict(warmup=1, repeats=5, toy_batch=256, tiny_batch=16, small_batch=2, s
 
 def _ms(stats: dict) -> dict:
     return {"median_ms": 1e3 * stats["median_s"], "min_ms": 1e3 * stats["min_s"],
-            "iqr_ms": 1e3 * stats["iqr_s"], "inner": stats["inner"], "repeats": len(stats["samples_s"])}
+            "iqr_ms": 1e3 * stats["iqr_s"], "wall_median_ms": 1e3 * stats["wall_median_s"],
+            "process_median_ms": 1e3 * stats["process_median_s"], "clock": stats["clock"],
+            "inner": stats["inner"], "repeats": len(stats["samples_s"])}
 
 
 def _memory_mb(fn, device, enabled: bool) -> float | None:
@@ -88,7 +97,8 @@ def step_rows(work: Workload, cfg: BenchConfig, device, bar) -> list[dict]:
              "alg1": training_step(lambda: alg1_loss(work.x_fn, work.batch), work.parameters)}
     if work.released_loss is not None:
         steps["released"] = training_step(work.released_loss, work.parameters)
-    stats = interleaved_medians(steps, device=device, warmup=cfg.warmup, repeats=cfg.repeats, progress=bar)
+    stats = interleaved_medians(steps, device=device, warmup=cfg.warmup, repeats=cfg.repeats,
+                                 min_sample_s=cfg.min_sample_s, clock=cfg.clock, progress=bar)
     base = stats["flow_matching"]["median_s"]
     return [{"network": work.name, "variant": name, **_ms(stats[name]),
              "ratio_vs_flow_matching": stats[name]["median_s"] / base,
@@ -125,7 +135,8 @@ def jvp_rows(work: Workload, cfg: BenchConfig, device, bar, compile_here: bool) 
                 errors[(name, "compiled")] = f"{type(error).__name__}: {str(error).splitlines()[0][:200]}"
             compile_s[(name, "compiled")] = time.perf_counter() - start
     keyed = {f"{name}|{mode}": step for (name, mode), step in steps.items()}
-    stats = interleaved_medians(keyed, device=device, warmup=cfg.warmup, repeats=cfg.repeats, progress=bar)
+    stats = interleaved_medians(keyed, device=device, warmup=cfg.warmup, repeats=cfg.repeats,
+                                 min_sample_s=cfg.min_sample_s, clock=cfg.clock, progress=bar)
     rows = []
     for name in losses:
         for mode in ("eager", "compiled") if compile_here else ("eager",):
@@ -144,7 +155,8 @@ def jvp_rows(work: Workload, cfg: BenchConfig, device, bar, compile_here: bool) 
 def sampling_rows(work: Workload, cfg: BenchConfig, device, bar) -> list[dict]:
     """Images/s of the bare forward, the 1-NFE sampler and the Euler sampler."""
     calls = sampling_calls(work.sample_x_fn, work.sample_noise, euler_steps=cfg.euler_steps)
-    stats = interleaved_medians(calls, device=device, warmup=cfg.warmup, repeats=cfg.repeats, progress=bar)
+    stats = interleaved_medians(calls, device=device, warmup=cfg.warmup, repeats=cfg.repeats,
+                                 min_sample_s=cfg.min_sample_s, clock=cfg.clock, progress=bar)
     n = work.sample_noise.shape[0]
     base = n / stats["bare_forward"]["median_s"]
     return [{"network": work.name, "variant": name, "batch": n, **_ms(stats[name]),
@@ -173,7 +185,15 @@ def _headline(rows: list[dict], network: str, variant: str, key: str) -> float |
 def run(cfg: BenchConfig, progress: bool = True) -> dict:
     """Run the chosen sections and return the JSON-ready result dict."""
     device = torch.device(cfg.device)
+    threads_before = torch.get_num_threads()
     torch.set_num_threads(cfg.threads)
+    try:
+        return _run(cfg, device, progress)
+    finally:
+        torch.set_num_threads(threads_before)
+
+
+def _run(cfg: BenchConfig, device: torch.device, progress: bool) -> dict:
     torch.manual_seed(cfg.seed)
     started = time.perf_counter()
     info = machine_info(device)
@@ -224,6 +244,7 @@ def _fmt(value, spec: str = ".2f") -> str:
 def format_tables(result: dict) -> str:
     """Markdown tables of the three sections plus the headline ratios."""
     lines = [f"Machine: {result['machine']['cpu_model']}, {result['machine']['torch_threads']} torch threads, "
+             f"clock: {result['config']['clock']}, "
              f"torch {result['machine']['torch_version']}, device {result['machine']['device']}; "
              f"load average at start {_fmt(result['machine']['load_average_1_5_15'][0], '.1f')}", ""]
     if result["steps"]:
@@ -272,7 +293,10 @@ def main(argv: list[str] | None = None) -> None:
                         help="small batches, 5 repetitions, no compilation of the small ViT (< 5 min on 2 cores)")
     parser.add_argument("--out", default=None, help="write the JSON result to this file (atomically)")
     parser.add_argument("--device", default="cpu", help="'cpu' or 'cuda' (or 'cuda:N')")
-    parser.add_argument("--threads", type=int, default=2, help="torch.set_num_threads, fixed for the whole run")
+    parser.add_argument("--threads", type=int, default=1, help="torch.set_num_threads, fixed for the whole run")
+    parser.add_argument("--clock", choices=("auto",) + CLOCKS, default="auto",
+                        help="clock of the medians: 'process' CPU time (steady on a shared CPU), 'wall', "
+                             "or 'auto' = process on CPU, wall on CUDA")
     parser.add_argument("--repeats", type=int, default=None,
                         help=f"timed repetitions per variant, >= {MIN_REPEATS} (default 7; 5 with --quick)")
     parser.add_argument("--warmup", type=int, default=None, help="untimed calls per variant first (default 2; 1 with --quick)")
@@ -302,7 +326,8 @@ def main(argv: list[str] | None = None) -> None:
     overrides = dict(QUICK) if args.quick else {}
     overrides.update({key: value for key, value in (("repeats", args.repeats), ("warmup", args.warmup),
                                                     ("small_batch", args.small_batch)) if value is not None})
-    cfg = BenchConfig(device=args.device, threads=args.threads, sections=sections,
+    clock = args.clock if args.clock != "auto" else ("process" if args.device == "cpu" else "wall")
+    cfg = BenchConfig(device=args.device, threads=args.threads, sections=sections, clock=clock,
                       compile=not args.no_compile, compile_small=args.compile_small,
                       memory=not args.no_memory, **overrides)
     result = run(cfg)

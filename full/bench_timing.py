@@ -24,6 +24,7 @@ from typing import Callable
 
 import torch
 
+CLOCKS = ("wall", "process")
 MIN_SAMPLE_S = 0.05
 """A timing sample spans at least this long (many calls of a fast step are averaged into one)."""
 MAX_INNER = 1000
@@ -38,18 +39,25 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _time_calls(fn: Callable[[], object], calls: int, device: torch.device) -> float:
+def _time_calls(fn: Callable[[], object], calls: int, device: torch.device) -> tuple[float, float]:
+    """Seconds per call of ``fn``: (wall clock, this process's CPU time)."""
     synchronize(device)
-    start = time.perf_counter()
+    wall, cpu = time.perf_counter(), time.process_time()
     for _ in range(calls):
         fn()
     synchronize(device)
-    return (time.perf_counter() - start) / calls
+    return (time.perf_counter() - wall) / calls, (time.process_time() - cpu) / calls
 
 
 def interleaved_medians(fns: dict[str, Callable[[], object]], *, device: torch.device, warmup: int,
-                        repeats: int, min_sample_s: float = MIN_SAMPLE_S, progress=None) -> dict[str, dict]:
+                        repeats: int, min_sample_s: float = MIN_SAMPLE_S, clock: str = "wall",
+                        progress=None) -> dict[str, dict]:
     """Time several variants interleaved; per variant the median seconds per call.
+
+    Both clocks are recorded; ``clock`` picks the one behind ``median_s``: "wall", or "process"
+    (CPU time of this process: on a CPU shared with other jobs it leaves out the time the OS gave
+    to them, so with one torch thread it is far steadier than the wall clock; it is meaningless
+    for GPU work, which runs outside the process's CPU time).
 
     Args:
         fns: name -> zero-argument callable (one training step, one sampling call, ...).
@@ -59,27 +67,33 @@ def interleaved_medians(fns: dict[str, Callable[[], object]], *, device: torch.d
     Returns:
         name -> {"median_s", "min_s", "iqr_s", "samples_s", "inner"}.
     """
+    if clock not in CLOCKS:
+        raise ValueError(f"clock must be one of {CLOCKS}, got {clock!r}")
     names = list(fns)
     inner = {}
     for name in names:
         for _ in range(warmup):
             fns[name]()
-        once = _time_calls(fns[name], 1, device)
+        once = _time_calls(fns[name], 1, device)[0]
         inner[name] = int(min(MAX_INNER, max(1, round(min_sample_s / max(once, 1e-9)))))
-    samples: dict[str, list[float]] = {name: [] for name in names}
+    samples: dict[str, dict[str, list[float]]] = {name: {"wall": [], "process": []} for name in names}
     for rep in range(repeats):
         order = names[rep % len(names):] + names[:rep % len(names)]  # rotate: no variant always first
         for name in order:
-            samples[name].append(_time_calls(fns[name], inner[name], device))
+            wall, cpu = _time_calls(fns[name], inner[name], device)
+            samples[name]["wall"].append(wall)
+            samples[name]["process"].append(cpu)
             if progress is not None:
                 progress.update(1)
     result = {}
     for name in names:
-        values = sorted(samples[name])
+        values = sorted(samples[name][clock])
         quartiles = statistics.quantiles(values, n=4) if len(values) >= 2 else [values[0]] * 3
         result[name] = {"median_s": statistics.median(values), "min_s": values[0],
-                        "iqr_s": quartiles[2] - quartiles[0], "samples_s": samples[name],
-                        "inner": inner[name]}
+                        "iqr_s": quartiles[2] - quartiles[0], "samples_s": samples[name][clock],
+                        "wall_median_s": statistics.median(samples[name]["wall"]),
+                        "process_median_s": statistics.median(samples[name]["process"]),
+                        "inner": inner[name], "clock": clock}
     return result
 
 

@@ -89,10 +89,9 @@ def capture_rng_state(step_generator: torch.Generator) -> dict:
 
 def restore_rng_state(state: dict, step_generator: torch.Generator) -> None:
     """Inverse of :func:`capture_rng_state`."""
-    step_generator.set_state(state["step_generator"].cpu() if step_generator.device.type == "cpu"
-                             else state["step_generator"])
+    step_generator.set_state(state["step_generator"].cpu())   # RNG states are CPU byte tensors on every device
     random.setstate(state["python"])
     np.random.set_state(state["numpy"])
     torch.set_rng_state(state["torch"].cpu())
     if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+        torch.cuda.set_rng_state_all([cuda_state.cpu() for cuda_state in state["cuda"]])

@@ -106,13 +106,16 @@ class PMFObjective(nn.Module):
             return contextlib.nullcontext()
         return torch.autocast(device.type, dtype=self.autocast_dtype)
 
-    def _x_net(self, z, r, t, cond):
-        # fp32 always: this is the function torch.func.jvp differentiates (forward-mode AD in
-        # bf16 would put bf16 rounding into du/dt, which is multiplied by (t - r) in the target).
+    def x_net(self, z, r, t, cond):
+        """The u-head as pmf_ref's ``x_net(z, r, t, cond) -> x_hat`` (B, C, H, W), always in fp32."""
+        # No autocast: this is the function torch.func.jvp differentiates, and bf16 rounding in
+        # du/dt would enter the target through (t - r) du/dt.
         output = self.model.forward_u(z, r, t, cond)
         return output if self.x_from_output is None else self.x_from_output(z, output, t)
 
-    def _v_net(self, z, t, cond):
+    def v_net(self, z, t, cond):
+        """The v-head at h = 0 as pmf_ref's ``v_net(z, t, cond) -> x_hat_v`` (B, C, H, W), fp32 output
+        (computed under autocast when ``autocast_dtype`` is set)."""
         with self._autocast(z.device):
             output = self.model.forward_v(z, t, cond)
         output = output.float()
@@ -129,10 +132,10 @@ class PMFObjective(nn.Module):
         null_label = self.model.num_classes
         cond = make_cond(P.drop_labels(y, rnd.dropped, null_label=null_label), rnd.omega, rnd.t_min, rnd.t_max)
         uncond = make_cond(torch.full_like(y, null_label), torch.ones_like(rnd.omega), rnd.t_min, rnd.t_max)
-        terms = P.pmf_guided_loss(self._x_net, self._v_net, x, rnd.e, rnd.r, rnd.t, cond=cond, uncond=uncond,
+        terms = P.pmf_guided_loss(self.x_net, self.v_net, x, rnd.e, rnd.r, rnd.t, cond=cond, uncond=uncond,
                                   omega=rnd.omega, t_min=rnd.t_min, t_max=rnd.t_max, dropped=rnd.dropped,
                                   c=self.c, p=self.p)
-        out = {"loss_u": terms.loss_u, "loss_v": terms.loss_v, "raw_u": terms.raw_u.detach(),
+        per_sample = {"loss_u": terms.loss_u, "loss_v": terms.loss_v, "raw_u": terms.raw_u.detach(),
                "raw_v": terms.raw_v.detach(),
                "lpips": torch.zeros_like(terms.loss_u), "convnext": torch.zeros_like(terms.loss_u)}
         if self.perceptual is not None:
@@ -142,7 +145,8 @@ class PMFObjective(nn.Module):
                     distances = self.perceptual(terms.x_hat[rows], x[rows], rnd.crop_boxes[rows])
                 for name, distance in distances.items():
                     weighted = self.weights[name] * P.adaptively_weighted(distance.float(), c=self.c, p=self.p)
-                    out[name] = out[name].index_put((rows,), weighted)
-        out["total"] = out["loss_u"] + out["loss_v"] + out["lpips"] + out["convnext"]
-        out["loss"] = out["total"].mean()
-        return out
+                    per_sample[name] = per_sample[name].index_put((rows,), weighted)
+        per_sample["total"] = (per_sample["loss_u"] + per_sample["loss_v"] + per_sample["lpips"]
+                               + per_sample["convnext"])
+        per_sample["loss"] = per_sample["total"].mean()    # batch mean last (DDP then averages over ranks)
+        return per_sample

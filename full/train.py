@@ -11,10 +11,10 @@ it comes from ``pmf_ref``. In-process API: ``train(TrainConfig(...), dataset)``.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import functools
 import json
-import os
 import random
 import sys
 import time
@@ -55,6 +55,7 @@ class TrainConfig:
     resolution: int | None = None
     patch: int | None = None
     batch_size: int = 1024                   # global batch over all ranks (pMF: 1024)
+    accum_steps: int = 1                     # micro-batches per rank per step (gradient accumulation)
     steps: int = 400_000
     lr: float = 1e-3                         # constant, no warm-up (pMF §6)
     seed: int = 0
@@ -93,8 +94,10 @@ def check_config(cfg: TrainConfig, world_size: int = 1) -> None:
         (cfg.preset in PRESETS, f"preset must be one of {sorted(PRESETS)}, got {cfg.preset!r}"),
         (cfg.steps >= 1, f"steps must be >= 1, got {cfg.steps}"),
         (cfg.batch_size >= 1, f"batch_size must be >= 1, got {cfg.batch_size}"),
-        (cfg.batch_size % world_size == 0,
-         f"batch_size {cfg.batch_size} must be divisible by the world size {world_size}"),
+        (cfg.accum_steps >= 1, f"accum_steps must be >= 1, got {cfg.accum_steps}"),
+        (cfg.batch_size % (world_size * max(cfg.accum_steps, 1)) == 0,
+         f"batch_size {cfg.batch_size} must be divisible by world size x accum_steps = "
+         f"{world_size} x {cfg.accum_steps}"),
         (cfg.lr > 0, f"lr must be > 0, got {cfg.lr}"),
         (cfg.optimizer in ("muon", "adam"), f"optimizer must be 'muon' or 'adam', got {cfg.optimizer!r}"),
         (cfg.prediction in ("x", "u"), f"prediction must be 'x' or 'u', got {cfg.prediction!r}"),
@@ -131,6 +134,7 @@ def train(cfg: TrainConfig, dataset=None, progress: bool = True) -> TrainResult:
     rank, world_size, device = dist_info.rank, dist_info.world_size, dist_info.device
     check_config(cfg, world_size)
     local_batch = cfg.batch_size // world_size
+    micro_batch = local_batch // cfg.accum_steps
     random.seed(cfg.seed)
     np.random.seed(cfg.seed)
     torch.manual_seed(cfg.seed)                       # same initial weights on every rank
@@ -146,6 +150,9 @@ def train(cfg: TrainConfig, dataset=None, progress: bool = True) -> TrainResult:
     if getattr(dataset, "num_classes", 0) > model.num_classes:
         raise ValueError(f"the data has {dataset.num_classes} classes but the model only {model.num_classes}; "
                          f"pass --num-classes {dataset.num_classes}")
+    if cfg.perceptual != "none" and model.channels != 3:
+        raise ValueError(f"perceptual={cfg.perceptual!r} needs RGB images (LPIPS / ConvNeXt), got "
+                         f"{model.channels} channel(s); use perceptual='none'")
     image_shape = (model.channels, model.resolution, model.resolution)
 
     # ---- objective: the ablations are pmf_ref functions chosen here, not switches inside the math
@@ -167,7 +174,7 @@ def train(cfg: TrainConfig, dataset=None, progress: bool = True) -> TrainResult:
     step_generator = torch.Generator(device).manual_seed(cfg.seed)   # per-step randomness, global batch
     step, images_seen, epoch, batch_in_epoch = 0, 0, 0, 0
     if cfg.resume:
-        state = load_checkpoint(cfg.resume, map_location=device)
+        state = load_checkpoint(cfg.resume, map_location="cpu")   # load_state_dict copies to the device
         saved = state["config"]["train"]
         for name in ("preset", "batch_size", "optimizer", *MODEL_OVERRIDE_FIELDS):
             if saved[name] != getattr(cfg, name):
@@ -198,11 +205,18 @@ def train(cfg: TrainConfig, dataset=None, progress: bool = True) -> TrainResult:
         randomness = draw_step_randomness(cfg.batch_size, image_shape, generator=step_generator,
                                           noise_scale=model.noise_scale, sample_time_pair=sample_time_pair,
                                           sample_guidance=sample_guidance, device=device)
-        randomness = randomness.rows(rank * local_batch, (rank + 1) * local_batch)   # this rank's rows
 
-        terms = step_objective(x, y, randomness)
         optimizer.zero_grad(set_to_none=True)
-        terms["loss"].backward()                 # DDP averages gradients over ranks here
+        micro_means = []
+        for micro in range(cfg.accum_steps):     # rows [first, first + micro_batch) of the global batch
+            first = rank * local_batch + micro * micro_batch
+            rows = slice(micro * micro_batch, (micro + 1) * micro_batch)
+            last = micro == cfg.accum_steps - 1
+            # DDP all-reduces gradients in the backward of the last micro-batch only.
+            with contextlib.nullcontext() if last or world_size == 1 else step_objective.no_sync():
+                terms = step_objective(x[rows], y[rows], randomness.rows(first, first + micro_batch))
+                (terms["loss"] / cfg.accum_steps).backward()
+            micro_means.append(torch.stack([terms[name].detach().mean() for name in LOGGED_TERMS]))
         grad_norm = torch.nn.utils.get_total_norm([p.grad for p in model.parameters() if p.grad is not None])
         optimizer.step()
         if emas is not None:
@@ -211,7 +225,7 @@ def train(cfg: TrainConfig, dataset=None, progress: bool = True) -> TrainResult:
         step += 1
         batch_in_epoch += 1                      # position of the next batch (for resume)
 
-        logged = torch.stack([terms[name].detach().mean() for name in LOGGED_TERMS] + [grad_norm.detach()])
+        logged = torch.cat([torch.stack(micro_means).mean(dim=0), grad_norm.detach().reshape(1)])
         logged = mean_over_ranks(logged).tolist()
         now = time.perf_counter()
         record = {"step": step, "images_seen": images_seen, **dict(zip(LOGGED_TERMS, logged[:-1])),
@@ -248,6 +262,8 @@ def main(argv: list[str] | None = None) -> None:
                         help="ImageNet-style folder root/<class>/<image> (ADM center crop, no flip), or 'synthetic'")
     parser.add_argument("--batch-size", type=int, default=1024, help="global batch over all processes (pMF: 1024)")
     parser.add_argument("--steps", type=int, default=400_000, help="optimiser steps (320 epochs of ImageNet at 1024 = 400k)")
+    parser.add_argument("--accum-steps", type=int, default=1,
+                        help="micro-batches per process per step (gradient accumulation; same global batch)")
     parser.add_argument("--lr", type=float, default=1e-3, help="constant learning rate of Muon and Adam (pMF: 1e-3)")
     parser.add_argument("--seed", type=int, default=0, help="seed of weights, data order and per-step randomness")
     parser.add_argument("--optimizer", choices=("muon", "adam"), default="muon",
@@ -270,7 +286,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--ckpt-every", type=int, default=5000, help="steps between (atomic) checkpoints")
     parser.add_argument("--log-every", type=int, default=100, help="steps between JSONL log lines")
     parser.add_argument("--out", default="runs/pmf", help="output folder: checkpoint.pt and log.jsonl")
-    parser.add_argument("--resume", default=None, help="checkpoint to continue from (exactly)")
+    parser.add_argument("--resume", default=None,
+                        help="checkpoint to continue from, exactly (weights, EMAs, optimiser, RNG, data position) "
+                             "up to --steps in total")
     parser.add_argument("--num-workers", type=int, default=8, help="data-loading processes per GPU")
     parser.add_argument("--device", choices=("cpu", "cuda"), default=None, help="default: cuda when available")
     args = parser.parse_args(argv)
@@ -285,8 +303,11 @@ def main(argv: list[str] | None = None) -> None:
     if not args.lr > 0:
         parser.error(f"--lr must be > 0, got {args.lr}")
     world_size = world_size_from_env()
-    if args.batch_size % world_size:
-        parser.error(f"--batch-size {args.batch_size} must be divisible by the number of processes ({world_size})")
+    if args.accum_steps < 1:
+        parser.error(f"--accum-steps must be >= 1, got {args.accum_steps}")
+    if args.batch_size % (world_size * args.accum_steps):
+        parser.error(f"--batch-size {args.batch_size} must be divisible by the number of processes ({world_size}) "
+                     f"x --accum-steps ({args.accum_steps})")
     if args.data != "synthetic" and not Path(args.data).is_dir():
         parser.error(f"--data: folder {args.data!r} does not exist (expected root/<class>/<image>, or 'synthetic')")
     if args.resume is not None and not Path(args.resume).is_file():
@@ -299,7 +320,8 @@ def main(argv: list[str] | None = None) -> None:
         parser.error(f"--ema-kimg values must be > 0, got {args.ema_kimg!r}")
 
     cfg = TrainConfig(preset=args.preset, data=args.data, num_classes=args.num_classes,
-                      batch_size=args.batch_size, steps=args.steps, lr=args.lr, seed=args.seed,
+                      batch_size=args.batch_size, accum_steps=args.accum_steps, steps=args.steps, lr=args.lr,
+                      seed=args.seed,
                       optimizer=args.optimizer, prediction=args.prediction, time_sampler=args.time_sampler,
                       guidance=not args.no_guidance, ema_half_lives_kimg=half_lives, perceptual=args.perceptual,
                       convnext_weights=args.convnext_weights, bf16=args.bf16, ckpt_every=args.ckpt_every,
@@ -310,6 +332,9 @@ def main(argv: list[str] | None = None) -> None:
     except FileNotFoundError as error:   # missing images or pretrained weights: one clear line
         print(f"python -m full.train: error: {error}", file=sys.stderr)
         raise SystemExit(2)
+    finally:
+        if torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """DDP around PMFObjective: 2 gloo processes on CPU reproduce a 1-process run on the same global batch.
 
-The JVP runs inside ``DDP.forward`` (the objective computes the whole loss), so DDP's gradient
+Each rank also accumulates two micro-batches (``no_sync`` on the first). The JVP runs inside ``DDP.forward`` (the objective computes the whole loss), so DDP's gradient
 all-reduce covers it; a wrong set-up (calling the inner network, so gradients are not synced)
 would leave the two ranks' parameters different from each other and from the 1-process run.
 """
@@ -31,10 +31,10 @@ def one_thread():
 GLOBAL_BATCH = 4
 
 
-def _config(out: str) -> TrainConfig:
-    return TrainConfig(preset="pMF-T/2", num_classes=10, batch_size=GLOBAL_BATCH, steps=STEPS, perceptual="none",
-                       out=out, ckpt_every=10_000, log_every=10_000, ema_half_lives_kimg=(1.0,), device="cpu",
-                       num_workers=0)
+def _config(out: str, accum_steps: int = 1) -> TrainConfig:
+    return TrainConfig(preset="pMF-T/2", num_classes=10, batch_size=GLOBAL_BATCH, accum_steps=accum_steps,
+                       steps=STEPS, perceptual="none", out=out, ckpt_every=10_000, log_every=10_000,
+                       ema_half_lives_kimg=(1.0,), device="cpu", num_workers=0)
 
 
 def _dataset() -> SyntheticDataset:
@@ -45,7 +45,8 @@ def _worker(rank: int, world_size: int, init_file: str, out_dir: str) -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size)
     try:
-        result = train(_config(out_dir), _dataset(), progress=False)
+        # Two micro-batches per rank: also checks that DDP's no_sync accumulation adds up.
+        result = train(_config(out_dir, accum_steps=2), _dataset(), progress=False)
         torch.save({"params": {k: v.detach().clone() for k, v in result.model.state_dict().items()},
                     "losses": [record["loss"] for record in result.history]},
                    os.path.join(out_dir, f"rank{rank}.pt"))

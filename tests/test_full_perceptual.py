@@ -142,7 +142,7 @@ def test_objective_adds_weighted_terms_only_below_t_thr(distances):
     below = t < 0.6
     assert torch.all(terms["lpips"][~below] == 0) and torch.all(terms["convnext"][~below] == 0)
     # Oracle: the same distances on the u-head's x_hat of those rows, adaptively weighted.
-    guided = P.pmf_guided_loss(objective._x_net, objective._v_net, x, randomness.e, randomness.r, t,
+    guided = P.pmf_guided_loss(objective.x_net, objective.v_net, x, randomness.e, randomness.r, t,
                                cond=_cond(randomness, n, False), uncond=_cond(randomness, n, True),
                                omega=randomness.omega, t_min=randomness.t_min, t_max=randomness.t_max,
                                dropped=randomness.dropped)

@@ -8,11 +8,11 @@ import pmf_ref as P
 import toy
 from toy.__main__ import main
 from toy.model import ToyMLP
-from toy.train import EVAL_SAMPLES, ToyConfig, make_u_fn, train
+from toy.train import ToyConfig, make_u_fn, train
 
 SCHEMA = {"prediction": str, "dim": int, "dataset": str, "steps": int, "seed": int,
           "swd": float, "energy": float, "off_manifold": float, "final_loss": float}
-TINY = dict(steps=3, batch_size=16, width=16, depth=3)
+TINY = dict(steps=3, batch_size=16, width=16, depth=3, eval_samples=256)  # fast: no learning checked here
 
 
 def test_mlp_output_shape():
@@ -45,7 +45,7 @@ def test_train_record_schema_and_shapes(prediction, tangent):
     assert set(run.record) == set(SCHEMA)
     for key, kind in SCHEMA.items():
         assert isinstance(run.record[key], kind), key
-    assert run.samples_2d.shape == (EVAL_SAMPLES, 2)
+    assert run.samples_2d.shape == (256, 2)
     assert run.losses.shape == (3,)
     assert run.projection.shape == (4, 2)
 
@@ -72,7 +72,7 @@ def test_sweep_writes_files_and_json_schema(tmp_path):
 
 def test_cli_writes_outputs(tmp_path, capsys):
     main(["--dims", "2", "3", "--predictions", "x", "--steps", "2", "--batch-size", "8", "--width", "8",
-          "--depth", "2", "--out", str(tmp_path), "--no-progress"])
+          "--depth", "2", "--eval-samples", "128", "--out", str(tmp_path), "--no-progress"])
     assert json.loads((tmp_path / "metrics.json").read_text())[1]["dim"] == 3
     assert str(tmp_path / "samples.png") in capsys.readouterr().out
 

@@ -43,8 +43,8 @@ class ToyConfig:
     dataset: str = "swiss_roll"
     dim: int = 2                 # D, dimension of the observation space
     prediction: str = "x"        # "x" (pMF) or "u" (iMF)
-    steps: int = 1500
-    batch_size: int = 1024
+    steps: int = 2000
+    batch_size: int = 512
     lr: float = 1e-3             # Adam, constant, as pMF's ImageNet lr
     seed: int = 0
     tangent: str = "model"       # pMF Alg. 1 by default
@@ -53,6 +53,7 @@ class ToyConfig:
     depth: int = DEPTH
     width: int = WIDTH
     ema_decay: float = EMA_DECAY  # 0 evaluates the raw weights
+    eval_samples: int = EVAL_SAMPLES
     device: str = "cpu"
 
 
@@ -60,7 +61,7 @@ class ToyConfig:
 class ToyRun:
     """A trained toy model with its metrics (``record``, the JSON row) and what the plots need."""
     record: dict
-    samples_2d: np.ndarray       # (EVAL_SAMPLES, 2): 1-NFE samples projected back by P^T
+    samples_2d: np.ndarray       # (eval_samples, 2): 1-NFE samples projected back by P^T
     losses: np.ndarray           # (steps,): batch mean of the raw (unweighted) loss per step
     config: ToyConfig
     model: ToyMLP                # the EMA weights (those that drew samples_2d)
@@ -99,12 +100,12 @@ def evaluate(model: ToyMLP, config: ToyConfig, projection: torch.Tensor) -> tupl
     """1-NFE samples from fixed noise; swd and energy against fresh data on the plane; off-manifold norm."""
     u_fn, has_aux = make_u_fn(model, config.prediction)
     generator = torch.Generator().manual_seed(config.seed + SEED_EVAL_NOISE)
-    e = torch.randn(EVAL_SAMPLES, config.dim, generator=generator).to(config.device)
+    e = torch.randn(config.eval_samples, config.dim, generator=generator).to(config.device)
     model.eval()
     x_hat = P.sample_one_step(u_fn, e, has_aux=has_aux).cpu()                      # (n, D)
     model.train()
     samples_2d = project(x_hat, projection)                                         # (n, 2)
-    reference = sample_2d(config.dataset, EVAL_SAMPLES, seed=config.seed + SEED_EVAL_DATA)
+    reference = sample_2d(config.dataset, config.eval_samples, seed=config.seed + SEED_EVAL_DATA)
     metrics = {"swd": sliced_wasserstein(samples_2d, reference),
                "energy": energy_distance(samples_2d, reference),
                "off_manifold": float(off_manifold(x_hat, projection).mean())}

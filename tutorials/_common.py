@@ -30,7 +30,8 @@ FAST = os.environ.get("PMF_TUTORIAL_FAST", "0") not in ("", "0")
 REPO_ROOT = Path(__file__).resolve().parents[1]
 NUM_THREADS = 1
 """Networks this small run fastest on one thread: a second one costs more in synchronisation than it
-saves in arithmetic, and much more on a busy machine. Tutorial 06 (a ViT) asks for 2."""
+saves in arithmetic, and far more on a busy machine (measured: the tiny ViT's backward pass was >10x
+slower with 2 threads than with 1 while other jobs shared the 2 cores)."""
 
 
 def setup(number: str, seed: int = 0, num_threads: int = NUM_THREADS) -> Path:

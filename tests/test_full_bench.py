@@ -1,0 +1,90 @@
+"""Benchmarks harness (full/bench*.py): the JVP strategies it compares compute the same loss and
+gradient, the timer interleaves and counts what it claims, the memory probe sees an allocation,
+and a tiny end-to-end run yields the documented JSON schema. No timing assertions."""
+import json
+
+import pytest
+import torch
+
+import pmf_ref as P
+from full import bench
+from full.bench_steps import ALG1_STRATEGIES, Batch, alg1_loss
+from full.bench_timing import interleaved_medians, peak_memory_bytes
+from toy.model import ToyMLP
+
+TINY = bench.BenchConfig(warmup=0, repeats=1, min_sample_s=0.0, toy_dim=4, toy_batch=8,
+                         tiny_preset="pMF-T/2", tiny_batch=2, small_preset="pMF-T/4", small_resolution=16,
+                         small_batch=2, sample_batch=1, euler_steps=2, compile=False)
+
+
+def _grads(loss_fn, parameters):
+    for parameter in parameters:
+        parameter.grad = None
+    loss = loss_fn()
+    loss.mean().backward()
+    return loss.detach(), [parameter.grad.clone() for parameter in parameters]
+
+
+@pytest.mark.parametrize("strategy", ["jvp_nograd_plus_forward", "double_backward"])
+def test_alg1_strategies_match_core_loss_and_gradient(strategy):
+    """Second formulation as oracle: every strategy equals pmf_ref.pmf_loss, value and gradient (float64)."""
+    generator = torch.Generator().manual_seed(0)
+    torch.manual_seed(0)
+    model = ToyMLP(3, depth=3, width=16).double()
+    n = 6
+    x = torch.randn(n, 3, generator=generator, dtype=torch.float64)
+    e = torch.randn(n, 3, generator=generator, dtype=torch.float64)
+    r, t = P.sample_time_pair(n, generator=generator, dtype=torch.float64)
+    batch = Batch(x, e, r, t)
+    parameters = list(model.parameters())
+    loss_core, grads_core = _grads(lambda: alg1_loss(model, batch), parameters)
+    loss_alt, grads_alt = _grads(lambda: ALG1_STRATEGIES[strategy](model, batch), parameters)
+    torch.testing.assert_close(loss_alt, loss_core, rtol=1e-10, atol=1e-12)
+    for grad_alt, grad_core in zip(grads_alt, grads_core):
+        torch.testing.assert_close(grad_alt, grad_core, rtol=1e-9, atol=1e-11)
+
+
+def test_interleaved_medians_rotates_order_and_counts_calls():
+    calls = []
+    fns = {name: (lambda name=name: calls.append(name)) for name in "abc"}
+    stats = interleaved_medians(fns, device=torch.device("cpu"), warmup=2, repeats=3, min_sample_s=0.0)
+    timed = calls[-9:]                      # 3 repetitions x 3 variants, one call each (inner = 1)
+    assert timed == list("abc" "bca" "cab")
+    assert calls.count("a") == 2 + 1 + 3    # warm-up + calibration + timed
+    assert all(len(s["samples_s"]) == 3 and s["inner"] == 1 for s in stats.values())
+    assert all(s["min_s"] <= s["median_s"] for s in stats.values())
+
+
+def test_peak_memory_sees_a_transient_allocation():
+    size_mb = 64
+    peak = peak_memory_bytes(lambda: torch.ones(size_mb * 2 ** 20 // 4).sum(), torch.device("cpu"))
+    if peak is None:
+        pytest.skip("no /proc/self/clear_refs on this platform")
+    assert peak >= 0.9 * size_mb * 2 ** 20
+
+
+def test_bench_run_has_headline_ratios_and_rows(tmp_path):
+    threads = torch.get_num_threads()
+    result = bench.run(TINY, progress=False)
+    assert torch.get_num_threads() == threads  # the run restores the caller's setting
+    for key in ("step_ratio_alg1", "step_ratio_released", "sampling_vs_forward", "one_step_vs_euler50"):
+        assert result[key] > 0
+    assert {"cpu_model", "cpu_count", "torch_threads", "torch_version"} <= set(result["machine"])
+    variants = {(row["network"], row["variant"]) for row in result["steps"]}
+    assert len(variants) == 3 + 3 + 2       # the toy has no released recipe (no v-head)
+    assert {row["strategy"] for row in result["jvp_strategies"]} == {"flow_matching", *ALG1_STRATEGIES}
+    fm = [row for row in result["steps"] if row["variant"] == "flow_matching"]
+    assert all(row["ratio_vs_flow_matching"] == 1.0 for row in fm)
+    assert "| network | step |" in bench.format_tables(result)
+    path = tmp_path / "bench.json"
+    bench.write_json_atomic(str(path), result)
+    assert json.loads(path.read_text())["step_ratio_alg1"] == result["step_ratio_alg1"]
+
+
+@pytest.mark.parametrize("argv", [["--repeats", "3"], ["--threads", "0"], ["--sections", "steps,nope"],
+                                  ["--device", "tpu"], ["--warmup", "-1"]])
+def test_bench_cli_rejects_bad_arguments(argv, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        bench.main(argv)
+    assert exit_info.value.code == 2
+    assert argv[0] in capsys.readouterr().err
