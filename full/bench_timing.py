@@ -61,7 +61,8 @@ def interleaved_medians(fns: dict[str, Callable[[], object]], *, device: torch.d
 
     Args:
         fns: name -> zero-argument callable (one training step, one sampling call, ...).
-        warmup: untimed calls of each variant first (allocator, caches, compilation).
+        warmup: untimed calls of each variant first (allocator, caches, compilation); at least
+            one is made, the last one timed to choose ``inner``.
         repeats: timed samples per variant (>= 5 for a median worth quoting).
         progress: optional tqdm bar, advanced once per sample.
     Returns:
@@ -72,9 +73,9 @@ def interleaved_medians(fns: dict[str, Callable[[], object]], *, device: torch.d
     names = list(fns)
     inner = {}
     for name in names:
-        for _ in range(warmup):
+        for _ in range(warmup - 1):
             fns[name]()
-        once = _time_calls(fns[name], 1, device)[0]
+        once = _time_calls(fns[name], 1, device)[0]  # the last warm-up call also sizes `inner`
         inner[name] = int(min(MAX_INNER, max(1, round(min_sample_s / max(once, 1e-9)))))
     samples: dict[str, dict[str, list[float]]] = {name: {"wall": [], "process": []} for name in names}
     for rep in range(repeats):

@@ -29,12 +29,16 @@ def one_thread():
     torch.set_num_threads(threads)
 
 GLOBAL_BATCH = 4
+OPTIMIZER = "adam"
+# Not Muon: its Newton-Schulz runs in bf16, which turns the ~1e-7 float reduction-order differences
+# between 2 processes and 1 (present even between accumulation and a full batch in one process)
+# into ~5% differences of some updates. Gradient sync does not depend on the optimiser.
 
 
 def _config(out: str, accum_steps: int = 1) -> TrainConfig:
     return TrainConfig(preset="pMF-T/2", num_classes=10, batch_size=GLOBAL_BATCH, accum_steps=accum_steps,
                        steps=STEPS, perceptual="none", out=out, ckpt_every=10_000, log_every=10_000,
-                       ema_half_lives_kimg=(1.0,), device="cpu", num_workers=0)
+                       ema_half_lives_kimg=(1.0,), device="cpu", num_workers=0, optimizer=OPTIMIZER)
 
 
 def _dataset() -> SyntheticDataset:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import time
+import warnings
 
 import torch
 
@@ -85,6 +86,9 @@ def main(argv: list[str] | None = None) -> None:
     if device.type == "cuda" and not torch.cuda.is_available():
         parser.error("--device: cuda requested but torch.cuda.is_available() is False")
 
+    # torch's first forward-mode AD call loads decompositions through the deprecated torch.jit.script
+    # and warns; the warning is torch's, not this program's, and would cut through the progress bars.
+    warnings.filterwarnings("ignore", message=".*torch.jit.script.*deprecated", category=FutureWarning)
     start = time.time()
     runs = run_sweep(dims=args.dims, predictions=args.predictions, dataset=args.dataset, steps=args.steps,
                      batch_size=args.batch_size, lr=args.lr, seeds=args.seeds, tangent=args.tangent,

@@ -26,7 +26,8 @@ TANGENTS = ("model", "conditional")
 TIME_MEAN, TIME_STD = 0.0, 1.0
 # Logit-normal (mean, std) of t and r for the toy; the papers do not give them (method.md Sec. 8).
 # Deviation: pMF ImageNet uses (0.8, 0.8), which puts most times near t = 1; a centred, wider
-# sampler covers the whole [0, 1] range that a 2-D toy needs (see the README for the comparison).
+# sampler covers the whole [0, 1] range that a 2-D toy needs. Measured (D = 2, x-prediction,
+# 1000 steps, batch 512, no EMA): swd 0.23 with (0, 1), 0.24 with MeanFlow's (-0.4, 1), 0.41 with (0.8, 0.8).
 EMA_DECAY = 0.995
 # Samples come from an exponential moving average of the weights, as in pMF (Sec. 6 of method.md:
 # EMA half-lives of 500-2000 kimg there). Here 0.995 averages over ~200 steps: it smooths Adam's
@@ -40,6 +41,7 @@ SEED_PROJECTION, SEED_DATA, SEED_EVAL_NOISE, SEED_EVAL_DATA = 0, 1_000_003, 2_00
 
 @dataclasses.dataclass(frozen=True)
 class ToyConfig:
+    """Everything one run needs; built at the entry point (``run_sweep`` or the CLI)."""
     dataset: str = "swiss_roll"
     dim: int = 2                 # D, dimension of the observation space
     prediction: str = "x"        # "x" (pMF) or "u" (iMF)

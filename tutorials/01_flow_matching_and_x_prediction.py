@@ -135,8 +135,8 @@ report("final flow-matching loss, x-prediction", sum(losses_x[-100:]) / len(loss
 report("final flow-matching loss, v-prediction", sum(losses_v[-100:]) / len(losses_v[-100:]))
 
 # %% [markdown]
-# In 2-D both work equally well: the loss cannot go to zero (it is the variance of `e - x` given
-# `z_t`), and both curves settle at the same floor. Tutorial 04 shows where they part ways — when
+# In 2-D both parametrisations train to about the same loss. It cannot go to zero: its floor is the
+# variance of `e - x` given `z_t`, which no network can predict. Tutorial 04 shows where they part ways — when
 # the data live on a low-dimensional manifold inside many dimensions.
 #
 # ## 5. Multi-step sampling
@@ -144,8 +144,9 @@ report("final flow-matching loss, v-prediction", sum(losses_v[-100:]) / len(loss
 # Sampling integrates the ODE `dz/dt = v(z, t)` from noise (t = 1) to data (t = 0).
 # `P.sample_multi_step(u_fn, e, steps=N)` takes N uniform steps of `z_r = z_t - (t - r) u`; a
 # flow-matching model knows only the instantaneous velocity, so we hand it `u(z, r, t) := v(z, t)`
-# and the sampler becomes Euler's method. One Euler step lands every sample on
-# `E[x | z_1]`, roughly the mean of the data; it takes many steps to follow the curved paths.
+# and the sampler becomes Euler's method. One Euler step from t = 1 gives `e - v(e, 1) = E[x | z_1 = e]`,
+# and since `z_1 = e` says nothing about x, that is the mean of the data for every sample: a trained
+# flow-matching model collapses to a point in one step, and needs many steps to follow the curved paths.
 
 # %%
 def u_fn_of(x_fn):

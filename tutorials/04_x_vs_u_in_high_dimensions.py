@@ -16,12 +16,11 @@
 # Figures go to `runs/tutorials/04/`; `make demo` runs the full sweep.
 
 # %%
-import numpy as np
 import torch
 
 import pmf_ref as P
 import toy
-from _common import FAST, report, setup, steps
+from _common import FAST, report, setup
 
 out = setup("04")
 

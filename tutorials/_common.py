@@ -68,7 +68,7 @@ def save_figure(fig: plt.Figure, path: Path) -> None:
 def report(name: str, value: float) -> float:
     """Print one number as ``name = value`` (the tests look for these lines) and return it."""
     value = float(value.detach()) if isinstance(value, torch.Tensor) else float(value)
-    print(f"{name} = {value:.6g}")
+    print(f"{name} = {value:.10g}")
     return value
 
 
