@@ -23,6 +23,7 @@ import argparse
 import dataclasses
 import json
 import os
+import resource
 import sys
 import tempfile
 import time
@@ -236,6 +237,10 @@ def _run(cfg: BenchConfig, device: torch.device, progress: bool) -> dict:
                              for key, (op, bound) in TARGETS.items()}
     result["machine"]["load_average_end"] = list(os.getloadavg()) if hasattr(os, "getloadavg") else None
     result["elapsed_s"] = time.perf_counter() - started
+    # CPU seconds actually used (compiler workers are child processes): on a machine shared with
+    # other jobs this, not elapsed_s, estimates how long the run takes on an idle machine.
+    children = resource.getrusage(resource.RUSAGE_CHILDREN)
+    result["cpu_s"] = {"self": time.process_time(), "children": children.ru_utime + children.ru_stime}
     return result
 
 

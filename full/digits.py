@@ -53,6 +53,7 @@ class DigitsConfig:
     threads: int
     progress: bool
     fresh: bool
+    report_only: bool = False
 
 
 def _write_text_atomic(path: Path, text: str) -> None:
@@ -68,27 +69,35 @@ def run_experiment(name: str, cfg: DigitsConfig, evaluator: DigitsEvaluator) -> 
     out = Path(cfg.out)
     arms = experiment_arms(name)
     start = time.perf_counter()
-    results = []
+    results, missing = [], []
     for label, spec in arms:
         print(f"[{name}] {label}", flush=True)
-        results.append((label, spec, run_arm(spec, cfg.budget, evaluator, out=out, sample_interval=SAMPLE_INTERVAL,
-                                             progress=cfg.progress, fresh=cfg.fresh)))
+        result = run_arm(spec, cfg.budget, evaluator, out=out, sample_interval=SAMPLE_INTERVAL,
+                         progress=cfg.progress, fresh=cfg.fresh, report_only=cfg.report_only)
+        if result is None:
+            missing.append(label)
+        else:
+            results.append((label, spec, result))
+    if not results:
+        raise SystemExit(f"python -m full.digits: error: {name}: no arm trained yet under {out} (drop --report-only)")
     floor = evaluator.floor(arms[0][1].resolution)   # identical at every resolution (exact round trip)
     rows = [{"label": label, "omega": float(omega), "weights": "ema",
              "metrics": result["metrics"]["ema"][str(float(omega))], "raw_metrics": result["metrics"]["raw"][str(float(omega))],
              "final_raw_u": result["final_raw_u"], "train_seconds": result["train_seconds"], "key": result["key"]}
             for label, spec, result in results for omega in spec.omegas]
     if name == "guidance":
-        guided = results[0][2]
-        panels = [(f"{results[0][0]}, omega {omega:g}", guided["grid"][str(omega)]) for omega in FIGURE_OMEGAS
+        label, _, guided = results[0]
+        panels = [(f"{label}, omega {omega:g}", guided["grid"][str(omega)]) for omega in FIGURE_OMEGAS
                   if str(omega) in guided["grid"]]
-        panels.append((f"{results[1][0]}, omega 1", results[1][2]["grid"]["1.0"]))
+        panels += [(f"{label}, omega 1", result["grid"]["1.0"]) for label, _, result in results[1:]]
     else:
         panels = [(f"{label}, omega 1", result["grid"]["1.0"]) for label, _, result in results]
     summary = {"experiment": name, "budget": asdict(cfg.budget), "floor": floor, "rows": rows,
                "loss_curves": {label: result["loss_curve"] for label, _, result in results},
-               "paper": PAPER_NUMBERS[name], "seconds": time.perf_counter() - start}
+               "paper": PAPER_NUMBERS[name], "missing_arms": missing, "seconds": time.perf_counter() - start}
     table = markdown_table(name, rows, floor, PAPER_NUMBERS[name])
+    if missing:
+        table += f"\nNot trained (run without --report-only to train): {'; '.join(missing)}.\n"
     _write_text_atomic(out / f"{name}.json", json.dumps(summary, indent=1))
     _write_text_atomic(out / f"{name}.md", table)
     save_figure(out / f"{name}.png", f"digits: {name} ({cfg.budget.steps} steps x {cfg.budget.batch_size})",
@@ -122,6 +131,8 @@ def main(argv: list[str] | None = None) -> dict[str, dict]:
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     parser.add_argument("--fresh", action="store_true", help="retrain arms even if a cached result exists")
     parser.add_argument("--no-progress", action="store_true", help="no tqdm bars")
+    parser.add_argument("--report-only", action="store_true",
+                        help="train nothing: tabulate the arms already cached under --out (missing arms are listed)")
     args = parser.parse_args(argv)
     if args.quick:
         args.steps, args.batch_size, args.per_class = QUICK_STEPS, QUICK_BATCH, QUICK_PER_CLASS
@@ -135,7 +146,7 @@ def main(argv: list[str] | None = None) -> dict[str, dict]:
     budget = Budget(steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
                     per_class=args.per_class, ema_kimg=EMA_KIMG)
     return run(DigitsConfig(experiments=experiments, budget=budget, out=args.out, threads=args.threads,
-                            progress=not args.no_progress, fresh=args.fresh))
+                            progress=not args.no_progress, fresh=args.fresh, report_only=args.report_only))
 
 
 if __name__ == "__main__":

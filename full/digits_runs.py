@@ -137,7 +137,7 @@ def _evaluate(networks: dict, spec: ArmSpec, omega: float, budget: Budget, evalu
 
 
 def run_arm(spec: ArmSpec, budget: Budget, evaluator: DigitsEvaluator, *, out: Path, sample_interval: tuple[float, float],
-            progress: bool = True, fresh: bool = False) -> dict:
+            progress: bool = True, fresh: bool = False, report_only: bool = False) -> dict | None:
     """Train one arm (or reuse its cached training) and evaluate it at every omega of ``spec``.
 
     Omegas missing from a cached result are evaluated from the arm's checkpoint, without retraining.
@@ -145,7 +145,7 @@ def run_arm(spec: ArmSpec, budget: Budget, evaluator: DigitsEvaluator, *, out: P
     Returns:
         ``{"key", "spec", "budget", "train_seconds", "final_raw_u", "loss_curve", "metrics": {"ema"|"raw":
         {str(omega): {"fd", "accuracy", "off_subspace_rms"}}}, "grid": {str(omega): (10, k, res, res) list}}``
-        (grids of the EMA weights).
+        (grids of the EMA weights); None with ``report_only`` when the arm was never trained.
     """
     key = arm_key(spec, budget)
     folder = out / "runs" / key
@@ -156,6 +156,8 @@ def run_arm(spec: ArmSpec, budget: Budget, evaluator: DigitsEvaluator, *, out: P
         result = json.loads(result_path.read_text())
         if result.get("version") != RESULT_VERSION:
             result = None
+    if result is None and report_only:
+        return None
     if result is None:
         start = time.perf_counter()
         trained = train(train_config(spec, budget, folder), dataset=DigitsDataset(spec.resolution), progress=progress)
