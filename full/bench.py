@@ -279,7 +279,7 @@ def format_tables(result: dict) -> str:
                   f"{_fmt(r['ratio_vs_bare_forward'], '.3f')} |" for r in result["sampling"]]
         lines.append("")
     lines.append(f"Headline ({result['headline_network']}): " + ", ".join(
-        f"{key} = {_fmt(result[key], '.3f')}" + ("" if key not in TARGETS else
+        f"{key} = {_fmt(result[key], '.3f')}" + ("" if key not in TARGETS or result[key] is None else
                                                  f" (target {result['targets'][key]}: "
                                                  f"{'met' if result['targets_met'][key] else 'missed'})")
         for key in ("step_ratio_alg1", "step_ratio_released", "sampling_vs_forward", "one_step_vs_euler50")))
@@ -296,20 +296,19 @@ def write_json_atomic(path: str, payload: dict) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m full.bench", description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = argparse.ArgumentParser(prog="python -m full.bench", description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true",
                         help="small batches, 5 repetitions, torch.compile on the toy only (< 5 min on 2 cores)")
     parser.add_argument("--out", default=None, help="write the JSON result to this file (atomically)")
-    parser.add_argument("--device", default="cpu", help="'cpu' or 'cuda' (or 'cuda:N')")
-    parser.add_argument("--threads", type=int, default=1, help="torch.set_num_threads, fixed for the whole run")
+    parser.add_argument("--device", default="cpu", help="'cpu' (default) or 'cuda' (or 'cuda:N')")
+    parser.add_argument("--threads", type=int, default=1, help="torch.set_num_threads, fixed for the whole run (default 1: see BenchConfig.threads)")
     parser.add_argument("--clock", choices=("auto",) + CLOCKS, default="auto",
                         help="clock of the medians: 'process' CPU time (steady on a shared CPU), 'wall', "
-                             "or 'auto' = process on CPU, wall on CUDA")
+                             "or 'auto' (default) = process on CPU, wall on CUDA")
     parser.add_argument("--repeats", type=int, default=None,
                         help=f"timed repetitions per variant, >= {MIN_REPEATS} (default 7; 5 with --quick)")
     parser.add_argument("--warmup", type=int, default=None, help="untimed calls per variant first (default 2; 1 with --quick)")
-    parser.add_argument("--sections", default=",".join(SECTIONS), help=f"comma-separated subset of {SECTIONS}")
+    parser.add_argument("--sections", default=",".join(SECTIONS), help=f"comma-separated subset of {SECTIONS} (default: all)")
     parser.add_argument("--small-batch", type=int, default=None, help="training batch of the small ViT (default 8; 2 with --quick)")
     parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile variants")
     parser.add_argument("--compile-small", action="store_true", help="also compile on the small ViT (slow on CPU)")

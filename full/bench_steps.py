@@ -3,14 +3,15 @@
 A variant is a zero-argument callable over fixed tensors, so repeated calls do identical work:
 
 * ``flow_matching``: JiT baseline, ``pmf_ref.flow_matching_loss`` (r = t, no JVP) + backward.
-* ``alg1``: pMF Alg. 1, ``pmf_ref.pmf_loss`` (no-grad tangent pass + ``torch.func.jvp`` whose
-  primal keeps its graph) + backward.
+* ``alg1``: pMF Alg. 1, ``pmf_ref.pmf_loss`` (no-grad tangent pass + the core's forward-mode JVP,
+  ``pmf_ref.average_velocity_jvp``, whose primal keeps its graph) + backward.
 * ``released``: the released recipe (two v-head passes, JVP of the u-head, v-head loss) + backward,
-  through ``full.recipe.PMFObjective`` or ``pmf_ref.pmf_guided_loss``.
+  through ``full.recipe.PMFObjective`` (perceptual loss off: its frozen LPIPS / ConvNeXt nets are
+  an extra cost that does not depend on the method).
 
 JVP strategies for the same Alg. 1 loss (benchmark-only alternatives, identical value and gradient):
 
-* ``jvp_primal_grad``: the core's way, one ``torch.func.jvp`` whose primal output is differentiated;
+* ``jvp_primal_grad``: the core's way, one forward-mode JVP whose primal output is differentiated;
 * ``jvp_nograd_plus_forward``: the core's JVP under ``torch.no_grad()`` (tangent only, nothing
   saved for backward), then a separate differentiable forward for u;
 * ``double_backward``: du/dt by ``torch.autograd.functional.jvp`` (reverse mode twice), then a

@@ -4,6 +4,7 @@
     python -m full.digits optimizer           # (b) Muon vs Adam
     python -m full.digits sampler             # (c) full plane vs r = t only vs r = 0 only vs both lines
     python -m full.digits guidance            # (d) omega = 1 vs the trained-in guidance
+    python -m full.digits snr                 # (e) diagnostic: (a)'s 64 px arms at the 16 px signal-to-noise ratio
     python -m full.digits all --quick         # every experiment, tiny budget (< 3 min on 2 cores)
 
 Each experiment trains the tiny ViT preset with the unchanged trainer (``full.train.train``: same loss,
@@ -37,7 +38,7 @@ DEFAULT_STEPS = 600
 DEFAULT_BATCH = 32
 DEFAULT_LR = 1e-3       # pMF's constant lr
 DEFAULT_PER_CLASS = 50  # 500 samples, as many as the held-out floor set
-QUICK_STEPS = 6
+QUICK_STEPS = 4
 QUICK_BATCH = 8
 QUICK_PER_CLASS = 5
 EMA_KIMG = 2000.0       # B/16's sampling EMA; ramp-limited to 5% of the images seen in runs this short
@@ -117,7 +118,8 @@ def main(argv: list[str] | None = None) -> dict[str, dict]:
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("experiment", choices=(*EXPERIMENTS, "all"),
                         help="prediction: (a) x vs u at growing patch dim; optimizer: (b) Muon vs Adam; "
-                             "sampler: (c) (r, t) sampler ablation; guidance: (d) omega sweep; all: every one")
+                             "sampler: (c) (r, t) sampler ablation; guidance: (d) omega sweep; snr: (e) diagnostic, the 64 px arms of (a) "
+                             "at the 16 px signal-to-noise ratio; all: every one")
     parser.add_argument("--quick", action="store_true",
                         help=f"tiny budget for smoke tests ({QUICK_STEPS} steps of {QUICK_BATCH}, "
                              f"{QUICK_PER_CLASS} samples per class); overrides --steps/--batch-size/--per-class")

@@ -9,6 +9,7 @@
     (paper, B/16 160 ep: 3.53 / 194.53 / 389.28 / 106.59).
 (d) ``guidance``: one-step samples at omega = 1 vs the trained-in guidance scales, and a model trained
     without CFG (the paper tunes omega, e.g. B/16 best 8.5 on [0.1, 0.7]; it gives no omega = 1 FID).
+(e) ``snr`` (diagnostic, not in the paper): the 64 px arms of (a) at the 16 px signal-to-noise ratio.
 
 Every arm not named otherwise is the pMF recipe at 16 px, patch 4: x-prediction, Muon, full plane, CFG.
 """
@@ -23,6 +24,11 @@ ABLATION_OMEGAS = (1.0, 2.0)
 PATCHES = (4, 8, 16)
 TOKENS_PER_SIDE = 4
 """Fixed token grid: resolution = 4 * patch, so 16 patch tokens (plus 20 conditioning tokens)."""
+
+SNR_DATA_SCALE = 4.0
+"""Diagnostic "snr": bilinear x8 upsampling multiplies the norm of every data direction by 8 (x2 at 16 px), so
+at 64 px the same t carries 4x the signal-to-noise ratio of 16 px. Dividing the data by 4 (= noise scale 4,
+the paper's remedy at 512 px) restores the 16 px ratio."""
 
 BASE = ArmSpec(resolution=16, patch=4, omegas=ABLATION_OMEGAS)
 
@@ -48,10 +54,14 @@ def experiment_arms(name: str) -> list[tuple[str, ArmSpec]]:
     if name == "guidance":
         return [("trained-in CFG (pMF)", _arm(guidance=True, omegas=GUIDANCE_OMEGAS)),
                 ("trained without CFG", _arm(guidance=False, omegas=(1.0,)))]
+    if name == "snr":
+        return [(f"{prediction}-pred, 64 px, patch 16, data / {SNR_DATA_SCALE:g}",
+                 _arm(resolution=64, patch=16, prediction=prediction, data_scale=SNR_DATA_SCALE))
+                for prediction in ("x", "u")]
     raise ValueError(f"unknown experiment {name!r}; choose one of {list(EXPERIMENTS)}")
 
 
-EXPERIMENTS = ("prediction", "optimizer", "sampler", "guidance")
+EXPERIMENTS = ("prediction", "optimizer", "sampler", "guidance", "snr")
 
 # The paper's FID-50K for the matching rows (pMF arXiv 2601.22158; shared/method.md), keyed by arm label.
 PAPER_NUMBERS: dict[str, dict[str, str]] = {
@@ -64,6 +74,7 @@ PAPER_NUMBERS: dict[str, dict[str, str]] = {
     "optimizer": {"Muon (pMF)": "9.56 (160 ep), 8.71 (320 ep)", "Adam": "18.88 (160 ep), 11.86 (320 ep)"},
     "sampler": {"full plane 0 <= r <= t (pMF)": "3.53", "only r = t": "194.53", "only r = 0": "389.28",
                 "both lines (r = t or r = 0)": "106.59"},
+    "snr": {},
     "guidance": {"trained-in CFG (pMF)": "best omega 8.5 on [0.1, 0.7] (B/16): 3.12 (with perceptual loss)",
                  "trained without CFG": "not reported"},
 }

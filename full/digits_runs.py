@@ -49,6 +49,10 @@ class ArmSpec:
     time_sampler: str = "full"     # "full" (pMF) | "diagonal" | "endpoint" | "two_lines"
     guidance: bool = True          # trained-in CFG (pMF)
     omegas: tuple[float, ...] = (1.0,)   # guidance scales to sample at (1 = no guidance)
+    # Diagnostic, not pMF: train on x / data_scale and report data_scale * sample. With z = (1 - t) x / s + t e
+    # this is (up to the network's input scale) training at noise scale s, the paper's fix for high
+    # resolutions (noise_scale 2-4 at 512 px), without a TrainConfig option for it.
+    data_scale: float = 1.0
 
 
 @dataclass(frozen=True)
@@ -77,11 +81,13 @@ def train_config(spec: ArmSpec, budget: Budget, out: Path) -> TrainConfig:
 
 def arm_key(spec: ArmSpec, budget: Budget) -> str:
     """A readable, unique folder name for the training configuration (the omegas are not part of it)."""
-    training = {k: v for k, v in dataclasses.asdict(spec).items() if k != "omegas"}
+    training = {k: v for k, v in dataclasses.asdict(spec).items()
+                if k != "omegas" and not (k == "data_scale" and v == 1.0)}   # keys of pMF arms unchanged
     training.update(dataclasses.asdict(budget))
     digest = hashlib.sha1(json.dumps(training, sort_keys=True).encode()).hexdigest()[:8]
+    scale = "" if spec.data_scale == 1.0 else f"-datascale{spec.data_scale:g}"
     return (f"{spec.resolution}px-p{spec.patch}-{spec.prediction}-{spec.optimizer}-{spec.time_sampler}-"
-            f"{'cfg' if spec.guidance else 'nocfg'}-{budget.steps}steps-{digest}")
+            f"{'cfg' if spec.guidance else 'nocfg'}{scale}-{budget.steps}steps-{digest}")
 
 
 def _atomic_write_text(path: Path, text: str) -> None:
@@ -131,6 +137,7 @@ def _evaluate(networks: dict, spec: ArmSpec, omega: float, budget: Budget, evalu
     for name, network in networks.items():
         images, labels = one_step_samples(network, spec.prediction, per_class=budget.per_class,
                                           omega=omega, t_min=t_min, t_max=t_max)
+        images = spec.data_scale * images
         result["metrics"][name][str(omega)] = evaluator.evaluate(images, labels)
         if name == "ema":
             result["grid"][str(omega)] = _grid(images, labels)
@@ -160,7 +167,9 @@ def run_arm(spec: ArmSpec, budget: Budget, evaluator: DigitsEvaluator, *, out: P
         return None
     if result is None:
         start = time.perf_counter()
-        trained = train(train_config(spec, budget, folder), dataset=DigitsDataset(spec.resolution), progress=progress)
+        dataset = DigitsDataset(spec.resolution)
+        dataset.images = dataset.images / spec.data_scale
+        trained = train(train_config(spec, budget, folder), dataset=dataset, progress=progress)
         train_seconds = time.perf_counter() - start
         networks = {"ema": trained.emas[ema_key], "raw": trained.model.eval()}
         losses = [record["raw_u"] for record in trained.history]

@@ -92,10 +92,12 @@ def _smooth(values: np.ndarray, window: int) -> np.ndarray:
 
 
 def plot_losses(runs: Sequence, *, path: str | os.PathLike | None = None) -> matplotlib.figure.Figure:
-    """Loss curves, one panel per D: the raw (unweighted) loss ``||V - v_t||^2 / D`` per step.
+    """Loss curves, one panel per D: the batch mean of the raw (unweighted) loss ``||V - v_t||^2``.
 
-    Divided by D because the regression target v_t = e - x carries ~D units of irreducible
-    variance; a moving average of ``LOSS_SMOOTHING`` steps; every seed drawn.
+    Not divided by D: off the data plane z_t determines e exactly, so a model that has learned
+    the field has the same irreducible (in-plane) loss at every D; what grows with D is the error
+    of a model that cannot undo the off-plane noise. A moving average of ``LOSS_SMOOTHING`` steps;
+    every seed drawn.
     """
     if not runs:
         raise ValueError("plot_losses needs at least one run")
@@ -109,7 +111,7 @@ def plot_losses(runs: Sequence, *, path: str | os.PathLike | None = None) -> mat
             if run.record["dim"] != dim:
                 continue
             prediction = run.record["prediction"]
-            curve = _smooth(run.losses / dim, LOSS_SMOOTHING)
+            curve = _smooth(run.losses, LOSS_SMOOTHING)
             axis.plot(np.arange(len(curve)) + LOSS_SMOOTHING // 2, curve, color=colours[prediction], lw=1,
                       label=None if prediction in labelled else ROW_LABELS[prediction])
             labelled.add(prediction)
@@ -117,7 +119,7 @@ def plot_losses(runs: Sequence, *, path: str | os.PathLike | None = None) -> mat
         axis.set_title(f"D = {dim}")
         axis.set_xlabel("step")
         if j == 0:
-            axis.set_ylabel("raw loss / D")
+            axis.set_ylabel("raw loss ||V - v_t||^2")
             axis.legend(fontsize=7)
     figure.tight_layout()
     if path is not None:
