@@ -12,7 +12,7 @@ import torch
 
 from .data import DATASETS
 from .model import DEPTH, PREDICTIONS, WIDTH
-from .sweep import DEFAULT_BATCH_SIZE, DEFAULT_DIMS, DEFAULT_LR, DEFAULT_STEPS, format_table, run_sweep, write_outputs
+from .sweep import DEFAULT_BATCH_SIZE, DEFAULT_DIMS, DEFAULT_LR, DEFAULT_STEPS, run_sweep, write_outputs
 from .train import EVAL_SAMPLES, TANGENTS, TIME_MEAN, TIME_STD
 
 

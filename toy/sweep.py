@@ -14,7 +14,7 @@ from .data import DATASETS, sample_2d
 from .metrics import energy_distance, sliced_wasserstein
 from .model import DEPTH, PREDICTIONS, WIDTH
 from .plots import plot_grid, plot_losses
-from .train import EVAL_SAMPLES, TANGENTS, TIME_MEAN, TIME_STD, ToyConfig, ToyRun, train
+from .train import EVAL_SAMPLES, TIME_MEAN, TIME_STD, ToyConfig, ToyRun, train
 
 DEFAULT_DIMS = (2, 8, 16, 512)      # pMF Fig. 2
 DEFAULT_STEPS = 2000
