@@ -83,7 +83,8 @@ def run_experiment(name: str, cfg: DigitsConfig, evaluator: DigitsEvaluator) -> 
         raise SystemExit(f"python -m full.digits: error: {name}: no arm trained yet under {out} (drop --report-only)")
     floor = evaluator.floor(arms[0][1].resolution)   # identical at every resolution (exact round trip)
     rows = [{"label": label, "omega": float(omega), "weights": "ema",
-             "metrics": result["metrics"]["ema"][str(float(omega))], "raw_metrics": result["metrics"]["raw"][str(float(omega))],
+             "metrics": result["metrics"]["ema"][str(float(omega))],
+             "raw_metrics": result["metrics"]["raw"][str(float(omega))],
              "final_raw_u": result["final_raw_u"], "train_seconds": result["train_seconds"], "key": result["key"]}
             for label, spec, result in results for omega in spec.omegas]
     if name == "guidance":
@@ -118,8 +119,8 @@ def main(argv: list[str] | None = None) -> dict[str, dict]:
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("experiment", choices=(*EXPERIMENTS, "all"),
                         help="prediction: (a) x vs u at growing patch dim; optimizer: (b) Muon vs Adam; "
-                             "sampler: (c) (r, t) sampler ablation; guidance: (d) omega sweep; snr: (e) diagnostic, the 64 px arms of (a) "
-                             "at the 16 px signal-to-noise ratio; all: every one")
+                             "sampler: (c) (r, t) sampler ablation; guidance: (d) omega sweep; "
+                             "snr: (e) diagnostic, (a)'s 64 px arms at the 16 px signal-to-noise ratio; all: every one")
     parser.add_argument("--quick", action="store_true",
                         help=f"tiny budget for smoke tests ({QUICK_STEPS} steps of {QUICK_BATCH}, "
                              f"{QUICK_PER_CLASS} samples per class); overrides --steps/--batch-size/--per-class")
