@@ -90,3 +90,15 @@ def test_cli_bad_flags_give_one_line_error(argv, message, capsys):
     assert raised.value.code == 2
     error = capsys.readouterr().err
     assert error.count("\n") == 1 and message in error and "error:" in error
+
+
+def test_run_sweep_parallel_workers_reproduce_serial_records():
+    """Each run seeds itself, so training the runs in a process pool gives the serial records."""
+    import toy
+    kwargs = dict(dims=(2, 4), predictions=("x",), steps=5, batch_size=32, eval_samples=64, progress=False)
+    serial = [run.record for run in toy.run_sweep(workers=1, **kwargs)]
+    parallel = [run.record for run in toy.run_sweep(workers=2, **kwargs)]
+    assert [(r["dim"], r["prediction"]) for r in parallel] == [(r["dim"], r["prediction"]) for r in serial]
+    for a, b in zip(serial, parallel):
+        assert a["swd"] == pytest.approx(b["swd"], rel=1e-4, abs=1e-6)
+        assert a["final_loss"] == pytest.approx(b["final_loss"], rel=1e-4)

@@ -5,6 +5,7 @@ Default: D in {2, 8, 16, 512} x {x, u} on a Swiss roll, on the CPU, into runs/to
 from __future__ import annotations
 
 import argparse
+import os
 import time
 import warnings
 
@@ -61,6 +62,9 @@ def _parser() -> argparse.ArgumentParser:
                         help="1-NFE samples (and fresh data samples) compared by the metrics; the swd noise floor "
                              "grows as this shrinks (default: %(default)s)")
     parser.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda (default: %(default)s)")
+    parser.add_argument("--workers", type=int, default=min(2, os.cpu_count() or 1),
+                        help="runs trained at once, each in its own process on one CPU thread; 1 = one process "
+                             "using all threads (default: %(default)s = min(2, CPU count); use 1 with --device cuda)")
     parser.add_argument("--no-progress", action="store_true", help="hide the tqdm progress bars")
     return parser
 
@@ -72,7 +76,7 @@ def main(argv: list[str] | None = None) -> None:
         parser.error(f"--dims: every D must be >= 2 (the data are 2-D), got {min(args.dims)}")
     for name, value, low in (("--steps", args.steps, 1), ("--batch-size", args.batch_size, 2),
                              ("--width", args.width, 1), ("--depth", args.depth, 2),
-                             ("--eval-samples", args.eval_samples, 2)):
+                             ("--eval-samples", args.eval_samples, 2), ("--workers", args.workers, 1)):
         if value < low:
             parser.error(f"{name} must be >= {low}, got {value}")
     if not args.lr > 0:
@@ -93,10 +97,11 @@ def main(argv: list[str] | None = None) -> None:
     runs = run_sweep(dims=args.dims, predictions=args.predictions, dataset=args.dataset, steps=args.steps,
                      batch_size=args.batch_size, lr=args.lr, seeds=args.seeds, tangent=args.tangent,
                      time_mean=args.time_mean, time_std=args.time_std, depth=args.depth, width=args.width,
-                     eval_samples=args.eval_samples, device=args.device, progress=not args.no_progress)
+                     eval_samples=args.eval_samples, device=args.device, progress=not args.no_progress,
+                     workers=args.workers)
     paths = write_outputs(runs, args.out)
     print(paths["table"].read_text(), end="")
-    print(f"\n{len(runs)} runs in {time.time() - start:.0f} s ({torch.get_num_threads()} torch threads).")
+    print(f"\n{len(runs)} runs in {time.time() - start:.0f} s ({args.workers} process(es)).")
     print(f"figure (paper Fig. 2 layout): {paths['samples']}")
     print(f"loss curves:                  {paths['losses']}")
     print(f"table:                        {paths['table']}")
