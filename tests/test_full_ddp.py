@@ -20,13 +20,7 @@ from full.train import TrainConfig, train
 STEPS = 3
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """As in the workers: a tiny model, and the two extra processes share the cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 GLOBAL_BATCH = 4
 OPTIMIZER = "adam"

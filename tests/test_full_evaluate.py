@@ -31,12 +31,7 @@ SCIPY_RTOL = 1e-9       # float64 sqrtm vs eigh on well-conditioned covariances
 SINGULAR_ATOL = 1e-6    # sqrt of eigenvalues that rounding leaves at ~1e-16 instead of 0
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # ---------------------------------------------------------------------------- Fréchet distance

@@ -20,12 +20,7 @@ from full.perceptual import (CONVNEXT_V2_BASE_FILE, CROP_RATIO, CROP_SCALE, VGG1
 from full.recipe import PMFObjective, StepRandomness
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

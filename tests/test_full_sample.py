@@ -39,13 +39,7 @@ def _tiny_model(seed: int = 0) -> torch.nn.Module:
     return model.eval()
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """These tiny networks run fastest on one thread (no OpenMP hand-offs on a shared 2-core box)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -16,13 +16,7 @@ from full.train import TrainConfig, main, train
 
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models: one intra-op thread is faster than two (and not slowed by a busy machine)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 LOGGED = ("loss", "loss_u", "loss_v", "raw_u", "raw_v", "grad_norm")
