@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import os
 import tempfile
+import textwrap
 from pathlib import Path
 
 import matplotlib
@@ -60,12 +61,12 @@ def save_figure(path: Path, title: str, panels: list[tuple[str, list]], rows: li
         rows: as :func:`markdown_table`; one bar per row.  floor: the held-out metrics (dashed lines).
     """
     n = max(len(panels), 3)
-    figure = plt.figure(figsize=(2.2 * n, 7.6))
+    figure = plt.figure(figsize=(max(2.4 * n, 11.0), 7.6))
     figure.suptitle(title)
     for i, (caption, grid) in enumerate(panels):
         axis = figure.add_subplot(2, n, i + 1)
         axis.imshow(_tile(np.asarray(grid)), cmap="gray", vmin=-1, vmax=1, interpolation="nearest")
-        axis.set_title(caption, fontsize=7)
+        axis.set_title(textwrap.fill(caption, 24), fontsize=7)
         axis.axis("off")
     names = [f"{row['label']} (w={row['omega']:g})" for row in rows]
     for j, metric in enumerate(METRIC_LABELS):
@@ -83,6 +84,6 @@ def save_figure(path: Path, title: str, panels: list[tuple[str, list]], rows: li
         if j == 2:
             axis.legend(fontsize=6)
     # Room on the left for the bar labels (tight_layout cannot fit image panels and long labels together).
-    figure.subplots_adjust(left=0.2, right=0.98, top=0.9, bottom=0.06, hspace=0.25, wspace=0.2)
+    figure.subplots_adjust(left=0.27, right=0.98, top=0.9, bottom=0.06, hspace=0.25, wspace=0.2)
     _savefig_atomic(figure, path)
     plt.close(figure)
