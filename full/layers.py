@@ -1,7 +1,7 @@
 """Building blocks of the pMF ViT: RMSNorm, 2-D RoPE, attention, SwiGLU, the gated block, embedders.
 
 Every op here is written with plain tensor arithmetic (matmul, softmax, elementwise), so that
-``torch.func.jvp`` (forward-mode AD) goes through it on CPU and GPU, and ``torch.compile`` sees no
+forward-mode AD (the core's JVP) goes through it on CPU and GPU, and ``torch.compile`` sees no
 data-dependent Python branches. Token layout everywhere: ``(B, L, W)`` with L tokens of width W;
 per-head tensors ``(B, heads, L, head_dim)``.
 """
@@ -95,7 +95,7 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, use_sdpa_math: bool = False) -> torch.Tensor:
     """``softmax(q k^T / sqrt(d)) v`` with the softmax in float32.
 
-    Explicit matmul + softmax because forward-mode AD (``torch.func.jvp``) is not implemented by
+    Explicit matmul + softmax because forward-mode AD is not implemented by
     the fused SDPA kernels (flash / memory-efficient / cuDNN, and the default CPU path).
     ``use_sdpa_math=True`` instead calls ``F.scaled_dot_product_attention`` pinned to the MATH
     backend, which also supports forward AD (same numbers up to rounding; it does not upcast

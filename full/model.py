@@ -139,7 +139,7 @@ class PMFViT(nn.Module):
         noise_scale: s of e ~ N(0, s^2 I); stored for the trainer and sampler, unused by the network.
         v_head: build the auxiliary v-head (training); False gives the inference network.
         use_sdpa_math: attention through ``F.scaled_dot_product_attention`` on the MATH backend
-            instead of explicit matmul + softmax (both support torch.func.jvp).
+            instead of explicit matmul + softmax (both support forward-mode AD).
     """
 
     def __init__(self, *, resolution: int, patch: int, depth: int, width: int, heads: int, bottleneck: int,

@@ -1,6 +1,6 @@
 """The per-step pMF objective of the released recipe, as one ``nn.Module`` that DDP can wrap.
 
-Why a module: ``torch.func.jvp`` cannot take a DDP-wrapped network, and calling the inner
+Why a module: the core's JVP (``pmf_ref.average_velocity_jvp``) cannot take a DDP-wrapped network, and calling the inner
 network directly bypasses DDP's gradient hooks set-up in ``DDP.forward`` (gradients would silently
 not be averaged across ranks). Wrapping :class:`PMFObjective` -- whose ``forward`` runs the whole
 loss, the JVP included -- puts every use of the parameters inside one ``DDP.forward``, so DDP's
@@ -108,7 +108,7 @@ class PMFObjective(nn.Module):
 
     def x_net(self, z, r, t, cond):
         """The u-head as pmf_ref's ``x_net(z, r, t, cond) -> x_hat`` (B, C, H, W), always in fp32."""
-        # No autocast: this is the function torch.func.jvp differentiates, and bf16 rounding in
+        # No autocast: this is the function the core's JVP differentiates, and bf16 rounding in
         # du/dt would enter the target through (t - r) du/dt.
         output = self.model.forward_u(z, r, t, cond)
         return output if self.x_from_output is None else self.x_from_output(z, output, t)
