@@ -135,9 +135,9 @@ class PMFObjective(nn.Module):
         terms = P.pmf_guided_loss(self.x_net, self.v_net, x, rnd.e, rnd.r, rnd.t, cond=cond, uncond=uncond,
                                   omega=rnd.omega, t_min=rnd.t_min, t_max=rnd.t_max, dropped=rnd.dropped,
                                   c=self.c, p=self.p)
-        per_sample = {"loss_u": terms.loss_u, "loss_v": terms.loss_v, "raw_u": terms.raw_u.detach(),
-               "raw_v": terms.raw_v.detach(),
-               "lpips": torch.zeros_like(terms.loss_u), "convnext": torch.zeros_like(terms.loss_u)}
+        per_sample = {"loss_u": terms.loss_u, "loss_v": terms.loss_v,
+                      "raw_u": terms.raw_u.detach(), "raw_v": terms.raw_v.detach(),
+                      "lpips": torch.zeros_like(terms.loss_u), "convnext": torch.zeros_like(terms.loss_u)}
         if self.perceptual is not None:
             rows = torch.nonzero(rnd.t < self.t_thr).flatten()      # perceptual loss only at low noise
             if rows.numel():
