@@ -19,14 +19,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 
+from .fid import atomic_write
 from .digits_classifier import load_or_train_classifier
 from .digits_experiments import EXPERIMENTS, PAPER_NUMBERS, experiment_arms
 from .digits_metrics import DigitsEvaluator
@@ -56,13 +55,6 @@ class DigitsConfig:
     fresh: bool
     report_only: bool = False
 
-
-def _write_text_atomic(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    with os.fdopen(handle, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
 
 
 def run_experiment(name: str, cfg: DigitsConfig, evaluator: DigitsEvaluator) -> dict:
@@ -100,8 +92,8 @@ def run_experiment(name: str, cfg: DigitsConfig, evaluator: DigitsEvaluator) -> 
     table = markdown_table(name, rows, floor, PAPER_NUMBERS[name])
     if missing:
         table += f"\nNot trained (run without --report-only to train): {'; '.join(missing)}.\n"
-    _write_text_atomic(out / f"{name}.json", json.dumps(summary, indent=1))
-    _write_text_atomic(out / f"{name}.md", table)
+    atomic_write(out / f"{name}.json", lambda file, text=json.dumps(summary, indent=1): file.write(text.encode()))
+    atomic_write(out / f"{name}.md", lambda file, text=table: file.write(text.encode()))
     save_figure(out / f"{name}.png", f"digits: {name} ({cfg.budget.steps} steps x {cfg.budget.batch_size})",
                 panels, rows, floor)
     print(table, flush=True)

@@ -10,8 +10,6 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import os
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,6 +19,7 @@ import torch
 
 import pmf_ref as P
 
+from .fid import atomic_write
 from .digits_data import NUM_CLASSES, DigitsDataset
 from .checkpoint import load_model
 from .digits_metrics import DigitsEvaluator
@@ -89,13 +88,6 @@ def arm_key(spec: ArmSpec, budget: Budget) -> str:
     return (f"{spec.resolution}px-p{spec.patch}-{spec.prediction}-{spec.optimizer}-{spec.time_sampler}-"
             f"{'cfg' if spec.guidance else 'nocfg'}{scale}-{budget.steps}steps-{digest}")
 
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    with os.fdopen(handle, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
 
 
 @torch.no_grad()
@@ -186,5 +178,5 @@ def run_arm(spec: ArmSpec, budget: Budget, evaluator: DigitsEvaluator, *, out: P
             networks = {"ema": load_model(checkpoint, ema_key), "raw": load_model(checkpoint, None)}
         for omega in missing:
             _evaluate(networks, spec, omega, budget, evaluator, sample_interval, result)
-        _atomic_write_text(result_path, json.dumps(result))
+        atomic_write(result_path, lambda file, text=json.dumps(result): file.write(text.encode()))
     return result
