@@ -18,14 +18,22 @@ ROPE_THETA = 1e4           # RoPE base frequency
 SINUSOID_DIM = 256         # width of the sinusoidal features of a conditioning scalar
 SINUSOID_MAX_PERIOD = 1e4  # longest period of those features
 SWIGLU_RATIO = 8 / 3       # SwiGLU hidden = int(8/3 * W): same parameters as a 4x GELU MLP
-BLOCK_INIT_SCALE = 0.1     # Var[W] = 0.1 / fan_in for Linear weights inside blocks (pMF)
-EMBED_INIT_SCALE = 1.0     # Var[W] = 1 / fan_in for embedders (patch embedding, scalar MLPs, label table)
+SWIGLU_ROUND_WIDTH = 1024  # above this width the released network rounds the hidden size up to a multiple of 8
+BLOCK_INIT_STD = 0.32      # released init: block Linear weights ~ N(0, (0.32 / sqrt(fan_in))^2)
+EMBED_INIT_SCALE = 1.0     # Var[W] = 1 / fan_in for the scalar-embedder MLPs and the label table
 
 
 def init_linear_(layer: nn.Linear | nn.Conv2d, scale: float) -> None:
     """Weights ~ N(0, scale / fan_in), bias = 0 (variance scaling, 'fan_in', normal)."""
     fan_in = layer.weight[0].numel()  # in_features, or in_channels * k * k for a conv
     nn.init.normal_(layer.weight, std=math.sqrt(scale / fan_in))
+    if layer.bias is not None:
+        nn.init.zeros_(layer.bias)
+
+
+def init_xavier_(layer: nn.Conv2d) -> None:
+    """Weights Xavier-uniform (fans counted with the kernel area), bias = 0: the released patch embedding."""
+    nn.init.xavier_uniform_(layer.weight)
     if layer.bias is not None:
         nn.init.zeros_(layer.bias)
 
@@ -145,12 +153,14 @@ class Attention(nn.Module):
 # ----------------------------------------------------------------------------- MLP and block
 
 def swiglu_hidden(width: int) -> int:
-    """SwiGLU hidden width, ``int(8/3 * W)`` (2048 for W = 768)."""
-    return int(width * SWIGLU_RATIO)
+    """SwiGLU hidden width: ``int(8/3 * W)`` (B: 2048, L: 2730), rounded up to a multiple of 8 when
+    W > 1024 (H: 3413 -> 3416), as in the authors' released network (their parameter counts need it)."""
+    hidden = int(width * SWIGLU_RATIO)
+    return -(-hidden // 8) * 8 if width > SWIGLU_ROUND_WIDTH else hidden
 
 
 class SwiGLU(nn.Module):
-    """``out(silu(gate(x)) * value(x))``, all bias-free, hidden ``int(8/3 W)``."""
+    """``out(silu(gate(x)) * value(x))``, all bias-free, hidden :func:`swiglu_hidden`."""
 
     def __init__(self, width: int):
         super().__init__()
@@ -181,7 +191,7 @@ class Block(nn.Module):
         self.gate_mlp = nn.Parameter(torch.zeros(width))
         for layer in self.modules():
             if isinstance(layer, nn.Linear):
-                init_linear_(layer, BLOCK_INIT_SCALE)
+                init_linear_(layer, BLOCK_INIT_STD ** 2)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         x = x + self.gate_attn * self.attn(self.norm1(x), cos, sin)
@@ -192,14 +202,15 @@ class Block(nn.Module):
 
 class BottleneckPatchEmbed(nn.Module):
     """Patchify through a low-rank bottleneck: p x p conv (stride p) to ``bottleneck`` channels,
-    then a 1x1 conv to the width (JiT). (B, C, H, W) -> (B, (H/p)(W/p), width), raster order."""
+    then a 1x1 conv to the width (JiT), both with bias and Xavier-uniform as in the released code.
+    (B, C, H, W) -> (B, (H/p)(W/p), width), raster order."""
 
     def __init__(self, channels: int, patch: int, bottleneck: int, width: int):
         super().__init__()
-        self.reduce = nn.Conv2d(channels, bottleneck, kernel_size=patch, stride=patch, bias=False)
+        self.reduce = nn.Conv2d(channels, bottleneck, kernel_size=patch, stride=patch, bias=True)
         self.expand = nn.Conv2d(bottleneck, width, kernel_size=1, bias=True)
-        init_linear_(self.reduce, EMBED_INIT_SCALE)
-        init_linear_(self.expand, EMBED_INIT_SCALE)
+        init_xavier_(self.reduce)
+        init_xavier_(self.expand)
 
     def forward(self, image: torch.Tensor) -> torch.Tensor:
         return self.expand(self.reduce(image)).flatten(2).transpose(1, 2)  # (B, N, width)
@@ -255,4 +266,4 @@ class LabelEmbedder(nn.Module):
 
 __all__ = ["RMSNorm", "rope_angles_2d", "apply_rope", "attention", "Attention", "SwiGLU", "Block",
            "BottleneckPatchEmbed", "sinusoidal_features", "ScalarEmbedder", "LabelEmbedder",
-           "swiglu_hidden", "init_linear_"]
+           "swiglu_hidden", "init_linear_", "init_xavier_"]

@@ -52,7 +52,7 @@ def analytic_params(preset: str, with_v_head: bool = True, **overrides) -> int:
              + 2 * width + 2 * head_dim                 # two RMSNorms, q-norm, k-norm
              + 2 * width)                               # residual gates
     head = a["head_depth"] * block + width + width * patch_dim + patch_dim  # blocks, RMSNorm, Linear
-    embed = (a["channels"] * a["patch"] ** 2 * a["bottleneck"]              # p x p conv, no bias
+    embed = (a["channels"] * a["patch"] ** 2 * a["bottleneck"] + a["bottleneck"]  # p x p conv with bias
              + a["bottleneck"] * width + width                              # 1x1 conv
              + NUM_SCALAR_EMBEDDERS * (SINUSOID_DIM * width + width + width * width + width)
              + (a["num_classes"] + 1) * width                               # label table incl. null
