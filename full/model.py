@@ -1,4 +1,4 @@
-"""The pMF ViT (pMF paper §4 and Table 8; shared/method.md §5), presets and the conditioning dict.
+"""The pMF ViT (pMF paper §4 and Table 8; the authors' released ``pmfDiT``), presets and the conditioning dict.
 
     image z (B, C, H, W) --bottleneck patch embed--> N = (H/p)^2 patch tokens
     prefix: class 8 | omega 4 | t_min 2 | t_max 2 | h 4   (20 in-context tokens, no adaLN)
@@ -31,7 +31,7 @@ NUM_PREFIX_TOKENS = CLASS_TOKENS + OMEGA_TOKENS + 2 * INTERVAL_TOKENS + H_TOKENS
 POS_EMBED_STD = 0.02  # learned absolute position embedding init (released code)
 
 # ----------------------------------------------------------------------------- presets
-# Architecture (paper Table 8) plus the recipe's per-preset numbers (shared/method.md §2-§4).
+# Architecture (paper Table 8) plus the recipe's per-preset numbers (paper App. A and the released configs).
 # depth counts trunk + u-head (the inference network); the v-head adds head_depth more blocks.
 # t_thr: perceptual loss only for t < t_thr.  P_mean, P_std: logit-normal time sampler.
 # omega_beta: omega has density ∝ omega^-beta on [1, 8].  uniform_fraction: rows with (r, t) ~ U.
@@ -42,7 +42,7 @@ _H = dict(depth=48, width=1280, heads=16, bottleneck=256, head_depth=8)
 _IMAGENET = dict(channels=3, num_classes=1000)
 _RECIPE_BL = dict(t_thr=0.8, P_mean=0.8, P_std=0.8, uniform_fraction=0.0)
 _RECIPE_H = dict(t_thr=0.6, P_mean=0.0, P_std=0.8, uniform_fraction=0.1)
-# Not given for H by the paper (method.md: "configs differ for H"); beta = 1 like B and L/32 is our choice.
+# Not given for H by the paper (its configs differ for H); beta = 1 like B and L/32 is our choice.
 _H_OMEGA_BETA = 1.0
 
 PRESETS: dict[str, dict] = {
@@ -56,7 +56,7 @@ PRESETS: dict[str, dict] = {
     "pMF-B/32": dict(resolution=512, patch=32, **_B, **_IMAGENET, noise_scale=2.0, **_RECIPE_BL, omega_beta=1.0,
                      sample_omega=6.5, sample_t_min=0.1, sample_t_max=0.7, sample_ema_kimg=2000),
     # L/32 uses P_mean 0 and t_thr 0.6 like H, but no uniform rows; beta = 1 in the released config
-    # (method.md's "2 for L" holds for L/16).
+    # (the paper's "2 for L" holds for L/16).
     "pMF-L/32": dict(resolution=512, patch=32, **_L, **_IMAGENET, noise_scale=4.0,
                      t_thr=0.6, P_mean=0.0, P_std=0.8, uniform_fraction=0.0, omega_beta=1.0,
                      sample_omega=7.5, sample_t_min=0.2, sample_t_max=0.6, sample_ema_kimg=2000),
@@ -150,10 +150,6 @@ class PMFViT(nn.Module):
                     bottleneck=bottleneck, head_depth=head_depth, channels=channels, num_classes=num_classes)
         self.resolution, self.patch, self.channels = resolution, patch, channels
         self.num_classes, self.noise_scale, self.has_v_head = num_classes, float(noise_scale), v_head
-        self.config = dict(resolution=resolution, patch=patch, depth=depth, width=width, heads=heads,
-                           bottleneck=bottleneck, head_depth=head_depth, channels=channels,
-                           num_classes=num_classes, noise_scale=float(noise_scale), v_head=v_head,
-                           use_sdpa_math=use_sdpa_math)
         self.grid = resolution // patch
         num_tokens = NUM_PREFIX_TOKENS + self.grid ** 2
 
@@ -171,15 +167,24 @@ class PMFViT(nn.Module):
         self.h_tokens = nn.Parameter(torch.randn(1, H_TOKENS, width) * token_std)
         self.pos_embed = nn.Parameter(torch.randn(1, num_tokens, width) * POS_EMBED_STD)
 
-        angles = rope_angles_2d(self.grid, width // heads, NUM_PREFIX_TOKENS)   # (L, head_dim/2), float64
-        # Not persistent: rebuilt from the config, so checkpoints stay small and dtype-agnostic.
-        self.register_buffer("rope_cos", angles.cos().to(torch.get_default_dtype()), persistent=False)
-        self.register_buffer("rope_sin", angles.sin().to(torch.get_default_dtype()), persistent=False)
+        self.head_dim = width // heads
+        # Not persistent: rebuilt from the shapes, so checkpoints stay small and dtype-agnostic.
+        self.register_buffer("rope_cos", torch.empty(0), persistent=False)
+        self.register_buffer("rope_sin", torch.empty(0), persistent=False)
+        self.reset_rope_()
 
         self.trunk = nn.ModuleList(Block(width, heads, use_sdpa_math) for _ in range(depth - head_depth))
         patch_dim = patch * patch * channels
         self.u_head = Head(head_depth, width, heads, patch_dim, use_sdpa_math)
         self.v_head = Head(head_depth, width, heads, patch_dim, use_sdpa_math) if v_head else None
+
+    def reset_rope_(self) -> None:
+        """(Re)compute the RoPE buffers (e.g. after ``to_empty`` from the meta device)."""
+        angles = rope_angles_2d(self.grid, self.head_dim, NUM_PREFIX_TOKENS)   # (L, head_dim/2), float64
+        device = self.pos_embed.device if self.pos_embed.device.type != "meta" else "meta"
+        dtype = self.pos_embed.dtype
+        self.rope_cos = angles.cos().to(device=device, dtype=dtype)
+        self.rope_sin = angles.sin().to(device=device, dtype=dtype)
 
     # ------------------------------------------------------------------ pieces
     def _tokens(self, z: torch.Tensor, h: torch.Tensor, cond: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -245,6 +250,16 @@ class PMFViT(nn.Module):
         if self.v_head is None:
             raise RuntimeError("this PMFViT was built with v_head=False (inference network); forward_v needs the v-head")
         return self._decode(self.v_head, self._trunk(z, torch.zeros_like(t), cond))
+
+    def forward_uv(self, z: torch.Tensor, r: torch.Tensor, t: torch.Tensor,
+                   cond: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Both heads on one trunk pass at h = t - r, as the released network always computes them:
+        ``(x_hat_u, x_hat_v)``, each (B, C, H, W). The training JVP differentiates this (the v-head's
+        output is the JVP's auxiliary output and gets its own loss)."""
+        if self.v_head is None:
+            raise RuntimeError("this PMFViT was built with v_head=False (inference network); forward_uv needs the v-head")
+        x = self._trunk(z, t - r, cond)
+        return self._decode(self.u_head, x), self._decode(self.v_head, x)
 
     def forward(self, z: torch.Tensor, r: torch.Tensor, t: torch.Tensor,
                 cond: dict[str, torch.Tensor]) -> torch.Tensor:

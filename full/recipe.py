@@ -1,15 +1,18 @@
-"""The per-step pMF objective of the released recipe, as one ``nn.Module`` that DDP can wrap.
+"""The per-step pMF objective of the authors' released recipe, as one ``nn.Module`` that DDP can wrap.
 
-Why a module: the core's JVP (``pmf_ref.average_velocity_jvp``) cannot take a DDP-wrapped network, and calling the inner
-network directly bypasses DDP's gradient hooks set-up in ``DDP.forward`` (gradients would silently
-not be averaged across ranks). Wrapping :class:`PMFObjective` -- whose ``forward`` runs the whole
-loss, the JVP included -- puts every use of the parameters inside one ``DDP.forward``, so DDP's
-all-reduce covers them (checked by tests/test_full_ddp.py against a 1-process run).
+Why a module: the core's JVP (``pmf_ref.average_velocity_jvp``) cannot take a DDP-wrapped network, and
+calling the inner network directly bypasses DDP's gradient hooks set up in ``DDP.forward`` (gradients
+would silently not be averaged across ranks). Wrapping :class:`PMFObjective` -- whose ``forward`` runs
+the whole loss, the JVP included -- puts every use of the parameters inside one ``DDP.forward``, so
+DDP's all-reduce covers them (checked by tests/test_full_ddp.py against a 1-process run).
 
-Every equation comes from ``pmf_ref``: the loss is ``pmf_guided_loss`` (v-head tangent, trained-in
-CFG target, v-head loss, adaptive weights, per-sample sums, t_eps clip) plus the perceptual terms
-``0.4 adp(LPIPS) + 0.1 adp(ConvNeXt)`` on rows with t < t_thr. The ablations (x vs u prediction,
-time sampler, guidance off) are functions chosen at the entry point and passed in here.
+Every equation comes from ``pmf_ref``: the loss is ``pmf_guided_loss`` (the released
+``pixelMeanFlow.forward``: one no-grad v-head pass for the guided target and the tangent, one JVP pass
+through both heads, adaptive weights, per-sample sums, t_eps clip) plus ``pmf_ref.perceptual_term`` for
+``0.4 adp(LPIPS) + 0.1 adp(ConvNeXt)`` on rows with t < t_thr. The randomness follows the released
+code too: per device batch, an exact half of the rows has r = t (drawn first, as the first rows), and
+only those rows can lose their label. The ablations (x vs u prediction, time sampler, guidance off)
+are functions chosen at the entry point and passed in here.
 """
 from __future__ import annotations
 
@@ -36,27 +39,25 @@ class StepRandomness(NamedTuple):
     omega: torch.Tensor      # guidance scale, (B,) >= 1
     t_min: torch.Tensor      # guidance interval, (B,)
     t_max: torch.Tensor      # (B,)
-    dropped: torch.Tensor    # label-drop mask, bool (B,)
+    dropped: torch.Tensor    # label-drop mask, bool (B,); True only on rows with r = t
     crop_boxes: torch.Tensor  # paired random-resized-crop boxes (top, left, h, w), int64 (B, 4)
 
     def rows(self, start: int, stop: int) -> "StepRandomness":
         return StepRandomness(*(field[start:stop] for field in self))
 
-    def to(self, device: torch.device) -> "StepRandomness":
-        return StepRandomness(*(field.to(device) for field in self))
-
 
 @dataclass(frozen=True)
 class GuidanceSampler:
-    """Trained-in CFG draws (pMF App. A): omega ∝ omega^-beta on [1, 8], interval, 10% label drop."""
+    """Trained-in CFG draws of the released code for one device batch (pMF App. A): interval
+    [t_min, t_max] ([0, 1] on r = t rows), omega ∝ omega^-beta on [1, 8], label drop on r = t rows only."""
     beta: float = 1.0
     label_drop_prob: float = P.LABEL_DROP_PROB
 
     def __call__(self, r: torch.Tensor, t: torch.Tensor, generator: torch.Generator):
         n = t.shape[0]
-        omega = P.sample_omega(n, beta=self.beta, generator=generator, device=t.device)
         t_min, t_max = P.sample_guidance_interval(r, t, generator=generator)
-        dropped = P.label_drop_mask(n, p=self.label_drop_prob, generator=generator, device=t.device)
+        omega = P.sample_omega(n, beta=self.beta, generator=generator, device=t.device)
+        dropped = P.label_drop_mask_diagonal(r, t, p=self.label_drop_prob, generator=generator)
         return omega, t_min, t_max, dropped
 
 
@@ -68,11 +69,22 @@ def no_guidance(r: torch.Tensor, t: torch.Tensor, generator: torch.Generator):
 
 def draw_step_randomness(n: int, image_shape: tuple[int, int, int], *, generator: torch.Generator,
                          noise_scale: float, sample_time_pair: TimePairSampler,
-                         sample_guidance: Callable, device: torch.device) -> StepRandomness:
-    """Draw one step's randomness for ``n`` rows from ``generator`` (on ``device``), in a fixed order:
-    times, guidance, crop boxes, noise. Every rank draws the same global numbers and keeps its rows."""
-    r, t = sample_time_pair(n, generator=generator, device=device)
-    omega, t_min, t_max, dropped = sample_guidance(r, t, generator)
+                         sample_guidance: Callable, device: torch.device, slices: int = 1) -> StepRandomness:
+    """Draw one step's randomness for ``n`` rows from ``generator`` (on ``device``).
+
+    Times and guidance are drawn per slice of ``n / slices`` consecutive rows -- one slice per device
+    batch (world size x micro-batches) -- because the released sampler's exact r = t share and its
+    label drop hold per device batch. Then crop boxes and noise for all rows. Every rank draws the
+    same global numbers and keeps its rows, so 1 process and N processes train on the same batch.
+    """
+    if slices < 1 or n % slices:
+        raise ValueError(f"slices must be a positive divisor of the batch size {n}, got {slices}")
+    size = n // slices
+    parts = []
+    for _ in range(slices):
+        r, t = sample_time_pair(size, generator=generator, device=device)
+        parts.append((r, t, *sample_guidance(r, t, generator)))
+    r, t, omega, t_min, t_max, dropped = (torch.cat(column) for column in zip(*parts))
     boxes = sample_crop_boxes(n, image_shape[1], image_shape[2], generator=generator)
     e = noise_scale * torch.randn(n, *image_shape, generator=generator, device=device)
     return StepRandomness(e, r, t, omega, t_min, t_max, dropped, boxes.to(device))
@@ -82,13 +94,13 @@ class PMFObjective(nn.Module):
     """The pMF training objective around a PMFViT; ``forward`` returns per-sample terms and the total.
 
     Args:
-        model: PMFViT with a v-head (``forward_u(z, r, t, cond)``, ``forward_v(z, t, cond)``).
+        model: PMFViT with a v-head (``forward_uv(z, r, t, cond)``, ``forward_v(z, t, cond)``).
         perceptual: frozen :class:`PerceptualDistances`, or None (MSE-only recipe).
         t_thr: perceptual terms only on rows with t < t_thr (pMF: 0.8 for B/L-16, B/32; 0.6 for L/32, H).
         x_from_output: None for x-prediction (the network outputs x_hat); ``pmf_ref.x_from_average_velocity``
             for the u-prediction ablation (the output is read as u and converted).
-        autocast_dtype: e.g. torch.bfloat16 to run the v-head passes and perceptual nets under autocast;
-            the u-head pass inside the JVP stays in fp32.
+        autocast_dtype: e.g. torch.bfloat16 to run the no-grad guidance pass and the perceptual nets under
+            autocast; the JVP pass stays in fp32.
     """
 
     def __init__(self, model: nn.Module, *, perceptual: PerceptualDistances | None = None, t_thr: float = 0.8,
@@ -106,20 +118,28 @@ class PMFObjective(nn.Module):
             return contextlib.nullcontext()
         return torch.autocast(device.type, dtype=self.autocast_dtype)
 
-    def x_net(self, z, r, t, cond):
-        """The u-head as pmf_ref's ``x_net(z, r, t, cond) -> x_hat`` (B, C, H, W), always in fp32."""
-        # No autocast: this is the function the core's JVP differentiates, and bf16 rounding in
-        # du/dt would enter the target through (t - r) du/dt.
-        output = self.model.forward_u(z, r, t, cond)
+    def _as_image(self, z: torch.Tensor, output: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         return output if self.x_from_output is None else self.x_from_output(z, output, t)
 
-    def v_net(self, z, t, cond):
-        """The v-head at h = 0 as pmf_ref's ``v_net(z, t, cond) -> x_hat_v`` (B, C, H, W), fp32 output
-        (computed under autocast when ``autocast_dtype`` is set)."""
+    def denoise_uv(self, z, r, t, cond):
+        """Both heads of one fp32 forward at h = t - r: ``(x_hat_u, x_hat_v)``, each (B, C, H, W)."""
+        # No autocast: this is the function the core's JVP differentiates, and bf16 rounding in
+        # du/dt would enter the target through (t - r) du/dt.
+        x_hat_u, x_hat_v = self.model.forward_uv(z, r, t, cond)
+        return self._as_image(z, x_hat_u, t), self._as_image(z, x_hat_v, t)
+
+    def guidance_denoise(self, z, t, omega_target, y):
+        """The v-head at h = 0, interval [0, 1], one batched 2B pass: ``(x_hat_c, x_hat_n)`` with the
+        original label ``y`` at ``omega_target`` and the null label at omega 1; fp32 outputs (the pass
+        runs under autocast when ``autocast_dtype`` is set)."""
+        n = z.shape[0]
+        labels = torch.cat([y, torch.full_like(y, self.model.num_classes)])
+        omegas = torch.cat([omega_target, torch.ones_like(omega_target)])
+        z2, t2 = torch.cat([z, z]), torch.cat([t, t])
         with self._autocast(z.device):
-            output = self.model.forward_v(z, t, cond)
-        output = output.float()
-        return output if self.x_from_output is None else self.x_from_output(z, output, t)
+            output = self.model.forward_v(z2, t2, make_cond(labels, omegas, 0.0, 1.0))
+        x_hat = self._as_image(z2, output.float(), t2)
+        return x_hat[:n], x_hat[n:]
 
     def forward(self, x: torch.Tensor, y: torch.Tensor, randomness: StepRandomness) -> dict[str, torch.Tensor]:
         """Args: x (B, C, H, W) in [-1, 1]; y (B,) labels; randomness for these B rows.
@@ -129,23 +149,25 @@ class PMFObjective(nn.Module):
             "lpips", "convnext"}``, all but "loss" per-sample (B,); absent perceptual terms are zeros.
         """
         rnd = randomness
-        null_label = self.model.num_classes
-        cond = make_cond(P.drop_labels(y, rnd.dropped, null_label=null_label), rnd.omega, rnd.t_min, rnd.t_max)
-        uncond = make_cond(torch.full_like(y, null_label), torch.ones_like(rnd.omega), rnd.t_min, rnd.t_max)
-        terms = P.pmf_guided_loss(self.x_net, self.v_net, x, rnd.e, rnd.r, rnd.t, cond=cond, uncond=uncond,
-                                  omega=rnd.omega, t_min=rnd.t_min, t_max=rnd.t_max, dropped=rnd.dropped,
-                                  c=self.c, p=self.p)
+        cond = make_cond(P.drop_labels(y, rnd.dropped, null_label=self.model.num_classes),
+                         rnd.omega, rnd.t_min, rnd.t_max)
+        terms = P.pmf_guided_loss(
+            lambda z, r, t: self.denoise_uv(z, r, t, cond),
+            lambda z, t, omega_target: self.guidance_denoise(z, t, omega_target, y),
+            x, rnd.e, rnd.r, rnd.t, omega=rnd.omega, t_min=rnd.t_min, t_max=rnd.t_max, dropped=rnd.dropped,
+            c=self.c, p=self.p)
         per_sample = {"loss_u": terms.loss_u, "loss_v": terms.loss_v,
                       "raw_u": terms.raw_u.detach(), "raw_v": terms.raw_v.detach(),
                       "lpips": torch.zeros_like(terms.loss_u), "convnext": torch.zeros_like(terms.loss_u)}
         if self.perceptual is not None:
-            rows = torch.nonzero(rnd.t < self.t_thr).flatten()      # perceptual loss only at low noise
+            rows = torch.nonzero(rnd.t < self.t_thr).flatten()   # only low-noise rows need the networks
             if rows.numel():
                 with self._autocast(x.device):
-                    distances = self.perceptual(terms.x_hat[rows], x[rows], rnd.crop_boxes[rows])
+                    distances = self.perceptual(terms.x_pred[rows], x[rows], rnd.crop_boxes[rows])
                 for name, distance in distances.items():
-                    weighted = self.weights[name] * P.adaptively_weighted(distance.float(), c=self.c, p=self.p)
-                    per_sample[name] = per_sample[name].index_put((rows,), weighted)
+                    full = torch.zeros_like(terms.loss_u).index_put((rows,), distance.float())
+                    per_sample[name] = P.perceptual_term(full, rnd.t, t_thr=self.t_thr, weight=self.weights[name],
+                                                         c=self.c, p=self.p)
         per_sample["total"] = (per_sample["loss_u"] + per_sample["loss_v"] + per_sample["lpips"]
                                + per_sample["convnext"])
         per_sample["loss"] = per_sample["total"].mean()    # batch mean last (DDP then averages over ranks)

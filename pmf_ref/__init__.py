@@ -15,17 +15,19 @@ Notation, used by every function here and stated only once:
 Nothing here draws random numbers except the samplers, which take a ``torch.Generator``.
 """
 from .guidance import (LABEL_DROP_PROB, OMEGA_S_MAX, drop_labels, effective_guidance_scale,
-                       guided_velocity, label_drop_mask, sample_guidance_interval, sample_omega)
+                       guidance_scale_for_target, guided_velocity, label_drop_mask, label_drop_mask_diagonal,
+                       sample_guidance_interval, sample_omega)
 from .loss import (ADAPTIVE_C, ADAPTIVE_P, GuidedLossTerms, MeanFlowLossTerms, adaptively_weighted,
-                   flow_matching_loss, meanflow_loss, pmf_guided_loss, pmf_loss, squared_error,
+                   flow_matching_loss, meanflow_loss, perceptual_term, pmf_guided_loss, pmf_loss, squared_error,
                    velocity_loss)
 from .meanflow import (AverageVelocityJVP, average_velocity_jvp, compound_velocity, meanflow_target,
                        tangent_conditional, tangent_from_model, tangent_from_v_head, u_fn_from_x_fn)
-from .path import (T_EPS, average_velocity_from_x, conditional_velocity, interpolate, target_velocity,
-                   x_from_average_velocity)
+from .path import (T_EPS, average_velocity_from_x, conditional_velocity, denoised_image, interpolate,
+                   target_velocity, x_from_average_velocity)
 from ._checks import expand_like
 from .sampling import sample_multi_step, sample_one_step
 from .time import (EQUAL_FRACTION, P_MEAN, P_STD, sample_logit_normal, sample_time_pair,
-                   sample_time_pair_diagonal, sample_time_pair_endpoint, sample_time_pair_two_lines)
+                   sample_time_pair_diagonal, sample_time_pair_endpoint, sample_time_pair_released,
+                   sample_time_pair_two_lines)
 
 __all__ = [name for name in dir() if not name.startswith("_")]

@@ -130,10 +130,8 @@ def guided_velocity(v_t: torch.Tensor, v_c: torch.Tensor, v_u: torch.Tensor, ome
 
 def label_drop_mask(n: int, *, p: float = LABEL_DROP_PROB, generator: torch.Generator | None = None,
                     device=None) -> torch.Tensor:
-    """Per-row Bernoulli(p) mask of rows trained with the null label.
-
-    # Deviation: the released code drops the first round(p * B) rows of each device batch; an
-    # i.i.d. mask has the same rate and does not depend on how a batch is split across devices.
+    """Per-row Bernoulli(p) mask of rows trained with the null label (toy and tutorials; the ImageNet
+    recipe uses :func:`label_drop_mask_diagonal`, as the released code does).
 
     Args:
         n: rows.  p: drop probability in [0, 1].
@@ -144,6 +142,48 @@ def label_drop_mask(n: int, *, p: float = LABEL_DROP_PROB, generator: torch.Gene
     if not 0.0 <= p <= 1.0:
         raise ValueError(f"p must lie in [0, 1], got {p}")
     return torch.rand(n, generator=generator, device=device) < p
+
+
+def label_drop_mask_diagonal(r: torch.Tensor, t: torch.Tensor, *, p: float = LABEL_DROP_PROB,
+                             generator: torch.Generator | None = None) -> torch.Tensor:
+    """Label drop of the released code: k ~ Binomial(B, p) rows, the first k rows with r = t.
+
+    The released code drops the first k rows of each device batch, and those are the rows its time
+    sampler set to r = t (:func:`pmf_ref.sample_time_pair_released`); so no r < t row ever loses its
+    label (no unconditional u off the diagonal is trained), and about 2p of the r = t rows are dropped
+    when half the batch has r = t. Here k is capped at the number of r = t rows.
+
+    Args:
+        r, t: (B,) times of one device batch.  p: drop probability per row, in [0, 1].
+    Returns:
+        bool mask, (B,), True only on rows with r = t.
+    """
+    check_r_le_t(r, t)
+    if not 0.0 <= p <= 1.0:
+        raise ValueError(f"p must lie in [0, 1], got {p}")
+    n = t.shape[0]
+    k = (torch.rand(n, generator=generator, device=t.device) < p).sum()
+    on_diagonal = r == t
+    order = torch.cumsum(on_diagonal.long(), dim=0) - 1       # index among the r = t rows
+    return on_diagonal & (order < k)
+
+
+def guidance_scale_for_target(omega: torch.Tensor, r: torch.Tensor, t: torch.Tensor, *,
+                              t_min: torch.Tensor, t_max: torch.Tensor) -> torch.Tensor:
+    """The omega of the guided target (released code): ungated on rows with r = t, else gated by the
+    row's interval (:func:`effective_guidance_scale`, omega' = omega inside [t_min, t_max], else 1).
+
+    (The sampler gives r = t rows the interval [0, 1], where the two coincide; the released code still
+    takes the ungated omega there, and so does this function.)
+
+    Args:
+        omega: (B,) >= 1.  r, t: (B,).  t_min, t_max: (B,).
+    Returns:
+        omega for the target and for the JVP tangent's v-head pass, (B,).
+    """
+    check_r_le_t(r, t)
+    gated = effective_guidance_scale(omega, t, t_min=t_min, t_max=t_max)
+    return torch.where(r == t, omega, gated)
 
 
 def drop_labels(y: torch.Tensor, dropped: torch.Tensor, *, null_label: int) -> torch.Tensor:

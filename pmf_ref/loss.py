@@ -8,11 +8,11 @@ from typing import Any, Callable, NamedTuple
 
 import torch
 
-from ._checks import check_float, check_r_le_t, check_same_shape, check_time
-from .guidance import effective_guidance_scale, guided_velocity
+from ._checks import check_float, check_r_le_t, check_same_shape, check_time, expand_like
+from .guidance import guidance_scale_for_target, guided_velocity
 from .meanflow import (average_velocity_jvp, compound_velocity, tangent_from_model,
                        tangent_from_v_head, u_fn_from_x_fn)
-from .path import average_velocity_from_x, interpolate, target_velocity
+from .path import average_velocity_from_x, denoised_image, interpolate, target_velocity
 
 ADAPTIVE_C = 0.01
 """Constant c of the adaptive weight (pMF and MeanFlow); keeps the weight finite as L -> 0."""
@@ -118,46 +118,81 @@ class GuidedLossTerms(NamedTuple):
     loss_v: torch.Tensor    # adp(||v_theta - v_g||^2), (B,)
     raw_u: torch.Tensor     # (B,)
     raw_v: torch.Tensor     # (B,)
-    x_hat: torch.Tensor     # u-head denoised image at (z_t, r, t), (B, ...), with grad
+    x_pred: torch.Tensor    # z_t - t u (unclipped t), the perceptual loss's input, (B, ...), with grad
     v_g: torch.Tensor       # guided target, (B, ...)
 
 
-def pmf_guided_loss(x_net: Callable, v_net: Callable, x: torch.Tensor, e: torch.Tensor,
-                    r: torch.Tensor, t: torch.Tensor, *, cond: Any, uncond: Any,
-                    omega: torch.Tensor, t_min: torch.Tensor, t_max: torch.Tensor, dropped: torch.Tensor,
+def pmf_guided_loss(denoise_uv: Callable, guidance_denoise: Callable, x: torch.Tensor, e: torch.Tensor,
+                    r: torch.Tensor, t: torch.Tensor, *, omega: torch.Tensor, t_min: torch.Tensor,
+                    t_max: torch.Tensor, dropped: torch.Tensor,
                     c: float = ADAPTIVE_C, p: float = ADAPTIVE_P) -> GuidedLossTerms:
-    """The released-code pMF recipe: v-head tangent, trained-in CFG target, v-head loss.
+    """The pMF ImageNet loss exactly as the authors' released code computes it (``pixelMeanFlow.forward``).
 
-    ``x_net(z, r, t, cond) -> x_hat`` is the u-head and ``v_net(z, t, cond) -> x_hat_v`` the
-    v-head (evaluated at h = 0); ``cond`` / ``uncond`` are opaque conditioning (labels with drops
-    applied, omega, interval) that the networks understand, uncond with the null label and omega 1.
+    Network callables (the caller binds labels and conditioning; both return denoised *images*):
 
-    1. ``v_theta = (z_t - v_net(z_t, t, cond)) / max(t, t_eps)`` (with gradient: it is trained);
-    2. ``v_u`` likewise with ``uncond``, without gradient;
-    3. ``v_g = v_t + (1 - 1/omega') (sg(v_theta) - v_u)``, omega' = omega inside [t_min, t_max]
-       and not dropped, else 1 (:func:`effective_guidance_scale`);
-    4. ``L_u = adp(||u + (t - r) sg(du/dt) - v_g||^2)`` with tangent ``sg(v_theta)``;
-       ``L_v = adp(||v_theta - v_g||^2)``.
+    * ``denoise_uv(z, r, t) -> (x_hat_u, x_hat_v)``: u-head and v-head of one forward, at h = t - r,
+      with the row's label *after* dropout, its omega and its interval [t_min, t_max].
+    * ``guidance_denoise(z, t, omega_target) -> (x_hat_c, x_hat_n)``: the v-head at h = 0 and interval
+      [0, 1], with the *original* label at ``omega_target`` and with the null label at omega 1; called
+      once, without gradient (one batched pass).
 
-    The conditional velocity v_c of step 3 is the v-head's own (detached) prediction: the
-    conditioning is the same, so a separate no-grad pass would compute the same tensor.
+    Steps (velocities are ``(z_t - x_hat) / max(t, t_eps)``, :func:`average_velocity_from_x`):
 
+    1. ``omega' = omega`` on r = t rows, else gated by the row's interval (:func:`guidance_scale_for_target`);
+    2. ``v_c, v_n`` from ``guidance_denoise``; ``v_g = v_t + (1 - 1/omega')(v_c - v_n)``, and ``v_g = v_t`` on
+       label-dropped rows (iMF Eq. 13, pMF App. A);
+    3. one JVP of ``(z, r, t) -> u`` with tangents (dz, dr, dt) = (v_c, 0, 1); its auxiliary output is the
+       v-head's ``v_theta`` of the same forward (the v-head is trained at h = t - r here);
+    4. ``L_u = adp(||u + (t - r) sg(du/dt) - v_g||^2)`` and ``L_v = adp(||v_theta - v_g||^2)`` (pMF Eq. 12);
+    5. ``x_pred = z_t - t u`` with the unclipped t (:func:`denoised_image`) for the perceptual terms.
+
+    Args:
+        x, e: data and noise, (B, ...).  r, t: (B,), 0 <= r <= t <= 1.
+        omega: (B,) >= 1.  t_min, t_max: (B,) guidance interval.  dropped: bool (B,) label-drop mask.
     Returns:
-        ``GuidedLossTerms``, per-sample (B,) terms, x_hat for a perceptual loss, and v_g.
+        ``GuidedLossTerms``, per-sample (B,) terms, x_pred for a perceptual loss, and v_g.
     """
     check_r_le_t(r, t, like=x)
     z_t = interpolate(x, e, t)
     v_t = target_velocity(z_t, x, t)
-    v_theta = average_velocity_from_x(z_t, v_net(z_t, t, cond), t)       # r = t: u is v
+    omega_target = guidance_scale_for_target(omega, r, t, t_min=t_min, t_max=t_max)
     with torch.no_grad():
-        v_u = average_velocity_from_x(z_t, v_net(z_t, t, uncond), t)
-    omega_eff = effective_guidance_scale(omega, t, t_min=t_min, t_max=t_max, dropped=dropped)
-    v_g = guided_velocity(v_t, v_theta.detach(), v_u, omega_eff).detach()
-    u_fn = u_fn_from_x_fn(lambda z, r_, t_: x_net(z, r_, t_, cond))
-    terms = meanflow_loss(u_fn, z_t, r, t, v_target=v_g, v_tangent=tangent_from_v_head(v_theta),
+        x_hat_c, x_hat_n = guidance_denoise(z_t, t, omega_target)
+        v_c = average_velocity_from_x(z_t, x_hat_c, t)
+        v_n = average_velocity_from_x(z_t, x_hat_n, t)
+        v_g = guided_velocity(v_t, v_c, v_n, omega_target)
+        v_g = torch.where(expand_like(dropped, v_t), v_t, v_g)   # dropped rows regress the unguided v_t
+
+    def u_fn(z, r_, t_):
+        x_hat_u, x_hat_v = denoise_uv(z, r_, t_)
+        return average_velocity_from_x(z, x_hat_u, t_), average_velocity_from_x(z, x_hat_v, t_)
+
+    terms = meanflow_loss(u_fn, z_t, r, t, v_target=v_g, v_tangent=tangent_from_v_head(v_c),
                           has_aux=True, c=c, p=p)
-    raw_v = squared_error(v_theta, v_g)
-    return GuidedLossTerms(terms.loss, adaptively_weighted(raw_v, c=c, p=p), terms.raw, raw_v, terms.aux, v_g)
+    raw_v = squared_error(terms.aux, v_g)
+    return GuidedLossTerms(terms.loss, adaptively_weighted(raw_v, c=c, p=p), terms.raw, raw_v,
+                           denoised_image(z_t, terms.u, t), v_g)
+
+
+def perceptual_term(distance: torch.Tensor, t: torch.Tensor, *, t_thr: float, weight: float,
+                    c: float = ADAPTIVE_C, p: float = ADAPTIVE_P) -> torch.Tensor:
+    """One perceptual term of pMF, ``lambda * adp(d)`` on rows with t < t_thr and 0 elsewhere (pMF Sec. 4).
+
+    pMF: ``0.4 adp(LPIPS)`` + ``0.1 adp(ConvNeXt feature distance)``, t_thr = 0.8 (B/16, B/32, L/16)
+    or 0.6 (L/32, H). The distance is masked *before* the weight, so masked rows have value and
+    gradient 0 (``adp(0) = 0``).
+
+    Args:
+        distance: per-sample distance between the denoised image and the data, (B,), >= 0.
+        t: (B,).  t_thr: noise-level cutoff.  weight: lambda.
+    Returns:
+        per-sample term, (B,).
+    """
+    check_float("distance", distance)
+    check_time("t", t, like=distance)
+    check_same_shape("distance", distance, "t", t)
+    masked = torch.where(t < t_thr, distance, torch.zeros_like(distance))
+    return weight * adaptively_weighted(masked, c=c, p=p)
 
 
 def flow_matching_loss(x_fn: Callable, x: torch.Tensor, e: torch.Tensor, t: torch.Tensor, *,

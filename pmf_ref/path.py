@@ -85,6 +85,24 @@ def x_from_average_velocity(z_t: torch.Tensor, u: torch.Tensor, t: torch.Tensor)
     return z_t - _clipped(t, z_t) * u
 
 
+def denoised_image(z_t: torch.Tensor, u: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """Denoised-image field as written in pMF Eq. 8, ``x = z_t - t u``, with the **unclipped** t.
+
+    The released code feeds this to the perceptual loss. It equals :func:`x_from_average_velocity`
+    for t >= t_eps; below the clip it is ``z_t - (t / t_eps)(z_t - x_hat)``, nearer to z_t.
+
+    Args:
+        z_t: noisy input, (B, ...).  u: average velocity, same shape.  t: (B,) or ().
+    Returns:
+        x, same shape as ``z_t``.
+    """
+    check_float("z_t", z_t)
+    check_float("u", u)
+    check_same_shape("z_t", z_t, "u", u)
+    check_time("t", t, like=z_t)
+    return z_t - expand_like(t, z_t) * u
+
+
 def target_velocity(z_t: torch.Tensor, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
     """Clipped regression target of the released code, ``v_t = (z_t - x) / max(t, t_eps)``.
 

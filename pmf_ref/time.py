@@ -60,6 +60,32 @@ def sample_time_pair(n: int, *, mean: float = P_MEAN, std: float = P_STD,
     return torch.where(equal, t, r), t
 
 
+def sample_time_pair_released(n: int, *, mean: float = P_MEAN, std: float = P_STD,
+                              equal_fraction: float = EQUAL_FRACTION, uniform_fraction: float = 0.0,
+                              generator: torch.Generator | None = None, device=None,
+                              dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
+    """The "full plane" sampler as the authors' released code draws it (the ImageNet recipe's default).
+
+    t, r i.i.d. logit-normal (a ``uniform_fraction`` of rows, chosen by coin flip, draws both from
+    U(0, 1) instead; pMF-H: 0.1); then the **first** ``int(n * equal_fraction)`` rows get r := t
+    **before** ``t, r = max, min``. So the r = t count is exact, and on those rows t is a single
+    logit-normal draw (mean 0.67 at (0.8, 0.8)), not the max of two as in :func:`sample_time_pair`
+    (mean 0.76). Call it once per device batch to keep the exact share on every device.
+
+    Returns:
+        (r, t), each (n,), with 0 <= r <= t <= 1; rows ``[0, int(n * equal_fraction))`` have r = t.
+    """
+    _check(n, equal_fraction=equal_fraction, uniform_fraction=uniform_fraction)
+    t = sample_logit_normal(n, mean=mean, std=std, generator=generator, device=device, dtype=dtype)
+    r = sample_logit_normal(n, mean=mean, std=std, generator=generator, device=device, dtype=dtype)
+    uniform = torch.rand(n, generator=generator, device=device) < uniform_fraction
+    t = torch.where(uniform, torch.rand(n, generator=generator, device=device, dtype=dtype), t)
+    r = torch.where(uniform, torch.rand(n, generator=generator, device=device, dtype=dtype), r)
+    on_diagonal = torch.arange(n, device=t.device) < int(n * equal_fraction)
+    r = torch.where(on_diagonal, t, r)
+    return torch.minimum(t, r), torch.maximum(t, r)
+
+
 def sample_time_pair_diagonal(n: int, *, mean: float = P_MEAN, std: float = P_STD,
                               generator: torch.Generator | None = None, device=None,
                               dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
