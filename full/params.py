@@ -33,6 +33,13 @@ PAPER = {
 }
 
 
+# Exact parameter counts of the authors' released network (inference / with the v-head).
+RELEASED_PARAMS = {
+    "pMF-B/16": (118_234_240, 175_474_304), "pMF-L/16": (410_320_768, 511_789_696),
+    "pMF-H/16": (955_508_992, 1_113_904_640),
+}
+
+
 def _arch(preset: str, overrides: dict) -> dict:
     """The preset's architecture numbers with overrides applied."""
     arch = {key: PRESETS[preset][key] for key in ("resolution", "patch", "depth", "width", "heads",

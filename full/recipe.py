@@ -165,7 +165,7 @@ class PMFObjective(nn.Module):
                 with self._autocast(x.device):
                     distances = self.perceptual(terms.x_pred[rows], x[rows], rnd.crop_boxes[rows])
                 for name, distance in distances.items():
-                    full = torch.zeros_like(terms.loss_u).index_put((rows,), distance.float())
+                    full = torch.zeros_like(terms.loss_u).index_put((rows,), distance.to(terms.loss_u.dtype))
                     per_sample[name] = P.perceptual_term(full, rnd.t, t_thr=self.t_thr, weight=self.weights[name],
                                                          c=self.c, p=self.p)
         per_sample["total"] = (per_sample["loss_u"] + per_sample["loss_v"] + per_sample["lpips"]
