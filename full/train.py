@@ -38,7 +38,7 @@ from .optim import build_optimizer
 from .perceptual import CROP_SIZE, PerceptualDistances, build_convnext_v2, build_lpips_vgg
 from .recipe import GuidanceSampler, PMFObjective, draw_step_randomness, no_guidance
 
-TIME_SAMPLERS = {"full": P.sample_time_pair, "diagonal": P.sample_time_pair_diagonal,
+TIME_SAMPLERS = {"full": P.sample_time_pair_released, "diagonal": P.sample_time_pair_diagonal,
                  "endpoint": P.sample_time_pair_endpoint, "two_lines": P.sample_time_pair_two_lines}
 PERCEPTUAL_CHOICES = ("none", "lpips", "lpips+convnext")
 MODEL_OVERRIDE_FIELDS = ("num_classes", "channels", "resolution", "patch")
@@ -204,7 +204,8 @@ def train(cfg: TrainConfig, dataset=None, progress: bool = True) -> TrainResult:
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
         randomness = draw_step_randomness(cfg.batch_size, image_shape, generator=step_generator,
                                           noise_scale=model.noise_scale, sample_time_pair=sample_time_pair,
-                                          sample_guidance=sample_guidance, device=device)
+                                          sample_guidance=sample_guidance, device=device,
+                                          slices=world_size * cfg.accum_steps)   # one slice per device batch
 
         optimizer.zero_grad(set_to_none=True)
         micro_means = []

@@ -32,15 +32,15 @@ def identity_x(z, r, t):
     return 0.5 * z
 
 
-def v_net(z, t, cond):
-    return 0.5 * z
+def denoise_uv(z, r, t):
+    return 0.5 * z, 0.5 * z
 
 
-def x_net(z, r, t, cond):
-    return 0.5 * z
+def guidance_denoise(z, t, omega):
+    return 0.5 * z, 0.25 * z
 
 
-GUIDED = dict(cond=None, uncond=None, omega=OMEGA, t_min=torch.zeros(B), t_max=torch.ones(B),
+GUIDED = dict(omega=OMEGA, t_min=torch.zeros(B), t_max=torch.ones(B),
               dropped=torch.zeros(B, dtype=torch.bool))
 
 CASES = [
@@ -91,8 +91,8 @@ CASES = [
      r"z_t and v_target must have the same shape"),
     ("flow_matching_loss t > 1", lambda: P.flow_matching_loss(identity_x, X, E, T_ABOVE), T_RANGE),
     ("flow_matching_loss batch", lambda: P.flow_matching_loss(identity_x, X, E, T[:2]), r"t has batch size 2"),
-    ("pmf_guided_loss r > t", lambda: P.pmf_guided_loss(x_net, v_net, X, E, R_ABOVE_T, T, **GUIDED), R_ORDER),
-    ("pmf_guided_loss omega < 1", lambda: P.pmf_guided_loss(x_net, v_net, X, E, R, T,
+    ("pmf_guided_loss r > t", lambda: P.pmf_guided_loss(denoise_uv, guidance_denoise, X, E, R_ABOVE_T, T, **GUIDED), R_ORDER),
+    ("pmf_guided_loss omega < 1", lambda: P.pmf_guided_loss(denoise_uv, guidance_denoise, X, E, R, T,
                                                             **dict(GUIDED, omega=OMEGA - 0.5)), r"omega must be >= 1"),
     # guidance
     ("sample_omega s_max", lambda: P.sample_omega(4, s_max=-1.0), r"s_max must be >= 0"),

@@ -136,12 +136,11 @@ def test_objective_adds_weighted_terms_only_below_t_thr(distances):
     terms = objective(x, torch.arange(n), randomness)
     below = t < 0.6
     assert torch.all(terms["lpips"][~below] == 0) and torch.all(terms["convnext"][~below] == 0)
-    # Oracle: the same distances on the u-head's x_hat of those rows, adaptively weighted.
-    guided = P.pmf_guided_loss(objective.x_net, objective.v_net, x, randomness.e, randomness.r, t,
-                               cond=_cond(randomness, n, False), uncond=_cond(randomness, n, True),
-                               omega=randomness.omega, t_min=randomness.t_min, t_max=randomness.t_max,
-                               dropped=randomness.dropped)
-    raw = distances(guided.x_hat[below], x[below], boxes[below])
+    # Oracle: the same distances on z_t - t u (the u-head's denoised image) of those rows, weighted.
+    z_t = P.interpolate(x, randomness.e, t)
+    x_hat_u = model.forward_u(z_t, randomness.r, t, _cond(randomness, n, False))
+    x_pred = z_t - t[:, None, None, None] * P.average_velocity_from_x(z_t, x_hat_u, t)
+    raw = distances(x_pred[below], x[below], boxes[below])
     torch.testing.assert_close(terms["lpips"][below], 0.4 * P.adaptively_weighted(raw["lpips"]))
     torch.testing.assert_close(terms["convnext"][below], 0.1 * P.adaptively_weighted(raw["convnext"]))
     torch.testing.assert_close(terms["total"], terms["loss_u"] + terms["loss_v"] + terms["lpips"] + terms["convnext"])

@@ -164,3 +164,29 @@ def test_guidance_samplers_are_deterministic_given_generator(seed):
     first, again, other = draw(seed), draw(seed), draw(seed + 1)
     assert all(torch.equal(a, b) for a, b in zip(first, again))
     assert not torch.equal(first[0], other[0])
+
+
+# ----------------------------------------------------------------------------- released label drop
+
+def test_label_drop_mask_diagonal_drops_only_r_equal_t_rows_at_the_released_rate():
+    n, draws, p = 16, 4000, P.LABEL_DROP_PROB
+    gen = generator(21)
+    counts, off_diagonal_drops = [], 0
+    for _ in range(draws):
+        r, t = P.sample_time_pair_released(n, generator=gen)
+        dropped = P.label_drop_mask_diagonal(r, t, p=p, generator=gen)
+        off_diagonal_drops += int((dropped & (r < t)).sum())
+        assert bool((dropped[: dropped.sum()]).all())     # the first k rows of the batch
+        counts.append(int(dropped.sum()))
+    assert off_diagonal_drops == 0
+    mean = sum(counts) / draws
+    assert abs(mean - n * p) < 5 * math.sqrt(n * p * (1 - p) / draws), mean   # Binomial(16, 0.1), cap 8 not hit often
+
+
+def test_guidance_scale_for_target_is_ungated_on_the_diagonal():
+    omega = torch.tensor([3.0, 3.0, 3.0, 3.0])
+    t = torch.tensor([0.9, 0.9, 0.5, 0.5])
+    r = torch.tensor([0.9, 0.1, 0.5, 0.1])
+    t_min, t_max = torch.tensor([0.2, 0.2, 0.6, 0.4]), torch.tensor([0.6, 0.6, 0.8, 0.6])
+    got = P.guidance_scale_for_target(omega, r, t, t_min=t_min, t_max=t_max)
+    assert got.tolist() == [3.0, 1.0, 3.0, 3.0]

@@ -226,46 +226,65 @@ class ConditionedMLP(torch.nn.Module):
         return self.inner(torch.cat([z, cond], dim=1), r, t)[:, : self.dim]
 
 
+NULL = 0.0   # the "null label" feature of the toy conditioning
+
+
 def _guided_setup(seed: int, batch: int):
+    """Two conditioned MLPs (u-head, v-head) on the conditioning [label feature, 1 - 1/omega], the bound
+    network callables of pmf_guided_loss, and the draws (first half of the rows r = t, as released)."""
     x_head, v_head = ConditionedMLP(3, 2, seed), ConditionedMLP(3, 2, seed + 1)
     x, e = gaussian((batch, 3), seed + 2), gaussian((batch, 3), seed + 3)
-    r, t = _random_times(batch, seed + 4)
-    gen = generator(seed + 5)
+    gen = generator(seed + 4)
+    r, t = P.sample_time_pair_released(batch, generator=gen, dtype=torch.float64)
     omega = P.sample_omega(batch, generator=gen, dtype=torch.float64)
     t_min, t_max = P.sample_guidance_interval(r, t, generator=gen)
-    dropped = P.label_drop_mask(batch, p=0.3, generator=gen)
-    cond = gaussian((batch, 2), seed + 6)
-    uncond = torch.zeros(batch, 2, dtype=torch.float64)
-    return x_head, v_head, x, e, r, t, dict(cond=cond, uncond=uncond, omega=omega, t_min=t_min, t_max=t_max,
-                                            dropped=dropped)
+    dropped = P.label_drop_mask_diagonal(r, t, p=0.5, generator=gen)
+    label = gaussian((batch, 1), seed + 6)
 
+    def cond_of(label_feature, w):
+        return torch.cat([label_feature, (1 - 1 / w)[:, None]], dim=1)
 
-def _v_net(v_head):
-    return lambda z, t, cond: v_head(z, t, t, cond)  # the v-head at h = 0
+    label_dropped = torch.where(dropped[:, None], torch.full_like(label, NULL), label)
+
+    def denoise_uv(z, rr, tt):
+        cond = cond_of(label_dropped, omega)
+        return x_head(z, rr, tt, cond), v_head(z, rr, tt, cond)
+
+    def guidance_denoise(z, tt, w):
+        return v_head(z, tt, tt, cond_of(label, w)), v_head(z, tt, tt, cond_of(torch.full_like(label, NULL),
+                                                                              torch.ones_like(w)))
+    nets = dict(x_head=x_head, v_head=v_head, label=label, label_dropped=label_dropped, cond_of=cond_of)
+    kw = dict(omega=omega, t_min=t_min, t_max=t_max, dropped=dropped)
+    return denoise_uv, guidance_denoise, nets, x, e, r, t, kw
 
 
 @given(seed=seeds(), batch=batch_sizes(8))
 @example(seed=0, batch=4)
 def test_pmf_guided_loss_matches_hand_assembled_reference(seed, batch):
-    x_head, v_head, x, e, r, t, kw = _guided_setup(seed, batch)
-    terms = P.pmf_guided_loss(x_head, _v_net(v_head), x, e, r, t, **kw)
+    denoise_uv, guidance_denoise, nets, x, e, r, t, kw = _guided_setup(seed, batch)
+    terms = P.pmf_guided_loss(denoise_uv, guidance_denoise, x, e, r, t, **kw)
+    x_head, v_head, cond_of = nets["x_head"], nets["v_head"], nets["cond_of"]
 
     clip = t.clamp(min=P.T_EPS)[:, None]
     z_t = (1 - t[:, None]) * x + t[:, None] * e
     v_t = (z_t - x) / clip
-    v_theta = (z_t - v_head(z_t, t, t, kw["cond"])) / clip
+    omega = kw["omega"]
+    inside = (t >= kw["t_min"]) & (t <= kw["t_max"])
+    w = torch.where((r == t) | inside, omega, torch.ones_like(omega))
     with torch.no_grad():
-        v_u = (z_t - v_head(z_t, t, t, kw["uncond"])) / clip
-    inside = (t >= kw["t_min"]) & (t <= kw["t_max"]) & ~kw["dropped"]
-    omega_eff = torch.where(inside, kw["omega"], torch.ones_like(kw["omega"]))
-    v_g = v_t + (1 - 1 / omega_eff)[:, None] * (v_theta.detach() - v_u)
+        v_c = (z_t - v_head(z_t, t, t, cond_of(nets["label"], w))) / clip
+        v_n = (z_t - v_head(z_t, t, t, cond_of(torch.full_like(nets["label"], NULL), torch.ones_like(w)))) / clip
+    v_g = v_t + (1 - 1 / w)[:, None] * (v_c - v_n)
+    v_g = torch.where(kw["dropped"][:, None], v_t, v_g)
+    cond = cond_of(nets["label_dropped"], omega)
 
     def u_fn(z, rr, tt):
-        return (z - x_head(z, rr, tt, kw["cond"])) / tt.clamp(min=P.T_EPS)[:, None]
+        c = tt.clamp(min=P.T_EPS)[:, None]
+        return (z - x_head(z, rr, tt, cond)) / c, (z - v_head(z, rr, tt, cond)) / c
 
-    u, dudt = torch.func.jvp(u_fn, (z_t, r, t), (v_theta.detach(), torch.zeros_like(r), torch.ones_like(t)))
+    u, dudt, v = torch.func.jvp(u_fn, (z_t, r, t), (v_c, torch.zeros_like(r), torch.ones_like(t)), has_aux=True)
     raw_u = ((u + (t - r)[:, None] * dudt.detach() - v_g) ** 2).sum(dim=1)
-    raw_v = ((v_theta - v_g) ** 2).sum(dim=1)
+    raw_v = ((v - v_g) ** 2).sum(dim=1)
     loss_u, loss_v = raw_u / (raw_u.detach() + P.ADAPTIVE_C), raw_v / (raw_v.detach() + P.ADAPTIVE_C)
 
     torch.testing.assert_close(terms.v_g, v_g, rtol=1e-12, atol=1e-12)
@@ -273,7 +292,7 @@ def test_pmf_guided_loss_matches_hand_assembled_reference(seed, batch):
     torch.testing.assert_close(terms.raw_v, raw_v, rtol=1e-10, atol=1e-10)
     torch.testing.assert_close(terms.loss_u, loss_u, rtol=1e-10, atol=1e-10)
     torch.testing.assert_close(terms.loss_v, loss_v, rtol=1e-10, atol=1e-10)
-    torch.testing.assert_close(terms.x_hat, x_head(z_t, r, t, kw["cond"]), rtol=1e-13, atol=1e-13)
+    torch.testing.assert_close(terms.x_pred, z_t - t[:, None] * u, rtol=1e-13, atol=1e-13)
     assert not terms.v_g.requires_grad
     params = list(x_head.parameters()) + list(v_head.parameters())
     _assert_grads_close(torch.autograd.grad((terms.loss_u + terms.loss_v).mean(), params),
@@ -282,45 +301,51 @@ def test_pmf_guided_loss_matches_hand_assembled_reference(seed, batch):
 
 def test_pmf_guided_loss_gradients_reach_each_head_only_through_its_own_term():
     """L_u trains only the u-head (tangent and target are detached); L_v trains only the v-head."""
-    x_head, v_head, x, e, r, t, kw = _guided_setup(3, 6)
-    terms = P.pmf_guided_loss(x_head, _v_net(v_head), x, e, r, t, **kw)
-    grads_u_on_v = torch.autograd.grad(terms.loss_u.sum(), list(v_head.parameters()), retain_graph=True,
+    denoise_uv, guidance_denoise, nets, x, e, r, t, kw = _guided_setup(3, 6)
+    terms = P.pmf_guided_loss(denoise_uv, guidance_denoise, x, e, r, t, **kw)
+    grads_u_on_v = torch.autograd.grad(terms.loss_u.sum(), list(nets["v_head"].parameters()), retain_graph=True,
                                        allow_unused=True)
     assert all(g is None or torch.equal(g, torch.zeros_like(g)) for g in grads_u_on_v)
-    grads_v_on_x = torch.autograd.grad(terms.loss_v.sum(), list(x_head.parameters()), allow_unused=True)
+    grads_v_on_x = torch.autograd.grad(terms.loss_v.sum(), list(nets["x_head"].parameters()), allow_unused=True)
     assert all(g is None or torch.equal(g, torch.zeros_like(g)) for g in grads_v_on_x)
 
 
-def test_pmf_guided_target_is_v_t_for_unit_omega_and_dropped_rows():
-    x_head, v_head, x, e, r, t, kw = _guided_setup(7, 8)
+def test_pmf_guided_target_is_v_t_for_unit_omega_dropped_rows_and_outside_the_interval():
+    denoise_uv, guidance_denoise, nets, x, e, r, t, kw = _guided_setup(7, 8)
     v_t = P.target_velocity(P.interpolate(x, e, t), x, t)
-    unit = dict(kw, omega=torch.ones_like(kw["omega"]))
-    torch.testing.assert_close(P.pmf_guided_loss(x_head, _v_net(v_head), x, e, r, t, **unit).v_g, v_t,
-                               rtol=0, atol=0)
-    all_dropped = dict(kw, omega=torch.full_like(kw["omega"], 5.0), dropped=torch.ones_like(kw["dropped"]))
-    torch.testing.assert_close(P.pmf_guided_loss(x_head, _v_net(v_head), x, e, r, t, **all_dropped).v_g, v_t,
-                               rtol=0, atol=0)
-    outside = dict(kw, omega=torch.full_like(kw["omega"], 5.0), dropped=torch.zeros_like(kw["dropped"]),
-                   t_min=torch.ones_like(t), t_max=torch.ones_like(t))
-    gated = P.pmf_guided_loss(x_head, _v_net(v_head), x, e, r, t, **outside).v_g
-    below_one = t < 1
-    torch.testing.assert_close(gated[below_one], v_t[below_one], rtol=0, atol=0)
-    inside = dict(outside, t_min=torch.zeros_like(t))
-    assert not torch.allclose(P.pmf_guided_loss(x_head, _v_net(v_head), x, e, r, t, **inside).v_g, v_t)
+
+    def v_g(**changes):
+        return P.pmf_guided_loss(denoise_uv, guidance_denoise, x, e, r, t, **dict(kw, **changes)).v_g
+
+    torch.testing.assert_close(v_g(omega=torch.ones_like(kw["omega"])), v_t, rtol=0, atol=0)
+    torch.testing.assert_close(v_g(omega=torch.full_like(kw["omega"], 5.0), dropped=torch.ones_like(r, dtype=torch.bool)
+                                   & (r == t))[r == t], v_t[r == t], rtol=0, atol=0)
+    # r < t rows outside their interval regress v_t; r = t rows keep the ungated omega.
+    outside = v_g(omega=torch.full_like(kw["omega"], 5.0), dropped=torch.zeros_like(kw["dropped"]),
+                  t_min=torch.ones_like(t), t_max=torch.ones_like(t))
+    off_diagonal = (r < t) & (t < 1)
+    torch.testing.assert_close(outside[off_diagonal], v_t[off_diagonal], rtol=0, atol=0)
+    assert not torch.allclose(outside[r == t], v_t[r == t])
 
 
 @pytest.mark.parametrize("loss", ["pmf", "guided"])
-def test_x_hat_output_has_parameter_gradients_of_plain_forward(loss):
-    """The returned x_hat (for a perceptual loss) back-propagates like x_net(z_t, r, t) itself."""
-    x_head, v_head, x, e, r, t, kw = _guided_setup(11, 5)
+def test_denoised_output_has_parameter_gradients_of_plain_forward(loss):
+    """The returned x_hat / x_pred (for a perceptual loss) back-propagates like the u-head's own
+    denoised image (pmf_loss) or like ``z_t - t u`` (pmf_guided_loss)."""
+    denoise_uv, guidance_denoise, nets, x, e, r, t, kw = _guided_setup(11, 5)
+    x_head = nets["x_head"]
     z_t = P.interpolate(x, e, t)
     weights = gaussian((5, 3), 12)
+    cond = nets["cond_of"](nets["label_dropped"], kw["omega"])
     if loss == "pmf":
         def x_fn(z, rr, tt):
-            return x_head(z, rr, tt, kw["cond"])
+            return x_head(z, rr, tt, cond)
         x_hat = P.pmf_loss(x_fn, x, e, r, t).aux
+        reference = x_head(z_t, r, t, cond)
     else:
-        x_hat = P.pmf_guided_loss(x_head, _v_net(v_head), x, e, r, t, **kw).x_hat
+        x_hat = P.pmf_guided_loss(denoise_uv, guidance_denoise, x, e, r, t, **kw).x_pred
+        u = (z_t - x_head(z_t, r, t, cond)) / t.clamp(min=P.T_EPS)[:, None]
+        reference = z_t - t[:, None] * u
     params = list(x_head.parameters())
     _assert_grads_close(torch.autograd.grad((weights * x_hat).sum(), params),
-                        torch.autograd.grad((weights * x_head(z_t, r, t, kw["cond"])).sum(), params), tol=1e-12)
+                        torch.autograd.grad((weights * reference).sum(), params), tol=1e-12)

@@ -116,3 +116,30 @@ def test_ablation_samplers_structure():
     on_diagonal, at_zero = r == t, r == 0
     assert bool((on_diagonal | at_zero).all())
     _assert_rate(int(on_diagonal.sum()), N_DRAWS, 0.3)
+
+
+# ----------------------------------------------------------------------------- the released sampler
+
+@given(seed=seeds(), n=st.integers(0, 64), equal_fraction=fractions, uniform_fraction=fractions)
+@example(seed=0, n=7, equal_fraction=0.5, uniform_fraction=0.1)
+def test_sample_time_pair_released_has_an_exact_diagonal_prefix(seed, n, equal_fraction, uniform_fraction):
+    r, t = P.sample_time_pair_released(n, equal_fraction=equal_fraction, uniform_fraction=uniform_fraction,
+                                       generator=generator(seed), dtype=torch.float64)
+    _assert_ordered(r, t)
+    k = int(n * equal_fraction)
+    assert bool((r[:k] == t[:k]).all())
+    assert bool((r[k:] < t[k:]).all())    # ties of two continuous draws have probability 0
+
+
+def test_sample_time_pair_released_diagonal_t_is_one_logit_normal_draw():
+    """On the r = t rows t is a single logit-normal draw (mean ~0.67 at (0.8, 0.8)); off the diagonal
+    t and r are the max and min of two, as in the paper's sampler."""
+    r, t = P.sample_time_pair_released(2 * N_DRAWS, generator=generator(9), dtype=torch.float64)
+    diagonal, off = t[:N_DRAWS], slice(N_DRAWS, None)
+    assert stats.kstest(diagonal.numpy(), lambda q: logit_normal_cdf(q).numpy()).statistic < KS_CRITICAL
+    assert abs(diagonal.mean().item() - 0.668) < 0.01
+    assert stats.kstest(t[off].numpy(), lambda q: logit_normal_cdf(q).numpy() ** 2).statistic < KS_CRITICAL
+    assert stats.kstest(r[off].numpy(), lambda q: 1 - (1 - logit_normal_cdf(q).numpy()) ** 2).statistic < KS_CRITICAL
+    # negative control: the paper-style sampler's diagonal t is the max of two (mean ~0.76)
+    r_p, t_p = P.sample_time_pair(2 * N_DRAWS, generator=generator(9), dtype=torch.float64)
+    assert t_p[r_p == t_p].mean().item() > 0.74
