@@ -10,8 +10,8 @@ Every equation comes from ``pmf_ref``: the loss is ``pmf_guided_loss`` (the rele
 ``pixelMeanFlow.forward``: one no-grad v-head pass for the guided target and the tangent, one JVP pass
 through both heads, adaptive weights, per-sample sums, t_eps clip) plus ``pmf_ref.perceptual_term`` for
 ``0.4 adp(LPIPS) + 0.1 adp(ConvNeXt)`` on rows with t < t_thr. The randomness follows the released
-code too: per device batch, an exact half of the rows has r = t (drawn first, as the first rows), and
-only those rows can lose their label. The ablations (x vs u prediction, time sampler, guidance off)
+code too: every device batch has an exact half of its rows at r = t, and only those rows can lose
+their label. The ablations (x vs u prediction, time sampler, guidance off)
 are functions chosen at the entry point and passed in here.
 """
 from __future__ import annotations
@@ -69,22 +69,13 @@ def no_guidance(r: torch.Tensor, t: torch.Tensor, generator: torch.Generator):
 
 def draw_step_randomness(n: int, image_shape: tuple[int, int, int], *, generator: torch.Generator,
                          noise_scale: float, sample_time_pair: TimePairSampler,
-                         sample_guidance: Callable, device: torch.device, slices: int = 1) -> StepRandomness:
-    """Draw one step's randomness for ``n`` rows from ``generator`` (on ``device``).
-
-    Times and guidance are drawn per slice of ``n / slices`` consecutive rows -- one slice per device
-    batch (world size x micro-batches) -- because the released sampler's exact r = t share and its
-    label drop hold per device batch. Then crop boxes and noise for all rows. Every rank draws the
-    same global numbers and keeps its rows, so 1 process and N processes train on the same batch.
-    """
-    if slices < 1 or n % slices:
-        raise ValueError(f"slices must be a positive divisor of the batch size {n}, got {slices}")
-    size = n // slices
-    parts = []
-    for _ in range(slices):
-        r, t = sample_time_pair(size, generator=generator, device=device)
-        parts.append((r, t, *sample_guidance(r, t, generator)))
-    r, t, omega, t_min, t_max, dropped = (torch.cat(column) for column in zip(*parts))
+                         sample_guidance: Callable, device: torch.device) -> StepRandomness:
+    """Draw one step's randomness for ``n`` rows from ``generator`` (on ``device``), in a fixed order:
+    times, guidance, crop boxes, noise. Every rank draws the same global numbers and keeps its rows,
+    so 1 process and N processes train on the same batch; the released sampler's exact r = t share
+    holds in every even-sized slice (:func:`pmf_ref.diagonal_rows`)."""
+    r, t = sample_time_pair(n, generator=generator, device=device)
+    omega, t_min, t_max, dropped = sample_guidance(r, t, generator)
     boxes = sample_crop_boxes(n, image_shape[1], image_shape[2], generator=generator)
     e = noise_scale * torch.randn(n, *image_shape, generator=generator, device=device)
     return StepRandomness(e, r, t, omega, t_min, t_max, dropped, boxes.to(device))

@@ -204,8 +204,7 @@ def train(cfg: TrainConfig, dataset=None, progress: bool = True) -> TrainResult:
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
         randomness = draw_step_randomness(cfg.batch_size, image_shape, generator=step_generator,
                                           noise_scale=model.noise_scale, sample_time_pair=sample_time_pair,
-                                          sample_guidance=sample_guidance, device=device,
-                                          slices=world_size * cfg.accum_steps)   # one slice per device batch
+                                          sample_guidance=sample_guidance, device=device)
 
         optimizer.zero_grad(set_to_none=True)
         micro_means = []

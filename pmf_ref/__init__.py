@@ -26,7 +26,7 @@ from .path import (T_EPS, average_velocity_from_x, conditional_velocity, denoise
                    target_velocity, x_from_average_velocity)
 from ._checks import expand_like
 from .sampling import sample_multi_step, sample_one_step
-from .time import (EQUAL_FRACTION, P_MEAN, P_STD, sample_logit_normal, sample_time_pair,
+from .time import (EQUAL_FRACTION, P_MEAN, P_STD, diagonal_rows, sample_logit_normal, sample_time_pair,
                    sample_time_pair_diagonal, sample_time_pair_endpoint, sample_time_pair_released,
                    sample_time_pair_two_lines)
 

@@ -145,27 +145,27 @@ def label_drop_mask(n: int, *, p: float = LABEL_DROP_PROB, generator: torch.Gene
 
 
 def label_drop_mask_diagonal(r: torch.Tensor, t: torch.Tensor, *, p: float = LABEL_DROP_PROB,
-                             generator: torch.Generator | None = None) -> torch.Tensor:
-    """Label drop of the released code: k ~ Binomial(B, p) rows, the first k rows with r = t.
+                             equal_fraction: float = 0.5, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Label drop of the released code: only rows with r = t lose their label, a share p of all rows.
 
-    The released code drops the first k rows of each device batch, and those are the rows its time
-    sampler set to r = t (:func:`pmf_ref.sample_time_pair_released`); so no r < t row ever loses its
-    label (no unconditional u off the diagonal is trained), and about 2p of the r = t rows are dropped
-    when half the batch has r = t. Here k is capped at the number of r = t rows.
+    The released code drops the first k ~ Binomial(B, p) rows of each device batch, and those are
+    rows its time sampler set to r = t; so no r < t row ever loses its label (no unconditional u off
+    the diagonal is trained) and about p / equal_fraction (20%) of the r = t rows are dropped.
+
+    # Deviation: each r = t row is dropped independently with probability p / equal_fraction (same
+    # rate, count Binomial(B/2, 2p) instead of Binomial(B, p)), so the mask does not depend on how
+    # the global batch is split across devices.
 
     Args:
-        r, t: (B,) times of one device batch.  p: drop probability per row, in [0, 1].
+        r, t: (B,) times.  p: drop rate over all rows.  equal_fraction: the sampler's share of r = t rows.
     Returns:
         bool mask, (B,), True only on rows with r = t.
     """
     check_r_le_t(r, t)
-    if not 0.0 <= p <= 1.0:
-        raise ValueError(f"p must lie in [0, 1], got {p}")
-    n = t.shape[0]
-    k = (torch.rand(n, generator=generator, device=t.device) < p).sum()
-    on_diagonal = r == t
-    order = torch.cumsum(on_diagonal.long(), dim=0) - 1       # index among the r = t rows
-    return on_diagonal & (order < k)
+    if not 0.0 <= p <= 1.0 or not 0.0 < equal_fraction <= 1.0:
+        raise ValueError(f"p must lie in [0, 1] and equal_fraction in (0, 1], got {p}, {equal_fraction}")
+    drop = torch.rand(t.shape[0], generator=generator, device=t.device) < min(1.0, p / equal_fraction)
+    return drop & (r == t)
 
 
 def guidance_scale_for_target(omega: torch.Tensor, r: torch.Tensor, t: torch.Tensor, *,

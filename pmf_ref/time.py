@@ -60,6 +60,22 @@ def sample_time_pair(n: int, *, mean: float = P_MEAN, std: float = P_STD,
     return torch.where(equal, t, r), t
 
 
+def diagonal_rows(n: int, equal_fraction: float = EQUAL_FRACTION, device=None) -> torch.Tensor:
+    """Which rows of a batch get r = t in the released sampler: an exact share, spread evenly.
+
+    Row i is a diagonal row iff ``ceil((i + 1) f) - ceil(i f) = 1`` (f = 0.5: rows 0, 2, 4, ...), so
+    every block of rows [a, b) with a f and b f integers -- every even-sized device batch or
+    micro-batch cut from the global batch, at f = 0.5 -- holds exactly ``(b - a) f`` of them.
+
+    Returns:
+        bool mask, (n,).
+    """
+    _check(n, equal_fraction=equal_fraction)
+    i = torch.arange(n + 1, device=device, dtype=torch.float64)
+    counts = torch.ceil(i * equal_fraction - 1e-9)               # diagonal rows before row i
+    return counts[1:] > counts[:-1]
+
+
 def sample_time_pair_released(n: int, *, mean: float = P_MEAN, std: float = P_STD,
                               equal_fraction: float = EQUAL_FRACTION, uniform_fraction: float = 0.0,
                               generator: torch.Generator | None = None, device=None,
@@ -67,13 +83,17 @@ def sample_time_pair_released(n: int, *, mean: float = P_MEAN, std: float = P_ST
     """The "full plane" sampler as the authors' released code draws it (the ImageNet recipe's default).
 
     t, r i.i.d. logit-normal (a ``uniform_fraction`` of rows, chosen by coin flip, draws both from
-    U(0, 1) instead; pMF-H: 0.1); then the **first** ``int(n * equal_fraction)`` rows get r := t
+    U(0, 1) instead; pMF-H: 0.1); then an exact share ``equal_fraction`` of the rows gets r := t
     **before** ``t, r = max, min``. So the r = t count is exact, and on those rows t is a single
     logit-normal draw (mean 0.67 at (0.8, 0.8)), not the max of two as in :func:`sample_time_pair`
-    (mean 0.76). Call it once per device batch to keep the exact share on every device.
+    (mean 0.76).
+
+    # Deviation: the released code makes the first half of each device batch the r = t rows; here
+    # they are every other row (:func:`diagonal_rows`), so that every even-sized device batch cut
+    # from one global draw has exactly half of them, whatever the number of devices.
 
     Returns:
-        (r, t), each (n,), with 0 <= r <= t <= 1; rows ``[0, int(n * equal_fraction))`` have r = t.
+        (r, t), each (n,), with 0 <= r <= t <= 1; r = t exactly on :func:`diagonal_rows`.
     """
     _check(n, equal_fraction=equal_fraction, uniform_fraction=uniform_fraction)
     t = sample_logit_normal(n, mean=mean, std=std, generator=generator, device=device, dtype=dtype)
@@ -81,8 +101,7 @@ def sample_time_pair_released(n: int, *, mean: float = P_MEAN, std: float = P_ST
     uniform = torch.rand(n, generator=generator, device=device) < uniform_fraction
     t = torch.where(uniform, torch.rand(n, generator=generator, device=device, dtype=dtype), t)
     r = torch.where(uniform, torch.rand(n, generator=generator, device=device, dtype=dtype), r)
-    on_diagonal = torch.arange(n, device=t.device) < int(n * equal_fraction)
-    r = torch.where(on_diagonal, t, r)
+    r = torch.where(diagonal_rows(n, equal_fraction, device=t.device), t, r)
     return torch.minimum(t, r), torch.maximum(t, r)
 
 

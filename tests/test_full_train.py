@@ -41,9 +41,9 @@ def _fixed_raw_loss(model, dataset, seed: int = 123) -> float:
     e = torch.randn(x.shape, generator=generator)
     ones, zeros = torch.ones_like(t), torch.zeros_like(t)
     cond = make_cond(y, ones, zeros, ones)
-    uncond = make_cond(torch.full_like(y, model.num_classes), ones, zeros, ones)
     objective = PMFObjective(model)
-    terms = P.pmf_guided_loss(objective.x_net, objective.v_net, x, e, r, t, cond=cond, uncond=uncond,
+    terms = P.pmf_guided_loss(lambda z, r_, t_: objective.denoise_uv(z, r_, t_, cond),
+                              lambda z, t_, w: objective.guidance_denoise(z, t_, w, y), x, e, r, t,
                               omega=ones, t_min=zeros, t_max=ones, dropped=torch.zeros_like(t, dtype=torch.bool))
     return (terms.raw_u + terms.raw_v).mean().item()
 
@@ -135,9 +135,11 @@ def test_u_prediction_reads_output_as_average_velocity():
     objective = PMFObjective(model, x_from_output=P.x_from_average_velocity)
     z, t = torch.randn(3, 3, 16, 16), torch.tensor([0.01, 0.5, 1.0])
     cond = make_cond(torch.tensor([1, 2, 3]), 2.0, 0.1, 0.7)
-    output = model.forward_u(z, t * 0.5, t, cond)
-    expected = z - t.clamp(min=P.T_EPS)[:, None, None, None] * output
-    torch.testing.assert_close(objective.x_net(z, t * 0.5, t, cond), expected)
+    output_u, output_v = model.forward_uv(z, t * 0.5, t, cond)
+    clip = t.clamp(min=P.T_EPS)[:, None, None, None]
+    x_hat_u, x_hat_v = objective.denoise_uv(z, t * 0.5, t, cond)
+    torch.testing.assert_close(x_hat_u, z - clip * output_u)
+    torch.testing.assert_close(x_hat_v, z - clip * output_v)
 
 
 def test_bf16_autocast_close_to_fp32():
@@ -148,9 +150,9 @@ def test_bf16_autocast_close_to_fp32():
             parameter.add_(0.05 * torch.randn_like(parameter))
     e = torch.randn(4, 3, 16, 16)
     t = torch.tensor([0.2, 0.5, 0.7, 0.9])
-    cond = make_cond(torch.tensor([0, 1, 2, 3]), 1.0, 0.0, 1.0)
-    fp32 = PMFObjective(model).v_net(e, t, cond)
-    bf16 = PMFObjective(model, autocast_dtype=torch.bfloat16).v_net(e, t, cond)
+    y, omega = torch.tensor([0, 1, 2, 3]), torch.tensor([1.0, 2.0, 4.0, 8.0])
+    fp32 = torch.cat(PMFObjective(model).guidance_denoise(e, t, omega, y))
+    bf16 = torch.cat(PMFObjective(model, autocast_dtype=torch.bfloat16).guidance_denoise(e, t, omega, y))
     assert bf16.dtype == torch.float32
     assert not torch.equal(fp32, bf16)                                # autocast really ran
     torch.testing.assert_close(bf16, fp32, rtol=0.05, atol=0.05)

@@ -176,11 +176,10 @@ def test_label_drop_mask_diagonal_drops_only_r_equal_t_rows_at_the_released_rate
         r, t = P.sample_time_pair_released(n, generator=gen)
         dropped = P.label_drop_mask_diagonal(r, t, p=p, generator=gen)
         off_diagonal_drops += int((dropped & (r < t)).sum())
-        assert bool((dropped[: dropped.sum()]).all())     # the first k rows of the batch
         counts.append(int(dropped.sum()))
     assert off_diagonal_drops == 0
     mean = sum(counts) / draws
-    assert abs(mean - n * p) < 5 * math.sqrt(n * p * (1 - p) / draws), mean   # Binomial(16, 0.1), cap 8 not hit often
+    assert abs(mean - n * p) < 5 * math.sqrt(n / 2 * 2 * p * (1 - 2 * p) / draws), mean   # Binomial(8, 0.2)
 
 
 def test_guidance_scale_for_target_is_ungated_on_the_diagonal():

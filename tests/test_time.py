@@ -126,16 +126,27 @@ def test_sample_time_pair_released_has_an_exact_diagonal_prefix(seed, n, equal_f
     r, t = P.sample_time_pair_released(n, equal_fraction=equal_fraction, uniform_fraction=uniform_fraction,
                                        generator=generator(seed), dtype=torch.float64)
     _assert_ordered(r, t)
-    k = int(n * equal_fraction)
-    assert bool((r[:k] == t[:k]).all())
-    assert bool((r[k:] < t[k:]).all())    # ties of two continuous draws have probability 0
+    diagonal = P.diagonal_rows(n, equal_fraction)
+    assert int(diagonal.sum()) == math.ceil(n * equal_fraction - 1e-9)
+    assert bool((r[diagonal] == t[diagonal]).all())
+    assert bool((r[~diagonal] < t[~diagonal]).all())    # ties of two continuous draws have probability 0
+
+
+@given(n=st.integers(0, 64), a=st.integers(0, 32), b=st.integers(0, 32))
+def test_diagonal_rows_exact_share_in_every_even_block(n, a, b):
+    diagonal = P.diagonal_rows(n)
+    lo, hi = sorted((2 * a, 2 * b))
+    hi = min(hi, n - n % 2)
+    lo = min(lo, hi)
+    assert int(diagonal[lo:hi].sum()) == (hi - lo) // 2
 
 
 def test_sample_time_pair_released_diagonal_t_is_one_logit_normal_draw():
     """On the r = t rows t is a single logit-normal draw (mean ~0.67 at (0.8, 0.8)); off the diagonal
     t and r are the max and min of two, as in the paper's sampler."""
     r, t = P.sample_time_pair_released(2 * N_DRAWS, generator=generator(9), dtype=torch.float64)
-    diagonal, off = t[:N_DRAWS], slice(N_DRAWS, None)
+    rows = P.diagonal_rows(2 * N_DRAWS)
+    diagonal, off = t[rows], ~rows
     assert stats.kstest(diagonal.numpy(), lambda q: logit_normal_cdf(q).numpy()).statistic < KS_CRITICAL
     assert abs(diagonal.mean().item() - 0.668) < 0.01
     assert stats.kstest(t[off].numpy(), lambda q: logit_normal_cdf(q).numpy() ** 2).statistic < KS_CRITICAL
