@@ -1,6 +1,7 @@
 """Parameter and GMAC counts of every PMFViT preset, checked against the paper (Table 8).
 
-    python -m full.params                 # table: params (inference / with v-head), GMACs, paper, deviation
+    python -m full.params                 # table: params (inference / with v-head), GMACs, paper, deviation,
+                                          # and whether the count equals the authors' released network
     python -m full.params --json          # {preset: {"params", "params_with_v_head", "gmacs"}}
     python -m full.params --flop-counter  # also measure GMACs with torch.utils.flop_counter (slower)
 
@@ -136,18 +137,21 @@ def main() -> None:
     if args.json:
         print(json.dumps(rows, indent=2))
         return
-    header = f"{'preset':<10} {'params':>10} {'+v-head':>10} {'GMACs':>8} {'paper':>14} {'d params':>9} {'d GMACs':>8}"
+    header = (f"{'preset':<10} {'params':>13} {'+v-head':>15} {'GMACs':>8} {'paper':>14} {'d params':>9} "
+              f"{'d GMACs':>8} {'released':>9}")
     if args.flop_counter:
         header += f" {'GMACs(fc)':>10}"
     print(header)
     for name, row in rows.items():
         paper_params, paper_gmacs = PAPER.get(name, (None, None))
-        line = f"{name:<10} {row['params'] / 1e6:>9.2f}M {row['params_with_v_head'] / 1e6:>9.2f}M {_gmacs_str(row['gmacs']):>8}"
+        line = f"{name:<10} {row['params']:>13,} {row['params_with_v_head']:>15,} {_gmacs_str(row['gmacs']):>8}"
         if paper_params:
             line += (f" {paper_params / 1e6:>6.0f}M/{paper_gmacs:>5.0f}G"
                      f" {100 * (row['params'] / paper_params - 1):>+8.2f}% {100 * (row['gmacs'] / paper_gmacs - 1):>+7.2f}%")
         else:
             line += f" {'-':>14} {'-':>9} {'-':>8}"
+        released = RELEASED_PARAMS.get(name)
+        line += f" {('equal' if released == (row['params'], row['params_with_v_head']) else 'DIFFERS') if released else '-':>9}"
         if args.flop_counter:
             line += f" {_gmacs_str(row['gmacs_flop_counter']):>10}"
         print(line)
