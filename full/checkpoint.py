@@ -1,63 +1,194 @@
-"""Checkpoints of the pMF trainer: atomic writes, RNG capture, and loading a model for sampling.
+"""Checkpoints of the pMF trainer: atomic writes, safe loading, RNG capture, a model for sampling, and
+the rest of what keeps a run folder whole (log truncation on resume, stop on SIGINT / SIGTERM).
 
 Checkpoint dict (the contract shared with the sampler / evaluator)::
 
-    {"model": state_dict, "ema": {"500": state_dict, ...}, "optimizer": ..., "step": int,
-     "images_seen": int, "rng": {...}, "data": {"epoch": int, "batch": int},
+    {"format": 2, "model": state_dict, "ema": {"500": state_dict, ...}, "optimizer": ..., "step": int,
+     "images_seen": int, "rng": {...tensors...}, "data": {"epoch": int, "batch": int},
+     "lr_history": [[first_step, lr], ...],
      "config": {"model": {"preset": str, **overrides}, "noise_scale": float, "num_classes": int,
                 "resolution": int, "train": {...TrainConfig fields...}}}
 
+Only tensors and plain containers (dict, list, tuple, str, int, float, bool, None), so every file is
+read with ``torch.load(..., weights_only=True)``: loading a checkpoint never runs code from it.
 ``build_model(**ckpt["config"]["model"])`` rebuilds the network.
 """
 from __future__ import annotations
 
+import errno
+import json
 import os
+import pickle
 import random
+import signal
+import sys
 import tempfile
+import threading
 from pathlib import Path
 
 import numpy as np
 import torch
 
+CHECKPOINT_FORMAT = 2
+"""2: weights-only safe (RNG states as tensors). Files of format 1 held numpy arrays and are refused."""
 TEMP_PREFIX = ".tmp-"
 """Prefix of the temporary file written next to the final one; renamed over it once complete."""
+
+
+class CheckpointError(ValueError):
+    """A checkpoint file that cannot be used; the one-line message names the file and what is wrong."""
+
+
+class CheckpointWriteError(OSError):
+    """Writing a checkpoint failed (e.g. a full disk); the previous checkpoint under that name is untouched."""
 
 
 def save_checkpoint(path: str | os.PathLike, state: dict) -> Path:
     """Write ``state`` to ``path`` atomically: temp file in the same folder, fsync, ``os.replace``.
 
     A crash (or kill) at any point leaves either the previous file or the new one under ``path``,
-    never a partial file; a failed write removes its temp file.
+    never a partial file; a failed write removes its temp file (a SIGKILL cannot: see
+    :func:`remove_stale_temp_files`).
+
+    Raises:
+        CheckpointWriteError: the disk is full or the folder not writable (the previous file is kept).
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temp_name = tempfile.mkstemp(prefix=TEMP_PREFIX + path.name + ".", dir=path.parent)
+    temp_name = None
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        handle, temp_name = tempfile.mkstemp(prefix=TEMP_PREFIX + path.name + ".", dir=path.parent)
         with os.fdopen(handle, "wb") as file:
             torch.save(state, file)
             file.flush()
             os.fsync(file.fileno())
         os.replace(temp_name, path)       # atomic on POSIX within one file system
-    except BaseException:
-        if os.path.exists(temp_name):
+    except BaseException as error:
+        if temp_name is not None and os.path.exists(temp_name):
             os.remove(temp_name)
-        raise
+        os_error = _os_error_in_chain(error)
+        if os_error is None:
+            raise
+        reason = "no space left on device" if os_error.errno == errno.ENOSPC else (os_error.strerror or str(os_error))
+        previous = "the previous checkpoint is kept" if path.exists() else "no earlier checkpoint exists"
+        failure = CheckpointWriteError(f"writing checkpoint {str(path)!r} failed: {reason} ({previous})")
+        failure.errno = os_error.errno
+        raise failure from error
     return path
 
 
-def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict:
-    """Read a checkpoint written by :func:`save_checkpoint` (a FileNotFoundError names the path)."""
+def _os_error_in_chain(error: BaseException) -> OSError | None:
+    """The OSError behind ``error``: torch's zip writer re-raises a failed write as a RuntimeError."""
+    seen = 0
+    while error is not None and seen < 8:
+        if isinstance(error, OSError):
+            return error
+        error, seen = error.__cause__ or error.__context__, seen + 1
+    return None
+
+
+def remove_stale_temp_files(folder: str | os.PathLike, name: str = "checkpoint.pt") -> list[Path]:
+    """Delete the temp files a killed :func:`save_checkpoint` of ``folder/name`` left behind; returns them."""
+    stale = sorted(Path(folder).glob(f"{TEMP_PREFIX}{name}.*")) if Path(folder).is_dir() else []
+    for path in stale:
+        path.unlink(missing_ok=True)
+    return stale
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
+
+
+def read_checkpoint_file(path: str | os.PathLike, map_location: str | torch.device = "cpu", *,
+                         mmap: bool = False) -> object:
+    """``torch.load(path, weights_only=True)`` with every failure turned into a one-line CheckpointError.
+
+    Used for any torch file a user hands us (our checkpoints, Inception weights): an empty,
+    truncated or garbage file, and a pickle that asks for anything but tensors and plain
+    containers, are refused -- the last without running any of it.
+    """
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"checkpoint {str(path)!r} does not exist")
-    return torch.load(path, map_location=map_location, weights_only=False)
+        raise CheckpointError(f"{str(path)!r} does not exist or is not a file")
+    if path.stat().st_size == 0:
+        raise CheckpointError(f"{str(path)!r} is empty (0 bytes): an interrupted copy or download?")
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
+    except pickle.UnpicklingError as error:
+        if "weights only" in str(error).lower() or "weights_only" in str(error):
+            detail = next((line.strip() for line in str(error).splitlines() if "GLOBAL" in line or "global" in line),
+                          _first_line(error))
+            raise CheckpointError(f"{str(path)!r} refused: it holds Python objects other than tensors and plain "
+                                  f"containers ({detail}); loading it could run code. Files written by this "
+                                  f"project never do (checkpoints of format 1 held numpy RNG states)") from None
+        raise CheckpointError(f"{str(path)!r} is not a torch file ({_first_line(error)})") from None
+    except (RuntimeError, EOFError, OSError, ValueError, KeyError, IndexError, TypeError,
+            AttributeError, UnicodeDecodeError) as error:
+        raise CheckpointError(f"{str(path)!r} is not a readable torch file (truncated or corrupt?): "
+                              f"{type(error).__name__}: {_first_line(error)}") from None
+
+
+def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu", *,
+                    mmap: bool = False) -> dict:
+    """Read a checkpoint written by :func:`save_checkpoint` (weights only) and check its layout.
+
+    Raises:
+        CheckpointError: missing, empty, truncated, garbage, unsafe or foreign file (the message says which).
+    """
+    state = read_checkpoint_file(path, map_location, mmap=mmap)
+    check_checkpoint_layout(state, path)
+    return state
+
+
+def check_checkpoint_layout(state: object, path: str | os.PathLike) -> None:
+    """The keys the sampler needs: ``model`` (a state dict) and ``config.model.preset`` (a known preset)."""
+    from .model import PRESETS
+
+    where = repr(str(path))
+    if not isinstance(state, dict):
+        raise CheckpointError(f"{where} is not a full.train checkpoint (it holds a {type(state).__name__}, "
+                              f"not a dict)")
+    if "config" not in state or "model" not in state:
+        hint = (" -- it looks like one of the authors' released files: sample it with --official-ckpt"
+                if any(isinstance(key, str) and key.startswith("net.") for key in state) else "")
+        keys = sorted(str(key) for key in state)[:6]
+        raise CheckpointError(f"{where} is not a full.train checkpoint (no 'model'/'config' keys; it has "
+                              f"{keys}{'...' if len(state) > 6 else ''}){hint}")
+    config = state["config"]
+    preset = config.get("model", {}).get("preset") if isinstance(config, dict) and isinstance(
+        config.get("model"), dict) else None
+    if preset not in PRESETS:
+        raise CheckpointError(f"{where}: config.model.preset is {preset!r}, not one of {sorted(PRESETS)}")
+    if not isinstance(state["model"], dict) or not all(isinstance(v, torch.Tensor) for v in state["model"].values()):
+        raise CheckpointError(f"{where}: 'model' is not a state dict of tensors")
+
+
+def require_keys(state: dict, path: str | os.PathLike, keys: tuple[str, ...], purpose: str) -> None:
+    """CheckpointError naming the first of ``keys`` that ``state`` lacks (e.g. a sampling-only file given to resume)."""
+    missing = [key for key in keys if key not in state]
+    if missing:
+        raise CheckpointError(f"{str(path)!r} cannot be used to {purpose}: it lacks {missing} (a hand-made or "
+                              f"sampling-only checkpoint?)")
+
+
+def first_non_finite(state: dict[str, torch.Tensor]) -> str | None:
+    """Name of the first floating-point tensor of a state dict holding NaN or inf, else None."""
+    for name, tensor in state.items():
+        if isinstance(tensor, torch.Tensor) and tensor.is_floating_point() and not torch.isfinite(tensor).all():
+            return name
+    return None
 
 
 def load_model(path: str | os.PathLike, ema: str | None = None, map_location: str | torch.device = "cpu"):
     """Rebuild the PMFViT of a checkpoint in eval mode, with the EMA ``ema`` (e.g. "1000") or raw weights.
 
-    The v-head is dropped (sampling needs only the u-head). Raises a KeyError listing the
-    available EMAs when ``ema`` is absent.
+    The v-head is dropped (sampling needs only the u-head).
+
+    Raises:
+        KeyError: listing the available EMAs when ``ema`` is absent.
+        CheckpointError: an unusable file, weights that do not fit the recorded preset, or weights
+        holding NaN / inf (a diverged run: its samples would be blank images with a finite FID).
     """
     from .model import build_model
 
@@ -65,23 +196,42 @@ def load_model(path: str | os.PathLike, ema: str | None = None, map_location: st
     if ema is None:
         state = checkpoint["model"]
     else:
-        available = sorted(checkpoint.get("ema", {}), key=float)
-        if str(ema) not in checkpoint.get("ema", {}):
+        emas = checkpoint.get("ema", {})
+        available = sorted(emas, key=float)
+        if str(ema) not in emas:
             raise KeyError(f"checkpoint {str(path)!r} has no EMA {ema!r}; available EMAs (half-life kimg): "
                            f"{available} (or ema=None for the raw weights)")
-        state = checkpoint["ema"][str(ema)]
-    model = build_model(**checkpoint["config"]["model"], v_head=False)
+        state = emas[str(ema)]
     state = {key: value for key, value in state.items() if not key.startswith("v_head.")}
-    model.load_state_dict(state, strict=True)
+    bad = first_non_finite(state)
+    if bad is not None:
+        which = "raw weights" if ema is None else f"EMA {ema}"
+        raise CheckpointError(f"{str(path)!r}: the {which} hold NaN or inf (tensor {bad!r}): the run diverged; "
+                              f"use an earlier checkpoint")
+    try:
+        model = build_model(**checkpoint["config"]["model"], v_head=False)
+        model.load_state_dict(state, strict=True)
+    except (RuntimeError, TypeError, ValueError) as error:
+        raise CheckpointError(f"{str(path)!r}: weights do not fit the recorded model "
+                              f"{checkpoint['config']['model']}: {_first_line(error)}") from None
     return model.eval().requires_grad_(False)
 
 
-# ----------------------------------------------------------------------------- RNG states
+# ----------------------------------------------------------------------------- RNG states (as tensors)
 
 def capture_rng_state(step_generator: torch.Generator) -> dict:
-    """Every RNG state that can influence a run: the per-step generator, python, numpy, torch (CPU, CUDA)."""
-    state = {"step_generator": step_generator.get_state(), "python": random.getstate(),
-             "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    """Every RNG state that can influence a run: the per-step generator, python, numpy, torch (CPU, CUDA).
+
+    The python and numpy states are stored as int64 tensors plus plain numbers, so the checkpoint
+    loads with ``weights_only=True``.
+    """
+    version, python_state, python_gauss = random.getstate()
+    name, keys, position, has_gauss, cached_gaussian = np.random.get_state()
+    state = {"step_generator": step_generator.get_state(), "torch": torch.get_rng_state(),
+             "python": {"version": int(version), "state": torch.tensor(python_state, dtype=torch.int64),
+                        "gauss": python_gauss},
+             "numpy": {"name": str(name), "keys": torch.from_numpy(keys.astype(np.int64)), "position": int(position),
+                       "has_gauss": int(has_gauss), "cached_gaussian": float(cached_gaussian)}}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
@@ -90,8 +240,72 @@ def capture_rng_state(step_generator: torch.Generator) -> dict:
 def restore_rng_state(state: dict, step_generator: torch.Generator) -> None:
     """Inverse of :func:`capture_rng_state`."""
     step_generator.set_state(state["step_generator"].cpu())   # RNG states are CPU byte tensors on every device
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    python = state["python"]
+    random.setstate((python["version"], tuple(python["state"].tolist()), python["gauss"]))
+    numpy = state["numpy"]
+    np.random.set_state((numpy["name"], numpy["keys"].numpy().astype(np.uint32), numpy["position"],
+                         numpy["has_gauss"], numpy["cached_gaussian"]))
     torch.set_rng_state(state["torch"].cpu())
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all([cuda_state.cpu() for cuda_state in state["cuda"]])
+
+
+# ----------------------------------------------------------------------------- the run folder
+
+def truncate_log(path: str | os.PathLike, step: int) -> int:
+    """Make a JSONL step log hold each step <= ``step`` exactly once; returns the number of lines dropped.
+
+    After a kill the log can run past the checkpoint being resumed (those steps are trained again)
+    and end in a half-written line; both are dropped, and a step logged twice keeps its last record.
+    The file is rewritten atomically.
+    """
+    from .fid import atomic_write
+
+    path = Path(path)
+    if not path.exists():
+        return 0
+    lines = path.read_text(errors="replace").splitlines()
+    by_step: dict[int, str] = {}
+    for line in lines:
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(record, dict) and isinstance(record.get("step"), int) and record["step"] <= step:
+            by_step[record["step"]] = line
+    kept = [by_step[key] for key in sorted(by_step)]
+    if kept != lines:
+        atomic_write(path, lambda file: file.write("".join(line + "\n" for line in kept).encode()))
+    return len(lines) - len(kept)
+
+
+class StopOnSignal:
+    """SIGINT / SIGTERM ask the loop to stop at the next step boundary instead of killing it mid-step.
+
+    A cluster pre-empts a job with SIGTERM (SLURM, Kubernetes) and waits a grace period before SIGKILL;
+    the trainer then saves a checkpoint and exits. The first signal only sets :attr:`signum`; the
+    previous handler is restored, so a second one acts at once (Ctrl-C twice stops immediately --
+    the atomic save keeps the last checkpoint whole). Installs nothing outside the main thread.
+    """
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self, announce: bool = True):
+        self.signum, self.announce, self.previous = 0, announce, {}
+
+    def __enter__(self) -> "StopOnSignal":
+        if threading.current_thread() is threading.main_thread():
+            for signum in self.SIGNALS:
+                self.previous[signum] = signal.signal(signum, self._handle)
+        return self
+
+    def _handle(self, signum, frame) -> None:
+        self.signum = signum
+        signal.signal(signum, self.previous.get(signum) or signal.SIG_DFL)
+        if self.announce:
+            print(f"\nreceived {signal.Signals(signum).name}: saving a checkpoint after this step "
+                  f"(send it again to stop at once)", file=sys.stderr, flush=True)
+
+    def __exit__(self, *exc_info) -> None:
+        for signum, handler in self.previous.items():
+            signal.signal(signum, handler if handler is not None else signal.SIG_DFL)

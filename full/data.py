@@ -3,8 +3,10 @@
 * :func:`center_crop_arr` -- the ADM (guided-diffusion) preprocessing used by pMF/JiT/DiT: halve the
   image with a box filter while it is at least twice the target, resize so the short side equals
   the target with bicubic filtering, then crop the center square.
+* :func:`to_rgb` -- any image PIL opens (16-bit, palette, alpha, grayscale, CMYK) as 8-bit RGB.
 * :class:`ImageFolderDataset` -- ``root/<class>/<image>`` folders, classes sorted by name -> labels
-  0..K-1 (torchvision's ImageFolder convention), images as (C, H, W) float32 in [-1, 1].
+  0..K-1 (torchvision's ImageFolder convention), images as (C, H, W) float32 in [-1, 1]; an unreadable
+  file is skipped with a warning naming it.
 * :class:`SyntheticDataset` -- random smooth images with labels, for tests and ``--data synthetic``.
 * :class:`GlobalBatchSampler` -- a distributed sampler that shards each *global* batch contiguously
   across ranks, so rank k sees rows [k*b, (k+1)*b) of the same global batch a single process sees.
@@ -12,6 +14,8 @@
 from __future__ import annotations
 
 import os
+import signal
+import warnings
 from pathlib import Path
 from typing import Iterator
 
@@ -23,6 +27,16 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 """File suffixes (lower case) read as images; everything else in a class folder is ignored."""
 PIXEL_MAX = 255.0
+SIXTEEN_BIT_MAX = 65535.0
+"""Full scale of 16-bit images (PIL modes ``I;16*``; mode ``I`` is read as 16-bit too, as PNG decoders give it)."""
+ALPHA_BACKGROUND = (255, 255, 255)
+"""Transparent pixels are composited over white (what an image viewer shows), not dropped to their hidden RGB."""
+UNREADABLE_ERRORS = (OSError, ValueError, SyntaxError, Image.DecompressionBombError)
+"""What PIL raises for a truncated, corrupt or non-image file (UnidentifiedImageError is an OSError)."""
+
+
+class UnreadableImageError(ValueError):
+    """An image file PIL cannot decode; the message names the file."""
 
 
 # ----------------------------------------------------------------------------- preprocessing
@@ -51,9 +65,45 @@ def center_crop_arr(pil_image: Image.Image, image_size: int) -> Image.Image:
     return Image.fromarray(array[top:top + image_size, left:left + image_size])
 
 
+def to_rgb(pil_image: Image.Image) -> Image.Image:
+    """Any PIL image as 8-bit RGB on one scale: 0..255 means black..white whatever the file's bit depth.
+
+    ``convert("RGB")`` alone clips 16-bit grey values (0..65535) to 255, so a 16-bit PNG comes out
+    nearly white; here they are rescaled (``round(v / 257)``). Palette images go through their
+    palette (and transparency), alpha is composited over :data:`ALPHA_BACKGROUND`, float images
+    (mode ``F``) are read as 0..1.
+    """
+    mode = pil_image.mode
+    if mode.startswith("I") or mode == "F":
+        array = np.asarray(pil_image, dtype=np.float64)
+        scale = 1.0 if mode == "F" else SIXTEEN_BIT_MAX
+        grey = np.clip(np.round(array / scale * PIXEL_MAX), 0, PIXEL_MAX).astype(np.uint8)
+        return Image.fromarray(grey).convert("RGB")
+    if mode == "P":
+        pil_image = pil_image.convert("RGBA" if "transparency" in pil_image.info else "RGB")
+    elif mode in ("LA", "La", "PA", "RGBa"):
+        pil_image = pil_image.convert("RGBA")
+    if pil_image.mode == "RGBA":
+        background = Image.new("RGB", pil_image.size, ALPHA_BACKGROUND)
+        background.paste(pil_image, mask=pil_image.getchannel("A"))
+        return background
+    return pil_image if pil_image.mode == "RGB" else pil_image.convert("RGB")
+
+
+def open_rgb(path: str | os.PathLike) -> Image.Image:
+    """Read an image file as 8-bit RGB (:func:`to_rgb`); UnreadableImageError names a file PIL cannot decode."""
+    try:
+        with Image.open(path) as image:
+            image.load()                  # decode now: a truncated file fails here, naming it, not later
+            rgb = to_rgb(image)
+            return rgb.copy() if rgb is image else rgb   # detached from the file that is closed next
+    except UNREADABLE_ERRORS as error:
+        raise UnreadableImageError(f"cannot read image {str(path)!r}: {type(error).__name__}: {error}") from None
+
+
 def pil_to_tensor(pil_image: Image.Image, channels: int = 3) -> torch.Tensor:
-    """uint8 PIL image -> float32 (C, H, W) in [-1, 1] (``x = value / 127.5 - 1``)."""
-    pil_image = pil_image.convert("RGB" if channels == 3 else "L")
+    """PIL image (any mode, via :func:`to_rgb`) -> float32 (C, H, W) in [-1, 1] (``x = value / 127.5 - 1``)."""
+    pil_image = to_rgb(pil_image) if channels == 3 else to_rgb(pil_image).convert("L")
     array = np.asarray(pil_image, dtype=np.float32)
     if array.ndim == 2:
         array = array[:, :, None]
@@ -68,8 +118,13 @@ class ImageFolderDataset(Dataset):
     Args:
         root: folder with one sub-folder per class.  resolution: output side (ADM center crop).
         channels: 3 (RGB) or 1 (grayscale).
+    An image PIL cannot decode is skipped with a warning naming it: the item is the next readable
+    image of the folder (with that image's label), so a few broken files out of a million do not stop
+    a run, and the substitution is deterministic (the same on every rank and after a resume).
+
     Raises:
         FileNotFoundError: ``root`` is missing, or no class folder holds an image.
+        UnreadableImageError: no image of the folder can be read.
     """
 
     def __init__(self, root: str | os.PathLike, resolution: int, channels: int = 3):
@@ -87,16 +142,24 @@ class ImageFolderDataset(Dataset):
             raise FileNotFoundError(
                 f"data folder {str(root)!r} holds no images: expected root/<class>/<image> with suffix "
                 f"in {sorted(set(IMAGE_EXTENSIONS))} ({len(self.classes)} class folders found)")
-        self.resolution, self.channels = resolution, channels
+        self.root, self.resolution, self.channels = str(root), resolution, channels
         self.num_classes = len(self.classes)
 
     def __len__(self) -> int:
         return len(self.samples)
 
+    def read(self, index: int) -> tuple[Image.Image, int]:
+        """(center-cropped RGB image, label) of item ``index``, skipping unreadable files (see the class)."""
+        for offset in range(len(self.samples)):
+            path, label = self.samples[(index + offset) % len(self.samples)]
+            try:
+                return center_crop_arr(open_rgb(path), self.resolution), label
+            except UnreadableImageError as error:
+                warnings.warn(f"skipping it: {error}", stacklevel=2)
+        raise UnreadableImageError(f"no image under {self.root!r} can be read")
+
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
-        path, label = self.samples[index]
-        with Image.open(path) as image:
-            image = center_crop_arr(image.convert("RGB"), self.resolution)
+        image, label = self.read(index)
         return pil_to_tensor(image, self.channels), label
 
 
@@ -182,7 +245,14 @@ def make_loader(dataset: Dataset, global_batch: int, *, rank: int = 0, world_siz
                                  epoch=epoch, start_batch=start_batch)
     return DataLoader(dataset, batch_size=sampler.local_batch, sampler=sampler, num_workers=num_workers,
                       drop_last=True, pin_memory=torch.cuda.is_available(),
-                      persistent_workers=False)
+                      persistent_workers=False, worker_init_fn=ignore_stop_signals if num_workers else None)
+
+
+def ignore_stop_signals(worker_id: int) -> None:
+    """DataLoader workers ignore SIGINT / SIGTERM: Ctrl-C and a cluster's SIGTERM reach the whole process
+    group, and the main process must survive them to save a checkpoint (it then shuts the workers down)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 def infinite_batches(dataset: Dataset, global_batch: int, *, rank: int, world_size: int, seed: int,
@@ -191,8 +261,14 @@ def infinite_batches(dataset: Dataset, global_batch: int, *, rank: int, world_si
     """Endless stream of ``(epoch, batch_index_in_epoch, (x, y))``, starting at (epoch, start_batch).
 
     The (epoch, batch index) pair *after* a yielded batch is what a checkpoint stores to resume.
+
+    Raises:
+        ValueError: the dataset holds fewer images than one global batch (it would never yield).
     """
     per_epoch = GlobalBatchSampler.batches_per_epoch(len(dataset), global_batch)
+    if per_epoch < 1:   # checked here, not in the sampler: the loop below would otherwise spin forever
+        raise ValueError(f"the data has {len(dataset)} images, fewer than one global batch ({global_batch}); "
+                         f"lower --batch-size")
     while True:
         if start_batch < per_epoch:
             loader = make_loader(dataset, global_batch, rank=rank, world_size=world_size, seed=seed,

@@ -19,18 +19,21 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 
-from .fid import atomic_write
+from .fid import atomic_write, unwritable_reason
 from .digits_classifier import load_or_train_classifier
+from .digits_data import TRAIN_SIZE
 from .digits_experiments import EXPERIMENTS, PAPER_NUMBERS, experiment_arms
 from .digits_metrics import DigitsEvaluator
 from .digits_report import markdown_table, save_figure
 from .digits_runs import Budget, run_arm
+from .train import EXIT_DIVERGED, DivergenceError
 
 # Default budget: each experiment fits 30 min on an idle 2-core CPU (the largest, "prediction", has six arms).
 DEFAULT_STEPS = 600
@@ -137,11 +140,20 @@ def main(argv: list[str] | None = None) -> dict[str, dict]:
             parser.error(f"{flag} must be >= {minimum}, got {value}")
     if not args.lr > 0:
         parser.error(f"--lr must be > 0, got {args.lr}")
+    if args.batch_size > TRAIN_SIZE:   # a batch larger than the data would never be drawn
+        parser.error(f"--batch-size {args.batch_size} exceeds the {TRAIN_SIZE} training digits")
+    problem = unwritable_reason(args.out, folder=True)
+    if problem:
+        parser.error(f"--out: {problem}")
     experiments = EXPERIMENTS if args.experiment == "all" else (args.experiment,)
     budget = Budget(steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
                     per_class=args.per_class, ema_kimg=EMA_KIMG)
-    return run(DigitsConfig(experiments=experiments, budget=budget, out=args.out, threads=args.threads,
-                            progress=not args.no_progress, fresh=args.fresh, report_only=args.report_only))
+    try:
+        return run(DigitsConfig(experiments=experiments, budget=budget, out=args.out, threads=args.threads,
+                                progress=not args.no_progress, fresh=args.fresh, report_only=args.report_only))
+    except DivergenceError as error:   # nothing of the diverged arm is cached; the finished arms are
+        print(f"python -m full.digits: error: {error}", file=sys.stderr)
+        raise SystemExit(EXIT_DIVERGED) from None
 
 
 if __name__ == "__main__":

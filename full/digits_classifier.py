@@ -14,7 +14,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .checkpoint import save_checkpoint
+from .checkpoint import CheckpointError, read_checkpoint_file, save_checkpoint
 from .digits_data import NUM_CLASSES, load_digits_split
 
 CLASSIFIER_SEED = 0
@@ -85,11 +85,14 @@ def load_or_train_classifier(cache_dir: str | os.PathLike) -> DigitsClassifier:
             "split_checksum": _split_checksum(data.x_train, data.y_train)}
     path = Path(cache_dir) / CACHE_NAME
     if path.exists():
-        cached = torch.load(path, map_location="cpu", weights_only=True)
-        if cached.get("meta") == meta:
-            model = DigitsClassifier()
-            model.load_state_dict(cached["state_dict"])
-            return model.eval()
+        try:
+            cached = read_checkpoint_file(path)
+            if isinstance(cached, dict) and cached.get("meta") == meta:
+                model = DigitsClassifier()
+                model.load_state_dict(cached["state_dict"])
+                return model.eval()
+        except (CheckpointError, RuntimeError, KeyError) as error:   # a cache: a damaged file is rebuilt
+            print(f"rebuilding the digits classifier cache: {error}", flush=True)
     model = train_classifier(data.x_train, data.y_train)
     save_checkpoint(path, {"meta": meta, "state_dict": model.state_dict()})
     return model

@@ -24,6 +24,10 @@ DIGITS_SIZE = 8
 NUM_CLASSES = 10
 HELDOUT_PER_CLASS = 50
 """Held-out digits per class: 500 in all, the same count as the generated sets (50 per class, as FID-50K)."""
+DIGITS_TOTAL = 1797
+"""Images in scikit-learn's digits."""
+TRAIN_SIZE = DIGITS_TOTAL - NUM_CLASSES * HELDOUT_PER_CLASS
+"""1,297 training digits: the largest batch the trainer can draw from them."""
 SPLIT_SEED = 0
 """Seed of the one permutation that defines the split (numpy PCG64: identical on every platform)."""
 DIGITS_MAX_VALUE = 16.0

@@ -75,7 +75,7 @@ def train_config(spec: ArmSpec, budget: Budget, out: Path) -> TrainConfig:
         # do not ship; the paper's own ablations (Tables 2-5) are MSE-only too.
         perceptual="none",
         ckpt_every=budget.steps, log_every=max(1, budget.steps // 20), out=str(out), device="cpu",
-        num_workers=0)
+        num_workers=0, overwrite=True)   # the arm folder is this cache's own: retraining replaces it
 
 
 def arm_key(spec: ArmSpec, budget: Budget) -> str:
@@ -152,8 +152,12 @@ def run_arm(spec: ArmSpec, budget: Budget, evaluator: DigitsEvaluator, *, out: P
     ema_key = format_half_life(budget.ema_kimg)
     result, networks = None, None
     if result_path.exists() and not fresh:
-        result = json.loads(result_path.read_text())
-        if result.get("version") != RESULT_VERSION:
+        try:
+            result = json.loads(result_path.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError):   # a cache: a damaged entry is recomputed
+            print(f"{result_path}: unreadable cached result, training the arm again", flush=True)
+            result = None
+        if not isinstance(result, dict) or result.get("version") != RESULT_VERSION:
             result = None
     if result is None and report_only:
         return None

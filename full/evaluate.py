@@ -25,13 +25,13 @@ from typing import Iterator
 
 import numpy as np
 import torch
-from PIL import Image
 from torch.utils.data import DataLoader
 
 from .sample import HelpFormatter
-from .data import IMAGE_EXTENSIONS, ImageFolderDataset, center_crop_arr
-from .fid import (IS_SPLITS, atomic_write, build_inception, extract_features, feature_statistics,
-                  frechet_distance_from_features, inception_score, load_statistics, save_statistics)
+from .data import IMAGE_EXTENSIONS, ImageFolderDataset, UnreadableImageError, open_rgb
+from .fid import (IS_SPLITS, InceptionWeightsError, atomic_write, build_inception, extract_features,
+                  feature_statistics, frechet_distance_from_features, inception_score, load_statistics, open_npz,
+                  save_statistics, unwritable_reason)
 
 
 @dataclass(frozen=True)
@@ -62,38 +62,79 @@ class RefStatsConfig:
 # Reading sample sets
 # --------------------------------------------------------------------------------------------
 
+class SampleSetError(ValueError):
+    """A sample set that cannot be scored (unreadable, malformed, or degenerate); the message names it."""
+
+
 def _image_files(folder: Path) -> list[Path]:
     return sorted(path for path in folder.iterdir() if path.is_file() and path.suffix.lower() in IMAGE_EXTENSIONS)
+
+
+def _npz_images(path: Path) -> np.ndarray:
+    """``arr_0`` of a samples .npz, checked: uint8 (N, H, W, 1 or 3)."""
+    with open_npz(path) as data:
+        if "arr_0" not in data.files:
+            raise SampleSetError(f"{str(path)!r} has no 'arr_0' (uint8 images N x H x W x C); it holds {data.files}")
+        try:
+            images = data["arr_0"]   # ADM layout; the whole array is read, as the ADM suite does
+        except (OSError, ValueError, EOFError) as error:
+            raise SampleSetError(f"{str(path)!r}: arr_0 is unreadable ({type(error).__name__}: {error})") from None
+    if images.dtype != np.uint8 or images.ndim != 4 or images.shape[3] not in (1, 3):
+        raise SampleSetError(f"{str(path)!r}: arr_0 must be uint8 (N, H, W, 1 or 3), got {images.dtype} {images.shape}")
+    return images
 
 
 def count_samples(path: str | Path) -> int:
     path = Path(path)
     if path.is_dir():
         return len(_image_files(path))
-    with np.load(path) as data:
-        return data["arr_0"].shape[0]
+    return _npz_images(path).shape[0]
 
 
 def iter_sample_batches(path: str | Path, batch_size: int) -> Iterator[torch.Tensor]:
-    """uint8 (B, C, H, W) batches from an .npz (``arr_0``, NHWC) or a folder of images (as RGB)."""
+    """uint8 (B, C, H, W) batches from an .npz (``arr_0``, NHWC) or a folder of images (any mode, as RGB).
+
+    Raises:
+        SampleSetError: naming an unreadable image, images of different sizes, or a malformed .npz.
+    """
     path = Path(path)
     if path.is_dir():
         files = _image_files(path)
+        first_size = None
         for start in range(0, len(files), batch_size):
             arrays = []
             for file in files[start:start + batch_size]:
-                with Image.open(file) as image:
-                    arrays.append(np.asarray(image.convert("RGB")))
+                try:
+                    image = open_rgb(file)   # a sample set is scored whole: a broken file is an error, not skipped
+                except UnreadableImageError as error:
+                    raise SampleSetError(str(error)) from None
+                first_size = first_size or (image.size, file)
+                if image.size != first_size[0]:
+                    raise SampleSetError(f"{str(file)!r} is {image.size[0]}x{image.size[1]} but "
+                                         f"{str(first_size[1])!r} is {first_size[0][0]}x{first_size[0][1]}: "
+                                         f"a sample set has one size")
+                arrays.append(np.asarray(image))
             yield torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2)
         return
-    with np.load(path) as data:
-        if "arr_0" not in data.files:
-            raise ValueError(f"{path} has no 'arr_0' (uint8 images N x H x W x C); it holds {data.files}")
-        images = data["arr_0"]   # ADM layout; the whole array is read, as the ADM suite does
-    if images.dtype != np.uint8 or images.ndim != 4 or images.shape[3] not in (1, 3):
-        raise ValueError(f"{path}: arr_0 must be uint8 (N, H, W, 1 or 3), got {images.dtype} {images.shape}")
+    images = _npz_images(path)
     for start in range(0, len(images), batch_size):
         yield torch.from_numpy(np.ascontiguousarray(images[start:start + batch_size])).permute(0, 3, 1, 2)
+
+
+def refuse_constant_set(batches: Iterator[torch.Tensor], source: str) -> Iterator[torch.Tensor]:
+    """Pass the batches through; at the end raise SampleSetError if every image equals the first.
+
+    A diverged network writes one blank image over and over, and FID still gives a finite number.
+    """
+    first, varied = None, False
+    for images in batches:
+        if first is None:
+            first = images[:1].clone()
+        varied = varied or not bool((images == first).all())
+        yield images
+    if first is not None and not varied:
+        raise SampleSetError(f"{source}: every image is identical (a constant sample set, e.g. from a diverged "
+                             f"network); refusing to score it")
 
 
 def check_samples_path(path: str) -> str | None:
@@ -120,10 +161,13 @@ def metrics_from_features(pool: np.ndarray, logits: np.ndarray, ref_mu: np.ndarr
 
 def evaluate(cfg: EvalConfig, extractor=None) -> dict:
     """FID against ``cfg.ref`` and the Inception Score of the sample set ``cfg.samples``."""
+    ref_mu, ref_sigma = load_statistics(cfg.ref)     # cheap checks first: a bad --ref fails before the Inception
+    total = count_samples(cfg.samples)
     extractor = extractor if extractor is not None else build_inception(cfg.inception_weights, cfg.device)
-    ref_mu, ref_sigma = load_statistics(cfg.ref)
-    features = extract_features(extractor, iter_sample_batches(cfg.samples, cfg.batch_size),
-                                total=count_samples(cfg.samples), progress=cfg.progress)
+    batches = refuse_constant_set(iter_sample_batches(cfg.samples, cfg.batch_size), str(cfg.samples))
+    features = extract_features(extractor, batches, total=total, progress=cfg.progress)
+    if not (np.all(np.isfinite(features.pool)) and np.all(np.isfinite(features.logits))):
+        raise SampleSetError(f"{cfg.samples}: the Inception features hold NaN or inf (corrupt --inception-weights?)")
     return metrics_from_features(features.pool, features.logits, ref_mu, ref_sigma, is_splits=cfg.is_splits)
 
 
@@ -131,9 +175,7 @@ class CenterCroppedImages(ImageFolderDataset):
     """The trainer's ImageFolder (same file list, same ADM center crop), as uint8 (3, H, W) images."""
 
     def __getitem__(self, index: int) -> torch.Tensor:
-        path, _ = self.samples[index]
-        with Image.open(path) as image:
-            image = center_crop_arr(image.convert("RGB"), self.resolution)
+        image, _ = self.read(index)   # unreadable files skipped with a warning, as in training
         return torch.from_numpy(np.array(image)).permute(2, 0, 1)   # a writable copy
 
 
@@ -215,6 +257,9 @@ def main_ref_stats(argv: list[str]) -> None:
         parser.error(f"--max-images must be >= 2 (a covariance needs two images), got {args.max_images}")
     if not Path(args.data).is_dir():
         parser.error(f"--data {args.data} is not a folder")
+    problem = unwritable_reason(args.out, folder=False)
+    if problem:
+        parser.error(f"--out: {problem}")
     cfg = RefStatsConfig(data=args.data, resolution=args.resolution, out=args.out,
                          inception_weights=args.inception_weights, batch_size=args.batch_size,
                          num_workers=args.num_workers, max_images=args.max_images,
@@ -223,6 +268,8 @@ def main_ref_stats(argv: list[str]) -> None:
         mu, sigma, num = reference_statistics(cfg)
     except FileNotFoundError as error:   # missing Inception weights or an empty image folder
         sys.exit(f"error: {error}")
+    except (InceptionWeightsError, UnreadableImageError) as error:
+        parser.error(str(error))
     save_statistics(cfg.out, mu, sigma, num=np.array(num), resolution=np.array(cfg.resolution))
     print(f"wrote mu, sigma of {num} images ({cfg.resolution} px) to {cfg.out}")
 
@@ -239,7 +286,18 @@ def main(argv: list[str] | None = None) -> None:
         parser.error(f"--samples: {problem}")
     if not Path(args.ref).is_file():
         parser.error(f"--ref {args.ref} is not a file (make one with `python -m full.evaluate ref-stats`)")
-    num = count_samples(args.samples)
+    if args.json is not None:
+        problem = unwritable_reason(args.json, folder=False)
+        if problem:
+            parser.error(f"--json: {problem}")
+    try:
+        load_statistics(args.ref)
+    except ValueError as error:
+        parser.error(f"--ref: {error}")
+    try:
+        num = count_samples(args.samples)
+    except ValueError as error:
+        parser.error(f"--samples: {error}")
     if not 1 <= args.is_splits <= num:
         parser.error(f"--is-splits must lie in [1, number of samples = {num}], got {args.is_splits}")
     if num < 2:
@@ -251,8 +309,10 @@ def main(argv: list[str] | None = None) -> None:
         metrics = evaluate(cfg)
     except FileNotFoundError as error:   # the Inception weights are missing: the message says where to put them
         sys.exit(f"error: {error}")
-    except ValueError as error:          # a malformed --ref or --samples file
+    except InceptionWeightsError as error:
         parser.error(str(error))
+    except SampleSetError as error:      # an unreadable, mixed-size or constant sample set
+        parser.error(f"--samples: {error}")
     print(f"samples {metrics['num']}  FID {metrics['fid']:.3f}  IS {metrics['is_mean']:.2f} ± {metrics['is_std']:.2f}")
     if args.json:
         record = {**metrics, "samples": args.samples, "ref": args.ref}

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import os
 import tempfile
+import zipfile
 from pathlib import Path
 from typing import Iterable, NamedTuple
 
@@ -60,15 +61,39 @@ def resolve_inception_weights(path: str | os.PathLike | None) -> Path:
     return resolved
 
 
+class InceptionWeightsError(ValueError):
+    """A weights file that is not torch-fidelity's Inception state dict; the message names the file."""
+
+
 def build_inception(weights_path: str | os.PathLike | None, device: str | torch.device = "cpu"
                     ) -> FeatureExtractorInceptionV3:
     """torch-fidelity's Inception-v3 returning (pool features (B, 2048), logits (B, 1008)).
 
-    Always given a local file, so torch-fidelity never reaches its download branch.
+    Always given a local file, so torch-fidelity never reaches its download branch. The file is
+    first read here with ``weights_only=True`` and must be a dict of tensors: torch-fidelity itself
+    loads it with ``weights_only=False``, which would run any code pickled into it.
+
+    Raises:
+        FileNotFoundError: no weights file (the message says where to put it).
+        InceptionWeightsError: an empty, corrupt, unsafe or foreign file.
     """
+    from .checkpoint import CheckpointError, read_checkpoint_file   # local: checkpoint imports nothing of fid
+
     weights = resolve_inception_weights(weights_path)
-    extractor = FeatureExtractorInceptionV3("inception-v3-compat", [POOL_FEATURE, LOGITS_FEATURE],
-                                            feature_extractor_weights_path=str(weights))
+    try:
+        state = read_checkpoint_file(weights)
+    except CheckpointError as error:
+        raise InceptionWeightsError(f"--inception-weights: {error}") from None
+    if not isinstance(state, dict) or not state or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise InceptionWeightsError(f"--inception-weights: {str(weights)!r} is not a state dict of tensors "
+                                    f"(expected torch-fidelity's {INCEPTION_WEIGHTS_FILENAME})")
+    del state
+    try:
+        extractor = FeatureExtractorInceptionV3("inception-v3-compat", [POOL_FEATURE, LOGITS_FEATURE],
+                                                feature_extractor_weights_path=str(weights))
+    except RuntimeError as error:   # strict load_state_dict: missing / unexpected keys or shapes
+        raise InceptionWeightsError(f"--inception-weights: {str(weights)!r} does not fit torch-fidelity's Inception-v3 "
+                                    f"({str(error).splitlines()[0][:200]}); expected {INCEPTION_WEIGHTS_FILENAME}") from None
     return extractor.to(device)
 
 
@@ -247,15 +272,68 @@ def atomic_write(path: Path, write, *, fsync: bool = True) -> None:
         raise
 
 
+def unwritable_reason(path: str | os.PathLike, *, folder: bool) -> str | None:
+    """Why ``path`` (an output folder, or a file when ``folder`` is False) cannot be written, or None.
+
+    Creates the folder (or the file's parent) and a probe file in it, then removes the probe: the
+    CLIs call this before any work, so a typo in --out fails in a second, not after hours.
+    """
+    path = Path(path)
+    if not folder and path.is_dir():
+        return f"{str(path)!r} is a folder, expected a file name"
+    if folder and path.exists() and not path.is_dir():
+        return f"{str(path)!r} exists and is not a folder"
+    target = path if folder else path.parent
+    try:
+        target.mkdir(parents=True, exist_ok=True)
+        handle, probe = tempfile.mkstemp(dir=target, prefix=".write-probe-")
+        os.close(handle)
+        os.unlink(probe)
+    except OSError as error:
+        return f"cannot write to {str(target)!r}: {error.strerror or error}"
+    return None
+
+
 def save_statistics(path: str | os.PathLike, mu: np.ndarray, sigma: np.ndarray, **extra) -> None:
     """Write ``mu`` (D,) and ``sigma`` (D, D) (and any extra arrays) to an .npz, atomically."""
     atomic_write(Path(path), lambda file: np.savez(file, mu=mu, sigma=sigma, **extra))
 
 
+def open_npz(path: str | os.PathLike):
+    """``np.load`` of an .npz (no pickles) with a one-line ValueError naming a missing, garbage or truncated file."""
+    try:
+        data = np.load(path, allow_pickle=False)
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as error:
+        raise ValueError(f"{str(path)!r} is not a readable .npz file ({type(error).__name__}: "
+                         f"{str(error).splitlines()[0] if str(error) else 'no detail'})") from None
+    if not isinstance(data, np.lib.npyio.NpzFile):
+        raise ValueError(f"{str(path)!r} is a single .npy array, expected an .npz archive")
+    return data
+
+
+def _read_array(data, key: str, path) -> np.ndarray:
+    try:
+        return data[key]
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile, KeyError) as error:
+        raise ValueError(f"{str(path)!r}: entry {key!r} is unreadable ({type(error).__name__}: "
+                         f"{str(error).splitlines()[0] if str(error) else 'no detail'})") from None
+
+
 def load_statistics(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray]:
-    """Read ``mu`` and ``sigma`` from an .npz (ours, torch-fidelity's or ADM's reference batch)."""
-    with np.load(path) as data:
+    """Read ``mu`` (D,) and ``sigma`` (D, D) from an .npz (ours, torch-fidelity's or ADM's reference batch).
+
+    Raises:
+        ValueError: naming the file, for a garbage file, missing keys, wrong shapes or NaN / inf.
+    """
+    with open_npz(path) as data:
         missing = {"mu", "sigma"} - set(data.files)
         if missing:
-            raise ValueError(f"{path} lacks {sorted(missing)}; it holds {data.files}")
-        return data["mu"].astype(np.float64), data["sigma"].astype(np.float64)
+            raise ValueError(f"{str(path)!r} lacks {sorted(missing)}; it holds {data.files}")
+        mu, sigma = _read_array(data, "mu", path), _read_array(data, "sigma", path)
+    if not (np.issubdtype(mu.dtype, np.number) and np.issubdtype(sigma.dtype, np.number)):
+        raise ValueError(f"{str(path)!r}: mu and sigma must be numbers, got {mu.dtype} and {sigma.dtype}")
+    if mu.ndim != 1 or sigma.shape != (mu.shape[0], mu.shape[0]):
+        raise ValueError(f"{str(path)!r}: expected mu (D,) and sigma (D, D), got {mu.shape} and {sigma.shape}")
+    if not (np.all(np.isfinite(mu)) and np.all(np.isfinite(sigma))):
+        raise ValueError(f"{str(path)!r}: mu or sigma contains NaN or inf")
+    return mu.astype(np.float64), sigma.astype(np.float64)

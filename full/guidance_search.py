@@ -24,7 +24,9 @@ from typing import Callable
 import torch
 
 from .evaluate import metrics_from_features
-from .fid import IS_SPLITS, atomic_write, build_inception, extract_features, load_statistics
+from .checkpoint import CheckpointError, first_non_finite, load_checkpoint
+from .fid import (IS_SPLITS, InceptionWeightsError, atomic_write, build_inception, extract_features,
+                  load_statistics, unwritable_reason)
 from .sample import (HelpFormatter, checkpoint_info, iter_samples, load_for_sampling, normalize_ema,
                      sampling_defaults)
 
@@ -138,8 +140,15 @@ def main(argv: list[str] | None = None) -> None:
     for flag, path in (("--ckpt", args.ckpt), ("--ref", args.ref)):
         if not Path(path).is_file():
             parser.error(f"{flag} {path} is not a file")
+    if args.out is not None:
+        problem = unwritable_reason(args.out, folder=False)
+        if problem:
+            parser.error(f"--out: {problem}")
 
-    preset, available = checkpoint_info(args.ckpt)
+    try:
+        preset, available = checkpoint_info(args.ckpt)
+    except CheckpointError as error:
+        parser.error(f"--ckpt: {error}")
     defaults = sampling_defaults(preset)
     try:
         emas = tuple(normalize_ema(ema) for ema in args.emas) if args.emas else (defaults["ema"],)
@@ -148,6 +157,13 @@ def main(argv: list[str] | None = None) -> None:
     missing = [ema for ema in emas if ema != "raw" and ema not in available]
     if missing:   # checked up front, not after hours of searching the other EMAs
         parser.error(f"--emas: the checkpoint has no EMA {missing}; available (half-life kimg): {available} or 'raw'")
+    checkpoint = load_checkpoint(args.ckpt, mmap=True)   # up front too: a diverged EMA fails now, not mid-search
+    for ema in emas:
+        bad = first_non_finite(checkpoint["model"] if ema == "raw" else checkpoint["ema"][ema])
+        if bad is not None:
+            parser.error(f"--ckpt: {args.ckpt!r}: the {'raw weights' if ema == 'raw' else f'EMA {ema}'} hold NaN "
+                         f"or inf (tensor {bad!r}): the run diverged; use an earlier checkpoint")
+    del checkpoint
     intervals = tuple(args.intervals) if args.intervals else ((defaults["t_min"], defaults["t_max"]),)
     try:
         ref_mu, ref_sigma = load_statistics(args.ref)
@@ -159,6 +175,8 @@ def main(argv: list[str] | None = None) -> None:
         extractor = build_inception(args.inception_weights, device)
     except FileNotFoundError as error:   # the message names the weights file and where to put it
         sys.exit(f"error: {error}")
+    except InceptionWeightsError as error:
+        parser.error(str(error))
 
     cfg = SearchConfig(omegas=tuple(args.omegas), intervals=intervals, emas=emas, num=args.num,
                        seed=args.seed, batch_size=args.batch_size, is_splits=args.is_splits,
@@ -173,8 +191,11 @@ def main(argv: list[str] | None = None) -> None:
             record = {"ckpt": args.ckpt, "ref": args.ref, "num": args.num, "seed": args.seed, "rows": rows}
             atomic_write(Path(args.out), lambda file: file.write(json.dumps(record, indent=2).encode()))
 
-    search(lambda ema: load_for_sampling(args.ckpt, ema, device)[0], extractor, ref_mu, ref_sigma, cfg,
-           on_row=on_row)
+    try:
+        search(lambda ema: load_for_sampling(args.ckpt, ema, device)[0], extractor, ref_mu, ref_sigma, cfg,
+               on_row=on_row)
+    except CheckpointError as error:   # weights that do not fit the recorded preset (finished rows are saved)
+        parser.error(f"--ckpt: {error}")
     print("\n" + format_table(rows))
 
 

@@ -2,6 +2,7 @@
 
     python -m full.sample --ckpt run/ckpt.pt --per-class 50 --out samples/       # FID-50K set
     torchrun --nproc_per_node 8 -m full.sample --ckpt run/ckpt.pt --num 50000 --out samples/
+    python -m full.sample --official-ckpt pMF-B-16.pt --preset pMF-B/16 --out samples/   # the authors' weights
 
 Every image costs one network call (pMF Alg. 2):  ``x = z_1 - u(z_1, 0, 1) = x_theta(z_1, 0, 1 | c)``,
 z_1 = s * eps with the preset's noise scale s, c = (y, omega, t_min, t_max). Sample i has label
@@ -12,6 +13,8 @@ number of processes. Defaults for omega, the interval and the EMA are the preset
 
 Output folder: ``images/000000.png ...``, ``samples.npz`` (``arr_0`` uint8 (N, H, W, C) and
 ``labels`` (N,), the layout of the ADM evaluation suite), ``grid.png`` and ``sample_config.json``.
+A folder that already holds any of these is refused (a later FID would count stale images) unless
+``--overwrite``, which first deletes them.
 """
 from __future__ import annotations
 
@@ -19,6 +22,7 @@ import argparse
 import dataclasses
 import json
 import math
+import re
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,7 +39,7 @@ import pmf_ref as P
 
 from .distributed import barrier, init_distributed
 from .ema import format_half_life
-from .fid import atomic_write
+from .fid import atomic_write, unwritable_reason
 from .model import PRESETS, make_cond
 
 PIXEL_HALF_RANGE = 127.5  # uint8 = round((x + 1) * 127.5), x in [-1, 1]
@@ -56,6 +60,7 @@ class SampleConfig:
     formats: tuple[str, ...] = FORMATS    # "png" folder and/or "npz"
     grid: int = 64                        # images in grid.png (0: no grid)
     progress: bool = True
+    overwrite: bool = False               # delete earlier outputs in ``out`` instead of refusing
 
 
 # --------------------------------------------------------------------------------------------
@@ -155,6 +160,50 @@ def _npz_from_npy(images_npy: Path, labels: np.ndarray, path: Path) -> None:
     atomic_write(path, write)
 
 
+OWNED_FILES = ("samples.npz", "grid.png", "sample_config.json", ".arr_0.npy.partial")
+PNG_NAME = re.compile(r"^\d{6,}\.png$")
+
+
+class OutputExistsError(ValueError):
+    """The output folder holds earlier samples; the message says what and how to proceed."""
+
+
+def earlier_outputs(out: Path) -> list[Path]:
+    """The files of an earlier ``sample_to_folder`` in ``out``: images/NNNNNN.png, the .npz, grid, config."""
+    found = [out / name for name in OWNED_FILES if (out / name).exists()]
+    images = out / "images"
+    if images.is_dir():
+        found += sorted(path for path in images.iterdir() if PNG_NAME.match(path.name))
+    return found
+
+
+def prepare_output_folder(out: Path, *, overwrite: bool) -> None:
+    """Refuse (OutputExistsError) a folder with earlier samples, or with ``overwrite`` delete them.
+
+    Foreign image files in ``out/images`` are refused even with ``overwrite``: ``full.evaluate`` scores
+    every image in that folder, and this function only deletes what it wrote.
+    """
+    from .data import IMAGE_EXTENSIONS
+
+    images = out / "images"
+    foreign = sorted(path for path in images.iterdir() if path.suffix.lower() in IMAGE_EXTENSIONS
+                     and not PNG_NAME.match(path.name)) if images.is_dir() else []
+    if foreign:
+        raise OutputExistsError(f"--out: {str(images)!r} holds image files not written by full.sample (e.g. "
+                                f"{foreign[0].name!r}); full.evaluate would score them too -- use another --out")
+    earlier = earlier_outputs(out)
+    if earlier and not overwrite:
+        raise OutputExistsError(f"--out: {str(out)!r} already holds samples ({len(earlier)} files, e.g. "
+                                f"{earlier[0].name!r}); pass --overwrite to delete them first, or use another --out")
+    for path in earlier:
+        path.unlink()
+    for temp in out.glob(".*.tmp"):   # atomic_write temp files of a killed earlier run
+        temp.unlink()
+    if images.is_dir():
+        for temp in images.glob(".*.tmp"):
+            temp.unlink()
+
+
 def shard(num: int, rank: int, world_size: int) -> torch.Tensor:
     """Contiguous global indices [rank * N / W, (rank + 1) * N / W) of this process."""
     return torch.arange(rank * num // world_size, (rank + 1) * num // world_size)
@@ -171,7 +220,11 @@ def sample_to_folder(model: torch.nn.Module, cfg: SampleConfig, *, rank: int = 0
     out = Path(cfg.out)
     images_npy = out / ".arr_0.npy.partial"
     shape = (model.channels, model.resolution, model.resolution)
+    if not cfg.overwrite and earlier_outputs(out):   # every rank checks, so no rank waits for a failed one
+        prepare_output_folder(out, overwrite=False)
+    barrier()   # every rank has checked before rank 0 writes anything
     if rank == 0:
+        prepare_output_folder(out, overwrite=cfg.overwrite)
         (out / "images" if "png" in cfg.formats else out).mkdir(parents=True, exist_ok=True)
         if "npz" in cfg.formats:   # created once, before any process writes its rows into it
             np.lib.format.open_memmap(images_npy, mode="w+", dtype=np.uint8,
@@ -219,9 +272,11 @@ def sampling_defaults(preset: str) -> dict:
 
 
 def checkpoint_info(path: str) -> tuple[str, list[str]]:
-    """(preset name, EMA keys) of a ``full.train`` checkpoint."""
+    """(preset name, EMA keys) of a ``full.train`` checkpoint; CheckpointError for an unusable file."""
+    from .checkpoint import load_checkpoint
+
     # mmap: read the config without pulling every tensor (EMAs, optimizer) into memory.
-    checkpoint = torch.load(path, map_location="cpu", mmap=True, weights_only=False)
+    checkpoint = load_checkpoint(path, mmap=True)
     return checkpoint["config"]["model"]["preset"], sorted(checkpoint.get("ema", {}), key=float)
 
 
@@ -234,7 +289,8 @@ def load_for_sampling(path: str, ema: str | None, device: torch.device) -> tuple
     """(model in eval mode on ``device``, preset name, EMA key used) from a ``full.train`` checkpoint.
 
     ``ema`` is the EMA half-life key ("2000"), "raw" for the raw weights, or None for the preset's best.
-    Raises KeyError (listing the EMAs present) when the checkpoint lacks it.
+    Raises KeyError (listing the EMAs present) when the checkpoint lacks it, and
+    ``full.checkpoint.CheckpointError`` for an unusable file or non-finite weights.
     """
     from .checkpoint import load_model  # the trainer's format, read only here
 
@@ -242,6 +298,22 @@ def load_for_sampling(path: str, ema: str | None, device: torch.device) -> tuple
     ema = sampling_defaults(preset)["ema"] if ema is None else normalize_ema(ema)
     model = load_model(path, None if ema == "raw" else ema)
     return model.to(device).eval(), preset, ema
+
+
+def load_official_for_sampling(path: str, preset: str, device: torch.device) -> torch.nn.Module:
+    """The authors' released inference weights (``full.official``) as a PMFViT in eval mode on ``device``.
+
+    Raises:
+        full.official.OfficialCheckpointError: an unusable file, or weights that hold NaN / inf.
+    """
+    from .checkpoint import first_non_finite
+    from .official import OfficialCheckpointError, load_official_checkpoint   # lazy: only this path needs it
+
+    model = load_official_checkpoint(path, preset)
+    bad = first_non_finite(model.state_dict())
+    if bad is not None:
+        raise OfficialCheckpointError(f"{path}: weight {bad!r} holds NaN or inf")
+    return model.to(device).eval().requires_grad_(False)
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
@@ -255,7 +327,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m full.sample", description=__doc__.split("\n\n")[0],
         formatter_class=HelpFormatter)
-    parser.add_argument("--ckpt", required=True, help="checkpoint written by full.train")
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--ckpt", default=None, help="checkpoint written by full.train")
+    source.add_argument("--official-ckpt", default=None, metavar="PATH",
+                        help="one of the authors' released inference files (pMF-B-16.pt, ...); needs --preset; "
+                             "sampled with the preset's best omega and interval unless given")
+    parser.add_argument("--preset", default=None, choices=sorted(PRESETS),
+                        help="the preset of --official-ckpt (a full.train checkpoint records its own)")
     parser.add_argument("--ema", default=None,
                         help="EMA half-life in kimg (a key of the checkpoint's EMAs, e.g. 2000), or 'raw' for "
                              "the raw weights; default: the preset's best (B/16: 2000)")
@@ -269,6 +347,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="images per class k (N = k * num_classes); default 50 (FID-50K on ImageNet) "
                              "when --num is not given")
     parser.add_argument("--out", required=True, help="output folder")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="delete the samples an earlier run wrote to --out (default: refuse such a folder)")
     parser.add_argument("--format", choices=["png", "npz", "both"], default="both",
                         help="write images/*.png, samples.npz (arr_0 uint8 NHWC, labels), or both")
     parser.add_argument("--seed", type=int, default=0, help="noise seed; sample i draws from a generator keyed by (seed, i)")
@@ -291,7 +371,7 @@ def check_sampling_args(parser: argparse.ArgumentParser, args: argparse.Namespac
         parser.error(f"--batch-size must be >= 1, got {args.batch_size}")
     if args.seed < 0 or args.seed >= 2 ** 31:
         parser.error(f"--seed must lie in [0, 2^31), got {args.seed}")
-    if not Path(args.ckpt).is_file():
+    if args.ckpt is not None and not Path(args.ckpt).is_file():
         parser.error(f"--ckpt {args.ckpt} is not a file")
 
 
@@ -306,11 +386,41 @@ def main(argv: list[str] | None = None) -> None:
     if args.grid < 0:
         parser.error(f"--grid must be >= 0, got {args.grid}")
 
+    if args.official_ckpt is not None:
+        if args.preset is None:
+            parser.error("--official-ckpt needs --preset (e.g. --preset pMF-B/16 for pMF-B-16.pt)")
+        if args.ema is not None:
+            parser.error("--ema does not apply to --official-ckpt (the released files hold one set of weights)")
+        if not Path(args.official_ckpt).is_file():
+            parser.error(f"--official-ckpt {args.official_ckpt} is not a file")
+    elif args.preset is not None:
+        parser.error("--preset applies only to --official-ckpt (a full.train checkpoint records its preset)")
+    problem = unwritable_reason(args.out, folder=True)
+    if problem:
+        parser.error(f"--out: {problem}")
+    if not args.overwrite:                 # before loading a model: a stale folder fails in a second
+        try:
+            prepare_output_folder(Path(args.out), overwrite=False)
+        except OutputExistsError as error:
+            parser.error(str(error))
+
+    from .checkpoint import CheckpointError
+
     rank, world_size, _, device = init_distributed(None if args.device == "auto" else args.device)
-    try:
-        model, preset, ema = load_for_sampling(args.ckpt, args.ema, device)
-    except (KeyError, ValueError) as error:   # an absent EMA (the message lists those present), or not a number
-        parser.error(f"--ema: {error.args[0]}; --ema raw selects the raw weights")
+    if args.official_ckpt is not None:
+        from .official import OfficialCheckpointError
+
+        try:
+            model, preset, ema = load_official_for_sampling(args.official_ckpt, args.preset, device), args.preset, None
+        except OfficialCheckpointError as error:
+            parser.error(f"--official-ckpt: {error}")
+    else:
+        try:
+            model, preset, ema = load_for_sampling(args.ckpt, args.ema, device)
+        except CheckpointError as error:
+            parser.error(f"--ckpt: {error}")
+        except (KeyError, ValueError) as error:   # an absent EMA (the message lists those present), or not a number
+            parser.error(f"--ema: {error.args[0]}; --ema raw selects the raw weights")
     defaults = sampling_defaults(preset)
     per_class = args.per_class if args.per_class is not None or args.num is not None else 50
     num = args.num if args.num is not None else per_class * model.num_classes
@@ -320,11 +430,17 @@ def main(argv: list[str] | None = None) -> None:
     cfg = SampleConfig(out=args.out, num=num, omega=args.omega if args.omega is not None else defaults["omega"],
                        t_min=t_min, t_max=t_max, seed=args.seed, batch_size=args.batch_size,
                        formats=FORMATS if args.format == "both" else (args.format,), grid=args.grid,
-                       progress=not args.no_progress)
-    extra = {"ckpt": str(args.ckpt), "ema": ema, "preset": preset}
-    out = sample_to_folder(model, cfg, rank=rank, world_size=world_size, extra_info=extra)
+                       progress=not args.no_progress, overwrite=args.overwrite)
+    extra = ({"official_ckpt": str(args.official_ckpt)} if args.official_ckpt is not None
+             else {"ckpt": str(args.ckpt)})
+    extra.update(ema=ema, preset=preset)
+    try:
+        out = sample_to_folder(model, cfg, rank=rank, world_size=world_size, extra_info=extra)
+    except OutputExistsError as error:
+        parser.error(str(error))
     if rank == 0:
-        print(f"wrote {num} samples (omega {cfg.omega}, interval [{t_min}, {t_max}], EMA {extra['ema']}) to {out}")
+        weights = "released weights" if ema is None else f"EMA {ema}"
+        print(f"wrote {num} samples (omega {cfg.omega}, interval [{t_min}, {t_max}], {weights}) to {out}")
     if world_size > 1:
         dist.destroy_process_group()
 

@@ -7,6 +7,16 @@
 setup -> model + EMAs -> data -> objective (+ DDP) -> optimiser -> loop (randomness, loss, step,
 EMA, log, checkpoint). The loss of a step is :class:`full.recipe.PMFObjective`; every equation in
 it comes from ``pmf_ref``. In-process API: ``train(TrainConfig(...), dataset)``.
+
+Failure behaviour (a run loses nothing and never fails silently):
+
+* a non-finite loss or gradient norm stops the run *before* the optimiser step (exit 3); the last
+  checkpoint is never overwritten from a diverged state;
+* SIGINT / SIGTERM finish the step, save a checkpoint and exit 128 + signal number;
+* ``--out`` holding a checkpoint or log of another run is refused unless ``--resume`` continues that
+  run or ``--overwrite`` deletes them; on resume ``log.jsonl`` is cut back to the checkpoint's step;
+* on ``--resume`` every flag not given comes from the checkpoint; one that would change what is
+  trained (preset, seed, batch, EMAs, optimiser, recipe) is refused; ``--lr`` is applied and recorded.
 """
 from __future__ import annotations
 
@@ -15,7 +25,10 @@ import contextlib
 import dataclasses
 import functools
 import json
+import math
+import os
 import random
+import signal
 import sys
 import time
 from dataclasses import dataclass
@@ -29,9 +42,11 @@ from tqdm import tqdm
 
 import pmf_ref as P
 
-from .checkpoint import capture_rng_state, load_checkpoint, restore_rng_state, save_checkpoint
-from .data import ImageFolderDataset, SyntheticDataset, infinite_batches
-from .distributed import init_distributed, mean_over_ranks, world_size_from_env
+from .checkpoint import (CHECKPOINT_FORMAT, CheckpointError, StopOnSignal, capture_rng_state, load_checkpoint,
+                         remove_stale_temp_files, require_keys, restore_rng_state, save_checkpoint, truncate_log)
+from .data import ImageFolderDataset, SyntheticDataset, UnreadableImageError, infinite_batches
+from .distributed import barrier, init_distributed, mean_over_ranks, world_size_from_env
+from .fid import unwritable_reason
 from .ema import EMASet
 from .model import PRESETS, build_model
 from .optim import build_optimizer
@@ -44,6 +59,16 @@ PERCEPTUAL_CHOICES = ("none", "lpips", "lpips+convnext")
 MODEL_OVERRIDE_FIELDS = ("num_classes", "channels", "resolution", "patch")
 LOGGED_TERMS = ("loss", "loss_u", "loss_v", "raw_u", "raw_v", "lpips", "convnext")
 SYNTHETIC_SIZE = 1024   # images in ``--data synthetic``
+CHECKPOINT_NAME, LOG_NAME = "checkpoint.pt", "log.jsonl"
+EXIT_USAGE, EXIT_FAILED, EXIT_DIVERGED = 2, 1, 3
+RESUME_FIXED = ("preset", *MODEL_OVERRIDE_FIELDS, "batch_size", "seed", "optimizer", "prediction", "time_sampler",
+                "guidance", "ema_half_lives_kimg", "perceptual", "perceptual_pretrained", "convnext_arch",
+                "perceptual_crop")
+"""Fields a resumed run must share with its checkpoint: they fix the weights' shapes, the data order,
+the per-step randomness, the EMA set, the optimiser state or the loss."""
+NOT_INHERITED = ("resume", "overwrite", "device", "num_workers")
+"""Fields a CLI resume does not take from the checkpoint when absent from the command line (the machine's)."""
+FLAG_OF = {"ema_half_lives_kimg": "--ema-kimg", "guidance": "--no-guidance", "accum_steps": "--accum-steps"}
 
 
 @dataclass(frozen=True)
@@ -74,6 +99,7 @@ class TrainConfig:
     log_every: int = 100
     out: str = "runs/pmf"
     resume: str | None = None
+    overwrite: bool = False                  # delete an earlier run's checkpoint / log in ``out`` (else refuse)
     num_workers: int = 8
     device: str | None = None                # None: CUDA when available
 
@@ -86,6 +112,20 @@ class TrainResult(NamedTuple):
     emas: dict                     # {"500": nn.Module, ...} (empty on ranks > 0)
     history: list                  # per-step dicts of the logged terms
     checkpoint: Path | None
+    stopped_by: int = 0            # the signal (SIGINT / SIGTERM) that stopped the run early, else 0
+
+
+class UsageError(ValueError):
+    """A setting, file or folder the user must fix; found before training. The message names it."""
+
+
+class DivergenceError(RuntimeError):
+    """The loss or the gradient norm became NaN / inf; raised before the optimiser step applies it."""
+
+
+def flag_of(field: str) -> str:
+    """The command-line flag of a TrainConfig field (``batch_size`` -> ``--batch-size``)."""
+    return FLAG_OF.get(field, "--" + field.replace("_", "-"))
 
 
 def check_config(cfg: TrainConfig, world_size: int = 1) -> None:
@@ -109,7 +149,68 @@ def check_config(cfg: TrainConfig, world_size: int = 1) -> None:
     ]
     for ok, message in checks:
         if not ok:
-            raise ValueError(message)
+            raise UsageError(message)
+
+
+def check_resume(cfg: TrainConfig, saved: dict, step: int) -> None:
+    """UsageError unless ``cfg`` may continue a checkpoint at ``step`` trained with the settings ``saved``."""
+    for name in RESUME_FIXED:
+        if name not in saved:
+            continue
+        ours, theirs = getattr(cfg, name), saved[name]
+        if name == "ema_half_lives_kimg":
+            ours, theirs = tuple(map(float, ours)), tuple(map(float, theirs))
+        if ours != theirs:
+            raise UsageError(f"--resume: the checkpoint was trained with {name}={theirs!r} but this run asks for "
+                             f"{ours!r}; {flag_of(name)} cannot change on resume (start a new run in another --out)")
+    if cfg.steps <= step:
+        raise UsageError(f"--steps {cfg.steps} is not beyond the checkpoint's step {step}: nothing to train "
+                         f"(pass a larger --steps)")
+
+
+def prepare_run_folder(cfg: TrainConfig, rank: int) -> None:
+    """Refuse (UsageError) an unwritable ``out`` or one holding another run's checkpoint / log.
+
+    Continuing is allowed only when ``--resume`` is ``out/checkpoint.pt`` itself; ``--overwrite`` lets a
+    new run replace an old one (its files are deleted by :func:`reset_run_folder`, after every check).
+    """
+    out = Path(cfg.out)
+    problem = unwritable_reason(out, folder=True) if rank == 0 else None
+    if problem:
+        raise UsageError(f"--out: {problem}")
+    existing = [name for name in (CHECKPOINT_NAME, LOG_NAME) if (out / name).exists()]
+    if not existing or cfg.overwrite or continues_in_place(cfg):
+        return
+    names = " and ".join(existing)
+    if cfg.resume is None:
+        raise UsageError(f"--out {str(out)!r} already holds {names} of an earlier run; pass --resume "
+                         f"{out / CHECKPOINT_NAME} to continue it, --overwrite to delete them and start over, "
+                         f"or another --out")
+    raise UsageError(f"--out {str(out)!r} already holds {names} of another run than --resume {cfg.resume!r}; "
+                     f"pass --overwrite to replace them, or another --out")
+
+
+def continues_in_place(cfg: TrainConfig) -> bool:
+    """True when ``--resume`` names ``out/checkpoint.pt`` (the run goes on in its own folder)."""
+    target = Path(cfg.out) / CHECKPOINT_NAME
+    return cfg.resume is not None and target.exists() and os.path.samefile(cfg.resume, target)
+
+
+def reset_run_folder(cfg: TrainConfig, resumed_step: int) -> None:
+    """Rank 0, after every check passed: delete temp files of an interrupted save, an overwritten run's
+    files, and log lines past the resumed step (each logged step then appears exactly once)."""
+    out = Path(cfg.out)
+    stale = remove_stale_temp_files(out, CHECKPOINT_NAME)
+    if stale:
+        print(f"removed {len(stale)} temp file(s) of an interrupted checkpoint save in {out}", file=sys.stderr)
+    if continues_in_place(cfg):
+        dropped = truncate_log(out / LOG_NAME, resumed_step)
+        if dropped:
+            print(f"{out / LOG_NAME}: dropped {dropped} line(s) past the checkpoint's step {resumed_step} "
+                  f"(they are trained again)", file=sys.stderr)
+    elif cfg.overwrite:
+        for name in (CHECKPOINT_NAME, LOG_NAME):
+            (out / name).unlink(missing_ok=True)
 
 
 def open_dataset(cfg: TrainConfig, resolution: int, channels: int, num_classes: int):
@@ -133,6 +234,13 @@ def train(cfg: TrainConfig, dataset=None, progress: bool = True) -> TrainResult:
     dist_info = init_distributed(cfg.device)
     rank, world_size, device = dist_info.rank, dist_info.world_size, dist_info.device
     check_config(cfg, world_size)
+    prepare_run_folder(cfg, rank)
+    state = None
+    if cfg.resume:   # read and checked before anything is built: a wrong flag fails in seconds
+        state = load_checkpoint(cfg.resume, map_location="cpu")   # load_state_dict copies to the device
+        require_keys(state, cfg.resume, ("ema", "optimizer", "step", "images_seen", "rng", "data"), "resume")
+        require_keys(state["config"], cfg.resume, ("train",), "resume")
+        check_resume(cfg, state["config"]["train"], state["step"])
     local_batch = cfg.batch_size // world_size
     micro_batch = local_batch // cfg.accum_steps
     random.seed(cfg.seed)
@@ -148,11 +256,14 @@ def train(cfg: TrainConfig, dataset=None, progress: bool = True) -> TrainResult:
     dataset = dataset if dataset is not None else open_dataset(cfg, model.resolution, model.channels,
                                                                model.num_classes)
     if getattr(dataset, "num_classes", 0) > model.num_classes:
-        raise ValueError(f"the data has {dataset.num_classes} classes but the model only {model.num_classes}; "
+        raise UsageError(f"the data has {dataset.num_classes} classes but the model only {model.num_classes}; "
                          f"pass --num-classes {dataset.num_classes}")
     if cfg.perceptual != "none" and model.channels != 3:
-        raise ValueError(f"perceptual={cfg.perceptual!r} needs RGB images (LPIPS / ConvNeXt), got "
+        raise UsageError(f"perceptual={cfg.perceptual!r} needs RGB images (LPIPS / ConvNeXt), got "
                          f"{model.channels} channel(s); use perceptual='none'")
+    if len(dataset) < cfg.batch_size:   # the sampler drops incomplete batches: it would never yield one
+        raise UsageError(f"--data holds {len(dataset)} images, fewer than one global batch (--batch-size "
+                         f"{cfg.batch_size}); lower --batch-size")
     image_shape = (model.channels, model.resolution, model.resolution)
 
     # ---- objective: the ablations are pmf_ref functions chosen here, not switches inside the math
@@ -173,95 +284,121 @@ def train(cfg: TrainConfig, dataset=None, progress: bool = True) -> TrainResult:
     optimizer = build_optimizer(model, kind=cfg.optimizer, lr=cfg.lr)
     step_generator = torch.Generator(device).manual_seed(cfg.seed)   # per-step randomness, global batch
     step, images_seen, epoch, batch_in_epoch = 0, 0, 0, 0
-    if cfg.resume:
-        state = load_checkpoint(cfg.resume, map_location="cpu")   # load_state_dict copies to the device
-        saved = state["config"]["train"]
-        for name in ("preset", "batch_size", "optimizer", *MODEL_OVERRIDE_FIELDS):
-            if saved[name] != getattr(cfg, name):
-                raise ValueError(f"--resume: checkpoint was trained with {name}={saved[name]!r}, "
-                                 f"this run asks for {getattr(cfg, name)!r}")
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        if emas is not None:
-            emas.load_state_dict(state["ema"])
+    lr_history = [[0, cfg.lr]]                    # [first step, lr]: what every step was trained with
+    if state is not None:
+        try:
+            model.load_state_dict(state["model"])
+            optimizer.load_state_dict(state["optimizer"])
+            if emas is not None:
+                emas.load_state_dict(state["ema"])
+        except (RuntimeError, ValueError, KeyError) as error:
+            raise CheckpointError(f"{cfg.resume!r}: its weights or optimiser state do not fit this run: "
+                                  f"{str(error).strip().splitlines()[0]}") from None
         step, images_seen = state["step"], state["images_seen"]
         epoch, batch_in_epoch = state["data"]["epoch"], state["data"]["batch"]
         restore_rng_state(state["rng"], step_generator)
+        lr_history = [list(entry) for entry in state.get("lr_history", [[0, state["config"]["train"]["lr"]]])]
+        if lr_history[-1][1] != cfg.lr:   # load_state_dict restored the old lr: apply the one asked for
+            for group in optimizer.param_groups:
+                group["lr"] = cfg.lr
+            lr_history.append([step, cfg.lr])
+            if rank == 0:
+                print(f"--lr {cfg.lr:g} applied from step {step} (was {lr_history[-2][1]:g})", file=sys.stderr)
+        del state
     batches = infinite_batches(dataset, cfg.batch_size, rank=rank, world_size=world_size, seed=cfg.seed,
                                epoch=epoch, start_batch=batch_in_epoch,
                                num_workers=cfg.num_workers if device.type == "cuda" else 0)
 
     out = Path(cfg.out)
     if rank == 0:
-        out.mkdir(parents=True, exist_ok=True)
-    log_path, checkpoint_path = out / "log.jsonl", None
-    history = []
+        reset_run_folder(cfg, step)
+    barrier()
+    log_path, checkpoint_path = out / LOG_NAME, None
+    last_saved = f"{cfg.resume} (step {step})" if cfg.resume else "none yet"
+    history, stopped_by = [], 0
     bar = tqdm(total=cfg.steps, initial=step, disable=not progress or rank != 0, desc="pMF", dynamic_ncols=True)
     tick = time.perf_counter()
     objective.train()
-    while step < cfg.steps:
-        epoch, batch_in_epoch, (x, y) = next(batches)
-        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-        randomness = draw_step_randomness(cfg.batch_size, image_shape, generator=step_generator,
-                                          noise_scale=model.noise_scale, sample_time_pair=sample_time_pair,
-                                          sample_guidance=sample_guidance, device=device)
+    with StopOnSignal(announce=rank == 0) as stop, bar:
+        while step < cfg.steps:
+            epoch, batch_in_epoch, (x, y) = next(batches)
+            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+            randomness = draw_step_randomness(cfg.batch_size, image_shape, generator=step_generator,
+                                              noise_scale=model.noise_scale, sample_time_pair=sample_time_pair,
+                                              sample_guidance=sample_guidance, device=device)
 
-        optimizer.zero_grad(set_to_none=True)
-        micro_means = []
-        for micro in range(cfg.accum_steps):     # rows [first, first + micro_batch) of the global batch
-            first = rank * local_batch + micro * micro_batch
-            rows = slice(micro * micro_batch, (micro + 1) * micro_batch)
-            last = micro == cfg.accum_steps - 1
-            # DDP all-reduces gradients in the backward of the last micro-batch only.
-            with contextlib.nullcontext() if last or world_size == 1 else step_objective.no_sync():
-                terms = step_objective(x[rows], y[rows], randomness.rows(first, first + micro_batch))
-                (terms["loss"] / cfg.accum_steps).backward()
-            micro_means.append(torch.stack([terms[name].detach().mean() for name in LOGGED_TERMS]))
-        grad_norm = torch.nn.utils.get_total_norm([p.grad for p in model.parameters() if p.grad is not None])
-        optimizer.step()
-        if emas is not None:
-            emas.update(model, batch=cfg.batch_size, images_seen=images_seen)
-        images_seen += cfg.batch_size
-        step += 1
-        batch_in_epoch += 1                      # position of the next batch (for resume)
+            optimizer.zero_grad(set_to_none=True)
+            micro_means = []
+            for micro in range(cfg.accum_steps):     # rows [first, first + micro_batch) of the global batch
+                first = rank * local_batch + micro * micro_batch
+                rows = slice(micro * micro_batch, (micro + 1) * micro_batch)
+                last = micro == cfg.accum_steps - 1
+                # DDP all-reduces gradients in the backward of the last micro-batch only.
+                with contextlib.nullcontext() if last or world_size == 1 else step_objective.no_sync():
+                    terms = step_objective(x[rows], y[rows], randomness.rows(first, first + micro_batch))
+                    (terms["loss"] / cfg.accum_steps).backward()
+                micro_means.append(torch.stack([terms[name].detach().mean() for name in LOGGED_TERMS]))
+            grad_norm = torch.nn.utils.get_total_norm([p.grad for p in model.parameters() if p.grad is not None])
+            # One all-reduce carries the logged terms, the gradient norm and "a rank was signalled", so
+            # every rank takes the same decision below (stop, or refuse a non-finite step).
+            logged = torch.cat([torch.stack(micro_means).mean(dim=0), grad_norm.detach().reshape(1),
+                                torch.tensor([float(stop.signum > 0)], device=grad_norm.device)])
+            logged = mean_over_ranks(logged).tolist()
+            stop_requested = logged.pop() > 0
+            if not all(math.isfinite(value) for value in logged):
+                # Numerical guard: the weights, EMAs and checkpoint still hold the last good step.
+                terms_text = ", ".join(f"{name} {value:.4g}" for name, value in
+                                       zip((*LOGGED_TERMS, "grad_norm"), logged) if not math.isfinite(value))
+                raise DivergenceError(f"step {step + 1} is non-finite ({terms_text}): training diverged and was "
+                                      f"stopped before the optimiser step, so nothing was saved from it; last "
+                                      f"checkpoint: {last_saved} -- resume from it with a lower --lr")
+            optimizer.step()
+            if emas is not None:
+                emas.update(model, batch=cfg.batch_size, images_seen=images_seen)
+            images_seen += cfg.batch_size
+            step += 1
+            batch_in_epoch += 1                      # position of the next batch (for resume)
 
-        logged = torch.cat([torch.stack(micro_means).mean(dim=0), grad_norm.detach().reshape(1)])
-        logged = mean_over_ranks(logged).tolist()
-        now = time.perf_counter()
-        record = {"step": step, "images_seen": images_seen, **dict(zip(LOGGED_TERMS, logged[:-1])),
-                  "grad_norm": logged[-1], "images_per_s": cfg.batch_size / max(now - tick, 1e-9)}
-        tick = now
-        history.append(record)
-        bar.update(1)
-        if rank == 0 and (step % cfg.log_every == 0 or step == cfg.steps):
-            # The adaptively weighted terms sit near 1 by construction; the raw sums show progress.
-            bar.set_postfix(raw_u=f"{record['raw_u']:.1f}", raw_v=f"{record['raw_v']:.1f}",
-                            img_s=f"{record['images_per_s']:.0f}")
-            with open(log_path, "a") as log_file:
-                log_file.write(json.dumps(record) + "\n")
-        if step % cfg.ckpt_every == 0 or step == cfg.steps:
-            if rank == 0:
-                checkpoint_path = save_checkpoint(out / "checkpoint.pt", {
-                    "model": model.state_dict(), "ema": emas.state_dict(), "optimizer": optimizer.state_dict(),
-                    "step": step, "images_seen": images_seen, "rng": capture_rng_state(step_generator),
-                    "data": {"epoch": epoch, "batch": batch_in_epoch},
-                    "config": {"model": {"preset": cfg.preset, **cfg.model_overrides()},
-                               "noise_scale": model.noise_scale, "num_classes": model.num_classes,
-                               "resolution": model.resolution, "train": dataclasses.asdict(cfg)}})
-            else:
-                checkpoint_path = out / "checkpoint.pt"
-    bar.close()
-    return TrainResult(model, dict(emas.models) if emas is not None else {}, history, checkpoint_path)
+            now = time.perf_counter()
+            record = {"step": step, "images_seen": images_seen, **dict(zip(LOGGED_TERMS, logged[:-1])),
+                      "grad_norm": logged[-1], "images_per_s": cfg.batch_size / max(now - tick, 1e-9)}
+            tick = now
+            history.append(record)
+            bar.update(1)
+            if rank == 0 and (step % cfg.log_every == 0 or step == cfg.steps or stop_requested):
+                # The adaptively weighted terms sit near 1 by construction; the raw sums show progress.
+                bar.set_postfix(raw_u=f"{record['raw_u']:.1f}", raw_v=f"{record['raw_v']:.1f}",
+                                img_s=f"{record['images_per_s']:.0f}")
+                with open(log_path, "a") as log_file:
+                    log_file.write(json.dumps(record) + "\n")
+            if step % cfg.ckpt_every == 0 or step == cfg.steps or stop_requested:
+                checkpoint_path = out / CHECKPOINT_NAME
+                if rank == 0:
+                    save_checkpoint(checkpoint_path, {
+                        "format": CHECKPOINT_FORMAT, "model": model.state_dict(), "ema": emas.state_dict(),
+                        "optimizer": optimizer.state_dict(), "step": step, "images_seen": images_seen,
+                        "rng": capture_rng_state(step_generator), "data": {"epoch": epoch, "batch": batch_in_epoch},
+                        "lr_history": lr_history,
+                        "config": {"model": {"preset": cfg.preset, **cfg.model_overrides()},
+                                   "noise_scale": model.noise_scale, "num_classes": model.num_classes,
+                                   "resolution": model.resolution, "train": dataclasses.asdict(cfg)}})
+                last_saved = f"{checkpoint_path} (step {step})"
+            if stop_requested:
+                stopped_by = stop.signum or signal.SIGTERM   # another rank's signal: name the usual one
+                barrier()                                    # the checkpoint is complete before any rank exits
+                break
+    return TrainResult(model, dict(emas.models) if emas is not None else {}, history, checkpoint_path, stopped_by)
 
 
 # ----------------------------------------------------------------------------- command line
 
-def main(argv: list[str] | None = None) -> None:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m full.train", description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--preset", default="pMF-B/16", help=f"model preset, one of {sorted(PRESETS)}")
-    parser.add_argument("--data", required=True,
-                        help="ImageNet-style folder root/<class>/<image> (ADM center crop, no flip), or 'synthetic'")
+    parser.add_argument("--data", default=None,
+                        help="ImageNet-style folder root/<class>/<image> (ADM center crop, no flip), or 'synthetic' "
+                             "(required unless --resume)")
     parser.add_argument("--batch-size", type=int, default=1024, help="global batch over all processes (pMF: 1024)")
     parser.add_argument("--steps", type=int, default=400_000, help="optimiser steps (320 epochs of ImageNet at 1024 = 400k)")
     parser.add_argument("--accum-steps", type=int, default=1,
@@ -290,9 +427,35 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", default="runs/pmf", help="output folder: checkpoint.pt and log.jsonl")
     parser.add_argument("--resume", default=None,
                         help="checkpoint to continue from, exactly (weights, EMAs, optimiser, RNG, data position) "
-                             "up to --steps in total")
+                             "up to --steps in total; flags not given come from the checkpoint")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="start a new run in an --out that holds an earlier run's checkpoint.pt / log.jsonl "
+                             "(deletes them; default: refuse)")
     parser.add_argument("--num-workers", type=int, default=8, help="data-loading processes per GPU")
     parser.add_argument("--device", choices=("cpu", "cuda"), default=None, help="default: cuda when available")
+    return parser
+
+
+def explicit_dests(argv: list[str]) -> set[str]:
+    """The argparse destinations actually given on the command line (not filled in by defaults)."""
+    probe = build_parser()
+    for action in probe._actions:
+        action.default, action.required = argparse.SUPPRESS, False
+    return set(vars(probe.parse_known_args(argv)[0]))
+
+
+DEST_OF = {"no_guidance": "guidance", "ema_kimg": "ema_half_lives_kimg"}
+"""argparse destination -> TrainConfig field, where the names differ."""
+
+
+def fail(message: str, code: int) -> None:
+    print(f"python -m full.train: error: {message}", file=sys.stderr)
+    raise SystemExit(code)
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    parser = build_parser()
     args = parser.parse_args(argv)
 
     if args.preset not in PRESETS:
@@ -307,10 +470,12 @@ def main(argv: list[str] | None = None) -> None:
     world_size = world_size_from_env()
     if args.accum_steps < 1:
         parser.error(f"--accum-steps must be >= 1, got {args.accum_steps}")
-    if args.batch_size % (world_size * args.accum_steps):
+    if args.resume is None and args.batch_size % (world_size * args.accum_steps):   # resume: after inheriting
         parser.error(f"--batch-size {args.batch_size} must be divisible by the number of processes ({world_size}) "
                      f"x --accum-steps ({args.accum_steps})")
-    if args.data != "synthetic" and not Path(args.data).is_dir():
+    if args.data is None and args.resume is None:
+        parser.error("--data is required (a class-folder root or 'synthetic'), unless --resume")
+    if args.data is not None and args.data != "synthetic" and not Path(args.data).is_dir():
         parser.error(f"--data: folder {args.data!r} does not exist (expected root/<class>/<image>, or 'synthetic')")
     if args.resume is not None and not Path(args.resume).is_file():
         parser.error(f"--resume: checkpoint {args.resume!r} does not exist")
@@ -327,16 +492,37 @@ def main(argv: list[str] | None = None) -> None:
                       optimizer=args.optimizer, prediction=args.prediction, time_sampler=args.time_sampler,
                       guidance=not args.no_guidance, ema_half_lives_kimg=half_lives, perceptual=args.perceptual,
                       convnext_weights=args.convnext_weights, bf16=args.bf16, ckpt_every=args.ckpt_every,
-                      log_every=args.log_every, out=args.out, resume=args.resume, num_workers=args.num_workers,
-                      device=args.device)
+                      log_every=args.log_every, out=args.out, resume=args.resume, overwrite=args.overwrite,
+                      num_workers=args.num_workers, device=args.device)
+    if args.resume is not None:   # what the command line does not say comes from the checkpoint
+        try:
+            saved = load_checkpoint(args.resume, mmap=True)
+            require_keys(saved["config"], args.resume, ("train",), "resume")
+        except CheckpointError as error:
+            fail(f"--resume: {error}", EXIT_USAGE)
+        given = {DEST_OF.get(dest, dest) for dest in explicit_dests(argv)}
+        inherited = {name: saved["config"]["train"][name] for name in saved["config"]["train"]
+                     if name in TrainConfig.__dataclass_fields__ and name not in given and name not in NOT_INHERITED}
+        if "ema_half_lives_kimg" in inherited:
+            inherited["ema_half_lives_kimg"] = tuple(inherited["ema_half_lives_kimg"])
+        cfg = dataclasses.replace(cfg, **inherited)
+        del saved
     try:
-        train(cfg)
-    except FileNotFoundError as error:   # missing images or pretrained weights: one clear line
-        print(f"python -m full.train: error: {error}", file=sys.stderr)
-        raise SystemExit(2)
+        result = train(cfg)
+    except (UsageError, CheckpointError, UnreadableImageError, FileNotFoundError) as error:
+        fail(str(error), EXIT_USAGE)        # a setting, file or folder to fix: one line, nothing trained
+    except DivergenceError as error:
+        fail(str(error), EXIT_DIVERGED)
+    except OSError as error:                # a full disk, a vanished file system: the last checkpoint is kept
+        fail(str(error), EXIT_FAILED)
     finally:
         if torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
+    if result.stopped_by:
+        name = signal.Signals(result.stopped_by).name
+        print(f"stopped by {name} at step {result.history[-1]['step'] if result.history else '?'}; checkpoint "
+              f"{result.checkpoint}; continue with --resume {result.checkpoint}", file=sys.stderr)
+        raise SystemExit(128 + result.stopped_by)
 
 
 if __name__ == "__main__":

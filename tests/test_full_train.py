@@ -8,7 +8,7 @@ import torch
 
 import pmf_ref as P
 from full import checkpoint as checkpoint_lib
-from full.checkpoint import load_checkpoint, load_model, save_checkpoint
+from full.checkpoint import load_checkpoint, load_model, read_checkpoint_file, save_checkpoint
 from full.data import SyntheticDataset
 from full.model import build_model, make_cond
 from full.recipe import PMFObjective
@@ -100,7 +100,7 @@ def test_checkpoint_kill_during_save_keeps_previous(tmp_path, monkeypatch):
     with pytest.raises(KeyboardInterrupt):
         save_checkpoint(path, {"step": 2, "weights": torch.zeros(5)})
     monkeypatch.undo()
-    previous = load_checkpoint(path)
+    previous = read_checkpoint_file(path)
     assert previous["step"] == 1 and torch.equal(previous["weights"], torch.arange(5.0))
     assert sorted(os.listdir(tmp_path)) == ["checkpoint.pt"]          # no temp file left behind
 
@@ -112,7 +112,7 @@ def test_checkpoint_rename_failure_keeps_previous(tmp_path, monkeypatch):
     with pytest.raises(OSError):
         save_checkpoint(path, {"step": 2})
     monkeypatch.undo()
-    assert load_checkpoint(path)["step"] == 1 and sorted(os.listdir(tmp_path)) == ["checkpoint.pt"]
+    assert read_checkpoint_file(path)["step"] == 1 and sorted(os.listdir(tmp_path)) == ["checkpoint.pt"]
 
 
 def test_load_model_selects_ema_and_lists_missing(tmp_path):
