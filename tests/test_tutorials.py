@@ -1,38 +1,94 @@
-"""The tutorials run end to end in fast mode, write their figures, and print the numbers they promise.
+"""The tutorials run cell by cell in fast mode, write their figures, and print the numbers they promise.
 
-Each tutorial runs as a subprocess (``PMF_TUTORIAL_FAST=1``, output in a temporary folder). The
-numbers checked are the ones with an independent oracle inside the tutorial: closed forms (Gaussian
-flow, 1/t_eps, omega's mean, the paper's parameter counts), finite differences, a second
+All selected tutorials run in *one* subprocess, cell by cell (split at ``# %%``) in a fresh namespace
+each, without ``__file__`` and from a temporary working directory -- the way a Jupyter kernel or VS
+Code's interactive window runs them -- one after the other, so global state that one tutorial leaks
+(e.g. torch's default dtype) shows up. Fast mode: ``PMF_TUTORIAL_FAST=1``.
+
+The numbers checked are the ones with an independent oracle inside the tutorial: closed forms
+(Gaussian flow, 1/t_eps, omega's mean, the paper's parameter counts), finite differences, a second
 formulation of the same quantity (vmap vs batch, Jacobian vs JVP, hand-assembled vs ``pmf_loss``).
 """
 from __future__ import annotations
 
+import contextlib
+import io
+import json
 import math
 import os
 import re
 import subprocess
 import sys
+import traceback
 from pathlib import Path
 
 import pytest
 
 TUTORIALS = Path(__file__).resolve().parents[1] / "tutorials"
 NUMBER_LINE = re.compile(r"^(?P<name>.+?) = (?P<value>[-+0-9.eEinfa]+)$")
-TIMEOUT_S = 600  # a hang guard only; fast mode takes seconds
+CELL_MARKER = re.compile(r"^# %%.*$", flags=re.MULTILINE)
+TIMEOUT_S = 900  # a hang guard only; fast mode takes about a minute for all tutorials
+TEST_NAME = re.compile(r"^test_tutorial(?P<number>\d\d)_")
 
 
-def run_tutorial(filename: str, out: Path) -> dict[str, float]:
-    """Run one tutorial in fast mode; return its printed ``name = value`` numbers."""
-    env = {**os.environ, "PMF_TUTORIAL_FAST": "1", "PMF_TUTORIAL_OUT": str(out), "MPLBACKEND": "Agg"}
-    completed = subprocess.run([sys.executable, str(TUTORIALS / filename)], cwd=TUTORIALS.parent, env=env,
-                               capture_output=True, text=True, timeout=TIMEOUT_S)
-    assert completed.returncode == 0, f"{filename} failed:\n{completed.stdout[-3000:]}\n{completed.stderr[-3000:]}"
+def split_cells(source: str) -> list[str]:
+    """The cells of a percent-format script (markdown cells are comments and execute as nothing)."""
+    return [cell for cell in CELL_MARKER.split(source) if cell.strip()]
+
+
+def run_cell_by_cell(paths: list[str], out_root: str, result_path: str) -> None:
+    """Subprocess entry point: run each tutorial's cells in one namespace; write a JSON of the results."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import torch
+
+    results = {}
+    for path in map(Path, paths):
+        os.environ["PMF_TUTORIAL_OUT"] = str(Path(out_root) / path.name[:2])
+        namespace = {"__name__": "__main__"}          # no __file__: a notebook kernel has none
+        stdout, error = io.StringIO(), None
+        cells = split_cells(path.read_text())
+        with contextlib.redirect_stdout(stdout):
+            try:
+                for index, cell in enumerate(cells):
+                    exec(compile(cell, f"{path.name} [cell {index}]", "exec"), namespace)
+            except Exception:  # noqa: BLE001 -- reported to the test
+                error = traceback.format_exc()
+        leaks = []
+        if torch.get_default_dtype() != torch.float32:
+            leaks.append(f"default dtype left at {torch.get_default_dtype()}")
+            torch.set_default_dtype(torch.float32)
+        results[path.name[:2]] = {"error": error, "stdout": stdout.getvalue(), "leaks": leaks, "cells": len(cells)}
+    Path(result_path).write_text(json.dumps(results))
+
+
+@pytest.fixture(scope="module")
+def tutorial_runs(request, tmp_path_factory) -> dict:
+    """Run every tutorial that a selected test of this module needs, once, in one subprocess."""
+    numbers = sorted({match["number"] for item in request.session.items
+                      if item.module is request.module and (match := TEST_NAME.match(item.name))})
+    paths = [str(next(TUTORIALS.glob(f"{number}_*.py"))) for number in numbers]
+    root = tmp_path_factory.mktemp("tutorials")
+    result_path = root / "results.json"
+    env = {**os.environ, "PMF_TUTORIAL_FAST": "1", "MPLBACKEND": "Agg"}
+    completed = subprocess.run(
+        [sys.executable, __file__, str(root), str(result_path), *paths], cwd=root, env=env,
+        capture_output=True, text=True, timeout=TIMEOUT_S)
+    assert completed.returncode == 0, f"runner failed:\n{completed.stdout[-3000:]}\n{completed.stderr[-3000:]}"
+    return {"root": root, **json.loads(result_path.read_text())}
+
+
+def tutorial_numbers(runs: dict, number: str) -> tuple[dict[str, float], Path]:
+    """The printed ``name = value`` numbers of tutorial ``number`` and its output folder; fails on any error."""
+    run = runs[number]
+    assert run["error"] is None, f"tutorial {number} failed:\n{run['stdout'][-3000:]}\n{run['error']}"
+    assert not run["leaks"], f"tutorial {number} leaked global state: {run['leaks']}"
     numbers = {}
-    for line in completed.stdout.splitlines():
+    for line in run["stdout"].splitlines():
         match = NUMBER_LINE.match(line.strip())
         if match:
             numbers[match["name"]] = float(match["value"])
-    return numbers
+    return numbers, runs["root"] / number
 
 
 def assert_files(out: Path, *names: str) -> None:
@@ -43,28 +99,50 @@ def assert_files(out: Path, *names: str) -> None:
 
 def test_tutorial_files_are_percent_scripts_that_never_differentiate_by_hand():
     scripts = sorted(TUTORIALS.glob("[0-9][0-9]_*.py"))
-    assert [s.name[:2] for s in scripts] == ["01", "02", "03", "04", "05", "06"]
+    assert [s.name[:2] for s in scripts] == ["01", "02", "03", "04", "05", "06", "07", "08"]
     for script in scripts:
         text = script.read_text()
         assert text.startswith("# %% [markdown]"), f"{script.name} must open with a markdown cell"
         assert text.count("\n# %%\n") >= 3, f"{script.name} should alternate markdown and code cells"
         # The JVP and forward-mode AD live in pmf_ref; a tutorial that calls them re-implements the core.
-        for forbidden in ("torch.func.jvp", "forward_ad", "fwAD"):
-            assert forbidden not in text, f"{script.name} uses {forbidden}; call pmf_ref instead"
+        for forbidden in ("torch.func.jvp", "forward_ad", "fwAD", "set_default_dtype", "matplotlib.use",
+                          "__file__"):
+            assert forbidden not in text, f"{script.name} uses {forbidden}"
 
 
-def test_tutorial01_velocity_matches_finite_difference(tmp_path):
-    numbers = run_tutorial("01_flow_matching_and_x_prediction.py", tmp_path)
+def test_save_figure_shows_inline_in_a_notebook_and_closes_in_a_script(tmp_path, monkeypatch):
+    sys.path.insert(0, str(TUTORIALS))
+    try:
+        import _common
+    finally:
+        sys.path.remove(str(TUTORIALS))
+    import matplotlib.pyplot as plt
+
+    shown = []
+    monkeypatch.setattr(plt, "show", lambda *args, **kwargs: shown.append(True))
+    for notebook in (True, False):
+        monkeypatch.setattr(_common, "in_notebook", lambda notebook=notebook: notebook)
+        fig, _ = plt.subplots()
+        _common.save_figure(fig, tmp_path / f"figure_{notebook}.png")
+        assert (tmp_path / f"figure_{notebook}.png").stat().st_size > 0
+        assert plt.fignum_exists(fig.number) == notebook      # a script closes it; a notebook shows it
+        plt.close(fig)
+    assert shown == [True]
+
+
+def test_tutorial01_velocity_matches_finite_difference(tutorial_runs):
+    numbers, out = tutorial_numbers(tutorial_runs, "01")
     assert numbers["velocity finite-difference error"] < 1e-8
     assert numbers["x -> v -> x round-trip error"] < 1e-12
     assert numbers["v from the true x vs e - x (t >= t_eps)"] < 1e-12
-    assert_files(tmp_path, "noising_path.png", "multi_step_samples.png")
+    assert_files(out, "noising_path.png", "why_one_step_fails.png", "multi_step_samples.png")
 
 
-def test_tutorial02_meanflow_identity_holds_on_the_gaussian_flow(tmp_path):
-    numbers = run_tutorial("02_average_velocity_and_the_meanflow_identity.py", tmp_path)
+def test_tutorial02_meanflow_identity_holds_on_the_gaussian_flow(tutorial_runs):
+    numbers, out = tutorial_numbers(tutorial_runs, "02")
     assert numbers["MeanFlow identity residual |u - (v - (t - r) du/dt)|"] < 1e-10
     assert numbers["compound velocity V vs v"] < 1e-10
+    assert numbers["identity residual with the per-sample tangent e - x (RMS; not 0)"] > 0.1
     assert numbers["time-average of v vs closed-form u"] < 1e-5
     assert numbers["one-step sample with the true u vs the exact ODE endpoint"] < 1e-10
     assert numbers["one Euler step with v vs the exact ODE endpoint"] > 0.1   # Euler is not exact
@@ -73,50 +151,8 @@ def test_tutorial02_meanflow_identity_holds_on_the_gaussian_flow(tmp_path):
     assert numbers["best relative JVP vs finite-difference error, MLP"] < 1e-7
     assert numbers["vmapped per-example JVP vs batched JVP"] < 1e-12
     assert numbers["Jacobian formulation vs JVP"] < 1e-10
-    assert_files(tmp_path, "average_velocity.png", "jvp_vs_finite_differences.png")
+    assert_files(out, "average_velocity.png", "jvp_vs_finite_differences.png")
 
 
-def test_tutorial03_hand_assembled_loss_equals_pmf_loss(tmp_path):
-    numbers = run_tutorial("03_the_pixel_meanflow_loss.py", tmp_path)
-    assert numbers["u error per unit x error at t = 0.01 (clipped to 1/t_eps)"] == pytest.approx(20.0, rel=1e-5)
-    assert numbers["u error per unit x error at t = 0.5"] == pytest.approx(2.0, rel=1e-5)
-    assert numbers["grad of <w, V> vs grad of <w, u> (stop-gradient)"] < 1e-12
-    assert numbers["grad of ||V - v||^2 vs grad of ||u - sg(u_tgt)||^2"] < 1e-10
-    assert numbers["adaptive-weight gradient vs 1/(L + c)"] < 1e-12
-    assert numbers["hand-assembled loss vs P.pmf_loss"] < 1e-6
-    assert numbers["raw loss after the step (same batch)"] < numbers["raw loss before the step"]
-    assert numbers["fraction of pairs with r > t (must be 0)"] == 0.0
-    assert abs(numbers["fraction of pairs with r = t (target 0.5)"] - 0.5) < 0.1
-    sigmoid = 1 / (1 + math.exp(-0.8))
-    assert abs(numbers["median of one logit-normal(0.8, 0.8) draw (sigmoid(0.8) = 0.69)"] - sigmoid) < 0.03
-    assert_files(tmp_path, "x_to_u_gain.png", "adaptive_weighting.png", "time_samplers.png", "one_step_samples.png")
-
-
-def test_tutorial04_x_target_is_planar_and_sweep_writes_outputs(tmp_path):
-    numbers = run_tutorial("04_x_vs_u_in_high_dimensions.py", tmp_path)
-    assert numbers["variance fraction in the top 2 directions, x, D = 512"] > 1 - 1e-6
-    # v = e - x spreads over all 512 directions: about (2 + 2) / (512 + 2) in the top two.
-    assert numbers["variance fraction in the top 2 directions, v = e - x, D = 512"] < 0.05
-    assert numbers["off-manifold distance, x-prediction, D = 2"] < 1e-5      # D = 2: no room to leave the plane
-    assert_files(tmp_path, "samples.png", "loss_curves.png", "metrics.json", "table.md")
-
-
-def test_tutorial05_guidance_scale_distribution_and_gating(tmp_path):
-    numbers = run_tutorial("05_guidance_and_one_step_sampling.py", tmp_path)
-    # density 1 / (omega ln 8) on [1, 8]: mean 7 / ln 8; 1e5 draws, standard error ~0.006
-    assert numbers["mean sampled omega, beta = 1 (theory 7 / ln 8 = 3.366)"] == pytest.approx(7 / math.log(8), abs=0.03)
-    assert numbers["guided target at omega = 1 minus v_t"] == 0.0
-    assert numbers["effective omega at t = 0.9, interval [0.1, 0.7], omega = 4"] == 1.0
-    assert numbers["effective omega at t = 0.5, interval [0.1, 0.7], omega = 4"] == 4.0
-    assert_files(tmp_path, "guidance_scale_and_interval.png", "guided_one_step_samples.png", "one_vs_few_steps.png")
-
-
-def test_tutorial06_preset_counts_match_the_paper(tmp_path):
-    numbers = run_tutorial("06_from_toy_to_imagenet.py", tmp_path)
-    assert numbers["pMF-B/16 inference parameters (M; paper 118)"] == pytest.approx(118, rel=0.01)
-    assert numbers["pMF-B/16 GMACs per forward (paper 33)"] == pytest.approx(33, rel=0.03)
-    assert numbers["max |x_hat| of the freshly initialised network (zero-init heads)"] == 0.0
-    assert numbers["EMA decay in steady state, batch 1024, half-life 2000 kimg (0.5^(1024/2e6))"] == \
-        pytest.approx(0.5 ** (1024 / 2e6), abs=1e-9)
-    assert numbers["ViT: relative |JVP - finite difference| of du/dt"] < 1e-4
-    assert_files(tmp_path, "training_loss.png", "one_step_digits.png")
+if __name__ == "__main__":
+    run_cell_by_cell(sys.argv[3:], sys.argv[1], sys.argv[2])

@@ -4,22 +4,29 @@
 # Pixel MeanFlow (pMF) is built on *flow matching*. This tutorial sets up the pieces on 2-D data:
 # the noising path, its velocity, the two ways a network can express that velocity (predict the
 # velocity `v`, or predict the clean point `x`), and the multi-step sampler that flow matching needs
-# — the cost that MeanFlow (tutorial 02) removes.
+# — and shows *why* one step of it fails: the paths from noise to data are curved, and a single
+# step lands on the mean of the data. MeanFlow (tutorial 02) removes exactly this cost.
 #
 # Convention everywhere in this repository: **t = 0 is data, t = 1 is noise** (JiT and
 # facebookresearch/flow_matching run time the other way).
 #
-# Run: `python tutorials/01_flow_matching_and_x_prediction.py` (about a minute on 2 CPU cores;
-# `PMF_TUTORIAL_FAST=1` for a quick pass). Figures go to `runs/tutorials/01/`.
+# Run: `python tutorials/01_flow_matching_and_x_prediction.py`, or cell by cell in Jupyter / VS Code
+# (about 1 CPU-minute; `PMF_TUTORIAL_FAST=1` for a quick, under-trained pass). Figures go to
+# `runs/tutorials/01/`.
 
 # %%
+import sys
+from pathlib import Path
+
 import matplotlib.pyplot as plt
 import numpy as np
 import torch
 
 import pmf_ref as P
-from _common import MLP, report, save_figure, setup, steps
-from toy import sample_2d, sliced_wasserstein
+
+sys.path.insert(0, str(Path(P.__file__).resolve().parents[1] / "tutorials"))  # _common, from any folder
+from _common import MLP, report, save_figure, setup, steps  # noqa: E402
+from toy import sample_2d, sliced_wasserstein  # noqa: E402
 
 out = setup("01")
 generator = torch.Generator().manual_seed(0)
@@ -65,7 +72,9 @@ report("velocity finite-difference error", (dz_dt - P.conditional_velocity(x64, 
 # %% [markdown]
 # The network never sees the pair (x, e), only `z_t`. Many lines cross every point `z_t`, and the
 # best it can do is their average, the *marginal* velocity `v(z_t, t) = E[e - x | z_t]`. Regressing
-# the conditional velocity with a squared loss recovers that average: this is flow matching.
+# the conditional velocity with a squared loss recovers that average: this is flow matching. The
+# marginal field defines an ODE, `dz/dt = v(z, t)`, whose paths carry noise to data without crossing
+# — and, unlike the straight conditional lines, they bend (section 5).
 #
 # ## 3. Predict x, read out a velocity
 #
@@ -136,25 +145,80 @@ report("final flow-matching loss, v-prediction", sum(losses_v[-100:]) / len(loss
 
 # %% [markdown]
 # In 2-D both parametrisations train to about the same loss. It cannot go to zero: its floor is the
-# variance of `e - x` given `z_t`, which no network can predict. Tutorial 04 shows where they part ways — when
-# the data live on a low-dimensional manifold inside many dimensions.
+# variance of `e - x` given `z_t`, which no network can predict. Tutorial 04 shows where they part
+# ways — when the data live on a low-dimensional manifold inside many dimensions.
 #
-# ## 5. Multi-step sampling
+# ## 5. Why one step fails
 #
 # Sampling integrates the ODE `dz/dt = v(z, t)` from noise (t = 1) to data (t = 0).
 # `P.sample_multi_step(u_fn, e, steps=N)` takes N uniform steps of `z_r = z_t - (t - r) u`; a
 # flow-matching model knows only the instantaneous velocity, so we hand it `u(z, r, t) := v(z, t)`
-# and the sampler becomes Euler's method. One Euler step from t = 1 gives `e - v(e, 1) = E[x | z_1 = e]`,
-# and since `z_1 = e` says nothing about x, that is the mean of the data for every sample: a trained
-# flow-matching model collapses to a point in one step, and needs many steps to follow the curved paths.
+# and the sampler becomes Euler's method.
+#
+# One Euler step from t = 1 goes to `e - v(e, 1)`. At t = 1, `z_1 = e` carries no information about
+# x, so the best velocity there is `v(z, 1) = E[e - x | z_1 = z] = z - E[x]`, and the step lands on
+# **`E[x]`, the mean of the data, for every sample**. The ODE's true paths are *curved*: they start
+# towards the mean, then bend towards the part of the roll each noise point ends up on. A straight
+# step along the initial tangent misses all of that. We draw both from the same noise points, with
+# the trained x-prediction model.
 
 # %%
 def u_fn_of(x_fn):
-    return lambda z, r, t: P.average_velocity_from_x(z, x_fn(z, t, t), t)
+    return lambda z, r, t: P.average_velocity_from_x(z, x_fn(z, t, t), t)   # u(z, r, t) := v(z, t)
 
 
+@torch.no_grad()
+def euler_path(u_fn, e: torch.Tensor, num_steps: int) -> torch.Tensor:
+    """Every intermediate z of an N-step Euler integration from t = 1 to 0: (N + 1, B, 2)."""
+    path, z = [e], e
+    for k in range(num_steps):
+        t_value, r_value = 1 - k / num_steps, 1 - (k + 1) / num_steps
+        t, r = torch.full((e.shape[0],), t_value), torch.full((e.shape[0],), r_value)
+        z = z - (t_value - r_value) * u_fn(z, r, t)
+        path.append(z)
+    return torch.stack(path)
+
+
+u_fn_x = u_fn_of(x_fn_x_pred)
 num_samples = x_data.shape[0]
 e_sample = torch.randn(num_samples, 2, generator=torch.Generator().manual_seed(2))
+one_step = P.sample_one_step(u_fn_x, e_sample)
+data_mean = x_data.mean(dim=0)
+report("one Euler step: mean distance of the samples to E[x]", (one_step - data_mean).norm(dim=1).mean())
+report("one Euler step: spread of the samples (std per coordinate; data 1.0)", one_step.std(dim=0).mean())
+
+far = e_sample.norm(dim=1) > 1.5                                       # long paths show the bend best
+e_shown = e_sample[far][:30]
+paths = euler_path(u_fn_x, e_shown, 64)                                # (65, 30, 2)
+step_counts = [1, 2, 4, 8, 16, 32, 64]
+curve = [sliced_wasserstein(P.sample_multi_step(u_fn_x, e_sample, steps=n), x_data) for n in step_counts]
+fig, axes = plt.subplots(1, 3, figsize=(16, 5))
+for ax, title in zip(axes[:2], ("64 Euler steps: the ODE's paths bend", "1 Euler step: straight to E[x]")):
+    ax.scatter(x_data[:, 0], x_data[:, 1], s=1, c="lightgray")
+    ax.scatter(e_shown[:, 0], e_shown[:, 1], s=12, c="k", label="noise z_1 = e")
+    ax.set(title=title, xlim=(-3.2, 3.2), ylim=(-3.2, 3.2), aspect="equal", xticks=[], yticks=[])
+one_step_shown = one_step[far][:30]
+for i in range(len(e_shown)):
+    axes[0].plot(paths[:, i, 0], paths[:, i, 1], lw=1, color=f"C{i % 10}")
+    axes[0].scatter(paths[-1, i, 0], paths[-1, i, 1], s=14, color=f"C{i % 10}")
+    axes[1].annotate("", xy=one_step_shown[i].tolist(), xytext=e_shown[i].tolist(),
+                     arrowprops=dict(arrowstyle="->", color=f"C{i % 10}", lw=0.8))
+axes[1].scatter(*data_mean.tolist(), marker="x", s=80, c="red", zorder=3, label="E[x]")
+axes[1].legend(loc="lower left")
+axes[2].semilogx(step_counts, curve, "o-", base=2)
+axes[2].axhline(sliced_wasserstein(sample_2d("swiss_roll", num_samples, seed=5), x_data), color="gray", ls="--",
+                label="data vs data")
+axes[2].set(xlabel="Euler steps (network calls)", ylabel="sliced W2 to data", title="distance to the data")
+axes[2].legend()
+save_figure(fig, out / "why_one_step_fails.png", trained=True)
+
+# %% [markdown]
+# The figure shows the three facts: paths that bend (left), a single step that collapses every
+# sample onto the data mean (middle; in full mode the one-step samples lie 0.15 from E[x] on
+# average, with a spread of 0.11 per coordinate against the data's 1.0), and a distance that only reaches the data after
+# tens of network calls (right). The same with both parametrisations:
+
+# %%
 step_counts = [1, 2, 4, 16, 64]
 fig, axes = plt.subplots(2, len(step_counts), figsize=(3 * len(step_counts), 6.2))
 for row, (name, x_fn) in enumerate([("x-pred", x_fn_x_pred), ("v-pred", x_fn_v_pred)]):
@@ -167,9 +231,10 @@ for row, (name, x_fn) in enumerate([("x-pred", x_fn_x_pred), ("v-pred", x_fn_v_p
         ax.scatter(x_gen[:, 0], x_gen[:, 1], s=1)
         ax.set(title=f"{name}, {n} step{'s' * (n > 1)}\nSW2 = {distance:.3f}", xlim=(-3, 3),
                ylim=(-3, 3), aspect="equal", xticks=[], yticks=[])
-save_figure(fig, out / "multi_step_samples.png")
+save_figure(fig, out / "multi_step_samples.png", trained=True)
 
 # %% [markdown]
 # The distance to the data falls as the number of steps grows: flow matching needs tens of network
-# calls per sample. MeanFlow trains the network to jump over a whole interval [r, t] at once, so one
-# call suffices — tutorial 02 defines that *average velocity*, tutorial 03 turns it into pMF's loss.
+# calls per sample. MeanFlow trains the network to jump over a whole interval [r, t] at once — the
+# *secant* of a curved path instead of its tangent — so one call suffices. Tutorial 02 defines that
+# *average velocity*, tutorial 03 turns it into pMF's loss.

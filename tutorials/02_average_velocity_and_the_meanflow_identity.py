@@ -9,19 +9,26 @@
 # one forward-mode JVP — and compares it with finite differences and with a Jacobian, one example
 # at a time under `vmap`.
 #
-# Run: `python tutorials/02_average_velocity_and_the_meanflow_identity.py` (seconds).
-# Figures go to `runs/tutorials/02/`. Everything here is float64: the checks are to rounding error.
+# Run: `python tutorials/02_average_velocity_and_the_meanflow_identity.py`, or cell by cell in
+# Jupyter / VS Code (about 10 CPU-seconds). Figures go to `runs/tutorials/02/`. Everything here is
+# float64, so the checks are to rounding error; every tensor is created with `dtype=F64` (torch's
+# global default stays float32, so nothing leaks into other cells or tutorials).
 
 # %%
+import sys
+from pathlib import Path
+
 import matplotlib.pyplot as plt
 import torch
 import torch.func
 
 import pmf_ref as P
-from _common import report, save_figure, setup, steps
+
+sys.path.insert(0, str(Path(P.__file__).resolve().parents[1] / "tutorials"))  # _common, from any folder
+from _common import report, save_figure, setup, steps  # noqa: E402
 
 out = setup("02")
-torch.set_default_dtype(torch.float64)
+F64 = torch.float64
 generator = torch.Generator().manual_seed(0)
 
 # %% [markdown]
@@ -43,7 +50,7 @@ generator = torch.Generator().manual_seed(0)
 
 # %%
 D = 4
-mu = torch.tensor([1.0, -0.5, 2.0, 0.0])                             # (D,) data mean
+mu = torch.tensor([1.0, -0.5, 2.0, 0.0], dtype=F64)                  # (D,) data mean
 sigma = 0.3                                                          # data standard deviation
 
 
@@ -86,15 +93,15 @@ def u_true(z, r, t):
 
 
 B = 512
-x = mu + sigma * torch.randn(B, D, generator=generator)
-e = torch.randn(B, D, generator=generator)
-t = 0.2 + 0.75 * torch.rand(B, generator=generator)                  # keep t - h, t + h inside [0, 1]
-r = t * 0.8 * torch.rand(B, generator=generator)                     # 0 <= r <= 0.8 t < t
+x = mu + sigma * torch.randn(B, D, generator=generator, dtype=F64)
+e = torch.randn(B, D, generator=generator, dtype=F64)
+t = 0.2 + 0.75 * torch.rand(B, generator=generator, dtype=F64)       # keep t - h, t + h inside [0, 1]
+r = t * 0.8 * torch.rand(B, generator=generator, dtype=F64)          # 0 <= r <= 0.8 t < t
 z_t = P.interpolate(x, e, t)
 
 # The defining integral, by the trapezoid rule along the exact trajectory.
 nodes = steps(4001, 1001)
-s_grid = r[None, :] + (t - r)[None, :] * torch.linspace(0, 1, nodes)[:, None]          # (nodes, B)
+s_grid = r[None, :] + (t - r)[None, :] * torch.linspace(0, 1, nodes, dtype=F64)[:, None]          # (nodes, B)
 v_along = torch.stack([v_true(flow_map(z_t, t, s_k), s_k) for s_k in s_grid])          # (nodes, B, D)
 u_integral = torch.trapezoid(v_along, dx=1.0 / (nodes - 1), dim=0)                      # mean over [r, t]
 report("time-average of v vs closed-form u", (u_integral - u_true(z_t, r, t)).abs().max())
@@ -108,11 +115,11 @@ report("u(z, t - 1e-7, t) vs v(z, t)", (u_true(z_t, t - 1e-7, t) - v_true(z_t, t
 
 # %%
 fig, ax = plt.subplots(figsize=(6.5, 4.5))
-time_grid = torch.linspace(0, 1, 201)
-for xi in torch.linspace(-2, 2, 9):
+time_grid = torch.linspace(0, 1, 201, dtype=F64)
+for xi in torch.linspace(-2, 2, 9, dtype=F64):
     ax.plot(time_grid, (m(time_grid) + s(time_grid)[:, None] * xi)[:, 0], color="lightgray", lw=1)
-xi = torch.tensor(-1.5)
-t_show, r_show = torch.tensor(0.45), torch.tensor(0.05)
+xi = torch.tensor(-1.5, dtype=F64)
+t_show, r_show = torch.tensor(0.45, dtype=F64), torch.tensor(0.05, dtype=F64)
 z_show = m(t_show) + s(t_show) * xi                                  # (D,); we draw coordinate 0
 z_r_show = flow_map(z_show, t_show, r_show)
 ax.plot(time_grid, (m(time_grid) + s(time_grid)[:, None] * xi)[:, 0], color="k", lw=1.5, label="trajectory")
@@ -135,8 +142,8 @@ save_figure(fig, out / "average_velocity.png")
 # place it is one Euler step, which lands near the mean of the data.
 
 # %%
-e_sample = torch.randn(B, D, generator=generator)
-x_exact = flow_map(e_sample, torch.ones(B), torch.zeros(B))
+e_sample = torch.randn(B, D, generator=generator, dtype=F64)
+x_exact = flow_map(e_sample, torch.ones(B, dtype=F64), torch.zeros(B, dtype=F64))
 x_one_step = P.sample_one_step(u_true, e_sample)
 x_euler = P.sample_one_step(lambda z, r_, t_: v_true(z, t_), e_sample)
 report("one-step sample with the true u vs the exact ODE endpoint", (x_one_step - x_exact).abs().max())
@@ -165,6 +172,25 @@ report("MeanFlow identity residual |u - (v - (t - r) du/dt)|",
 report("compound velocity V vs v", (P.compound_velocity(jvp.u, jvp.dudt, r, t) - v_at_z).abs().max())
 
 # %% [markdown]
+# **Which velocity is the tangent?** `du/dt` is the derivative of u along the ODE path through
+# `z_t`, and on that path `dz/dt` is the *marginal* velocity `v(z_t, t)` — one vector per point
+# `z_t`, whatever (x, e) produced it. That is what the check above used. The per-sample line
+# velocity `e - x` is a different vector for every pair behind the same `z_t`; with it in the tangent
+# (and on the right-hand side) the identity fails sample by sample:
+
+# %%
+v_line = P.conditional_velocity(x, e)
+jvp_line = P.average_velocity_jvp(u_true, z_t, r, t, v_tangent=v_line)
+report("identity residual with the per-sample tangent e - x (RMS; not 0)",
+       (jvp_line.u - P.meanflow_target(v_line, jvp_line.dudt, r, t)).square().mean().sqrt())
+
+# %% [markdown]
+# It still holds *on average* over the pairs behind one `z_t`, because the right-hand side is linear
+# in the velocity — that is why MeanFlow can train with `e - x`. Training never knows the marginal v,
+# so every method plugs in an estimate: pMF's Alg. 1 the network's own `u(z_t, t, t)`, the released
+# code a separate v-head, MeanFlow `e - x`. Tutorial 07 trains the three side by side.
+
+# %% [markdown]
 # ## 5. The JVP against finite differences
 #
 # The derivative along the flow is also the limit of a central difference along the tangent,
@@ -181,7 +207,7 @@ def finite_difference_dudt(u_fn, z, r, t, v, h):
 
 
 mlp = torch.nn.Sequential(torch.nn.Linear(D + 2, 64), torch.nn.SiLU(), torch.nn.Linear(64, 64),
-                          torch.nn.SiLU(), torch.nn.Linear(64, D))
+                          torch.nn.SiLU(), torch.nn.Linear(64, D)).to(F64)
 
 
 def x_net(z, r, t):

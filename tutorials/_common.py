@@ -1,25 +1,29 @@
-"""Plumbing shared by the tutorials: fast mode, output folder, figure saving, printed numbers.
+"""Plumbing shared by the tutorials: fast mode, output folder, figures, printed numbers, a small MLP.
 
 Nothing here is part of the method -- every equation the tutorials use comes from ``pmf_ref``.
 
-* ``PMF_TUTORIAL_FAST=1`` shrinks training steps and sample counts (the test suite sets it).
+* ``PMF_TUTORIAL_FAST=1`` shrinks training steps and sample counts (the test suite sets it). Figures
+  of under-trained models are then stamped "fast mode: under-trained".
 * ``PMF_TUTORIAL_OUT=DIR`` chooses the folder the figures go to (default ``runs/tutorials/NN/``).
+* :func:`save_figure` writes a PNG and, inside Jupyter or VS Code's interactive window, also shows
+  the figure in the cell's output. No matplotlib backend is forced.
 * :func:`report` prints ``name = value`` lines; the tests parse them to check the numbers.
+
+Each tutorial finds this file from any working directory through the installed ``pmf_ref``
+(``pip install -e .`` puts the repository, and so ``tutorials/``, next to it).
 """
 from __future__ import annotations
 
 import os
+import sys
 import tempfile
 import warnings
 from pathlib import Path
 
-import matplotlib
-
-matplotlib.use("Agg")  # headless: the tutorials write PNG files, they never open windows
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-from torch import nn  # noqa: E402
+import matplotlib.pyplot as plt
+import numpy as np
+import torch
+from torch import nn
 
 # torch's first forward-mode JVP loads decompositions through the deprecated torch.jit.script and
 # warns about it; the warning is torch's internal business, not the reader's.
@@ -32,10 +36,14 @@ NUM_THREADS = 1
 """Networks this small run fastest on one thread: a second one costs more in synchronisation than it
 saves in arithmetic, and far more on a busy machine (measured: the tiny ViT's backward pass was >10x
 slower with 2 threads than with 1 while other jobs shared the 2 cores)."""
+FAST_STAMP = "fast mode: under-trained"
 
 
 def setup(number: str, seed: int = 0, num_threads: int = NUM_THREADS) -> Path:
-    """Seed torch and numpy, limit threads, and return (creating it) the output folder of tutorial ``number``."""
+    """Seed torch and numpy, limit threads, and return (creating it) the output folder of tutorial ``number``.
+
+    The thread count is the one global setting a tutorial changes (it persists in a notebook kernel).
+    """
     torch.manual_seed(seed)
     np.random.seed(seed)
     torch.set_num_threads(min(num_threads, torch.get_num_threads()))
@@ -50,8 +58,22 @@ def steps(full: int, fast: int) -> int:
     return fast if FAST else full
 
 
-def save_figure(fig: plt.Figure, path: Path) -> None:
-    """Write ``fig`` to ``path`` atomically (temporary file, then ``os.replace``) and close it."""
+def in_notebook() -> bool:
+    """True inside an IPython kernel (Jupyter, VS Code's interactive window), where plt.show() draws inline."""
+    ipython = sys.modules.get("IPython")
+    return ipython is not None and ipython.get_ipython() is not None
+
+
+def save_figure(fig: plt.Figure, path: Path, *, trained: bool = False) -> None:
+    """Write ``fig`` to ``path`` atomically (temporary file, then ``os.replace``), then show or close it.
+
+    Args:
+        fig: the figure.  path: a .png path.
+        trained: the figure shows a trained model; in fast mode it is stamped "fast mode: under-trained".
+    """
+    if FAST and trained:
+        fig.text(0.5, 0.5, FAST_STAMP, ha="center", va="center", fontsize=26, color="red", alpha=0.4,
+                 rotation=12, transform=fig.transFigure)
     path = Path(path)
     handle, tmp = tempfile.mkstemp(suffix=path.suffix, dir=path.parent)
     os.close(handle)
@@ -61,8 +83,11 @@ def save_figure(fig: plt.Figure, path: Path) -> None:
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
-    plt.close(fig)
     print(f"wrote {path}")
+    if in_notebook():
+        plt.show()          # the inline backend draws the figure into this cell's output
+    else:
+        plt.close(fig)      # a script (or the tests) only wants the file
 
 
 def report(name: str, value: float) -> float:
