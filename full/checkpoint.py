@@ -20,10 +20,12 @@ import json
 import os
 import pickle
 import random
+import re
 import signal
 import sys
 import tempfile
 import threading
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -113,16 +115,19 @@ def read_checkpoint_file(path: str | os.PathLike, map_location: str | torch.devi
         raise CheckpointError(f"{str(path)!r} does not exist or is not a file")
     if path.stat().st_size == 0:
         raise CheckpointError(f"{str(path)!r} is empty (0 bytes): an interrupted copy or download?")
+    mmap = mmap and zipfile.is_zipfile(path)   # torch can mmap only its zip format (not legacy files, not garbage)
     try:
         return torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as error:
-        if "weights only" in str(error).lower() or "weights_only" in str(error):
-            detail = next((line.strip() for line in str(error).splitlines() if "GLOBAL" in line or "global" in line),
-                          _first_line(error))
+        unsafe = re.search(r"Unsupported global: GLOBAL (\S+)", str(error))
+        if unsafe:
             raise CheckpointError(f"{str(path)!r} refused: it holds Python objects other than tensors and plain "
-                                  f"containers ({detail}); loading it could run code. Files written by this "
-                                  f"project never do (checkpoints of format 1 held numpy RNG states)") from None
-        raise CheckpointError(f"{str(path)!r} is not a torch file ({_first_line(error)})") from None
+                                  f"containers (it asks for {unsafe.group(1)}); loading it could run code. Files "
+                                  f"written by this project never do (full.train checkpoints of format 1 held "
+                                  f"numpy RNG states)") from None
+        raise CheckpointError(f"{str(path)!r} is not a torch file, or is corrupt ("
+                              f"{_first_line(error) if 'WeightsUnpickler' not in str(error) else 'unreadable pickle'})"
+                              ) from None
     except (RuntimeError, EOFError, OSError, ValueError, KeyError, IndexError, TypeError,
             AttributeError, UnicodeDecodeError) as error:
         raise CheckpointError(f"{str(path)!r} is not a readable torch file (truncated or corrupt?): "

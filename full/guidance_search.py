@@ -27,8 +27,8 @@ from .evaluate import metrics_from_features
 from .checkpoint import CheckpointError, first_non_finite, load_checkpoint
 from .fid import (IS_SPLITS, InceptionWeightsError, atomic_write, build_inception, extract_features,
                   load_statistics, unwritable_reason)
-from .sample import (HelpFormatter, checkpoint_info, iter_samples, load_for_sampling, normalize_ema,
-                     sampling_defaults)
+from .sample import (HelpFormatter, NonFiniteSamplesError, checkpoint_info, iter_samples, load_for_sampling,
+                     normalize_ema, sampling_defaults)
 
 
 @dataclass(frozen=True)
@@ -194,7 +194,7 @@ def main(argv: list[str] | None = None) -> None:
     try:
         search(lambda ema: load_for_sampling(args.ckpt, ema, device)[0], extractor, ref_mu, ref_sigma, cfg,
                on_row=on_row)
-    except CheckpointError as error:   # weights that do not fit the recorded preset (finished rows are saved)
+    except (CheckpointError, NonFiniteSamplesError) as error:   # finished rows are saved already
         parser.error(f"--ckpt: {error}")
     print("\n" + format_table(rows))
 

@@ -105,6 +105,10 @@ def generate(model: torch.nn.Module, y: torch.Tensor, z_1: torch.Tensor, *, omeg
     return P.sample_one_step(u_fn, z_1, has_aux=True)
 
 
+class NonFiniteSamplesError(ValueError):
+    """The network produced NaN / inf images (a diverged run); nothing is written for them."""
+
+
 def to_uint8(x: torch.Tensor) -> torch.Tensor:
     """[-1, 1] float -> uint8 ``round((x + 1) * 127.5)`` clipped to [0, 255]."""
     return ((x + 1) * PIXEL_HALF_RANGE).round().clamp(0, 255).to(torch.uint8)
@@ -117,6 +121,8 @@ def iter_samples(model: torch.nn.Module, indices: torch.Tensor, *, omega: float,
 
     Yields:
         (indices (B,), labels (B,), images uint8 (B, C, H, W) on the CPU).
+    Raises:
+        NonFiniteSamplesError: the network returned NaN / inf (uint8 would turn it into blank images).
     """
     device = next(model.parameters()).device
     shape = (model.channels, model.resolution, model.resolution)
@@ -125,6 +131,12 @@ def iter_samples(model: torch.nn.Module, indices: torch.Tensor, *, omega: float,
             y = class_labels(batch, model.num_classes)
             z_1 = sample_noise(batch, shape, seed=seed, noise_scale=model.noise_scale)
             x = generate(model, y.to(device), z_1.to(device), omega=omega, t_min=t_min, t_max=t_max)
+            finite = torch.isfinite(x).flatten(1).all(dim=1)
+            if not bool(finite.all()):
+                raise NonFiniteSamplesError(
+                    f"the network returned NaN or inf for sample {int(batch[~finite.cpu()][0])} (and "
+                    f"{int((~finite).sum()) - 1} more of this batch): its weights are finite but diverged; "
+                    f"use an earlier checkpoint")
             bar.update(len(batch))
             yield batch, y, to_uint8(x).cpu()
 
@@ -436,7 +448,7 @@ def main(argv: list[str] | None = None) -> None:
     extra.update(ema=ema, preset=preset)
     try:
         out = sample_to_folder(model, cfg, rank=rank, world_size=world_size, extra_info=extra)
-    except OutputExistsError as error:
+    except (OutputExistsError, NonFiniteSamplesError) as error:
         parser.error(str(error))
     if rank == 0:
         weights = "released weights" if ema is None else f"EMA {ema}"

@@ -1,5 +1,14 @@
-"""ImageNet-style data: ADM center crop, [-1, 1] scaling, class folders, global-batch sharding."""
+"""ImageNet-style data: ADM center crop, [-1, 1] scaling, image modes, class folders, global-batch sharding.
+
+Oracles for the image modes: the same grey / colour values written as 8-bit RGB, and hand-computed
+alpha composites over white.
+"""
 from __future__ import annotations
+
+import io
+import struct
+import threading
+import zlib
 
 import numpy as np
 import pytest
@@ -8,7 +17,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 from PIL import Image
 
-from full.data import GlobalBatchSampler, ImageFolderDataset, center_crop_arr, pil_to_tensor
+from full.data import (GlobalBatchSampler, ImageFolderDataset, SyntheticDataset, UnreadableImageError, center_crop_arr,
+                       infinite_batches, open_rgb, pil_to_tensor, to_rgb)
 
 
 def _random_image(height: int, width: int, seed: int = 0) -> Image.Image:
@@ -87,3 +97,136 @@ def test_global_batch_sampler_rejects_bad_sizes():
         GlobalBatchSampler(100, 10, world_size=3)
     with pytest.raises(ValueError, match="fewer than one global batch"):
         GlobalBatchSampler(5, 8)
+
+
+# ----------------------------------------------------------------------------- image modes
+
+GREY = np.array([[0, 51, 128], [200, 254, 255]], dtype=np.uint8)          # 8-bit grey levels, (2, 3)
+COLOURS = np.array([[[255, 0, 0], [0, 255, 0], [0, 0, 255]], [[10, 20, 30], [255, 255, 255], [0, 0, 0]]],
+                   dtype=np.uint8)                                         # (2, 3, 3)
+
+
+def _reopened(image: Image.Image, format: str = "PNG", **options) -> Image.Image:
+    buffer = io.BytesIO()
+    image.save(buffer, format=format, **options)
+    buffer.seek(0)
+    return Image.open(buffer)
+
+
+def _png_rgb16(array16: np.ndarray) -> Image.Image:
+    """A 16-bit RGB PNG written by hand (PIL cannot write one), reopened with PIL."""
+    height, width, _ = array16.shape
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+    rows = b"".join(b"\x00" + array16[row].astype(">u2").tobytes() for row in range(height))
+    data = (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 16, 2, 0, 0, 0))
+            + chunk(b"IDAT", zlib.compress(rows)) + chunk(b"IEND", b""))
+    return Image.open(io.BytesIO(data))
+
+
+def _rgb(grey: np.ndarray) -> np.ndarray:
+    return np.repeat(grey[:, :, None], 3, axis=2)
+
+
+@pytest.mark.parametrize("mode", ["L", "1", "I;16 png", "I;16 tiff", "I", "F"])
+def test_grey_images_of_every_bit_depth_read_on_one_scale(mode):
+    grey = (GREY >= 128).astype(np.uint8) * 255 if mode == "1" else GREY
+    image = {
+        "L": lambda: _reopened(Image.fromarray(GREY)),
+        "1": lambda: _reopened(Image.fromarray(GREY).convert("1", dither=Image.Dither.NONE)),
+        "I;16 png": lambda: _reopened(Image.fromarray(GREY.astype(np.uint16) * 257)),   # 0..255 -> 0..65535
+        "I;16 tiff": lambda: _reopened(Image.fromarray(GREY.astype(np.uint16) * 257), "TIFF"),
+        "I": lambda: Image.fromarray(GREY.astype(np.int32) * 257),
+        "F": lambda: Image.fromarray(GREY.astype(np.float32) / 255),
+    }[mode]()
+    assert image.mode == mode.split()[0]
+    np.testing.assert_array_equal(np.asarray(to_rgb(image)), _rgb(grey))
+    expected = torch.from_numpy(_rgb(grey).astype(np.float32) / 127.5 - 1).permute(2, 0, 1)
+    torch.testing.assert_close(pil_to_tensor(image), expected)
+    torch.testing.assert_close(pil_to_tensor(image, channels=1), expected[:1])
+
+
+def test_sixteen_bit_png_is_not_read_as_white():
+    """The bug this guards: ``convert("RGB")`` clips 16-bit values to 255 (a mid-grey 16-bit PNG became white)."""
+    image = _reopened(Image.fromarray(np.full((4, 4), 32768, np.uint16)))
+    assert np.asarray(image.convert("RGB")).min() == 255                  # PIL alone: white
+    assert np.asarray(to_rgb(image)).max() == 128                         # 32768 / 257 = 127.5 -> 128
+
+
+def test_sixteen_bit_rgb_png_keeps_its_colours():
+    image = _png_rgb16(COLOURS.astype(np.uint16) * 257)
+    np.testing.assert_array_equal(np.asarray(to_rgb(image)), COLOURS)
+
+
+@pytest.mark.parametrize("transparent", [False, True])
+def test_palette_images_read_through_their_palette(transparent):
+    palette_image = Image.fromarray(COLOURS).quantize(colors=6, method=Image.Quantize.MEDIANCUT)
+    options = {"transparency": int(np.asarray(palette_image)[0, 0])} if transparent else {}
+    image = _reopened(palette_image, **options)
+    assert image.mode == "P"
+    expected = COLOURS.copy()
+    if transparent:
+        expected[np.asarray(image) == options["transparency"]] = 255       # transparent pixels show white
+    np.testing.assert_array_equal(np.asarray(to_rgb(image)), expected)
+
+
+def test_alpha_is_composited_over_white():
+    alpha = np.array([[255, 0, 128], [255, 255, 0]], dtype=np.uint8)
+    rgba = _reopened(Image.fromarray(np.concatenate([COLOURS, alpha[:, :, None]], axis=2)))
+    a = alpha[:, :, None].astype(np.float64) / 255
+    expected = COLOURS * a + 255 * (1 - a)
+    assert np.abs(np.asarray(to_rgb(rgba)).astype(np.float64) - expected).max() <= 1      # 8-bit rounding
+    grey_alpha = _reopened(Image.fromarray(np.stack([GREY, alpha], axis=2), mode="LA"))
+    expected = _rgb(GREY) * a + 255 * (1 - a)
+    assert np.abs(np.asarray(to_rgb(grey_alpha)).astype(np.float64) - expected).max() <= 1
+
+
+def test_cmyk_and_rgb_convert_like_pil():
+    rgb = Image.fromarray(COLOURS)
+    np.testing.assert_array_equal(np.asarray(to_rgb(rgb)), COLOURS)
+    cmyk = _reopened(rgb.convert("CMYK"), "JPEG", quality=100)
+    assert cmyk.mode == "CMYK"
+    np.testing.assert_array_equal(np.asarray(to_rgb(cmyk)), np.asarray(cmyk.convert("RGB")))
+
+
+# ----------------------------------------------------------------------------- unreadable files, tiny data
+
+def _folder_with_broken_files(root):
+    (root / "a").mkdir()
+    (root / "b").mkdir()
+    Image.fromarray(np.full((12, 12, 3), 0, np.uint8)).save(root / "a" / "0.png")
+    (root / "a" / "1.png").write_bytes(b"not an image at all")
+    good = io.BytesIO()
+    Image.fromarray(np.full((64, 64, 3), 90, np.uint8)).save(good, format="JPEG")
+    (root / "a" / "2.jpg").write_bytes(good.getvalue()[:200])              # truncated mid-scan
+    Image.fromarray(np.full((12, 12, 3), 255, np.uint8)).save(root / "b" / "0.png")
+
+
+def test_unreadable_image_is_skipped_with_a_warning_naming_it(tmp_path):
+    _folder_with_broken_files(tmp_path)
+    dataset = ImageFolderDataset(tmp_path, resolution=8)
+    assert len(dataset) == 4
+    with pytest.warns(UserWarning) as warned:
+        x, y = dataset[1]                                                  # 1.png, then 2.jpg, are unreadable
+    assert y == 1 and torch.all(x == 1.0)                                  # the next readable image: b/0.png
+    messages = [str(warning.message) for warning in warned]
+    assert any("1.png" in message for message in messages) and any("2.jpg" in message for message in messages)
+    with pytest.raises(UnreadableImageError, match="1.png"):
+        open_rgb(tmp_path / "a" / "1.png")
+
+
+def test_infinite_batches_refuses_data_smaller_than_a_batch_instead_of_hanging():
+    result = []
+    worker = threading.Thread(target=lambda: result.append(_first_batch_or_error()), daemon=True)
+    worker.start()
+    worker.join(timeout=60)
+    assert not worker.is_alive(), "infinite_batches spun without yielding"
+    assert isinstance(result[0], ValueError) and "fewer than one global batch (8)" in str(result[0])
+
+
+def _first_batch_or_error():
+    try:
+        return next(infinite_batches(SyntheticDataset(5, 8), 8, rank=0, world_size=1, seed=0, epoch=0, start_batch=0))
+    except ValueError as error:
+        return error
