@@ -1,9 +1,16 @@
 """Building blocks of the pMF ViT: RMSNorm, 2-D RoPE, attention, SwiGLU, the gated block, embedders.
 
 Every op here is written with plain tensor arithmetic (matmul, softmax, elementwise), so that
-forward-mode AD (the core's JVP) goes through it on CPU and GPU, and ``torch.compile`` sees no
-data-dependent Python branches. Token layout everywhere: ``(B, L, W)`` with L tokens of width W;
-per-head tensors ``(B, heads, L, head_dim)``.
+forward-mode AD (the core's JVP) goes through it on CPU and GPU. Where an operand carries no tangent
+-- a weight, a norm gain, a residual gate, the RoPE tables, a Python number -- the op goes through
+``pmf_ref.fast_jvp`` (``linear``, ``scale``, ``rotate_pairs``, ``rms_normalize``, ``softmax_attention``,
+``silu_mul``): the plain op in a plain forward; inside the JVP an op whose tangent costs one application
+of its derivative, records no autograd history and is not kept alive by the saved activations
+(PyTorch's own formulas pay for zero tangents there: a third GEMM per linear, a slow path per
+elementwise op, and a second copy of the activations). Attention in a GPU's ``no_grad`` passes
+(sampling, the recipe's guidance passes) runs the fused ``F.scaled_dot_product_attention``; with
+gradient, inside the JVP and on CPU it is explicit matmul + softmax, which forward-mode AD supports. Token layout everywhere: ``(B, L, W)`` with L tokens of width W; per-head tensors
+``(B, heads, L, head_dim)``.
 """
 from __future__ import annotations
 
@@ -12,6 +19,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
+
+from pmf_ref import fast_jvp
 
 RMS_EPS = 1e-6             # pMF (and JiT) RMSNorm epsilon
 ROPE_THETA = 1e4           # RoPE base frequency
@@ -38,6 +47,13 @@ def init_xavier_(layer: nn.Conv2d) -> None:
         nn.init.zeros_(layer.bias)
 
 
+class Linear(nn.Linear):
+    """``nn.Linear`` (same parameters and state-dict keys) whose JVP tangent costs one GEMM."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return fast_jvp.linear(x, self.weight, self.bias)
+
+
 # ----------------------------------------------------------------------------- normalisation
 
 class RMSNorm(nn.Module):
@@ -54,8 +70,7 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x_stat = x if x.dtype == torch.float64 else x.float()
-        normed = x_stat * torch.rsqrt(x_stat.pow(2).mean(-1, keepdim=True) + self.eps)
-        return (normed * self.weight).to(x.dtype)
+        return fast_jvp.scale(fast_jvp.rms_normalize(x_stat, self.eps), self.weight).to(x.dtype)
 
 
 # ----------------------------------------------------------------------------- 2-D RoPE
@@ -92,20 +107,35 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     Returns:
         (B, heads, L, head_dim).
     """
-    pairs = x.unflatten(-1, (-1, 2))        # (B, heads, L, head_dim/2, 2)
-    a, b = pairs[..., 0], pairs[..., 1]     # (B, heads, L, head_dim/2)
-    rotated = torch.stack([a * cos - b * sin, a * sin + b * cos], dim=-1)
-    return rotated.flatten(-2).to(x.dtype)
+    return fast_jvp.rotate_pairs(x, cos, sin)
 
 
 # ----------------------------------------------------------------------------- attention
 
+FUSED_ATTENTION_DEVICES = ("cuda",)
+"""Device types whose no-grad passes use the fused SDPA kernel. Not the CPU: at the benchmark's 36
+tokens the fused CPU kernel is slower than matmul + softmax (1.84 vs 1.43 ms, batch 8, one thread; it
+wins at 276 tokens, 4.1 vs 10.8 ms) and ``FlopCounterMode`` does not count it."""
+
+
+def fused_attention_allowed(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
+    """Whether :func:`attention` may run the fused SDPA kernel: on a :data:`FUSED_ATTENTION_DEVICES`
+    device, under ``no_grad``, no operand with a tangent, outside ``pmf_ref.fast_jvp.reference_ops()``."""
+    return (q.device.type in FUSED_ATTENTION_DEVICES and not torch.is_grad_enabled()
+            and not fast_jvp.reference_ops_active()
+            and not (fast_jvp.has_tangent(q) or fast_jvp.has_tangent(k) or fast_jvp.has_tangent(v)))
+
+
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, use_sdpa_math: bool = False) -> torch.Tensor:
     """``softmax(q k^T / sqrt(d)) v`` with the softmax in float32.
 
-    Explicit matmul + softmax because forward-mode AD is not implemented by
-    the fused SDPA kernels (flash / memory-efficient / cuDNN, and the default CPU path).
-    ``use_sdpa_math=True`` instead calls ``F.scaled_dot_product_attention`` pinned to the MATH
+    Where :func:`fused_attention_allowed` (GPU, ``no_grad``, no tangent: sampling and the recipe's
+    guidance passes): the fused ``F.scaled_dot_product_attention`` (equal to rounding; its kernels keep
+    the softmax in float32 under bf16 too). Otherwise explicit matmul +
+    softmax (``pmf_ref.fast_jvp.softmax_attention``): forward-mode AD is not implemented by the fused
+    kernels (flash / memory-efficient / cuDNN, and the default CPU path), and with gradient the
+    explicit form keeps a plain forward and the JVP's primal identical to the bit.
+    ``use_sdpa_math=True`` instead always calls ``F.scaled_dot_product_attention`` pinned to the MATH
     backend, which also supports forward AD (same numbers up to rounding; it does not upcast
     bf16 scores to float32).
 
@@ -117,9 +147,9 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, use_sdpa_math: 
     if use_sdpa_math:
         with sdpa_kernel(SDPBackend.MATH):
             return F.scaled_dot_product_attention(q, k, v)
-    scores = (q @ k.transpose(-2, -1)) * (q.shape[-1] ** -0.5)   # (B, heads, L, L)
-    weights = scores.float().softmax(dim=-1) if scores.dtype != torch.float64 else scores.softmax(dim=-1)
-    return weights.to(v.dtype) @ v
+    if fused_attention_allowed(q, k, v):
+        return F.scaled_dot_product_attention(q, k, v)
+    return fast_jvp.softmax_attention(q, k, v)
 
 
 class Attention(nn.Module):
@@ -132,10 +162,10 @@ class Attention(nn.Module):
             raise ValueError(f"width {width} must be divisible by heads {heads}")
         self.heads = heads
         self.use_sdpa_math = use_sdpa_math
-        self.q = nn.Linear(width, width, bias=False)
-        self.k = nn.Linear(width, width, bias=False)
-        self.v = nn.Linear(width, width, bias=False)
-        self.out = nn.Linear(width, width, bias=False)
+        self.q = Linear(width, width, bias=False)
+        self.k = Linear(width, width, bias=False)
+        self.v = Linear(width, width, bias=False)
+        self.out = Linear(width, width, bias=False)
         self.q_norm = RMSNorm(width // heads)
         self.k_norm = RMSNorm(width // heads)
 
@@ -165,12 +195,12 @@ class SwiGLU(nn.Module):
     def __init__(self, width: int):
         super().__init__()
         hidden = swiglu_hidden(width)
-        self.gate = nn.Linear(width, hidden, bias=False)
-        self.value = nn.Linear(width, hidden, bias=False)
-        self.out = nn.Linear(hidden, width, bias=False)
+        self.gate = Linear(width, hidden, bias=False)
+        self.value = Linear(width, hidden, bias=False)
+        self.out = Linear(hidden, width, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.out(F.silu(self.gate(x)) * self.value(x))
+        return self.out(fast_jvp.silu_mul(self.gate(x), self.value(x)))
 
 
 class Block(nn.Module):
@@ -194,8 +224,8 @@ class Block(nn.Module):
                 init_linear_(layer, BLOCK_INIT_STD ** 2)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        x = x + self.gate_attn * self.attn(self.norm1(x), cos, sin)
-        return x + self.gate_mlp * self.mlp(self.norm2(x))
+        x = x + fast_jvp.scale(self.attn(self.norm1(x), cos, sin), self.gate_attn)
+        return x + fast_jvp.scale(self.mlp(self.norm2(x)), self.gate_mlp)
 
 
 # ----------------------------------------------------------------------------- embedders
@@ -230,7 +260,7 @@ def sinusoidal_features(s: torch.Tensor, dim: int = SINUSOID_DIM,
     """
     half = dim // 2
     freqs = torch.exp(-math.log(max_period) * torch.arange(half, device=s.device, dtype=s.dtype) / half)
-    angles = s[:, None] * freqs                                   # (B, dim/2)
+    angles = fast_jvp.scale(s[:, None], freqs)                    # (B, dim/2)
     return torch.cat([torch.cos(angles), torch.sin(angles)], dim=-1)
 
 
@@ -239,8 +269,8 @@ class ScalarEmbedder(nn.Module):
 
     def __init__(self, width: int):
         super().__init__()
-        self.fc1 = nn.Linear(SINUSOID_DIM, width)
-        self.fc2 = nn.Linear(width, width)
+        self.fc1 = Linear(SINUSOID_DIM, width)
+        self.fc2 = Linear(width, width)
         init_linear_(self.fc1, EMBED_INIT_SCALE)
         init_linear_(self.fc2, EMBED_INIT_SCALE)
 
@@ -264,6 +294,6 @@ class LabelEmbedder(nn.Module):
         return self.table(y)
 
 
-__all__ = ["RMSNorm", "rope_angles_2d", "apply_rope", "attention", "Attention", "SwiGLU", "Block",
+__all__ = ["FUSED_ATTENTION_DEVICES", "fused_attention_allowed", "Linear", "RMSNorm", "rope_angles_2d", "apply_rope", "attention", "Attention", "SwiGLU", "Block",
            "BottleneckPatchEmbed", "sinusoidal_features", "ScalarEmbedder", "LabelEmbedder",
            "swiglu_hidden", "init_linear_", "init_xavier_"]

@@ -1,0 +1,357 @@
+"""Ops whose forward-mode tangent costs what it should: a JVP at about the price of two forwards.
+
+Why this module exists. PyTorch's forward-mode AD (``torch.func.jvp`` and ``torch.autograd.forward_ad``)
+has three costs that the math does not:
+
+* every operand without a tangent -- a weight, a norm gain, a residual gate, a RoPE table, the ``eps``
+  of a norm -- gets a zero tangent that is differentiated anyway: ``x @ W.T`` runs a third GEMM
+  (``x @ 0``), and an elementwise op takes a slow zero-tangent path (0.3-0.9 ms whatever the size,
+  measured on one CPU thread);
+* under autograd the tangent formulas are recorded like any other op (a second graph, never used:
+  du/dt is stop-gradient in every pMF loss);
+* every tensor autograd saves for the backward keeps its tangent alive until the JVP is done, so
+  the forward holds two copies of its activations.
+
+Each op below is the plain torch op when no operand carries a tangent (a plain forward pays one
+cheap check), and otherwise a ``torch.autograd.Function`` with a ``jvp`` staticmethod: its value and
+gradient are the plain op's (the same kernels where PyTorch's own backward has them), its tangent is
+the op's derivative applied once, computed without autograd history, and it saves tangent-free
+(detached) tensors. Between them, the ops of the pMF ViT and the toy MLP leave nothing to the
+generic formulas but views, concatenations and residual additions.
+
+:func:`reference_ops` turns all of this off (plain torch everywhere, explicit attention, and the JVP
+through ``torch.func.jvp``): today's readable path, kept for tests and benchmarks.
+"""
+from __future__ import annotations
+
+import torch
+import torch.autograd.forward_ad as fwAD
+import torch.nn.functional as F
+
+_reference_ops = False
+
+
+class reference_ops:  # noqa: N801 -- a context manager, named like torch.no_grad
+    """``with reference_ops():`` every op here is the plain torch op even when a tangent is present,
+    attention is explicit matmul + softmax, and ``average_velocity_jvp`` defaults to ``torch.func.jvp``:
+    the reference path. Nests; restores the previous setting on exit."""
+
+    def __enter__(self) -> None:
+        global _reference_ops
+        self._previous, _reference_ops = _reference_ops, True
+
+    def __exit__(self, *exc_info) -> None:
+        global _reference_ops
+        _reference_ops = self._previous
+
+
+def reference_ops_active() -> bool:
+    """True inside :func:`reference_ops`."""
+    return _reference_ops
+
+
+def has_tangent(x: torch.Tensor) -> bool:
+    """True when ``x`` carries a forward-mode tangent of the current level (forward_ad or torch.func.jvp).
+
+    A plain forward (no dual level open) returns after one integer comparison.
+    """
+    # fwAD.unpack_dual makes the same check first, but costs ~1 us more per call in a plain forward.
+    if fwAD._current_level < 0:
+        return False
+    return fwAD.unpack_dual(x).tangent is not None
+
+
+def custom_jvp(*tensors: torch.Tensor) -> bool:
+    """Whether the custom-JVP ops run: some operand carries a tangent, outside :func:`reference_ops`."""
+    return not _reference_ops and any(has_tangent(x) for x in tensors)
+
+
+def _save(ctx, *tensors: torch.Tensor) -> None:
+    """Save tangent-free views for both backward and jvp (a saved dual tensor would keep its tangent)."""
+    detached = tuple(None if x is None else x.detach() for x in tensors)
+    ctx.save_for_backward(*detached)
+    ctx.save_for_forward(*detached)
+    # An absent tangent or gradient then arrives as None, not as a materialised zero tensor.
+    ctx.set_materialize_grads(False)
+
+
+def _plus(a: torch.Tensor | None, b: torch.Tensor | None) -> torch.Tensor | None:
+    return b if a is None else a if b is None else a + b
+
+
+# ----------------------------------------------------------------------------- linear
+
+class _Linear(torch.autograd.Function):
+    """``y = x W^T + b``; tangent ``dx W^T`` (one GEMM), plus the terms of a weight or bias tangent."""
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(x, weight, bias):
+        return F.linear(x, weight, bias)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        x, weight, bias = inputs
+        _save(ctx, x, weight)
+        ctx.has_bias = bias is not None
+
+    @staticmethod
+    def backward(ctx, grad):
+        if grad is None:
+            return None, None, None
+        x, weight = ctx.saved_tensors
+        grad_2d = grad.reshape(-1, grad.shape[-1])                                  # (N, out)
+        grad_x = grad_2d.mm(weight).reshape(x.shape) if ctx.needs_input_grad[0] else None
+        grad_w = grad_2d.t().mm(x.reshape(-1, x.shape[-1])) if ctx.needs_input_grad[1] else None  # (out, in)
+        grad_b = grad_2d.sum(0) if ctx.has_bias and ctx.needs_input_grad[2] else None
+        return grad_x, grad_w, grad_b
+
+    @staticmethod
+    def jvp(ctx, x_t, weight_t, bias_t):
+        x, weight = ctx.saved_tensors
+        with torch.no_grad():
+            tangent = None if x_t is None else F.linear(x_t, weight)
+            tangent = _plus(tangent, None if weight_t is None else F.linear(x, weight_t))
+            if bias_t is not None and tangent is None:
+                return bias_t.expand(x.shape[:-1] + bias_t.shape).clone()
+            return _plus(tangent, bias_t)
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``F.linear(x, weight, bias)``.  x: (..., in); weight: (out, in); bias: (out,) or None -> (..., out)."""
+    if custom_jvp(x, weight) or (bias is not None and custom_jvp(bias)):
+        return _Linear.apply(x, weight, bias)
+    return F.linear(x, weight, bias)
+
+
+# ----------------------------------------------------------------------------- scale by a tensor
+
+class _Scale(torch.autograd.Function):
+    """``y = x * w`` (w broadcast against x); tangent ``dx * w``, plus ``x * dw`` if w has one."""
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(x, weight):
+        return x * weight
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        _save(ctx, *inputs)
+
+    @staticmethod
+    def backward(ctx, grad):
+        if grad is None:
+            return None, None
+        x, weight = ctx.saved_tensors
+        grad_x = (grad * weight).sum_to_size(x.shape) if ctx.needs_input_grad[0] else None
+        grad_w = (grad * x).sum_to_size(weight.shape) if ctx.needs_input_grad[1] else None
+        return grad_x, grad_w
+
+    @staticmethod
+    def jvp(ctx, x_t, weight_t):
+        x, weight = ctx.saved_tensors
+        with torch.no_grad():
+            return _plus(None if x_t is None else x_t * weight, None if weight_t is None else x * weight_t)
+
+
+def scale(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """``x * weight`` for a weight broadcast against x (a norm gain, a residual gate, a frequency table)."""
+    if custom_jvp(x, weight):
+        return _Scale.apply(x, weight)
+    return x * weight
+
+
+# ----------------------------------------------------------------------------- rotation of channel pairs
+
+def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    pairs = x.unflatten(-1, (-1, 2))        # (..., L, d/2, 2)
+    a, b = pairs[..., 0], pairs[..., 1]     # (..., L, d/2)
+    return torch.stack([a * cos - b * sin, a * sin + b * cos], dim=-1).flatten(-2).to(x.dtype)
+
+
+class _RotatePairs(torch.autograd.Function):
+    """Rotation by fixed angles is linear in x: the tangent is the rotated tangent, the gradient the
+    gradient rotated back (the transpose of a rotation)."""
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(x, cos, sin):
+        return _rotate(x, cos, sin)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        _save(ctx, inputs[1], inputs[2])
+
+    @staticmethod
+    def backward(ctx, grad):
+        if grad is None:
+            return None, None, None
+        cos, sin = ctx.saved_tensors
+        return _rotate(grad, cos, -sin), None, None
+
+    @staticmethod
+    def jvp(ctx, x_t, cos_t, sin_t):
+        cos, sin = ctx.saved_tensors
+        with torch.no_grad():
+            return _rotate(x_t, cos, sin)
+
+
+def rotate_pairs(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate channel pairs ``(a, b) = (x[..., 2i], x[..., 2i+1]) -> (a cos - b sin, a sin + b cos)`` by
+    fixed, untrained angles (RoPE).  x: (..., L, d); cos, sin: (L, d / 2) -> (..., L, d), dtype of x."""
+    if custom_jvp(x):
+        return _RotatePairs.apply(x, cos, sin)
+    return _rotate(x, cos, sin)
+
+
+# ----------------------------------------------------------------------------- RMS normalisation
+
+def _rms_inverse(x: torch.Tensor, eps: float) -> torch.Tensor:
+    return torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)                  # (..., 1)
+
+
+class _RMSNormalize(torch.autograd.Function):
+    """``y = x rs``, ``rs = (mean(x^2) + eps)^(-1/2)``; the backward is autograd's own chain
+    (mul, rsqrt, add, mean, pow) written out in the same order, so it matches to the bit."""
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(x, eps):
+        rs = _rms_inverse(x, eps)
+        return x * rs, rs                  # rs is returned to be saved, not recomputed
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.mark_non_differentiable(output[1])
+        _save(ctx, inputs[0], output[1])
+
+    @staticmethod
+    def backward(ctx, grad, grad_rs_output):
+        if grad is None:
+            return None, None
+        x, rs = ctx.saved_tensors
+        grad_rs = (grad * x).sum_to_size(rs.shape)                  # mul
+        grad_mean = -0.5 * grad_rs * rs.pow(3)                      # rsqrt (the add of eps passes it on)
+        grad_square = grad_mean.expand(x.shape) / x.shape[-1]       # mean
+        return grad * rs + grad_square * (2.0 * x), None            # mul + pow
+
+    @staticmethod
+    def jvp(ctx, x_t, eps_t):
+        x, rs = ctx.saved_tensors
+        with torch.no_grad():
+            # d rs = -rs^3 mean(x dx)
+            return x_t * rs - x * (rs.pow(3) * (x * x_t).mean(-1, keepdim=True)), None
+
+
+def rms_normalize(x: torch.Tensor, eps: float) -> torch.Tensor:
+    """``x / sqrt(mean(x^2, -1) + eps)`` over the last dim (RMSNorm without its gain).  x: (..., W)."""
+    if custom_jvp(x):
+        return _RMSNormalize.apply(x, eps)[0]
+    return x * _rms_inverse(x, eps)
+
+
+# ----------------------------------------------------------------------------- attention
+
+def _attention_weights(q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+    scores = (q @ k.transpose(-2, -1)) * (q.shape[-1] ** -0.5)                 # (..., L, L)
+    return scores.float().softmax(dim=-1) if scores.dtype != torch.float64 else scores.softmax(dim=-1)
+
+
+class _SoftmaxAttention(torch.autograd.Function):
+    """``O = P v``, ``P = softmax(q k^T s)``, s = d^(-1/2). Tangent: ``dS = (dq k^T + q dk^T) s``,
+    ``dP = P (dS - rowsum(P dS))``, ``dO = dP v + P dv``; backward as autograd's (bmm, softmax)."""
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(q, k, v):
+        weights = _attention_weights(q, k)
+        return weights.to(v.dtype) @ v, weights   # the weights are returned to be saved, not recomputed
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.mark_non_differentiable(output[1])
+        _save(ctx, *inputs, output[1])
+
+    @staticmethod
+    def backward(ctx, grad, grad_weights_output):
+        if grad is None:
+            return None, None, None
+        q, k, v, weights = ctx.saved_tensors
+        weights_v = weights.to(v.dtype)
+        grad_v = weights_v.transpose(-2, -1) @ grad if ctx.needs_input_grad[2] else None
+        # matmul copies a non-contiguous v before its bmm; the same layout gives autograd's bits
+        grad_weights = (grad @ v.contiguous().transpose(-2, -1)).to(weights.dtype)
+        grad_scores = torch.ops.aten._softmax_backward_data(grad_weights, weights, -1, weights.dtype)
+        grad_scores = (grad_scores.to(q.dtype) * (q.shape[-1] ** -0.5))
+        grad_q = grad_scores @ k if ctx.needs_input_grad[0] else None
+        grad_k = (q.transpose(-2, -1) @ grad_scores).transpose(-2, -1) if ctx.needs_input_grad[1] else None
+        return grad_q, grad_k, grad_v
+
+    @staticmethod
+    def jvp(ctx, q_t, k_t, v_t):
+        q, k, v, weights = ctx.saved_tensors
+        with torch.no_grad():
+            scores_t = _plus(None if q_t is None else q_t @ k.transpose(-2, -1),
+                             None if k_t is None else q @ k_t.transpose(-2, -1))
+            output_t = None if v_t is None else weights.to(v.dtype) @ v_t
+            if scores_t is None:
+                return output_t, None
+            scores_t = (scores_t * (q.shape[-1] ** -0.5)).to(weights.dtype)
+            weights_t = weights * (scores_t - (weights * scores_t).sum(-1, keepdim=True))
+            return _plus(weights_t.to(v.dtype) @ v, output_t), None
+
+
+def softmax_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """``softmax(q k^T / sqrt(d)) v`` as explicit matmul + softmax, the softmax in float32 (float64
+    stays float64).  q, k, v: (..., L, d) -> (..., L, d)."""
+    if custom_jvp(q, k, v):
+        return _SoftmaxAttention.apply(q, k, v)[0]
+    return _attention_weights(q, k).to(v.dtype) @ v
+
+
+# ----------------------------------------------------------------------------- gated activation
+
+class _SiluMul(torch.autograd.Function):
+    """``y = silu(a) b``; tangent ``silu'(a) da b + silu(a) db``; backward as autograd's (silu_backward)."""
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(a, b):
+        return F.silu(a) * b
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        _save(ctx, *inputs)
+
+    @staticmethod
+    def backward(ctx, grad):
+        if grad is None:
+            return None, None
+        a, b = ctx.saved_tensors
+        grad_a = torch.ops.aten.silu_backward(grad * b, a) if ctx.needs_input_grad[0] else None
+        grad_b = grad * F.silu(a) if ctx.needs_input_grad[1] else None
+        return grad_a, grad_b
+
+    @staticmethod
+    def jvp(ctx, a_t, b_t):
+        a, b = ctx.saved_tensors
+        with torch.no_grad():
+            return _plus(None if a_t is None else torch.ops.aten.silu_backward(a_t, a) * b,
+                         None if b_t is None else F.silu(a) * b_t)
+
+
+def silu_mul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``silu(a) * b`` (the SwiGLU gate).  a, b: same shape."""
+    if custom_jvp(a, b):
+        return _SiluMul.apply(a, b)
+    return F.silu(a) * b
+
+
+__all__ = ["reference_ops", "reference_ops_active", "has_tangent", "custom_jvp", "linear", "scale",
+           "rotate_pairs", "rms_normalize", "softmax_attention", "silu_mul"]
