@@ -31,6 +31,8 @@ SIXTEEN_BIT_MAX = 65535.0
 """Full scale of 16-bit images (PIL modes ``I;16*``; mode ``I`` is read as 16-bit too, as PNG decoders give it)."""
 ALPHA_BACKGROUND = (255, 255, 255)
 """Transparent pixels are composited over white (what an image viewer shows), not dropped to their hidden RGB."""
+MAX_SKIPPED_IN_A_ROW = 16
+"""Unreadable files tried in a row before giving up: a few broken files are skipped, a wrong folder is an error."""
 UNREADABLE_ERRORS = (OSError, ValueError, SyntaxError, Image.DecompressionBombError)
 """What PIL raises for a truncated, corrupt or non-image file (UnidentifiedImageError is an OSError)."""
 
@@ -124,7 +126,7 @@ class ImageFolderDataset(Dataset):
 
     Raises:
         FileNotFoundError: ``root`` is missing, or no class folder holds an image.
-        UnreadableImageError: no image of the folder can be read.
+        UnreadableImageError: ``MAX_SKIPPED_IN_A_ROW`` files in a row cannot be read.
     """
 
     def __init__(self, root: str | os.PathLike, resolution: int, channels: int = 3):
@@ -150,13 +152,14 @@ class ImageFolderDataset(Dataset):
 
     def read(self, index: int) -> tuple[Image.Image, int]:
         """(center-cropped RGB image, label) of item ``index``, skipping unreadable files (see the class)."""
-        for offset in range(len(self.samples)):
+        for offset in range(min(MAX_SKIPPED_IN_A_ROW, len(self.samples))):
             path, label = self.samples[(index + offset) % len(self.samples)]
             try:
                 return center_crop_arr(open_rgb(path), self.resolution), label
             except UnreadableImageError as error:
                 warnings.warn(f"skipping it: {error}", stacklevel=2)
-        raise UnreadableImageError(f"no image under {self.root!r} can be read")
+        raise UnreadableImageError(f"{min(MAX_SKIPPED_IN_A_ROW, len(self.samples))} images in a row from "
+                                   f"{self.samples[index][0]!r} cannot be read: is {self.root!r} an image folder?")
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
         image, label = self.read(index)

@@ -270,7 +270,10 @@ def main_ref_stats(argv: list[str]) -> None:
         sys.exit(f"error: {error}")
     except (InceptionWeightsError, UnreadableImageError) as error:
         parser.error(str(error))
-    save_statistics(cfg.out, mu, sigma, num=np.array(num), resolution=np.array(cfg.resolution))
+    try:
+        save_statistics(cfg.out, mu, sigma, num=np.array(num), resolution=np.array(cfg.resolution))
+    except OSError as error:
+        sys.exit(f"error: writing --out {cfg.out} failed: {error}")
     print(f"wrote mu, sigma of {num} images ({cfg.resolution} px) to {cfg.out}")
 
 
@@ -316,7 +319,10 @@ def main(argv: list[str] | None = None) -> None:
     print(f"samples {metrics['num']}  FID {metrics['fid']:.3f}  IS {metrics['is_mean']:.2f} ± {metrics['is_std']:.2f}")
     if args.json:
         record = {**metrics, "samples": args.samples, "ref": args.ref}
-        atomic_write(Path(args.json), lambda file: file.write(json.dumps(record, indent=2).encode()))
+        try:
+            atomic_write(Path(args.json), lambda file: file.write(json.dumps(record, indent=2).encode()))
+        except OSError as error:   # a full disk: the printed line above still has the numbers
+            sys.exit(f"error: writing --json {args.json} failed: {error}")
 
 
 if __name__ == "__main__":

@@ -196,6 +196,8 @@ def main(argv: list[str] | None = None) -> None:
                on_row=on_row)
     except (CheckpointError, NonFiniteSamplesError) as error:   # finished rows are saved already
         parser.error(f"--ckpt: {error}")
+    except OSError as error:   # writing --out failed (a full disk): the printed rows above are the record
+        sys.exit(f"error: writing --out {args.out} failed: {error}")
     print("\n" + format_table(rows))
 
 

@@ -23,6 +23,7 @@ import dataclasses
 import json
 import math
 import re
+import sys
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -450,6 +451,9 @@ def main(argv: list[str] | None = None) -> None:
         out = sample_to_folder(model, cfg, rank=rank, world_size=world_size, extra_info=extra)
     except (OutputExistsError, NonFiniteSamplesError) as error:
         parser.error(str(error))
+    except OSError as error:   # a full disk or a vanished folder: one line, not a traceback
+        print(f"{parser.prog}: error: writing samples to {args.out} failed: {error}", file=sys.stderr)
+        raise SystemExit(1) from None
     if rank == 0:
         weights = "released weights" if ema is None else f"EMA {ema}"
         print(f"wrote {num} samples (omega {cfg.omega}, interval [{t_min}, {t_max}], {weights}) to {out}")

@@ -317,3 +317,17 @@ def test_sigterm_from_outside_saves_and_exits_143(tmp_path):
     assert "stopped by SIGTERM" in stderr and "Traceback" not in stderr
     state = read_checkpoint_file(out / "checkpoint.pt")
     assert state["step"] == _steps(log)[-1] and _steps(log) == list(range(1, state["step"] + 1))
+
+
+def test_unreadable_image_in_data_is_skipped_with_a_warning_naming_it(tmp_path, capsys):
+    import numpy as np
+    from PIL import Image
+
+    (tmp_path / "data" / "cat").mkdir(parents=True)
+    for index in range(3):
+        Image.fromarray(np.full((20, 24, 3), 60 * index, np.uint8)).save(tmp_path / "data" / "cat" / f"{index}.png")
+    (tmp_path / "data" / "cat" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n then nothing")
+    argv = [*TINY, "--data", tmp_path / "data", "--batch-size", "2", "--steps", "2", "--out", tmp_path / "run"]
+    with pytest.warns(UserWarning, match="broken.png"):                      # 4 images, 2 x 2: every file is read
+        assert run_cli(argv, capsys)[0] == 0
+    assert _steps(tmp_path / "run" / "log.jsonl") == [1, 2]

@@ -173,7 +173,8 @@ def test_quick_mode_writes_every_experiment(classifier_dir, tmp_path, evaluator)
         assert len(written["rows"]) == sum(len(spec.omegas) for _, spec in arms)
         assert "held-out real digits (floor)" in (tmp_path / f"{name}.md").read_text()
         for key, value in evaluator.floor(16).items():
-            assert written["floor"][key] == pytest.approx(value, rel=1e-6, abs=1e-9)   # any resolution
+            # any resolution: the float32 pseudo-inverse round trip at 64 px moves the Frechet distance ~2e-6
+            assert written["floor"][key] == pytest.approx(value, rel=1e-5, abs=1e-9)
     # the pMF baseline arm is trained once and shared by all four experiments
     assert len(list((tmp_path / "runs").iterdir())) == 13
     baseline = [json.loads((tmp_path / f"{name}.json").read_text())["rows"][0] for name in ("optimizer", "sampler")]
