@@ -1,0 +1,151 @@
+"""Exported inference weights (full/export.py): round trips in both layouts, the config, CLI errors.
+
+Oracles: the checkpoint's own model (``full.checkpoint.load_model``) -- an exported and reloaded
+network must give bit-identical outputs -- and the authors'-layout loader of full.official.
+"""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from full import export as X
+from full.checkpoint import load_checkpoint, load_model, save_checkpoint
+from full.data import SyntheticDataset
+from full.model import PRESETS, build_model, make_cond
+from full.official import load_official_state_dict
+from full.train import TrainConfig, train
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+EMA = "1"
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    """A real 2-step pMF-T/2 run (10 classes, EMAs 0.5 and 1 kimg)."""
+    out = tmp_path_factory.mktemp("run") / "run"
+    cfg = TrainConfig(preset="pMF-T/2", num_classes=10, batch_size=8, steps=2, perceptual="none", out=str(out),
+                      ckpt_every=1000, log_every=1, ema_half_lives_kimg=(0.5, 1.0), device="cpu", num_workers=0)
+    train(cfg, SyntheticDataset(16, 16, num_classes=10, seed=1), progress=False)
+    return out / "checkpoint.pt"
+
+
+def _outputs(model: torch.nn.Module) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(0)
+    z = torch.randn(3, 3, 16, 16, generator=generator)
+    with torch.no_grad():
+        return model.forward_u(z, torch.zeros(3), torch.ones(3), make_cond(torch.tensor([0, 4, 9]), 2.0, 0.1, 0.7))
+
+
+def test_export_round_trip_gives_the_checkpoint_network(checkpoint, tmp_path):
+    out = tmp_path / "model.safetensors"
+    config = X.export(checkpoint, out, ema=EMA)
+    reference = load_model(checkpoint, EMA)
+    state = load_file(str(out))
+    assert set(state) == set(reference.state_dict()) and not any(name.startswith("v_head.") for name in state)
+    assert all(torch.equal(state[name], tensor) for name, tensor in reference.state_dict().items())
+    model, loaded = X.load_exported(out)
+    assert torch.equal(_outputs(model), _outputs(reference)) and not model.training
+    assert loaded == config == json.loads(X.config_path(out).read_text())
+    saved = load_checkpoint(checkpoint)
+    assert config["model"] == {"preset": "pMF-T/2", "num_classes": 10, "v_head": False}
+    assert (config["ema"], config["step"], config["images_seen"]) == (EMA, 2, 16)
+    assert config["parameters"] == sum(p.numel() for p in reference.parameters())
+    preset = PRESETS["pMF-T/2"]
+    assert config["sampling"] == {"omega": preset["sample_omega"], "t_min": preset["sample_t_min"],
+                                  "t_max": preset["sample_t_max"]}
+    assert config["prediction"] == saved["config"]["train"]["prediction"] == "x"
+    assert out.stat().st_size < checkpoint.stat().st_size / 3          # no v-head, optimiser or other EMAs
+
+
+def test_export_raw_weights_are_the_trained_model(checkpoint, tmp_path):
+    X.export(checkpoint, tmp_path / "raw.safetensors", ema="raw")
+    trained = load_checkpoint(checkpoint)["model"]
+    state = load_file(str(tmp_path / "raw.safetensors"))
+    assert state and all(torch.equal(tensor, trained[name]) for name, tensor in state.items())
+    assert not any(name.startswith("v_head.") for name in state)
+
+
+def test_safetensors_file_alone_carries_its_config(checkpoint, tmp_path):
+    out = tmp_path / "model.safetensors"
+    config = X.export(checkpoint, out, ema=EMA)
+    X.config_path(out).unlink()
+    model, loaded = X.load_exported(out)
+    assert loaded == config and torch.equal(_outputs(model), _outputs(load_model(checkpoint, EMA)))
+
+
+@pytest.mark.parametrize("suffix", [".pt", ".safetensors"])
+def test_official_layout_loads_with_the_authors_loader(checkpoint, tmp_path, suffix):
+    out = tmp_path / f"pMF-T-2{suffix}"
+    X.export(checkpoint, out, ema=EMA, layout="official")
+    state = load_file(str(out)) if suffix == ".safetensors" else torch.load(out, weights_only=True)
+    assert all(name.startswith("net.") for name in state) and "net.rope_freqs" in state
+    assert not any(name.startswith(("net.v_heads.", "net.v_final_layer.")) for name in state)
+    theirs = build_model("pMF-T/2", num_classes=10, v_head=False)
+    load_official_state_dict(theirs, state, source=str(out))
+    reference = _outputs(load_model(checkpoint, EMA))
+    assert torch.equal(_outputs(theirs.eval()), reference)
+    model, config = X.load_exported(out)
+    assert config["layout"] == "official" and torch.equal(_outputs(model), reference)
+    assert X.is_export(out)
+
+
+def test_load_exported_refuses_broken_files(checkpoint, tmp_path):
+    out = tmp_path / "model.safetensors"
+    X.export(checkpoint, out, ema=EMA)
+    (tmp_path / "cut.safetensors").write_bytes(out.read_bytes()[:100])
+    with pytest.raises(X.ExportError, match="cut.safetensors"):
+        X.load_exported(tmp_path / "cut.safetensors")
+    with pytest.raises(X.ExportError, match="does not exist"):
+        X.load_exported(tmp_path / "absent.safetensors")
+    official = tmp_path / "official.pt"
+    X.export(checkpoint, official, ema=EMA, layout="official")
+    X.config_path(official).unlink()
+    assert not X.is_export(official)
+    with pytest.raises(X.ExportError, match="official.json"):
+        X.load_exported(official)
+
+
+@pytest.fixture
+def nan_checkpoint(checkpoint, tmp_path):
+    state = load_checkpoint(checkpoint)
+    state["ema"][EMA]["pos_embed"][0, 0, 0] = float("nan")
+    return save_checkpoint(tmp_path / "diverged.pt", state)
+
+
+@pytest.mark.parametrize("argv_tail, message", [
+    (["--out", "model.bin"], "--out"),
+    (["--out", "model.pt"], "--format official"),
+    (["--out", "model.safetensors"], "EMA"),                  # the preset's 2000 is not in this short run
+    (["--out", "model.safetensors", "--ema", "7"], "['0.5', '1']"),
+    (["--out", "model.safetensors", "--ema", "abc"], "--ema"),
+    (["--out", "exists.safetensors", "--ema", EMA], "--force"),
+])
+def test_cli_bad_input_one_line_error(checkpoint, argv_tail, message, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "exists.safetensors").write_bytes(b"")
+    with pytest.raises(SystemExit) as exit_info:
+        X.main([str(checkpoint), *argv_tail])
+    assert exit_info.value.code == 2
+    error = capsys.readouterr().err.strip().splitlines()[-1]
+    assert message in error and "Traceback" not in error
+
+
+def test_cli_refuses_missing_and_diverged_checkpoints(nan_checkpoint, tmp_path, capsys):
+    for ckpt, message in ((tmp_path / "absent.pt", "CKPT"), (nan_checkpoint, "NaN")):
+        with pytest.raises(SystemExit) as exit_info:
+            X.main([str(ckpt), "--ema", EMA, "--out", str(tmp_path / "model.safetensors")])
+        assert exit_info.value.code == 2
+        assert message in capsys.readouterr().err.strip().splitlines()[-1]
+    assert not (tmp_path / "model.safetensors").exists()
+
+
+def test_cli_writes_weights_and_config(checkpoint, tmp_path, capsys):
+    X.main([str(checkpoint), "--ema", EMA, "--out", str(tmp_path / "model.safetensors")])
+    assert (tmp_path / "model.safetensors").is_file() and (tmp_path / "model.json").is_file()
+    assert "parameters" in capsys.readouterr().out
+    X.main([str(checkpoint), "--ema", "raw", "--out", str(tmp_path / "model.safetensors"), "--force"])
+    assert json.loads((tmp_path / "model.json").read_text())["ema"] == "raw"
