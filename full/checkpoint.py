@@ -98,8 +98,9 @@ def remove_stale_temp_files(folder: str | os.PathLike, name: str = "checkpoint.p
 
 
 def _first_line(error: BaseException) -> str:
+    """The first sentence of an error message (torch's run on for lines)."""
     text = str(error).strip()
-    return text.splitlines()[0] if text else type(error).__name__
+    return text.splitlines()[0].split(". ")[0] if text else type(error).__name__
 
 
 def read_checkpoint_file(path: str | os.PathLike, map_location: str | torch.device = "cpu", *,

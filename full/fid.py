@@ -281,9 +281,10 @@ def unwritable_reason(path: str | os.PathLike, *, folder: bool) -> str | None:
     path = Path(path)
     if not folder and path.is_dir():
         return f"{str(path)!r} is a folder, expected a file name"
-    if folder and path.exists() and not path.is_dir():
-        return f"{str(path)!r} exists and is not a folder"
     target = path if folder else path.parent
+    blocker = next((parent for parent in (target, *target.parents) if parent.exists()), None)
+    if blocker is not None and not blocker.is_dir():
+        return f"{str(blocker)!r} is a file, not a folder"
     try:
         target.mkdir(parents=True, exist_ok=True)
         handle, probe = tempfile.mkstemp(dir=target, prefix=".write-probe-")
@@ -304,8 +305,9 @@ def open_npz(path: str | os.PathLike):
     try:
         data = np.load(path, allow_pickle=False)
     except (OSError, ValueError, EOFError, zipfile.BadZipFile) as error:
-        raise ValueError(f"{str(path)!r} is not a readable .npz file ({type(error).__name__}: "
-                         f"{str(error).splitlines()[0] if str(error) else 'no detail'})") from None
+        detail = ("it holds pickled Python objects, refused: loading them could run code" if "pickle" in str(error)
+                  else f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else 'no detail'}")
+        raise ValueError(f"{str(path)!r} is not a readable .npz file ({detail})") from None
     if not isinstance(data, np.lib.npyio.NpzFile):
         raise ValueError(f"{str(path)!r} is a single .npy array, expected an .npz archive")
     return data

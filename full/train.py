@@ -509,7 +509,9 @@ def main(argv: list[str] | None = None) -> None:
         del saved
     try:
         result = train(cfg)
-    except (UsageError, CheckpointError, UnreadableImageError, FileNotFoundError) as error:
+    except CheckpointError as error:
+        fail(f"--resume: {error}", EXIT_USAGE)
+    except (UsageError, UnreadableImageError, FileNotFoundError) as error:
         fail(str(error), EXIT_USAGE)        # a setting, file or folder to fix: one line, nothing trained
     except DivergenceError as error:
         fail(str(error), EXIT_DIVERGED)

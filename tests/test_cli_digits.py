@@ -13,7 +13,7 @@ BAD_INPUTS = [   # (name, argv builder (tmp), text of the one error line)
     ("negative lr", lambda t: ["sampler", "--lr", "-1", "--out", t], "--lr must be > 0"),
     ("one sample per class", lambda t: ["guidance", "--per-class", "1", "--out", t], "--per-class must be >= 2"),
     ("unknown experiment", lambda t: ["nope", "--out", t], "invalid choice"),
-    ("--out under a file", lambda t: ["sampler", "--out", _file(t) / "runs"], "--out: cannot write"),
+    ("--out under a file", lambda t: ["sampler", "--out", _file(t) / "runs"], "is a file, not a folder"),
 ]
 
 

@@ -112,7 +112,7 @@ BAD_OTHER = [   # (name, extra flags builder (tmp, weights), text of the one err
     ("foreign --inception-weights", lambda t, w: ["--inception-weights", _torch_file(t / "w.pth", {"a": torch.ones(2)})],
      "does not fit torch-fidelity's Inception-v3"),
     ("pickle in --inception-weights", lambda t, w: ["--inception-weights", _planted(t)], "refused: it holds Python"),
-    ("--json under a file", lambda t, w: ["--json", _write(t / "f", b"x") / "m.json"], "--json: cannot write"),
+    ("--json under a file", lambda t, w: ["--json", _write(t / "f", b"x") / "m.json"], "is a file, not a folder"),
     ("--json is a folder", lambda t, w: ["--json", t], "is a folder"),
 ]
 
@@ -138,7 +138,7 @@ def test_ref_stats_checks_its_output_before_reading_images(files, weights, capsy
     (files / "f").write_text("x")
     code, errors = run_cli(["ref-stats", "--data", files / "data", "--resolution", "8", "--out", files / "f" / "r.npz",
                             "--inception-weights", weights, "--no-progress"], capsys)
-    assert code == 2 and len(errors) == 1 and "--out: cannot write" in errors[0]
+    assert code == 2 and len(errors) == 1 and "is a file, not a folder" in errors[0]
 
 
 def test_ref_stats_skips_an_unreadable_image_with_a_warning(files, weights, capsys):

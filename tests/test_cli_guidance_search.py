@@ -60,7 +60,7 @@ BAD_INPUTS = [   # (name, flags builder (tmp), text of the one error line)
     ("planted pickle", lambda t: ["--ckpt", _planted(t)], "refused: it holds Python objects"),
     ("NaN EMA", lambda t: ["--ckpt", _nan_checkpoint(t)], "EMA 500 hold NaN or inf"),
     ("garbage --ref", lambda t: ["--ref", _write(t / "r.npz", b"nonsense" * 10)], "not a readable .npz"),
-    ("--out under a file", lambda t: ["--out", _write(t / "f", b"x") / "search.json"], "--out: cannot write"),
+    ("--out under a file", lambda t: ["--out", _write(t / "f", b"x") / "search.json"], "is a file, not a folder"),
     ("empty --inception-weights", lambda t: ["--inception-weights", t / "weights.pth"], "is empty (0 bytes)"),
 ]
 

@@ -107,7 +107,7 @@ BAD_INPUTS = [   # (name, argv builder (tmp_path, checkpoint), text the one erro
     ("weights that explode", lambda t, c: ["--ckpt", _exploding_checkpoint(t), "--out", t / "o"],
      "the network returned NaN or inf"),
     ("absent EMA", lambda t, c: ["--ckpt", c, "--ema", "500", "--out", t / "o"], "available EMAs"),
-    ("--out under a file", lambda t, c: ["--ckpt", c, "--out", _file(t, "f", b"x") / "o"], "--out: cannot write"),
+    ("--out under a file", lambda t, c: ["--ckpt", c, "--out", _file(t, "f", b"x") / "o"], "is a file, not a folder"),
     ("--out holds samples", lambda t, c: ["--ckpt", c, "--out", _earlier_samples(t)], "pass --overwrite"),
     ("--preset with --ckpt", lambda t, c: ["--ckpt", c, "--preset", PRESET, "--out", t / "o"],
      "--preset applies only to --official-ckpt"),

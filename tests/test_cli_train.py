@@ -92,7 +92,7 @@ BAD_INPUTS = [   # (name, argv builder, exit code, text the one error line must 
     ("empty data folder", lambda t, f: [*TINY, "--data", _empty_classes(t), "--out", t / "o"], 2, "holds no images"),
     ("batch larger than the data", lambda t, f: [*TINY, "--batch-size", "2000", "--out", t / "o"], 2,
      "fewer than one global batch"),
-    ("--out under a file", lambda t, f: [*TINY, "--out", _file(t) / "run"], 2, "--out: cannot write"),
+    ("--out under a file", lambda t, f: [*TINY, "--out", _file(t) / "run"], 2, "is a file, not a folder"),
     ("--out holds a run", lambda t, f: [*TINY, "--steps", "4", "--out", f], 2, "already holds checkpoint.pt"),
     ("missing --resume file", lambda t, f: ["--resume", t / "absent.pt"], 2, "--resume"),
     ("--steps at the checkpoint's step", lambda t, f: ["--resume", f / "checkpoint.pt", "--steps", "2"], 2,
