@@ -11,7 +11,7 @@ settings. A ``.safetensors`` file also carries that config in its metadata, so i
 Layouts (``--format``):
   ours      our parameter names (``PMFViT.state_dict()`` without ``v_head.*``);
   official  the authors' released layout (``net.*`` keys and ``net.rope_freqs``, full.official),
-            as ``.pt`` (their file type; ``full.official.load_official_checkpoint`` reads it) or
+            as ``.pt`` (their file type: ``python -m full.sample --official-ckpt`` reads it too) or
             ``.safetensors``.
 Both load back with :func:`load_exported`, which is what full.sample uses for an exported file.
 """
