@@ -33,12 +33,18 @@ import torch
 
 CHECKPOINT_FORMAT = 2
 """2: weights-only safe (RNG states as tensors). Files of format 1 held numpy arrays and are refused."""
+CHECKPOINT_NAME, LOG_NAME = "checkpoint.pt", "log.jsonl"
+"""The two files of a run folder (``full.train --out``)."""
 TEMP_PREFIX = ".tmp-"
 """Prefix of the temporary file written next to the final one; renamed over it once complete."""
 
 
 class CheckpointError(ValueError):
     """A checkpoint file that cannot be used; the one-line message names the file and what is wrong."""
+
+
+class RunFolderError(ValueError):
+    """A run folder that cannot be used as asked (not writable, or holding another run); names it."""
 
 
 class CheckpointWriteError(OSError):
@@ -283,6 +289,56 @@ def truncate_log(path: str | os.PathLike, step: int) -> int:
     if kept != lines:
         atomic_write(path, lambda file: file.write("".join(line + "\n" for line in kept).encode()))
     return len(lines) - len(kept)
+
+
+def continues_in_place(out: str | os.PathLike, resume: str | None) -> bool:
+    """True when ``resume`` is ``out/checkpoint.pt`` itself (the run goes on in its own folder)."""
+    target = Path(out) / CHECKPOINT_NAME
+    return resume is not None and target.exists() and os.path.samefile(resume, target)
+
+
+def check_run_folder(out: str | os.PathLike, *, resume: str | None, overwrite: bool,
+                     check_writable: bool = True) -> None:
+    """Refuse (RunFolderError) an unwritable ``out``, or one holding another run's checkpoint / log.
+
+    Continuing is allowed only when ``resume`` is ``out/checkpoint.pt`` itself; ``overwrite`` lets a new
+    run replace an old one (its files are deleted by :func:`reset_run_folder`, after every other check).
+    Only reads (and a probe file), so every rank can run it.
+    """
+    from .fid import unwritable_reason
+
+    out = Path(out)
+    problem = unwritable_reason(out, folder=True) if check_writable else None
+    if problem:
+        raise RunFolderError(f"--out: {problem}")
+    existing = [name for name in (CHECKPOINT_NAME, LOG_NAME) if (out / name).exists()]
+    if not existing or overwrite or continues_in_place(out, resume):
+        return
+    names = " and ".join(existing)
+    if resume is None:
+        raise RunFolderError(f"--out {str(out)!r} already holds {names} of an earlier run; pass --resume "
+                             f"{out / CHECKPOINT_NAME} to continue it, --overwrite to delete them and start "
+                             f"over, or another --out")
+    raise RunFolderError(f"--out {str(out)!r} already holds {names} of another run than --resume {resume!r}; "
+                         f"pass --overwrite to replace them, or another --out")
+
+
+def reset_run_folder(out: str | os.PathLike, *, resume: str | None, overwrite: bool, resumed_step: int) -> None:
+    """After every check passed (rank 0 only): delete the temp files of an interrupted save; when
+    continuing in place, cut the log back to ``resumed_step`` (each logged step then appears exactly
+    once); with ``overwrite``, delete the earlier run's checkpoint and log."""
+    out = Path(out)
+    stale = remove_stale_temp_files(out, CHECKPOINT_NAME)
+    if stale:
+        print(f"removed {len(stale)} temp file(s) of an interrupted checkpoint save in {out}", file=sys.stderr)
+    if continues_in_place(out, resume):
+        dropped = truncate_log(out / LOG_NAME, resumed_step)
+        if dropped:
+            print(f"{out / LOG_NAME}: dropped {dropped} line(s) past the checkpoint's step {resumed_step} "
+                  f"(they are trained again)", file=sys.stderr)
+    elif overwrite:
+        for name in (CHECKPOINT_NAME, LOG_NAME):
+            (out / name).unlink(missing_ok=True)
 
 
 class StopOnSignal:

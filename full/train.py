@@ -26,7 +26,6 @@ import dataclasses
 import functools
 import json
 import math
-import os
 import random
 import signal
 import sys
@@ -42,11 +41,11 @@ from tqdm import tqdm
 
 import pmf_ref as P
 
-from .checkpoint import (CHECKPOINT_FORMAT, CheckpointError, StopOnSignal, capture_rng_state, load_checkpoint,
-                         remove_stale_temp_files, require_keys, restore_rng_state, save_checkpoint, truncate_log)
+from .checkpoint import (CHECKPOINT_FORMAT, CHECKPOINT_NAME, LOG_NAME, CheckpointError, RunFolderError, StopOnSignal,
+                         capture_rng_state, check_run_folder, load_checkpoint, require_keys, reset_run_folder,
+                         restore_rng_state, save_checkpoint)
 from .data import ImageFolderDataset, SyntheticDataset, UnreadableImageError, infinite_batches
 from .distributed import barrier, init_distributed, mean_over_ranks, world_size_from_env
-from .fid import unwritable_reason
 from .ema import EMASet
 from .model import PRESETS, build_model
 from .optim import build_optimizer
@@ -59,7 +58,6 @@ PERCEPTUAL_CHOICES = ("none", "lpips", "lpips+convnext")
 MODEL_OVERRIDE_FIELDS = ("num_classes", "channels", "resolution", "patch")
 LOGGED_TERMS = ("loss", "loss_u", "loss_v", "raw_u", "raw_v", "lpips", "convnext")
 SYNTHETIC_SIZE = 1024   # images in ``--data synthetic``
-CHECKPOINT_NAME, LOG_NAME = "checkpoint.pt", "log.jsonl"
 EXIT_USAGE, EXIT_FAILED, EXIT_DIVERGED = 2, 1, 3
 RESUME_FIXED = ("preset", *MODEL_OVERRIDE_FIELDS, "batch_size", "seed", "optimizer", "prediction", "time_sampler",
                 "guidance", "ema_half_lives_kimg", "perceptual", "perceptual_pretrained", "convnext_arch",
@@ -129,7 +127,7 @@ def flag_of(field: str) -> str:
 
 
 def check_config(cfg: TrainConfig, world_size: int = 1) -> None:
-    """Raise ValueError naming the field and its allowed values for any bad setting."""
+    """Raise UsageError (a ValueError) naming the field and its allowed values for any bad setting."""
     checks = [
         (cfg.preset in PRESETS, f"preset must be one of {sorted(PRESETS)}, got {cfg.preset!r}"),
         (cfg.steps >= 1, f"steps must be >= 1, got {cfg.steps}"),
@@ -168,51 +166,6 @@ def check_resume(cfg: TrainConfig, saved: dict, step: int) -> None:
                          f"(pass a larger --steps)")
 
 
-def prepare_run_folder(cfg: TrainConfig, rank: int) -> None:
-    """Refuse (UsageError) an unwritable ``out`` or one holding another run's checkpoint / log.
-
-    Continuing is allowed only when ``--resume`` is ``out/checkpoint.pt`` itself; ``--overwrite`` lets a
-    new run replace an old one (its files are deleted by :func:`reset_run_folder`, after every check).
-    """
-    out = Path(cfg.out)
-    problem = unwritable_reason(out, folder=True) if rank == 0 else None
-    if problem:
-        raise UsageError(f"--out: {problem}")
-    existing = [name for name in (CHECKPOINT_NAME, LOG_NAME) if (out / name).exists()]
-    if not existing or cfg.overwrite or continues_in_place(cfg):
-        return
-    names = " and ".join(existing)
-    if cfg.resume is None:
-        raise UsageError(f"--out {str(out)!r} already holds {names} of an earlier run; pass --resume "
-                         f"{out / CHECKPOINT_NAME} to continue it, --overwrite to delete them and start over, "
-                         f"or another --out")
-    raise UsageError(f"--out {str(out)!r} already holds {names} of another run than --resume {cfg.resume!r}; "
-                     f"pass --overwrite to replace them, or another --out")
-
-
-def continues_in_place(cfg: TrainConfig) -> bool:
-    """True when ``--resume`` names ``out/checkpoint.pt`` (the run goes on in its own folder)."""
-    target = Path(cfg.out) / CHECKPOINT_NAME
-    return cfg.resume is not None and target.exists() and os.path.samefile(cfg.resume, target)
-
-
-def reset_run_folder(cfg: TrainConfig, resumed_step: int) -> None:
-    """Rank 0, after every check passed: delete temp files of an interrupted save, an overwritten run's
-    files, and log lines past the resumed step (each logged step then appears exactly once)."""
-    out = Path(cfg.out)
-    stale = remove_stale_temp_files(out, CHECKPOINT_NAME)
-    if stale:
-        print(f"removed {len(stale)} temp file(s) of an interrupted checkpoint save in {out}", file=sys.stderr)
-    if continues_in_place(cfg):
-        dropped = truncate_log(out / LOG_NAME, resumed_step)
-        if dropped:
-            print(f"{out / LOG_NAME}: dropped {dropped} line(s) past the checkpoint's step {resumed_step} "
-                  f"(they are trained again)", file=sys.stderr)
-    elif cfg.overwrite:
-        for name in (CHECKPOINT_NAME, LOG_NAME):
-            (out / name).unlink(missing_ok=True)
-
-
 def open_dataset(cfg: TrainConfig, resolution: int, channels: int, num_classes: int):
     if cfg.data == "synthetic":
         return SyntheticDataset(SYNTHETIC_SIZE, resolution, channels=channels, num_classes=num_classes, seed=cfg.seed)
@@ -234,7 +187,7 @@ def train(cfg: TrainConfig, dataset=None, progress: bool = True) -> TrainResult:
     dist_info = init_distributed(cfg.device)
     rank, world_size, device = dist_info.rank, dist_info.world_size, dist_info.device
     check_config(cfg, world_size)
-    prepare_run_folder(cfg, rank)
+    check_run_folder(cfg.out, resume=cfg.resume, overwrite=cfg.overwrite, check_writable=rank == 0)
     state = None
     if cfg.resume:   # read and checked before anything is built: a wrong flag fails in seconds
         state = load_checkpoint(cfg.resume, map_location="cpu")   # load_state_dict copies to the device
@@ -311,7 +264,7 @@ def train(cfg: TrainConfig, dataset=None, progress: bool = True) -> TrainResult:
 
     out = Path(cfg.out)
     if rank == 0:
-        reset_run_folder(cfg, step)
+        reset_run_folder(cfg.out, resume=cfg.resume, overwrite=cfg.overwrite, resumed_step=step)
     barrier()
     log_path, checkpoint_path = out / LOG_NAME, None
     last_saved = f"{cfg.resume} (step {step})" if cfg.resume else "none yet"
@@ -511,7 +464,7 @@ def main(argv: list[str] | None = None) -> None:
         result = train(cfg)
     except CheckpointError as error:
         fail(f"--resume: {error}", EXIT_USAGE)
-    except (UsageError, UnreadableImageError, FileNotFoundError) as error:
+    except (UsageError, RunFolderError, UnreadableImageError, FileNotFoundError) as error:
         fail(str(error), EXIT_USAGE)        # a setting, file or folder to fix: one line, nothing trained
     except DivergenceError as error:
         fail(str(error), EXIT_DIVERGED)
