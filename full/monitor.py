@@ -29,7 +29,8 @@ import pmf_ref as P
 
 from .evaluate import metrics_from_features
 from .fid import IS_SPLITS, atomic_write, build_inception, extract_features, load_statistics
-from .model import make_cond
+from .ema import format_half_life
+from .model import PRESETS, make_cond
 from .sample import GRID_PADDING, class_labels, generate, iter_samples, sample_noise, save_png, shard, to_uint8
 
 GRID_INPUTS_FILE = "grid_inputs.pt"
@@ -39,6 +40,41 @@ TENSORBOARD_DIR = "tensorboard"
 GRID_COLUMNS = 8        # samples per class (row) of the grid
 GRID_MAX_ROWS = 10      # classes shown; evenly spread over the label range when there are more
 MIN_FID_SAMPLES = 2     # a covariance needs two feature vectors
+
+
+# --------------------------------------------------------------------------------------------
+# What is sampled: settings and network
+# --------------------------------------------------------------------------------------------
+
+def sampling_settings(preset: str, *, guidance: bool = True, omega: float | None = None,
+                      t_min: float | None = None, t_max: float | None = None) -> tuple[float, float, float]:
+    """(omega, t_min, t_max) of the grids and FID: the given values, else the preset's best one-step
+    settings; a run trained without guidance only ever saw omega = 1 on [0, 1], so that is its default."""
+    settings = PRESETS[preset]
+    defaults = ((settings["sample_omega"], settings["sample_t_min"], settings["sample_t_max"]) if guidance
+                else (1.0, 0.0, 1.0))
+    return tuple(float(default if value is None else value) for value, default in zip((omega, t_min, t_max),
+                                                                                      defaults))
+
+
+def default_fid_ema(preset: str, half_lives_kimg: tuple[float, ...]) -> str:
+    """The EMA the in-training FID scores: the preset's sampling EMA if the run keeps it, else the longest."""
+    best = format_half_life(PRESETS[preset]["sample_ema_kimg"])
+    keys = [format_half_life(hl) for hl in half_lives_kimg]
+    return best if best in keys else keys[max(range(len(keys)), key=lambda i: float(half_lives_kimg[i]))]
+
+
+@torch.no_grad()
+def broadcast_weights(module: torch.nn.Module, src: int = 0) -> torch.nn.Module:
+    """Overwrite ``module``'s parameters and buffers with rank ``src``'s (same architecture on every rank).
+
+    The EMAs live on rank 0 only; for the FID every rank samples with them, so the other ranks receive
+    a copy into a scratch network. No-op without a process group.
+    """
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        for tensor in module.state_dict().values():
+            dist.broadcast(tensor, src=src)
+    return module
 
 
 # --------------------------------------------------------------------------------------------
@@ -235,10 +271,12 @@ class TensorBoard:
     Event files are appended by TensorBoard's own writer (they are streams, not renamed into place).
     """
 
-    def __init__(self, run_dir: str | Path):
+    def __init__(self, run_dir: str | Path, purge_step: int | None = None):
+        """``purge_step``: on resume, the checkpoint's step; TensorBoard hides what an earlier process
+        logged from that step on (those steps are trained again)."""
         from torch.utils.tensorboard import SummaryWriter   # imported only when --tensorboard is on
 
-        self.writer = SummaryWriter(log_dir=str(Path(run_dir) / TENSORBOARD_DIR))
+        self.writer = SummaryWriter(log_dir=str(Path(run_dir) / TENSORBOARD_DIR), purge_step=purge_step)
 
     def scalars(self, group: str, record: dict, step: int) -> None:
         """Every finite number of ``record`` (but "step") as ``group/name``."""
@@ -257,6 +295,6 @@ class TensorBoard:
         self.writer.close()
 
 
-__all__ = ["GridInputs", "grid_classes", "make_grid_inputs", "load_or_make_grid_inputs", "grid_samples", "tile",
+__all__ = ["sampling_settings", "default_fid_ema", "broadcast_weights", "GridInputs", "grid_classes", "make_grid_inputs", "load_or_make_grid_inputs", "grid_samples", "tile",
            "grid_path", "write_sample_grids", "FIDReference", "prepare_fid", "gather_rows", "in_training_fid",
            "append_jsonl", "TensorBoard"]

@@ -23,7 +23,7 @@ from tensorboard.backend.event_processing import event_accumulator
 from full import fid as F
 from full import monitor as M
 from full.evaluate import EvalConfig, evaluate
-from full.model import build_model, make_cond
+from full.model import PRESETS, build_model, make_cond
 from full.sample import GRID_PADDING, SampleConfig, sample_to_folder
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -70,6 +70,22 @@ def _reference(path) -> M.FIDReference:
     mu, sigma = F.feature_statistics(F.extract_features(extractor, [images], progress=False).pool)
     F.save_statistics(path, mu, sigma)
     return M.FIDReference(extractor, mu, sigma)
+
+
+# ---------------------------------------------------------------------------- settings
+
+def test_sampling_settings_default_to_the_preset_and_to_no_guidance():
+    preset = PRESETS["pMF-B/16"]
+    assert M.sampling_settings("pMF-B/16") == (preset["sample_omega"], preset["sample_t_min"], preset["sample_t_max"])
+    assert M.sampling_settings("pMF-B/16", omega=3.0) == (3.0, preset["sample_t_min"], preset["sample_t_max"])
+    assert M.sampling_settings("pMF-B/16", guidance=False) == (1.0, 0.0, 1.0)
+    assert M.sampling_settings("pMF-B/16", guidance=False, t_min=0.2, t_max=0.5) == (1.0, 0.2, 0.5)
+
+
+def test_default_fid_ema_is_the_presets_or_the_longest():
+    assert M.default_fid_ema("pMF-B/16", (500.0, 1000.0, 2000.0)) == "2000"
+    assert M.default_fid_ema("pMF-H/32", (500.0, 1000.0, 2000.0)) == "500"       # H/32 samples with EMA 500
+    assert M.default_fid_ema("pMF-B/16", (0.5, 1.0)) == "1"
 
 
 # ---------------------------------------------------------------------------- grid
@@ -166,7 +182,9 @@ def _fid_worker(rank: int, world_size: int, init_file: str, out: str) -> None:
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size)
     try:
         reference = _reference(os.path.join(out, f"ref{rank}.npz"))
-        result = M.in_training_fid(_model(), reference, num=FID_NUM, omega=OMEGA, t_min=T_MIN, t_max=T_MAX, seed=3,
+        # Only rank 0 holds the network (the EMAs live there); rank 1 receives it into other weights.
+        network = M.broadcast_weights(_model(seed=0 if rank == 0 else 1))
+        result = M.in_training_fid(network, reference, num=FID_NUM, omega=OMEGA, t_min=T_MIN, t_max=T_MAX, seed=3,
                                    batch_size=2, is_splits=2, rank=rank, world_size=world_size)
         with open(os.path.join(out, f"rank{rank}.json"), "w") as file:
             json.dump(result, file)
@@ -174,7 +192,7 @@ def _fid_worker(rank: int, world_size: int, init_file: str, out: str) -> None:
         dist.destroy_process_group()
 
 
-def test_in_training_fid_two_processes_equals_one(tmp_path):
+def test_in_training_fid_two_processes_equals_one_with_rank0s_weights(tmp_path):
     init_file = os.path.join(tempfile.mkdtemp(dir=tmp_path), "init")
     mp.spawn(_fid_worker, args=(2, init_file, str(tmp_path)), nprocs=2, join=True)
     ranks = [json.loads((tmp_path / f"rank{rank}.json").read_text()) for rank in range(2)]
@@ -212,7 +230,11 @@ def test_append_jsonl_keeps_every_line(tmp_path):
 # ---------------------------------------------------------------------------- TensorBoard
 
 def test_tensorboard_scalars_and_images_read_back(tmp_path):
-    board = M.TensorBoard(tmp_path)
+    early = M.TensorBoard(tmp_path)          # a first process logs steps 1..4, then dies after step 2's checkpoint
+    for step in range(1, 5):
+        early.scalars("train", {"raw_u": 99.0}, step)
+    early.close()
+    board = M.TensorBoard(tmp_path, purge_step=1)
     records = [{"step": step, "raw_u": 10.0 / step, "grad_norm": float(step), "images_per_s": 100.0,
                 "lr": 1e-3, "note": "text", "flag": True, "bad": float("nan")} for step in (1, 2, 3)]
     for record in records:
@@ -229,7 +251,7 @@ def test_tensorboard_scalars_and_images_read_back(tmp_path):
     assert set(tags["scalars"]) == {"train/raw_u", "train/grad_norm", "train/images_per_s", "train/lr",
                                     "fid/fid", "fid/is_mean"}
     raw_u = events.Scalars("train/raw_u")
-    assert [event.step for event in raw_u] == [1, 2, 3]
+    assert [event.step for event in raw_u] == [1, 2, 3]                   # the first process's steps purged
     assert [event.value for event in raw_u] == pytest.approx([10.0, 5.0, 10.0 / 3], rel=1e-6)
     assert events.Scalars("fid/fid")[0].value == pytest.approx(12.5)
     assert tags["images"] == ["samples/ema500"]
