@@ -21,6 +21,7 @@ import re
 
 import torch
 
+from .checkpoint import CheckpointError, read_checkpoint_file
 from .model import NUM_PREFIX_TOKENS, PRESETS, PMFViT, build_model
 
 PREFIX = "net."
@@ -98,11 +99,10 @@ def _read(path: str) -> dict[str, torch.Tensor]:
     if not os.path.isfile(path):
         raise OfficialCheckpointError(f"{path}: no such file (download pMF-<size>-<patch>.pt from the authors' "
                                       f"Hugging Face page Lyy0725/pMF, unzip it, and pass the .pt file)")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:  # a truncated, foreign or non-tensor file: say which, not a traceback
-        raise OfficialCheckpointError(f"{path}: not a readable torch state dict ({type(error).__name__}: "
-                                      f"{str(error).splitlines()[0] if str(error) else 'no detail'})") from None
+    try:   # weights only: a shared file can never run code on load
+        state = read_checkpoint_file(path, map_location="cpu")
+    except CheckpointError as error:  # a truncated, foreign or pickled file: one line, not a traceback
+        raise OfficialCheckpointError(f"{path}: not a readable torch state dict ({error})") from None
     if not isinstance(state, dict) or not state or not all(
             isinstance(key, str) and isinstance(value, torch.Tensor) for key, value in state.items()):
         raise OfficialCheckpointError(f"{path}: expected a state dict {{key: tensor}} of the authors' pixelMeanFlow")
