@@ -1,0 +1,438 @@
+"""Sharded training of the pMF objective (FSDP2): the sharding plan, Muon on shards, sharded EMAs, and
+sharded checkpoints that are atomic, exactly resumable and readable on any number of processes.
+
+    objective = shard_objective(PMFObjective(model, ...), mixed_precision=None)   # after .to(device)
+    optimizer = use_gathered_muon(build_optimizer(model, kind="muon", lr=1e-3))  # after sharding
+    emas = ShardedEMA(model, (500, 1000, 2000))                                   # every rank
+    save_sharded_checkpoint(out / "checkpoint.dcp", model=model, optimizer=optimizer, emas=emas, meta=meta)
+    python -m full.fsdp export runs/pmf/checkpoint.dcp runs/pmf/checkpoint.pt     # one file for full.sample
+
+Sharding plan. ``fully_shard`` on every transformer ``Block`` (each is all-gathered just before it runs
+and freed after) and on :class:`full.recipe.PMFObjective` as the root, which holds the rest (embedders,
+tokens, heads' norms and output layers). The root must be the objective, not the ViT: the objective's
+``forward`` runs the whole loss (the no-grad guidance pass and the JVP pass), while the ViT's
+``__call__`` is never used (its ``forward_uv`` / ``forward_v`` are), so FSDP's hooks on it would never fire.
+The frozen perceptual networks are left out of the sharding (replicated, as with DDP).
+
+Gradients are reduce-scattered after every micro-batch's backward (no ``no_sync``): skipping the sync
+would keep whole unsharded gradients alive between micro-batches, the memory FSDP is there to save.
+
+Muon. Newton-Schulz needs the whole matrix. ``torch.optim.Muon`` given DTensor shards does compute
+on the whole matrix (DTensor redistributes), but through bf16 partial sums, so its update differs
+from the unsharded one by up to ~20% of some elements (measured on pMF-T/2). :class:`GatheredMuon`
+instead all-gathers each momentum-updated matrix, runs torch's own Newton-Schulz on it and keeps its
+rows: the update is bit-identical to an unsharded ``torch.optim.Muon`` step (tests/test_full_fsdp.py).
+
+Checkpoints. ``torch.distributed.checkpoint`` writes every rank's shards into a temp folder, rank 0
+adds ``meta.pt`` (step, RNG, data position, config, optimiser hyper-parameters: plain containers,
+read with ``weights_only=True``); the folder is renamed to ``checkpoint-<step>.dcp`` and the link
+``checkpoint.dcp`` is moved onto it with one ``os.replace``. A kill at any point leaves the link on the
+previous complete folder. Loading reshards, so a run saved on N processes resumes on M. DCP reads
+its ``.metadata`` file with pickle: resume and export only folders you wrote.
+
+Mixed precision (``mixed_precision="bf16"``): parameters are all-gathered in bf16 and gradients
+reduce-scattered in fp32, but every forward -- the JVP pass included -- computes in fp32 from the
+gathered weights upcast at the point of use (the README's rule: the JVP pass stays fp32; bf16 rounding
+in du/dt would enter the target through (t - r) du/dt). What it buys: half the all-gather traffic.
+What it costs: the fp32 copies the backward needs stay alive until it runs (one fp32 copy of the
+block weights per micro-batch, 4.1 GiB for pMF-H/16). ``--bf16`` autocast still governs the no-grad
+passes.
+"""
+from __future__ import annotations
+
+import argparse
+import inspect
+import os
+import resource
+import shutil
+import sys
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch import nn
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+from torch.distributed.fsdp._fully_shard import _fsdp_param_group
+from torch.distributed.tensor import DTensor, distribute_tensor
+from torch.optim._muon import _adjust_lr, _zeropower_via_newtonschulz
+
+from .checkpoint import CHECKPOINT_FORMAT, CheckpointError, read_checkpoint_file, save_checkpoint
+from .ema import ema_decay, format_half_life
+from .layers import Block
+
+SHARDED_NAME = "checkpoint.dcp"      # the link to the newest complete sharded checkpoint folder
+META_NAME = "meta.pt"                # everything but the shards, written by rank 0
+TEMP_PREFIX = ".tmp-"
+MIXED_PRECISION = {None: None, "bf16": torch.bfloat16}
+
+
+# ----------------------------------------------------------------------------- the sharding plan
+
+def ensure_process_group(device: torch.device) -> None:
+    """FSDP needs a process group even on one process: make a 1-rank one if none exists."""
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", store=dist.HashStore(),
+                                rank=0, world_size=1)
+
+
+def _jvp_returning_views(ctx, param_group_tangent, *tangents):
+    return tuple(t.view_as(t) if isinstance(t, torch.Tensor) else t for t in tangents)
+
+
+def allow_jvp_through_fsdp() -> None:
+    """Let forward-mode AD pass FSDP2's per-module input hook (torch 2.14 raises without this).
+
+    FSDP2 routes a module's inputs through ``RegisterPostBackwardFunction``, whose forward returns them
+    as they are; its ``jvp`` returns the tangents as they are too, and autograd then refuses ("forward is
+    returning a view ... but the jvp is not returning a view") whenever a block input carries the JVP's
+    tangent. Returning views of the tangents is what autograd asks for; nothing else changes.
+    """
+    _fsdp_param_group.RegisterPostBackwardFunction.jvp = staticmethod(_jvp_returning_views)
+
+
+def shard_objective(objective: nn.Module, *, mixed_precision: str | None = None) -> nn.Module:
+    """Apply the plan in place: ``fully_shard`` every ``Block``, then the objective as the root.
+
+    Args:
+        objective: a :class:`full.recipe.PMFObjective` on its device; a process group must exist.
+        mixed_precision: None (fp32 everywhere) or "bf16" (bf16 all-gather, fp32 reduce and compute).
+    Returns:
+        the same objective, now an FSDP module whose parameters are DTensor shards.
+    """
+    if mixed_precision not in MIXED_PRECISION:
+        raise ValueError(f"mixed_precision must be one of {list(MIXED_PRECISION)}, got {mixed_precision!r}")
+    allow_jvp_through_fsdp()
+    param_dtype = MIXED_PRECISION[mixed_precision]
+    # cast_forward_inputs=False: the inputs (images, times, tangents) stay fp32; the weights are upcast.
+    policy = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32, cast_forward_inputs=False)
+    frozen = set(objective.perceptual.parameters()) if getattr(objective, "perceptual", None) is not None else set()
+    sharded = [module for module in objective.modules() if isinstance(module, Block)]
+    for block in sharded:
+        fully_shard(block, mp_policy=policy)
+    fully_shard(objective, mp_policy=policy, ignored_params=frozen)
+    if param_dtype is not None:
+        frozen_ids = {id(param) for param in frozen}
+        in_blocks = {id(module) for block in sharded for module in block.modules()}
+        for block in sharded:
+            _compute_in_fp32(block, _parameter_slots(block.modules(), frozen_ids))
+        _compute_in_fp32(objective, _parameter_slots(
+            (module for module in objective.modules() if id(module) not in in_blocks), frozen_ids))
+    return objective
+
+
+def _parameter_slots(modules, frozen: set[int]) -> list[tuple[nn.Module, str]]:
+    return [(module, name) for module in modules for name, param in module._parameters.items()
+            if param is not None and id(param) not in frozen]
+
+
+def _compute_in_fp32(fsdp_module: nn.Module, owned: list[tuple[nn.Module, str]]) -> None:
+    """Before each forward of an FSDP module, swap the bf16 weights it gathered for fp32 copies.
+
+    The hook runs after FSDP's own pre-forward hook (registered first), when the weights are gathered;
+    FSDP puts its own parameters back when it reshards. The copy's backward (a cast) sends the
+    gradient to the gathered bf16 weight, from which FSDP reduce-scatters it in fp32.
+    """
+    def upcast(module, args):
+        for owner, name in owned:
+            param = owner._parameters[name]
+            if param is not None and param.dtype == torch.bfloat16:
+                owner._parameters[name] = param.float()
+
+    fsdp_module.register_forward_pre_hook(upcast)
+
+
+# ----------------------------------------------------------------------------- Muon on shards
+
+class GatheredMuon(torch.optim.Muon):
+    """``torch.optim.Muon`` whose Newton-Schulz step sees each whole matrix of a sharded parameter.
+
+    Per 2-D parameter (Muon, Jordan et al. 2024; torch's ``_single_tensor_muon``, weight decay 0):
+
+        B <- momentum B + (1 - momentum) G;   U = lerp(G, B, momentum) (Nesterov) or B
+        W <- W - lr sqrt(max(1, A / B)) NewtonSchulz(U)       (W: (A, B), the *global* shape)
+
+    The momentum buffer stays sharded; only U is all-gathered, one matrix at a time, and every rank
+    keeps its own rows of NewtonSchulz(U). Plain tensors (no sharding) take the same path unchanged.
+    """
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        if closure is not None:
+            raise ValueError("GatheredMuon does not support closures")
+        for group in self.param_groups:
+            params, grads, buffers = [], [], []
+            self._init_group(group, params, grads, buffers)
+            for param, grad, buffer in zip(params, grads, buffers):
+                buffer.lerp_(grad, 1 - group["momentum"])
+                update = grad.lerp(buffer, group["momentum"]) if group["nesterov"] else buffer
+                whole = update.full_tensor() if isinstance(update, DTensor) else update
+                whole = _zeropower_via_newtonschulz(whole, group["ns_coefficients"], group["ns_steps"], group["eps"])
+                if isinstance(param, DTensor):   # src_data_rank=None: slice locally, no communication
+                    whole = distribute_tensor(whole, param.device_mesh, param.placements, src_data_rank=None)
+                param.mul_(1 - group["lr"] * group["weight_decay"])
+                param.add_(whole, alpha=-_adjust_lr(group["lr"], group["adjust_lr_fn"], param.shape))
+
+
+def use_gathered_muon(optimizer):
+    """Replace the Muon part of a :class:`full.optim.MuonWithNAdam` by :class:`GatheredMuon` (same
+    parameters, hyper-parameters and state-dict layout); returns the optimiser."""
+    muon = optimizer.optimizers.get("muon")
+    if muon is not None and not isinstance(muon, GatheredMuon):
+        if muon.state:
+            raise ValueError("use_gathered_muon: swap the optimiser before its first step")
+        group = muon.param_groups[0]
+        accepted = inspect.signature(torch.optim.Muon.__init__).parameters
+        optimizer.optimizers["muon"] = GatheredMuon(group["params"], **{key: value for key, value in group.items()
+                                                                        if key in accepted and key != "params"})
+    return optimizer
+
+
+# ----------------------------------------------------------------------------- sharded EMAs
+
+class ShardedEMA:
+    """The EMAs of :class:`full.ema.EMASet` (same decay, same keys), kept as shards like the weights.
+
+    Every rank averages its own shards: ``ema <- decay * ema + (1 - decay) * weights`` is elementwise,
+    so no communication is needed. ``state_dict()`` holds DTensors (for DCP); the model has no
+    persistent buffers, so parameters are the whole state.
+    """
+
+    def __init__(self, model: nn.Module, half_lives_kimg: tuple[float, ...]):
+        if not half_lives_kimg or any(hl <= 0 for hl in half_lives_kimg):
+            raise ValueError(f"half-lives must be a non-empty tuple of positive kimg, got {half_lives_kimg}")
+        self.half_lives = {format_half_life(hl): float(hl) for hl in half_lives_kimg}
+        self.averages = {key: {name: param.detach().clone() for name, param in model.named_parameters()}
+                         for key in self.half_lives}
+
+    @torch.no_grad()
+    def update(self, model: nn.Module, *, batch: int, images_seen: int) -> None:
+        weights = [_local(param.detach()) for param in model.parameters()]
+        for key, average in self.averages.items():
+            decay = ema_decay(batch, self.half_lives[key], images_seen)
+            torch._foreach_lerp_([_local(value) for value in average.values()], weights, 1.0 - decay)
+
+    def state_dict(self) -> dict[str, dict[str, torch.Tensor]]:
+        return self.averages
+
+    def full_state_dict(self) -> dict[str, dict[str, torch.Tensor]]:
+        """Whole tensors on every rank (a collective: every rank must call it)."""
+        return {key: {name: _whole(value) for name, value in average.items()} for key, average in self.averages.items()}
+
+
+def _local(tensor: torch.Tensor) -> torch.Tensor:
+    return tensor.to_local() if isinstance(tensor, DTensor) else tensor
+
+
+def _whole(tensor: torch.Tensor) -> torch.Tensor:
+    return tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
+
+
+def full_model_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The model's whole tensors on every rank (a collective)."""
+    return {name: _whole(value.detach()) for name, value in model.state_dict().items()}
+
+
+# ----------------------------------------------------------------------------- sharded checkpoints
+
+def _rank() -> int:
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def _barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def _parameter_names(model: nn.Module) -> dict[int, str]:
+    return {id(param): name for name, param in model.named_parameters()}
+
+
+def _optimizer_layout(model: nn.Module, optimizer) -> dict:
+    """Per sub-optimiser: the parameter names in its order and its ``param_groups`` (hyper-parameters,
+    parameters as indices): all that ``torch.optim`` needs besides the per-parameter state tensors."""
+    names = _parameter_names(model)
+    return {key: {"params": [names[id(p)] for group in opt.param_groups for p in group["params"]],
+                  "param_groups": opt.state_dict()["param_groups"]}
+            for key, opt in optimizer.optimizers.items()}
+
+
+def _optimizer_state_by_name(model: nn.Module, optimizer) -> dict[str, dict[str, dict[str, torch.Tensor]]]:
+    """``{sub-optimiser: {parameter name: {state key: tensor}}}``; empty states are created first
+    (a zero-learning-rate step with zero gradients, which changes no weight) so a fresh optimiser can
+    receive a checkpoint's state in place."""
+    names = _parameter_names(model)
+    for opt in optimizer.optimizers.values():
+        if not opt.state:
+            _initialise_state(opt)
+    return {key: {names[id(p)]: dict(opt.state[p]) for group in opt.param_groups for p in group["params"]}
+            for key, opt in optimizer.optimizers.items()}
+
+
+@torch.no_grad()
+def _initialise_state(opt: torch.optim.Optimizer) -> None:
+    saved_lr = [group["lr"] for group in opt.param_groups]
+    params = [p for group in opt.param_groups for p in group["params"]]
+    grads = [p.grad for p in params]
+    for group in opt.param_groups:
+        group["lr"] = 0.0
+    for p in params:
+        p.grad = torch.zeros_like(p)
+    opt.step()
+    for p, grad in zip(params, grads):
+        p.grad = grad
+    for group, lr in zip(opt.param_groups, saved_lr):
+        group["lr"] = lr
+
+
+def _index_state(layout: dict, state_by_name: dict) -> dict:
+    """``MuonWithNAdam.state_dict()`` layout from state keyed by parameter name."""
+    return {key: {"state": {index: state_by_name[key][name] for index, name in enumerate(entry["params"])},
+                  "param_groups": entry["param_groups"]}
+            for key, entry in layout.items()}
+
+
+def save_sharded_checkpoint(path: str | os.PathLike, *, model: nn.Module, optimizer, emas: ShardedEMA,
+                            meta: dict, fault=None) -> Path:
+    """Write a sharded checkpoint (every rank calls this) and move the link ``path`` onto it.
+
+    Args:
+        path: the link, e.g. ``out/checkpoint.dcp``; the folder is ``out/checkpoint-<step>.dcp``.
+        model: the sharded PMFViT.  optimizer: a MuonWithNAdam on it.  emas: its ShardedEMA.
+        meta: plain containers and tensors (``step``, ``rng``, ``data``, ``config``, ...), from rank 0.
+        fault: tests only -- called with a stage name ("shards", "folder") to simulate a kill there.
+    Returns:
+        the checkpoint folder.
+    """
+    path = Path(path)
+    step = int(meta["step"])
+    folder = path.parent / f"{path.stem}-{step:08d}{path.suffix}"
+    temp = path.parent / f"{TEMP_PREFIX}{folder.name}"      # the same name on every rank
+    if _rank() == 0:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(temp, ignore_errors=True)     # left by a save killed at this very step
+    _barrier()
+    tensors = {"model": model.state_dict(), "ema": emas.state_dict(),
+               "optimizer": _optimizer_state_by_name(model, optimizer)}
+    dcp.save(tensors, checkpoint_id=temp, no_dist=not dist.is_initialized())   # rank 0 writes .metadata last
+    if fault is not None:
+        fault("shards")
+    if _rank() == 0:
+        save_checkpoint(temp / META_NAME, {**meta, "format": CHECKPOINT_FORMAT, "sharded": True,
+                                           "world_size": dist.get_world_size() if dist.is_initialized() else 1,
+                                           "optimizer_layout": _optimizer_layout(model, optimizer)})
+        _fsync_folder(temp)
+        copy = 0
+        while folder.exists():                       # this step saved before: never touch the linked folder
+            copy += 1
+            folder = path.parent / f"{path.stem}-{step:08d}.{copy}{path.suffix}"
+        os.rename(temp, folder)                      # atomic: the folder appears complete or not at all
+        if fault is not None:
+            fault("folder")
+        link_temp = path.parent / f"{TEMP_PREFIX}{path.name}.link"
+        link_temp.unlink(missing_ok=True)
+        os.symlink(folder.name, link_temp)
+        previous = path.resolve() if path.is_symlink() else None
+        os.replace(link_temp, path)                  # atomic: the link names the old folder or the new one
+        _fsync_folder(path.parent)
+        if previous is not None and previous != folder.resolve() and previous.is_dir():
+            shutil.rmtree(previous)
+    _barrier()
+    return path.resolve()
+
+
+def _fsync_folder(folder: Path) -> None:
+    handle = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(handle)
+    finally:
+        os.close(handle)
+
+
+def remove_stale_sharded(path: str | os.PathLike) -> list[Path]:
+    """Delete what a killed save of the link ``path`` left behind: temp folders and checkpoint folders
+    the link does not name. Rank 0, before training; returns the removed paths."""
+    path = Path(path)
+    if not path.parent.is_dir():
+        return []
+    current = path.resolve() if path.exists() else None
+    stale = [candidate for pattern in (f"{TEMP_PREFIX}{path.stem}-*{path.suffix}", f"{TEMP_PREFIX}{path.name}.link",
+                                       f"{path.stem}-*{path.suffix}")
+             for candidate in sorted(path.parent.glob(pattern)) if candidate.resolve() != current]
+    for candidate in stale:
+        if candidate.is_dir() and not candidate.is_symlink():
+            shutil.rmtree(candidate)
+        else:
+            candidate.unlink(missing_ok=True)
+    return stale
+
+
+def is_sharded_checkpoint(path: str | os.PathLike) -> bool:
+    return (Path(path) / META_NAME).is_file()
+
+
+def read_sharded_meta(path: str | os.PathLike) -> dict:
+    """``meta.pt`` of a sharded checkpoint (no process group needed; ``weights_only``).
+
+    Raises:
+        CheckpointError: not a complete sharded checkpoint folder.
+    """
+    path = Path(path)
+    if not path.is_dir() or not (path / ".metadata").is_file() or not (path / META_NAME).is_file():
+        raise CheckpointError(f"{str(path)!r} is not a complete sharded checkpoint folder (it needs .metadata "
+                              f"and {META_NAME})")
+    meta = read_checkpoint_file(path / META_NAME)
+    if not isinstance(meta, dict) or not meta.get("sharded"):
+        raise CheckpointError(f"{str(path / META_NAME)!r} is not the metadata of a sharded checkpoint")
+    return meta
+
+
+def load_sharded_checkpoint(path: str | os.PathLike, *, model: nn.Module, optimizer, emas: ShardedEMA) -> dict:
+    """Read a sharded checkpoint into a sharded model, optimiser and EMAs (every rank calls this), on any
+    number of processes; returns its ``meta`` (step, RNG, data position, config).
+
+    Raises:
+        CheckpointError: an incomplete folder, or shards that do not fit this model / optimiser / EMA set.
+    """
+    meta = read_sharded_meta(path)
+    state_by_name = _optimizer_state_by_name(model, optimizer)
+    if set(meta["optimizer_layout"]) != set(state_by_name):
+        raise CheckpointError(f"{str(path)!r}: optimiser parts {sorted(meta['optimizer_layout'])}, this run has "
+                              f"{sorted(state_by_name)}")
+    tensors = {"model": model.state_dict(), "ema": emas.state_dict(), "optimizer": state_by_name}
+    try:
+        dcp.load(tensors, checkpoint_id=Path(path), no_dist=not dist.is_initialized())   # in place, resharded
+    except Exception as error:   # DCP wraps every rank's failure in one CheckpointException
+        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise CheckpointError(f"{str(path)!r}: its shards do not fit this run: {first}") from None
+    model.load_state_dict(tensors["model"])
+    for key, opt in optimizer.optimizers.items():
+        opt.load_state_dict(_index_state(meta["optimizer_layout"], state_by_name)[key])
+    return meta
+
+
+# ----------------------------------------------------------------------------- export to one file
+
+def load_sharded_whole(path: str | os.PathLike) -> tuple[dict, dict]:
+    """(tensors, meta) of a sharded checkpoint as whole tensors, in one process (no process group)."""
+    # What torch.distributed.checkpoint.format_utils.dcp_to_torch_save does, without writing a file.
+    from torch.distributed.checkpoint.default_planner import _EmptyStateDictLoadPlanner
+    from torch.distributed.checkpoint.state_dict_loader import _load_state_dict
+
+    meta = read_sharded_meta(path)
+    tensors: dict = {}
+    _load_state_dict(tensors, storage_reader=dcp.FileSystemReader(Path(path)), planner=_EmptyStateDictLoadPlanner(),
+                     no_dist=True)
+    return tensors, meta
+
+
+def export_checkpoint(path: str | os.PathLike, target: str | os.PathLike) -> Path:
+    """Write the single-file checkpoint of :mod:`full.checkpoint` (what ``full.sample`` reads, and what
+    the DDP trainer resumes) from a sharded folder: same weights, EMAs, optimiser state, RNG, data position."""
+    tensors, meta = load_sharded_whole(path)
+    layout = meta.pop("optimizer_layout")
+    for key in ("sharded", "world_size"):
+        meta.pop(key)
+    state = {**meta, "model": tensors["model"], "ema": tensors["ema"],
+             "optimizer": _index_state(layout, tensors["optimizer"])}
+    return save_checkpoint(target, state)
