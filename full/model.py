@@ -20,6 +20,8 @@ import math
 import torch
 from torch import nn
 
+import pmf_ref as P
+
 from .layers import BottleneckPatchEmbed, Block, LabelEmbedder, RMSNorm, ScalarEmbedder, rope_angles_2d
 
 # In-context conditioning tokens per group (released code); 20 in all.
@@ -75,7 +77,8 @@ PRESETS: dict[str, dict] = {
 # Keys of a preset that configure the network (the rest are recipe numbers), and extra switches.
 ARCH_KEYS = ("resolution", "patch", "depth", "width", "heads", "bottleneck", "head_depth", "channels",
              "num_classes", "noise_scale")
-SWITCH_KEYS = ("v_head", "use_sdpa_math")
+SWITCH_KEYS = ("v_head", "use_sdpa_math", "prediction")
+PREDICTIONS = ("x", "u")   # what the network's output is: a denoised image (pMF) or u itself (the ablation)
 
 
 # ----------------------------------------------------------------------------- conditioning
@@ -140,12 +143,17 @@ class PMFViT(nn.Module):
         v_head: build the auxiliary v-head (training); False gives the inference network.
         use_sdpa_math: attention through ``F.scaled_dot_product_attention`` on the MATH backend
             instead of explicit matmul + softmax (both support forward-mode AD).
+        prediction: "x" (pMF: the output is a denoised image) or "u" (ablation: the output is read as the
+            average velocity). Only :func:`x_hat_from_output` reads it; checkpoints record it.
     """
 
     def __init__(self, *, resolution: int, patch: int, depth: int, width: int, heads: int, bottleneck: int,
                  head_depth: int, channels: int = 3, num_classes: int = 1000, noise_scale: float = 1.0,
-                 v_head: bool = True, use_sdpa_math: bool = False):
+                 v_head: bool = True, use_sdpa_math: bool = False, prediction: str = "x"):
         super().__init__()
+        if prediction not in PREDICTIONS:
+            raise ValueError(f"prediction must be one of {PREDICTIONS}, got {prediction!r}")
+        self.prediction = prediction
         _check_arch(resolution=resolution, patch=patch, depth=depth, width=width, heads=heads,
                     bottleneck=bottleneck, head_depth=head_depth, channels=channels, num_classes=num_classes)
         self.resolution, self.patch, self.channels = resolution, patch, channels
@@ -274,6 +282,22 @@ class PMFViT(nn.Module):
         return total
 
 
+def x_hat_from_output(model: PMFViT, z: torch.Tensor, output: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """The one place that reads a network output by what the model predicts: the denoised image x_hat.
+
+    x-prediction outputs x_hat itself; u-prediction's output is u, converted by
+    ``pmf_ref.x_from_average_velocity`` (x = z - max(t, t_eps) u). The trainer, the sampler and the
+    digits arms all go through this function.
+
+    Args:
+        model: the PMFViT that produced ``output``.  z: its input z_t, (B, C, H, W).  output: (B, C, H, W).
+        t: (B,).
+    Returns:
+        x_hat, (B, C, H, W).
+    """
+    return output if model.prediction == "x" else P.x_from_average_velocity(z, output, t)
+
+
 def _check_arch(**arch: int) -> None:
     for name, value in arch.items():
         if not isinstance(value, int) or value < 1:
@@ -306,4 +330,5 @@ def build_model(preset: str, **overrides) -> PMFViT:
     return PMFViT(**{**arch, **overrides})
 
 
-__all__ = ["PRESETS", "ARCH_KEYS", "NUM_PREFIX_TOKENS", "PMFViT", "Head", "build_model", "make_cond"]
+__all__ = ["PRESETS", "ARCH_KEYS", "NUM_PREFIX_TOKENS", "PMFViT", "Head", "build_model", "make_cond",
+           "x_hat_from_output", "PREDICTIONS"]

@@ -25,7 +25,7 @@ from torch import nn
 
 import pmf_ref as P
 
-from .model import make_cond
+from .model import make_cond, x_hat_from_output
 from .perceptual import CONVNEXT_WEIGHT, LPIPS_WEIGHT, PerceptualDistances, sample_crop_boxes
 
 TimePairSampler = Callable[..., tuple[torch.Tensor, torch.Tensor]]   # (n, *, generator, device) -> (r, t)
@@ -88,19 +88,17 @@ class PMFObjective(nn.Module):
         model: PMFViT with a v-head (``forward_uv(z, r, t, cond)``, ``forward_v(z, t, cond)``).
         perceptual: frozen :class:`PerceptualDistances`, or None (MSE-only recipe).
         t_thr: perceptual terms only on rows with t < t_thr (pMF: 0.8 for B/L-16, B/32; 0.6 for L/32, H).
-        x_from_output: None for x-prediction (the network outputs x_hat); ``pmf_ref.x_from_average_velocity``
-            for the u-prediction ablation (the output is read as u and converted).
         autocast_dtype: e.g. torch.bfloat16 to run the no-grad guidance pass and the perceptual nets under
             autocast; the JVP pass stays in fp32.
     """
 
     def __init__(self, model: nn.Module, *, perceptual: PerceptualDistances | None = None, t_thr: float = 0.8,
-                 x_from_output: Callable | None = None, autocast_dtype: torch.dtype | None = None,
+                 autocast_dtype: torch.dtype | None = None,
                  lpips_weight: float = LPIPS_WEIGHT, convnext_weight: float = CONVNEXT_WEIGHT,
                  c: float = P.ADAPTIVE_C, p: float = P.ADAPTIVE_P):
         super().__init__()
         self.model, self.perceptual = model, perceptual
-        self.t_thr, self.x_from_output, self.autocast_dtype = t_thr, x_from_output, autocast_dtype
+        self.t_thr, self.autocast_dtype = t_thr, autocast_dtype
         self.weights = {"lpips": lpips_weight, "convnext": convnext_weight}
         self.c, self.p = c, p
 
@@ -110,7 +108,7 @@ class PMFObjective(nn.Module):
         return torch.autocast(device.type, dtype=self.autocast_dtype)
 
     def _as_image(self, z: torch.Tensor, output: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        return output if self.x_from_output is None else self.x_from_output(z, output, t)
+        return x_hat_from_output(self.model, z, output, t)   # x- or u-prediction: the model says which
 
     def denoise_uv(self, z, r, t, cond):
         """Both heads of one fp32 forward at h = t - r: ``(x_hat_u, x_hat_v)``, each (B, C, H, W)."""

@@ -41,7 +41,7 @@ import pmf_ref as P
 from .distributed import barrier, init_distributed
 from .ema import format_half_life
 from .fid import atomic_write, unwritable_reason
-from .model import PRESETS, make_cond
+from .model import PRESETS, make_cond, x_hat_from_output
 
 PIXEL_HALF_RANGE = 127.5  # uint8 = round((x + 1) * 127.5), x in [-1, 1]
 GRID_PADDING = 2
@@ -102,7 +102,8 @@ def generate(model: torch.nn.Module, y: torch.Tensor, z_1: torch.Tensor, *, omeg
         x, (B, C, H, W), nominally in [-1, 1].
     """
     cond = make_cond(y, omega, t_min, t_max)
-    u_fn = P.u_fn_from_x_fn(lambda z, r, t: model.forward_u(z, r, t, cond))
+    # x- or u-prediction: the model records which, x_hat_from_output reads it.
+    u_fn = P.u_fn_from_x_fn(lambda z, r, t: x_hat_from_output(model, z, model.forward_u(z, r, t, cond), t))
     return P.sample_one_step(u_fn, z_1, has_aux=True)
 
 

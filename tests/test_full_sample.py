@@ -234,3 +234,33 @@ def test_sample_cli_defaults_come_from_the_preset(model, tmp_path):
     expected = _all_images(model, 1, 1, omega=8.5, t_min=0.1, t_max=0.7, seed=0)[0].permute(1, 2, 0).numpy()
     assert np.abs(first.astype(int) - expected.astype(int)).max() <= 1
     assert not (tmp_path / "out" / "samples.npz").exists()
+
+
+def test_sample_cli_reads_a_u_prediction_checkpoint_as_u(tmp_path, capsys):
+    """A checkpoint trained with prediction='u' is sampled as u: the CLI's images equal the one-step
+    samples computed from the training objective's own denoiser (and differ from reading it as x)."""
+    import pmf_ref as P
+    from full.recipe import PMFObjective
+    from full.train import TrainConfig, train
+
+    cfg = TrainConfig(preset=PRESET, num_classes=NUM_CLASSES, batch_size=4, steps=3, perceptual="none",
+                      prediction="u", ema_half_lives_kimg=(0.001,), out=str(tmp_path / "run"), num_workers=0,
+                      device="cpu", log_every=1, lr=3e-3)
+    checkpoint = train(cfg, progress=False).checkpoint
+    S.main(["--ckpt", str(checkpoint), "--ema", "raw", "--omega", "2", "--interval", "0.1", "0.7", "--num", "4",
+            "--batch-size", "4", "--out", str(tmp_path / "samples"), "--device", "cpu", "--no-progress",
+            "--format", "npz", "--grid", "0"])
+    with np.load(tmp_path / "samples" / "samples.npz") as data:
+        images = torch.from_numpy(data["arr_0"]).permute(0, 3, 1, 2).int()
+    model = load_model(checkpoint, None)      # the raw weights
+    assert model.prediction == "u"
+    indices = torch.arange(4)
+    y = S.class_labels(indices, NUM_CLASSES)
+    z_1 = S.sample_noise(indices, (3, 16, 16), seed=0, noise_scale=model.noise_scale)
+    objective = PMFObjective(model)          # the training code's reading of the output
+    cond = make_cond(y, 2.0, 0.1, 0.7)
+    u_fn = P.u_fn_from_x_fn(lambda z, r, t: objective._as_image(z, model.forward_u(z, r, t, cond), t))
+    expected = S.to_uint8(P.sample_one_step(u_fn, z_1, has_aux=True)).int()
+    assert (images - expected).abs().max() <= 1
+    read_as_x = S.to_uint8(model.forward_u(z_1, torch.zeros(4), torch.ones(4), cond)).int()
+    assert (images - read_as_x).abs().max() > 1
