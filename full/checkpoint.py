@@ -35,6 +35,11 @@ CHECKPOINT_FORMAT = 2
 """2: weights-only safe (RNG states as tensors). Files of format 1 held numpy arrays and are refused."""
 CHECKPOINT_NAME, LOG_NAME = "checkpoint.pt", "log.jsonl"
 """The two files of a run folder (``full.train --out``)."""
+NUMBERED_CHECKPOINT = re.compile(r"^checkpoint-(\d{9,})\.pt$")
+"""``--keep-last``: ``checkpoint-000500000.pt`` (the step, 9 digits); ``checkpoint.pt`` then links to the newest."""
+FID_LOG_NAME = "fid.jsonl"
+MONITOR_FILES = (FID_LOG_NAME, "grid_inputs.pt", "samples/step*.png", "tensorboard/events.out.tfevents.*")
+"""What full.monitor writes into a run folder (``--fid-every``, ``--sample-every``, ``--tensorboard``)."""
 TEMP_PREFIX = ".tmp-"
 """Prefix of the temporary file written next to the final one; renamed over it once complete."""
 
@@ -292,9 +297,76 @@ def truncate_log(path: str | os.PathLike, step: int) -> int:
 
 
 def continues_in_place(out: str | os.PathLike, resume: str | None) -> bool:
-    """True when ``resume`` is ``out/checkpoint.pt`` itself (the run goes on in its own folder)."""
+    """True when ``resume`` is ``out/checkpoint.pt`` itself or one of ``out``'s numbered checkpoints
+    (the run goes on in its own folder)."""
+    if resume is None or not Path(resume).exists() or not Path(out).is_dir():
+        return False
     target = Path(out) / CHECKPOINT_NAME
-    return resume is not None and target.exists() and os.path.samefile(resume, target)
+    if target.exists() and os.path.samefile(resume, target):
+        return True
+    return bool(NUMBERED_CHECKPOINT.match(Path(resume).name)) and os.path.samefile(Path(resume).parent, out)
+
+
+def numbered_checkpoint_name(step: int) -> str:
+    """``checkpoint-000500000.pt``: zero-padded, so names sort by step."""
+    return f"checkpoint-{step:09d}.pt"
+
+
+def numbered_checkpoints(folder: str | os.PathLike) -> list[tuple[int, Path]]:
+    """(step, path) of the numbered checkpoints in ``folder``, oldest first (temp files never match)."""
+    folder = Path(folder)
+    found = [(int(match.group(1)), path) for path in (folder.iterdir() if folder.is_dir() else ())
+             if (match := NUMBERED_CHECKPOINT.match(path.name)) and path.is_file()]
+    return sorted(found)
+
+
+def keep_latest(folder: str | os.PathLike, newest: str | os.PathLike, *, keep_last: int) -> list[Path]:
+    """Point ``folder/checkpoint.pt`` at the numbered checkpoint ``newest`` and delete the others but
+    the ``keep_last - 1`` before it; returns the deleted files.
+
+    ``checkpoint.pt`` becomes a relative symlink, swapped in atomically (a hard link where symlinks
+    are not supported). Numbered checkpoints *after* ``newest`` are from a trajectory this run left
+    by resuming from an earlier one; they are deleted too.
+    """
+    folder, newest = Path(folder), Path(newest)
+    link = folder / f"{TEMP_PREFIX}{CHECKPOINT_NAME}.link"
+    link.unlink(missing_ok=True)
+    try:
+        os.symlink(newest.name, link)
+    except OSError:
+        os.link(newest, link)
+    os.replace(link, folder / CHECKPOINT_NAME)
+    step = int(NUMBERED_CHECKPOINT.match(newest.name).group(1))
+    older = [path for number, path in numbered_checkpoints(folder) if number < step]
+    stale = [path for number, path in numbered_checkpoints(folder) if number > step]
+    deleted = older[:max(len(older) - (keep_last - 1), 0)] + stale
+    for path in deleted:
+        path.unlink(missing_ok=True)
+    return deleted
+
+
+def latest_checkpoint(folder: str | os.PathLike) -> Path:
+    """The checkpoint of a run folder to resume from: the newest numbered one that reads, else ``checkpoint.pt``.
+
+    Every file is written whole (temp file + rename), but a copied or damaged one is skipped (with a
+    warning) for the next older.
+
+    Raises:
+        CheckpointError: no readable checkpoint in ``folder``.
+    """
+    folder = Path(folder)
+    candidates = [path for _, path in reversed(numbered_checkpoints(folder))] + [folder / CHECKPOINT_NAME]
+    for path in candidates:
+        if not path.is_file():
+            continue
+        try:
+            load_checkpoint(path, mmap=True)
+        except CheckpointError as error:
+            print(f"skipping {path}: {error}", file=sys.stderr)
+            continue
+        return path
+    raise CheckpointError(f"{str(folder)!r} holds no readable checkpoint ({CHECKPOINT_NAME} or "
+                          f"checkpoint-<step>.pt)")
 
 
 def check_run_folder(out: str | os.PathLike, *, resume: str | None, overwrite: bool,
@@ -312,6 +384,8 @@ def check_run_folder(out: str | os.PathLike, *, resume: str | None, overwrite: b
     if problem:
         raise RunFolderError(f"--out: {problem}")
     existing = [name for name in (CHECKPOINT_NAME, LOG_NAME) if (out / name).exists()]
+    if numbered_checkpoints(out) and CHECKPOINT_NAME not in existing:
+        existing.append("numbered checkpoints")
     if not existing or overwrite or continues_in_place(out, resume):
         return
     names = " and ".join(existing)
@@ -326,9 +400,10 @@ def check_run_folder(out: str | os.PathLike, *, resume: str | None, overwrite: b
 def reset_run_folder(out: str | os.PathLike, *, resume: str | None, overwrite: bool, resumed_step: int) -> None:
     """After every check passed (rank 0 only): delete the temp files of an interrupted save; when
     continuing in place, cut the log back to ``resumed_step`` (each logged step then appears exactly
-    once); with ``overwrite``, delete the earlier run's checkpoint and log."""
+    once; the same for ``fid.jsonl``); with ``overwrite``, delete the earlier run's checkpoints, log and
+    monitor files (:data:`MONITOR_FILES`)."""
     out = Path(out)
-    stale = remove_stale_temp_files(out, CHECKPOINT_NAME)
+    stale = remove_stale_temp_files(out, CHECKPOINT_NAME) + remove_stale_temp_files(out, "checkpoint-*.pt")
     if stale:
         print(f"removed {len(stale)} temp file(s) of an interrupted checkpoint save in {out}", file=sys.stderr)
     if continues_in_place(out, resume):
@@ -336,9 +411,13 @@ def reset_run_folder(out: str | os.PathLike, *, resume: str | None, overwrite: b
         if dropped:
             print(f"{out / LOG_NAME}: dropped {dropped} line(s) past the checkpoint's step {resumed_step} "
                   f"(they are trained again)", file=sys.stderr)
+        truncate_log(out / FID_LOG_NAME, resumed_step)
     elif overwrite:
         for name in (CHECKPOINT_NAME, LOG_NAME):
             (out / name).unlink(missing_ok=True)
+        for path in [path for _, path in numbered_checkpoints(out)] + [
+                path for pattern in MONITOR_FILES for path in out.glob(pattern)]:
+            path.unlink(missing_ok=True)
 
 
 class StopOnSignal:

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import copy
 import dataclasses
 import functools
 import json
@@ -42,12 +43,14 @@ from tqdm import tqdm
 import pmf_ref as P
 
 from .checkpoint import (CHECKPOINT_FORMAT, CHECKPOINT_NAME, LOG_NAME, CheckpointError, RunFolderError, StopOnSignal,
-                         capture_rng_state, check_run_folder, load_checkpoint, require_keys, reset_run_folder,
-                         restore_rng_state, save_checkpoint)
+                         capture_rng_state, check_run_folder, keep_latest, latest_checkpoint, load_checkpoint,
+                         numbered_checkpoint_name, require_keys, reset_run_folder, restore_rng_state, save_checkpoint)
 from .data import ImageFolderDataset, SyntheticDataset, UnreadableImageError, infinite_batches
 from .distributed import barrier, init_distributed, mean_over_ranks, world_size_from_env
 from .ema import EMASet
 from .model import PRESETS, build_model
+from .monitor import (FID_LOG, TensorBoard, append_jsonl, broadcast_weights, default_fid_ema, in_training_fid,
+                      load_or_make_grid_inputs, prepare_fid, sampling_settings, write_sample_grids)
 from .optim import build_optimizer
 from .perceptual import CROP_SIZE, PerceptualDistances, build_convnext_v2, build_lpips_vgg
 from .recipe import GuidanceSampler, PMFObjective, draw_step_randomness, no_guidance
@@ -66,7 +69,8 @@ RESUME_FIXED = ("preset", *MODEL_OVERRIDE_FIELDS, "batch_size", "seed", "optimiz
 the per-step randomness, the EMA set, the optimiser state or the loss."""
 NOT_INHERITED = ("resume", "overwrite", "device", "num_workers")
 """Fields a CLI resume does not take from the checkpoint when absent from the command line (the machine's)."""
-FLAG_OF = {"ema_half_lives_kimg": "--ema-kimg", "guidance": "--no-guidance", "accum_steps": "--accum-steps"}
+FLAG_OF = {"ema_half_lives_kimg": "--ema-kimg", "guidance": "--no-guidance", "accum_steps": "--accum-steps",
+           "fid_ref": "--ref"}
 
 
 @dataclass(frozen=True)
@@ -100,6 +104,18 @@ class TrainConfig:
     overwrite: bool = False                  # delete an earlier run's checkpoint / log in ``out`` (else refuse)
     num_workers: int = 8
     device: str | None = None                # None: CUDA when available
+    # Watching the run (full.monitor); nothing here changes what is trained.
+    sample_every: int = 0                    # steps between sample grids of every EMA and the raw weights (0: none)
+    sample_omega: float | None = None        # grids' and FID's sampling settings (None: the preset's best)
+    sample_t_min: float | None = None
+    sample_t_max: float | None = None
+    fid_every: int = 0                       # steps between FID / IS evaluations of one EMA (0: none)
+    fid_num: int = 5000                      # samples per evaluation (the paper's FID-50K is offline)
+    fid_ref: str | None = None               # reference statistics .npz (python -m full.evaluate ref-stats)
+    inception_weights: str | None = None     # default: the torch hub cache
+    tensorboard: bool = False                # scalars and grids into <out>/tensorboard
+    keep_last: int = 0                       # numbered checkpoints kept (checkpoint.pt links the newest); 0: only checkpoint.pt
+    compile: bool = False                    # torch.compile the objective (forward, JVP and backward)
 
     def model_overrides(self) -> dict:
         return {name: getattr(self, name) for name in MODEL_OVERRIDE_FIELDS if getattr(self, name) is not None}
@@ -144,10 +160,18 @@ def check_config(cfg: TrainConfig, world_size: int = 1) -> None:
         (len(cfg.ema_half_lives_kimg) > 0 and all(hl > 0 for hl in cfg.ema_half_lives_kimg),
          f"ema_half_lives_kimg must be positive numbers, got {cfg.ema_half_lives_kimg}"),
         (cfg.ckpt_every >= 1 and cfg.log_every >= 1, "ckpt_every and log_every must be >= 1"),
+        (min(cfg.sample_every, cfg.fid_every, cfg.keep_last) >= 0, "sample_every, fid_every and keep_last must be >= 0"),
+        (cfg.fid_every == 0 or cfg.fid_ref is not None, "fid_every needs fid_ref (--ref STATS.npz)"),
+        (cfg.fid_every == 0 or cfg.fid_num >= 2, f"fid_num must be >= 2, got {cfg.fid_num}"),
     ]
     for ok, message in checks:
         if not ok:
             raise UsageError(message)
+    omega, t_min, t_max = sampling_settings(cfg.preset, guidance=cfg.guidance, omega=cfg.sample_omega,
+                                            t_min=cfg.sample_t_min, t_max=cfg.sample_t_max)
+    if not (omega >= 1 and 0 <= t_min <= t_max <= 1):
+        raise UsageError(f"sampling settings need omega >= 1 and 0 <= t_min <= t_max <= 1, got omega {omega}, "
+                         f"interval [{t_min}, {t_max}]")
 
 
 def check_resume(cfg: TrainConfig, saved: dict, step: int) -> None:
@@ -187,6 +211,8 @@ def train(cfg: TrainConfig, dataset=None, progress: bool = True) -> TrainResult:
     dist_info = init_distributed(cfg.device)
     rank, world_size, device = dist_info.rank, dist_info.world_size, dist_info.device
     check_config(cfg, world_size)
+    if cfg.resume is not None and Path(cfg.resume).is_dir():   # a run folder: its newest readable checkpoint
+        cfg = dataclasses.replace(cfg, resume=str(latest_checkpoint(cfg.resume)))
     check_run_folder(cfg.out, resume=cfg.resume, overwrite=cfg.overwrite, check_writable=rank == 0)
     state = None
     if cfg.resume:   # read and checked before anything is built: a wrong flag fails in seconds
@@ -194,6 +220,10 @@ def train(cfg: TrainConfig, dataset=None, progress: bool = True) -> TrainResult:
         require_keys(state, cfg.resume, ("ema", "optimizer", "step", "images_seen", "rng", "data"), "resume")
         require_keys(state["config"], cfg.resume, ("train",), "resume")
         check_resume(cfg, state["config"]["train"], state["step"])
+    try:   # the Inception weights and reference statistics now: a missing file fails at start, not at step N
+        fid_reference = prepare_fid(cfg.fid_ref, cfg.inception_weights, device) if cfg.fid_every else None
+    except ValueError as error:
+        raise UsageError(f"--ref: {error}") from None
     local_batch = cfg.batch_size // world_size
     micro_batch = local_batch // cfg.accum_steps
     random.seed(cfg.seed)
@@ -202,7 +232,7 @@ def train(cfg: TrainConfig, dataset=None, progress: bool = True) -> TrainResult:
     preset = PRESETS[cfg.preset]
 
     # ---- model, EMAs
-    model = build_model(cfg.preset, **cfg.model_overrides()).to(device)
+    model = build_model(cfg.preset, **cfg.model_overrides(), prediction=cfg.prediction).to(device)
     emas = EMASet(model, cfg.ema_half_lives_kimg) if rank == 0 else None
 
     # ---- data
@@ -222,11 +252,12 @@ def train(cfg: TrainConfig, dataset=None, progress: bool = True) -> TrainResult:
     # ---- objective: the ablations are pmf_ref functions chosen here, not switches inside the math
     objective = PMFObjective(
         model, perceptual=build_perceptual(cfg), t_thr=preset["t_thr"],
-        x_from_output=P.x_from_average_velocity if cfg.prediction == "u" else None,
         autocast_dtype=torch.bfloat16 if cfg.bf16 else None).to(device)
     # DDP wraps the whole objective: the JVP runs inside DDP.forward, so gradients are all-reduced.
     step_objective = (DistributedDataParallel(objective, device_ids=[device.index] if device.type == "cuda" else None)
                       if world_size > 1 else objective)
+    if cfg.compile:   # Dynamo + AOTAutograd: forward, JVP and backward; the first step pays the compilation
+        step_objective = torch.compile(step_objective)
     sampler_kwargs = {"mean": preset["P_mean"], "std": preset["P_std"]}
     if cfg.time_sampler == "full":
         sampler_kwargs["uniform_fraction"] = preset["uniform_fraction"]
@@ -267,6 +298,19 @@ def train(cfg: TrainConfig, dataset=None, progress: bool = True) -> TrainResult:
         reset_run_folder(cfg.out, resume=cfg.resume, overwrite=cfg.overwrite, resumed_step=step)
     barrier()
     log_path, checkpoint_path = out / LOG_NAME, None
+    # ---- watching: grids (rank 0), FID (every rank samples with rank 0's EMA), TensorBoard (rank 0)
+    omega, t_min, t_max = sampling_settings(cfg.preset, guidance=cfg.guidance, omega=cfg.sample_omega,
+                                            t_min=cfg.sample_t_min, t_max=cfg.sample_t_max)
+    try:
+        grid_inputs = (load_or_make_grid_inputs(out, model.num_classes, image_shape, seed=cfg.seed,
+                                                noise_scale=model.noise_scale)
+                       if cfg.sample_every and rank == 0 else None)
+    except ValueError as error:
+        raise UsageError(f"--sample-every: {error}") from None
+    fid_ema = default_fid_ema(cfg.preset, cfg.ema_half_lives_kimg)
+    fid_network = ((emas.models[fid_ema] if rank == 0 else copy.deepcopy(model).eval().requires_grad_(False))
+                   if cfg.fid_every else None)
+    board = TensorBoard(out, purge_step=step + 1 if cfg.resume else None) if cfg.tensorboard and rank == 0 else None
     last_saved = f"{cfg.resume} (step {step})" if cfg.resume else "none yet"
     history, stopped_by = [], 0
     bar = tqdm(total=cfg.steps, initial=step, disable=not progress or rank != 0, desc="pMF", dynamic_ncols=True)
@@ -318,28 +362,46 @@ def train(cfg: TrainConfig, dataset=None, progress: bool = True) -> TrainResult:
             tick = now
             history.append(record)
             bar.update(1)
-            if rank == 0 and (step % cfg.log_every == 0 or step == cfg.steps or stop_requested):
+            if cfg.fid_every and (step % cfg.fid_every == 0 or step == cfg.steps) and not stop_requested:
+                metrics = in_training_fid(broadcast_weights(fid_network), fid_reference, num=cfg.fid_num, omega=omega,
+                                          t_min=t_min, t_max=t_max, seed=cfg.seed, rank=rank, world_size=world_size)
+                if rank == 0:
+                    append_jsonl(out / FID_LOG, {"step": step, "images_seen": images_seen, "ema": fid_ema,
+                                                 "omega": omega, "t_min": t_min, "t_max": t_max, **metrics})
+                    record.update(fid=metrics["fid"], is_mean=metrics["is_mean"])
+            if rank == 0 and (step % cfg.log_every == 0 or step == cfg.steps or stop_requested or "fid" in record):
                 # The adaptively weighted terms sit near 1 by construction; the raw sums show progress.
                 bar.set_postfix(raw_u=f"{record['raw_u']:.1f}", raw_v=f"{record['raw_v']:.1f}",
                                 img_s=f"{record['images_per_s']:.0f}")
                 with open(log_path, "a") as log_file:
                     log_file.write(json.dumps(record) + "\n")
+                if board is not None:
+                    board.scalars("train", {**record, "lr": optimizer.param_groups[0]["lr"]}, step)
+            if grid_inputs is not None and (step % cfg.sample_every == 0 or step == cfg.steps):
+                tiles = write_sample_grids(out, step, {**emas.models, "raw": model}, grid_inputs, omega=omega,
+                                           t_min=t_min, t_max=t_max, prediction=cfg.prediction)
+                for name, tile in tiles.items() if board is not None else ():
+                    board.image(f"samples/{name if name == 'raw' else 'ema' + name}", tile, step)
             if step % cfg.ckpt_every == 0 or step == cfg.steps or stop_requested:
-                checkpoint_path = out / CHECKPOINT_NAME
+                checkpoint_path = out / (numbered_checkpoint_name(step) if cfg.keep_last else CHECKPOINT_NAME)
                 if rank == 0:
                     save_checkpoint(checkpoint_path, {
                         "format": CHECKPOINT_FORMAT, "model": model.state_dict(), "ema": emas.state_dict(),
                         "optimizer": optimizer.state_dict(), "step": step, "images_seen": images_seen,
                         "rng": capture_rng_state(step_generator), "data": {"epoch": epoch, "batch": batch_in_epoch},
                         "lr_history": lr_history,
-                        "config": {"model": {"preset": cfg.preset, **cfg.model_overrides()},
+                        "config": {"model": {"preset": cfg.preset, **cfg.model_overrides(), "prediction": cfg.prediction},
                                    "noise_scale": model.noise_scale, "num_classes": model.num_classes,
                                    "resolution": model.resolution, "train": dataclasses.asdict(cfg)}})
+                    if cfg.keep_last:   # checkpoint.pt -> the newest; only the keep_last newest numbered ones stay
+                        keep_latest(out, checkpoint_path, keep_last=cfg.keep_last)
                 last_saved = f"{checkpoint_path} (step {step})"
             if stop_requested:
                 stopped_by = stop.signum or signal.SIGTERM   # another rank's signal: name the usual one
                 barrier()                                    # the checkpoint is complete before any rank exits
                 break
+    if board is not None:
+        board.close()
     return TrainResult(model, dict(emas.models) if emas is not None else {}, history, checkpoint_path, stopped_by)
 
 
@@ -386,6 +448,30 @@ def build_parser() -> argparse.ArgumentParser:
                              "(deletes them; default: refuse)")
     parser.add_argument("--num-workers", type=int, default=8, help="data-loading processes per GPU")
     parser.add_argument("--device", choices=("cpu", "cuda"), default=None, help="default: cuda when available")
+    watch = parser.add_argument_group("watching the run (full.monitor; none of these changes what is trained)")
+    watch.add_argument("--sample-every", type=int, default=0,
+                       help="steps between sample grids (fixed noise and classes) of every EMA and the raw "
+                            "weights, written as <out>/samples/step<N>-ema<K>.png; 0: none")
+    watch.add_argument("--sample-omega", type=float, default=None,
+                       help="omega of the grids and the FID (default: the preset's best; 1 without guidance)")
+    watch.add_argument("--sample-t-min", type=float, default=None, help="guidance interval start (default: the preset's)")
+    watch.add_argument("--sample-t-max", type=float, default=None, help="guidance interval end (default: the preset's)")
+    watch.add_argument("--fid-every", type=int, default=0,
+                       help="steps between FID / IS of the preset's sampling EMA (all processes sample), appended "
+                            "to log.jsonl and <out>/fid.jsonl; needs --ref; 0: none")
+    watch.add_argument("--fid-num", type=int, default=5000, help="samples per FID evaluation")
+    watch.add_argument("--ref", dest="fid_ref", default=None,
+                       help="reference statistics .npz for --fid-every (python -m full.evaluate ref-stats)")
+    watch.add_argument("--inception-weights", default=None,
+                       help="torch-fidelity's Inception weights for --fid-every (default: the torch hub cache)")
+    watch.add_argument("--tensorboard", action="store_true",
+                       help="write every logged value, lr and the grids to <out>/tensorboard")
+    watch.add_argument("--keep-last", type=int, default=0,
+                       help="keep the K newest numbered checkpoints checkpoint-<step>.pt (checkpoint.pt links the "
+                            "newest; --resume <out> picks it); 0: one checkpoint.pt")
+    watch.add_argument("--compile", action="store_true",
+                       help="torch.compile the training step (pays off after some hundred steps; see "
+                            "python -m full.bench_compile)")
     return parser
 
 
@@ -415,7 +501,9 @@ def main(argv: list[str] | None = None) -> None:
         parser.error(f"--preset: unknown preset {args.preset!r}; choose one of {sorted(PRESETS)}")
     for flag, value, minimum in (("--steps", args.steps, 1), ("--batch-size", args.batch_size, 1),
                                  ("--ckpt-every", args.ckpt_every, 1), ("--log-every", args.log_every, 1),
-                                 ("--num-workers", args.num_workers, 0)):
+                                 ("--num-workers", args.num_workers, 0), ("--sample-every", args.sample_every, 0),
+                                 ("--fid-every", args.fid_every, 0), ("--fid-num", args.fid_num, 2),
+                                 ("--keep-last", args.keep_last, 0)):
         if value < minimum:
             parser.error(f"{flag} must be >= {minimum}, got {value}")
     if not args.lr > 0:
@@ -430,6 +518,21 @@ def main(argv: list[str] | None = None) -> None:
         parser.error("--data is required (a class-folder root or 'synthetic'), unless --resume")
     if args.data is not None and args.data != "synthetic" and not Path(args.data).is_dir():
         parser.error(f"--data: folder {args.data!r} does not exist (expected root/<class>/<image>, or 'synthetic')")
+    if args.fid_every and args.fid_ref is None:
+        parser.error("--fid-every needs --ref STATS.npz (make one with python -m full.evaluate ref-stats)")
+    for flag, path in (("--ref", args.fid_ref), ("--inception-weights", args.inception_weights)):
+        if path is not None and not Path(path).is_file():
+            parser.error(f"{flag}: {path!r} is not a file")
+    if args.sample_omega is not None and not args.sample_omega >= 1:
+        parser.error(f"--sample-omega must be >= 1, got {args.sample_omega}")
+    for flag, value in (("--sample-t-min", args.sample_t_min), ("--sample-t-max", args.sample_t_max)):
+        if value is not None and not 0 <= value <= 1:
+            parser.error(f"{flag} must lie in [0, 1], got {value}")
+    if args.resume is not None and Path(args.resume).is_dir():   # a run folder: its newest readable checkpoint
+        try:
+            args.resume = str(latest_checkpoint(args.resume))
+        except CheckpointError as error:
+            parser.error(f"--resume: {error}")
     if args.resume is not None and not Path(args.resume).is_file():
         parser.error(f"--resume: checkpoint {args.resume!r} does not exist")
     try:
@@ -446,7 +549,11 @@ def main(argv: list[str] | None = None) -> None:
                       guidance=not args.no_guidance, ema_half_lives_kimg=half_lives, perceptual=args.perceptual,
                       convnext_weights=args.convnext_weights, bf16=args.bf16, ckpt_every=args.ckpt_every,
                       log_every=args.log_every, out=args.out, resume=args.resume, overwrite=args.overwrite,
-                      num_workers=args.num_workers, device=args.device)
+                      num_workers=args.num_workers, device=args.device, sample_every=args.sample_every,
+                      sample_omega=args.sample_omega, sample_t_min=args.sample_t_min, sample_t_max=args.sample_t_max,
+                      fid_every=args.fid_every, fid_num=args.fid_num, fid_ref=args.fid_ref,
+                      inception_weights=args.inception_weights, tensorboard=args.tensorboard,
+                      keep_last=args.keep_last, compile=args.compile)
     if args.resume is not None:   # what the command line does not say comes from the checkpoint
         try:
             saved = load_checkpoint(args.resume, mmap=True)

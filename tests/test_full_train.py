@@ -131,8 +131,8 @@ def test_load_model_selects_ema_and_lists_missing(tmp_path):
 def test_u_prediction_reads_output_as_average_velocity():
     """prediction='u': x_hat = z - max(t, t_eps) * output (pmf_ref.x_from_average_velocity)."""
     torch.manual_seed(0)
-    model = build_model("pMF-T/2", num_classes=10)
-    objective = PMFObjective(model, x_from_output=P.x_from_average_velocity)
+    model = build_model("pMF-T/2", num_classes=10, prediction="u")
+    objective = PMFObjective(model)
     z, t = torch.randn(3, 3, 16, 16), torch.tensor([0.01, 0.5, 1.0])
     cond = make_cond(torch.tensor([1, 2, 3]), 2.0, 0.1, 0.7)
     output_u, output_v = model.forward_uv(z, t * 0.5, t, cond)
@@ -181,3 +181,173 @@ def test_empty_data_folder_is_a_clear_error(tmp_path, capsys):
         main(["--preset", "pMF-T/2", "--data", str(tmp_path), "--steps", "1", "--batch-size", "2",
               "--device", "cpu", "--perceptual", "none", "--out", str(tmp_path / "out")])
     assert "holds no images" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------- watching a run (full.monitor)
+
+class _TinyFeatures(torch.nn.Module):
+    """Stand-in for the Inception network: fixed random projections, uint8 (B, 3, H, W) -> (pool, logits)."""
+
+    def __init__(self):
+        super().__init__()
+        generator = torch.Generator().manual_seed(0)
+        self.pool = torch.nn.Parameter(torch.randn(3 * 16 * 16, 8, generator=generator) / 16)
+        self.logits = torch.nn.Parameter(torch.randn(8, 5, generator=generator))
+
+    def forward(self, images):
+        pool = torch.tanh((images.float() / 255 - 0.5).flatten(1) @ self.pool)
+        return pool, pool @ self.logits
+
+
+@pytest.fixture
+def tiny_fid(monkeypatch, tmp_path):
+    """full.train's FID with the stand-in network (the real Inception path: tests/test_full_monitor.py)."""
+    from full import fid as fid_lib
+    from full import monitor
+
+    extractor = _TinyFeatures()
+    images = torch.randint(0, 256, (6, 3, 16, 16), dtype=torch.uint8, generator=torch.Generator().manual_seed(1))
+    mu, sigma = fid_lib.feature_statistics(fid_lib.extract_features(extractor, [images], progress=False).pool)
+    reference = monitor.FIDReference(extractor, mu, sigma)
+    monkeypatch.setattr("full.train.prepare_fid", lambda ref, weights, device: reference)
+    (tmp_path / "ref.npz").write_bytes(b"")
+    return reference, str(tmp_path / "ref.npz")
+
+
+def _watched(tmp_path, ref, **overrides) -> TrainConfig:
+    return _config(tmp_path / "run", **{**dict(sample_every=2, fid_every=2, fid_num=4, fid_ref=ref, tensorboard=True,
+                                              keep_last=2, ckpt_every=1), **overrides})
+
+
+def test_watched_run_writes_grids_fid_tensorboard_and_numbered_checkpoints(tmp_path, tiny_fid):
+    import json
+
+    from tensorboard.backend.event_processing import event_accumulator
+
+    from full import monitor
+
+    reference, ref = tiny_fid
+    result = train(_watched(tmp_path, ref), _dataset(), progress=False)
+    run = tmp_path / "run"
+    names = sorted(path.name for path in (run / monitor.SAMPLES_DIR).iterdir())
+    assert names == [f"step00000000{step}-{name}.png" for step in (2, 4) for name in ("ema0.5", "ema1", "raw")]
+    fid = [json.loads(line) for line in (run / monitor.FID_LOG).read_text().splitlines()]
+    assert [(row["step"], row["ema"], row["num"]) for row in fid] == [(2, "1", 4), (4, "1", 4)]
+    # The last evaluation is that of the returned EMA, recomputed.
+    omega, t_min, t_max = monitor.sampling_settings("pMF-T/2")
+    again = monitor.in_training_fid(result.emas["1"], reference, num=4, omega=omega, t_min=t_min, t_max=t_max)
+    assert fid[-1]["fid"] == pytest.approx(again["fid"], rel=1e-9) and fid[-1]["omega"] == omega
+    logged = {row["step"]: row for row in map(json.loads, (run / "log.jsonl").read_text().splitlines())}
+    assert [logged[step]["fid"] for step in (2, 4)] == [row["fid"] for row in fid] and "fid" not in logged[1]
+
+    events = event_accumulator.EventAccumulator(str(run / monitor.TENSORBOARD_DIR),
+                                                size_guidance={event_accumulator.IMAGES: 0})
+    events.Reload()
+    assert [event.step for event in events.Scalars("train/raw_u")] == [1, 2, 3, 4]
+    assert [event.value for event in events.Scalars("train/raw_u")] == pytest.approx(
+        [record["raw_u"] for record in result.history], rel=1e-6)
+    assert [event.step for event in events.Scalars("train/fid")] == [2, 4]
+    assert {"train/lr", "train/grad_norm", "train/images_per_s"} <= set(events.Tags()["scalars"])
+    assert set(events.Tags()["images"]) == {"samples/ema0.5", "samples/ema1", "samples/raw"}
+
+    assert [path.name for _, path in checkpoint_lib.numbered_checkpoints(run)] == [
+        "checkpoint-000000003.pt", "checkpoint-000000004.pt"]
+    assert (run / "checkpoint.pt").resolve() == (run / "checkpoint-000000004.pt").resolve()
+    assert result.checkpoint == run / "checkpoint-000000004.pt"
+    assert checkpoint_lib.latest_checkpoint(run) == run / "checkpoint-000000004.pt"
+
+
+def test_resume_from_run_folder_picks_latest_readable_and_matches_uninterrupted(tmp_path):
+    straight = train(_config(tmp_path / "straight", steps=4, keep_last=3, ckpt_every=1), _dataset(), progress=False)
+    run = tmp_path / "run"
+    train(_config(run, steps=3, keep_last=3, ckpt_every=1), _dataset(), progress=False)
+    (run / "checkpoint-000000003.pt").write_bytes(b"truncated")           # a damaged newest snapshot
+    assert checkpoint_lib.latest_checkpoint(run) == run / "checkpoint-000000002.pt"
+    resumed = train(_config(run, steps=4, keep_last=3, ckpt_every=1, resume=str(run)), _dataset(), progress=False)
+    for name, tensor in straight.model.state_dict().items():
+        assert torch.equal(tensor, resumed.model.state_dict()[name]), name
+    assert [step for step, _ in checkpoint_lib.numbered_checkpoints(run)] == [2, 3, 4]
+    with pytest.raises(checkpoint_lib.CheckpointError, match="no readable checkpoint"):
+        checkpoint_lib.latest_checkpoint(tmp_path)
+
+
+def test_keep_latest_deletes_older_and_abandoned_snapshots(tmp_path):
+    for step in (1, 2, 3, 5, 6):
+        (tmp_path / checkpoint_lib.numbered_checkpoint_name(step)).write_bytes(b"x")
+    deleted = checkpoint_lib.keep_latest(tmp_path, tmp_path / checkpoint_lib.numbered_checkpoint_name(3), keep_last=2)
+    # 5 and 6 belong to a trajectory left by resuming from 2: they are trained again.
+    assert sorted(path.name for path in deleted) == ["checkpoint-000000001.pt", "checkpoint-000000005.pt",
+                                                     "checkpoint-000000006.pt"]
+    assert [step for step, _ in checkpoint_lib.numbered_checkpoints(tmp_path)] == [2, 3]
+    assert os.readlink(tmp_path / "checkpoint.pt") == "checkpoint-000000003.pt"
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["checkpoint-000000002.pt",
+                                                                "checkpoint-000000003.pt", "checkpoint.pt"]
+
+
+def test_resume_in_place_cuts_fid_log_and_overwrite_clears_monitor_files(tmp_path, tiny_fid):
+    import json
+
+    from full import monitor
+
+    _, ref = tiny_fid
+    run = tmp_path / "run"
+    train(_watched(tmp_path, ref, steps=4, keep_last=4), _dataset(), progress=False)
+    train(_watched(tmp_path, ref, steps=4, keep_last=4, resume=str(run / "checkpoint-000000002.pt")), _dataset(),
+          progress=False)
+    steps = [json.loads(line)["step"] for line in (run / monitor.FID_LOG).read_text().splitlines()]
+    assert steps == [2, 4]                                # step 4 evaluated again, logged once
+    train(_config(run, steps=1, overwrite=True), _dataset(), progress=False)
+    left = sorted(str(path.relative_to(run)) for path in run.rglob("*") if path.is_file())
+    assert left == ["checkpoint.pt", "log.jsonl"], left
+
+
+def test_compile_flag_compiles_the_objective_and_trains_the_same(tmp_path, monkeypatch):
+    compiled = []
+
+    def recording_compile(module, *args, **kwargs):
+        compiled.append(module)
+        return module
+
+    monkeypatch.setattr(torch, "compile", recording_compile)
+    eager = train(_config(tmp_path / "eager", steps=2), _dataset(), progress=False)
+    assert not compiled
+    with_flag = train(_config(tmp_path / "compiled", steps=2, compile=True), _dataset(), progress=False)
+    assert len(compiled) == 1 and isinstance(compiled[0], PMFObjective)
+    assert [r["loss"] for r in with_flag.history] == [r["loss"] for r in eager.history]
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--fid-every", "2"], "--fid-every needs --ref"),
+    (["--fid-every", "2", "--ref", "/no/such/ref.npz"], "--ref"),
+    (["--keep-last", "-1"], "--keep-last"),
+    (["--sample-omega", "0.5"], "--sample-omega"),
+    (["--sample-t-max", "1.5"], "--sample-t-max"),
+    (["--inception-weights", "/no/such.pth"], "--inception-weights"),
+])
+def test_cli_watch_flags_bad_input_one_line_error(extra, message, tmp_path, capsys):
+    with pytest.raises(SystemExit) as raised:
+        main(["--preset", "pMF-T/2", "--data", "synthetic", "--out", str(tmp_path / "out"), *extra])
+    assert raised.value.code == 2
+    error_lines = [line for line in capsys.readouterr().err.splitlines() if "error:" in line]
+    assert len(error_lines) == 1 and message in error_lines[0], error_lines
+
+
+def test_cli_missing_inception_weights_refused_at_start(tmp_path, monkeypatch, capsys):
+    from full import fid as fid_lib
+
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "empty_hub"))
+    fid_lib.save_statistics(tmp_path / "ref.npz", torch.zeros(3).numpy(), torch.eye(3).numpy())
+    with pytest.raises(SystemExit) as raised:
+        main(["--preset", "pMF-T/2", "--num-classes", "10", "--data", "synthetic", "--steps", "2", "--batch-size", "2",
+              "--perceptual", "none", "--device", "cpu", "--num-workers", "0", "--out", str(tmp_path / "out"),
+              "--fid-every", "1", "--ref", str(tmp_path / "ref.npz")])
+    assert raised.value.code == 2
+    assert fid_lib.INCEPTION_WEIGHTS_FILENAME in capsys.readouterr().err
+    assert not (tmp_path / "out" / "log.jsonl").exists()                 # nothing was trained
+
+
+def test_cli_resume_from_a_folder_without_checkpoints(tmp_path, capsys):
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(SystemExit) as raised:
+        main(["--resume", str(tmp_path / "empty"), "--out", str(tmp_path / "empty")])
+    assert raised.value.code == 2 and "no readable checkpoint" in capsys.readouterr().err
