@@ -3,6 +3,7 @@
     python -m full.sample --ckpt run/ckpt.pt --per-class 50 --out samples/       # FID-50K set
     torchrun --nproc_per_node 8 -m full.sample --ckpt run/ckpt.pt --num 50000 --out samples/
     python -m full.sample --official-ckpt pMF-B-16.pt --preset pMF-B/16 --out samples/   # the authors' weights
+    python -m full.sample --ckpt model.safetensors --out samples/     # inference weights of python -m full.export
 
 Every image costs one network call (pMF Alg. 2):  ``x = z_1 - u(z_1, 0, 1) = x_theta(z_1, 0, 1 | c)``,
 z_1 = s * eps with the preset's noise scale s, c = (y, omega, t_min, t_max). Sample i has label
@@ -286,9 +287,17 @@ def sampling_defaults(preset: str) -> dict:
 
 
 def checkpoint_info(path: str) -> tuple[str, list[str]]:
-    """(preset name, EMA keys) of a ``full.train`` checkpoint; CheckpointError for an unusable file."""
-    from .checkpoint import load_checkpoint
+    """(preset name, EMA keys) of a ``full.train`` checkpoint or a ``full.export`` file (its one EMA);
+    CheckpointError for an unusable file."""
+    from .checkpoint import CheckpointError, load_checkpoint
+    from .export import ExportError, is_export, read_export_config
 
+    if is_export(path):
+        try:
+            config = read_export_config(path)
+        except ExportError as error:
+            raise CheckpointError(str(error)) from None
+        return config["model"]["preset"], [config["ema"]]
     # mmap: read the config without pulling every tensor (EMAs, optimizer) into memory.
     checkpoint = load_checkpoint(path, mmap=True)
     return checkpoint["config"]["model"]["preset"], sorted(checkpoint.get("ema", {}), key=float)
@@ -300,14 +309,24 @@ def normalize_ema(ema: str) -> str:
 
 
 def load_for_sampling(path: str, ema: str | None, device: torch.device) -> tuple[torch.nn.Module, str, str]:
-    """(model in eval mode on ``device``, preset name, EMA key used) from a ``full.train`` checkpoint.
+    """(model in eval mode on ``device``, preset name, EMA key used) from a ``full.train`` checkpoint or a
+    ``full.export`` file.
 
     ``ema`` is the EMA half-life key ("2000"), "raw" for the raw weights, or None for the preset's best.
     Raises KeyError (listing the EMAs present) when the checkpoint lacks it, and
     ``full.checkpoint.CheckpointError`` for an unusable file or non-finite weights.
     """
-    from .checkpoint import load_model  # the trainer's format, read only here
+    from .checkpoint import CheckpointError, load_model  # the trainer's format, read only here
+    from .export import ExportError, is_export, load_exported
 
+    if is_export(path):   # one EMA's inference weights: --ema may only name that one
+        try:
+            model, config = load_exported(path, device)
+        except ExportError as error:
+            raise CheckpointError(str(error)) from None
+        if ema is not None and normalize_ema(ema) != config["ema"]:
+            raise KeyError(f"{path!r} was exported from EMA {config['ema']!r} only; omit --ema or export another")
+        return model, config["model"]["preset"], config["ema"]
     preset, _ = checkpoint_info(path)
     ema = sampling_defaults(preset)["ema"] if ema is None else normalize_ema(ema)
     model = load_model(path, None if ema == "raw" else ema)

@@ -51,7 +51,8 @@ def test_export_round_trip_gives_the_checkpoint_network(checkpoint, tmp_path):
     assert torch.equal(_outputs(model), _outputs(reference)) and not model.training
     assert loaded == config == json.loads(X.config_path(out).read_text())
     saved = load_checkpoint(checkpoint)
-    assert config["model"] == {"preset": "pMF-T/2", "num_classes": 10, "v_head": False}
+    assert config["model"] == {**saved["config"]["model"], "v_head": False}
+    assert (config["model"]["preset"], config["model"]["num_classes"]) == ("pMF-T/2", 10)
     assert (config["ema"], config["step"], config["images_seen"]) == (EMA, 2, 16)
     assert config["parameters"] == sum(p.numel() for p in reference.parameters())
     preset = PRESETS["pMF-T/2"]
@@ -149,3 +150,22 @@ def test_cli_writes_weights_and_config(checkpoint, tmp_path, capsys):
     assert "parameters" in capsys.readouterr().out
     X.main([str(checkpoint), "--ema", "raw", "--out", str(tmp_path / "model.safetensors"), "--force"])
     assert json.loads((tmp_path / "model.json").read_text())["ema"] == "raw"
+
+
+@pytest.mark.parametrize("layout, suffix", [("ours", ".safetensors"), ("official", ".pt")])
+def test_full_sample_reads_an_export_like_its_checkpoint(checkpoint, tmp_path, layout, suffix):
+    import numpy as np
+
+    from full import sample as S
+
+    out = tmp_path / f"model{suffix}"
+    X.export(checkpoint, out, ema=EMA, layout=layout)
+    common = ["--num", "6", "--format", "npz", "--grid", "0", "--device", "cpu", "--no-progress", "--batch-size", "3"]
+    S.main(["--ckpt", str(checkpoint), "--ema", EMA, "--out", str(tmp_path / "from_ckpt"), *common])
+    S.main(["--ckpt", str(out), "--out", str(tmp_path / "from_export"), *common])
+    with np.load(tmp_path / "from_ckpt" / "samples.npz") as a, np.load(tmp_path / "from_export" / "samples.npz") as b:
+        assert np.array_equal(a["arr_0"], b["arr_0"]) and np.array_equal(a["labels"], b["labels"])
+    assert S.checkpoint_info(str(out)) == ("pMF-T/2", [EMA])
+    with pytest.raises(SystemExit) as exit_info:        # the export holds one EMA only
+        S.main(["--ckpt", str(out), "--ema", "0.5", "--out", str(tmp_path / "other"), *common])
+    assert exit_info.value.code == 2
