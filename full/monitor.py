@@ -27,6 +27,7 @@ import torchvision
 
 import pmf_ref as P
 
+from .checkpoint import FID_LOG_NAME
 from .evaluate import metrics_from_features
 from .fid import IS_SPLITS, atomic_write, build_inception, extract_features, load_statistics
 from .ema import format_half_life
@@ -35,7 +36,7 @@ from .sample import GRID_PADDING, class_labels, generate, iter_samples, sample_n
 
 GRID_INPUTS_FILE = "grid_inputs.pt"
 SAMPLES_DIR = "samples"
-FID_LOG = "fid.jsonl"
+FID_LOG = FID_LOG_NAME      # --overwrite deletes these files and cuts fid.jsonl on resume (full.checkpoint.MONITOR_FILES)
 TENSORBOARD_DIR = "tensorboard"
 GRID_COLUMNS = 8        # samples per class (row) of the grid
 GRID_MAX_ROWS = 10      # classes shown; evenly spread over the label range when there are more
