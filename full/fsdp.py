@@ -217,20 +217,21 @@ class ShardedEMA:
 
     def full_state_dict(self) -> dict[str, dict[str, torch.Tensor]]:
         """Whole tensors on every rank (a collective: every rank must call it)."""
-        return {key: {name: _whole(value) for name, value in average.items()} for key, average in self.averages.items()}
+        return {key: {name: whole(value) for name, value in average.items()} for key, average in self.averages.items()}
 
 
 def _local(tensor: torch.Tensor) -> torch.Tensor:
     return tensor.to_local() if isinstance(tensor, DTensor) else tensor
 
 
-def _whole(tensor: torch.Tensor) -> torch.Tensor:
+def whole(tensor: torch.Tensor) -> torch.Tensor:
+    """The whole tensor behind a DTensor shard (a collective); a plain tensor as it is."""
     return tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
 
 
 def full_model_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     """The model's whole tensors on every rank (a collective)."""
-    return {name: _whole(value.detach()) for name, value in model.state_dict().items()}
+    return {name: whole(value.detach()) for name, value in model.state_dict().items()}
 
 
 # ----------------------------------------------------------------------------- sharded checkpoints
@@ -371,6 +372,28 @@ def is_sharded_checkpoint(path: str | os.PathLike) -> bool:
     return (Path(path) / META_NAME).is_file()
 
 
+def resume_target(path: str | os.PathLike, newest_file) -> Path:
+    """What ``--resume path`` continues: a sharded checkpoint folder itself, a run folder's
+    ``checkpoint.dcp``, else ``newest_file(path)`` (the single-file checkpoints' rule)."""
+    path = Path(path)
+    if is_sharded_checkpoint(path):
+        return path
+    if is_sharded_checkpoint(path / SHARDED_NAME):
+        return path / SHARDED_NAME
+    return newest_file(path)
+
+
+def remove_sharded(path: str | os.PathLike) -> None:
+    """Delete the link ``path``, the folder it names and every other sharded checkpoint beside it."""
+    path = Path(path)
+    remove_stale_sharded(path)
+    if path.is_symlink() or path.exists():
+        target = path.resolve()
+        path.unlink() if path.is_symlink() else shutil.rmtree(path)
+        if target.is_dir():
+            shutil.rmtree(target)
+
+
 def read_sharded_meta(path: str | os.PathLike) -> dict:
     """``meta.pt`` of a sharded checkpoint (no process group needed; ``weights_only``).
 
@@ -378,6 +401,9 @@ def read_sharded_meta(path: str | os.PathLike) -> dict:
         CheckpointError: not a complete sharded checkpoint folder.
     """
     path = Path(path)
+    if path.is_file():
+        raise CheckpointError(f"{str(path)!r} is a single-file checkpoint; --fsdp resumes a sharded checkpoint "
+                              f"folder ({SHARDED_NAME}); resume this one without --fsdp")
     if not path.is_dir() or not (path / ".metadata").is_file() or not (path / META_NAME).is_file():
         raise CheckpointError(f"{str(path)!r} is not a complete sharded checkpoint folder (it needs .metadata "
                               f"and {META_NAME})")
@@ -436,3 +462,128 @@ def export_checkpoint(path: str | os.PathLike, target: str | os.PathLike) -> Pat
     state = {**meta, "model": tensors["model"], "ema": tensors["ema"],
              "optimizer": _index_state(layout, tensors["optimizer"])}
     return save_checkpoint(target, state)
+
+
+# ----------------------------------------------------------------------------- memory of a step
+
+def _rss_bytes() -> int:
+    with open("/proc/self/statm") as file:
+        return int(file.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def _memory_worker(rank: int, world: int, init_file: str, preset: str, overrides: dict, sharded: bool,
+                   half_lives: tuple, results) -> None:
+    from torch.nn.parallel import DistributedDataParallel
+
+    from .ema import EMASet
+    from .model import PRESETS, build_model
+    from .optim import build_optimizer
+    from .recipe import GuidanceSampler, PMFObjective, draw_step_randomness
+    import pmf_ref as P
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        baseline = _rss_bytes()
+        torch.manual_seed(0)
+        model = build_model(preset, **overrides)
+        objective = PMFObjective(model)
+        if sharded:
+            shard_objective(objective)
+            emas = ShardedEMA(model, half_lives)
+        else:
+            emas = EMASet(model, half_lives) if rank == 0 else None     # the DDP trainer: EMAs on rank 0
+            step_objective = DistributedDataParallel(objective)
+        optimizer = build_optimizer(model, kind="muon", lr=1e-3)
+        if sharded:
+            use_gathered_muon(optimizer)
+        shape = (model.channels, model.resolution, model.resolution)
+        sampler = lambda n, generator, device: P.sample_time_pair_released(  # noqa: E731
+            n, generator=generator, device=device, mean=PRESETS[preset]["P_mean"], std=PRESETS[preset]["P_std"],
+            uniform_fraction=PRESETS[preset]["uniform_fraction"])
+        for step in range(2):            # the second step runs with every state allocated
+            randomness = draw_step_randomness(world, shape, generator=torch.Generator().manual_seed(step),
+                                              noise_scale=model.noise_scale, sample_time_pair=sampler,
+                                              sample_guidance=GuidanceSampler(), device=torch.device("cpu"))
+            x = torch.zeros(world, *shape)
+            y = torch.zeros(world, dtype=torch.long)
+            rows = slice(rank, rank + 1)
+            terms = (objective if sharded else step_objective)(x[rows], y[rows], randomness.rows(rank, rank + 1))
+            terms["loss"].backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            if emas is not None:
+                emas.update(model, batch=world, images_seen=step * world)
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - baseline
+        results.put((rank, peak, sum(p.numel() for p in model.parameters())))
+    finally:
+        dist.destroy_process_group()
+
+
+def measure_step_memory(preset: str, *, sharded: bool, world: int = 2, overrides: dict | None = None,
+                        half_lives: tuple = (500.0, 1000.0, 2000.0)) -> dict:
+    """Peak resident memory a training step adds to each of ``world`` gloo CPU processes (one image per
+    process, Muon, the EMAs), DDP or FSDP; peak RSS above the RSS after start-up, so it counts states,
+    activations and every transient buffer. Returns ``{"per_rank_gib": [...], "params": int}``."""
+    import tempfile
+
+    import torch.multiprocessing as mp
+
+    context = mp.get_context("spawn")
+    results = context.SimpleQueue()
+    with tempfile.TemporaryDirectory() as folder:
+        mp.spawn(_memory_worker, args=(world, os.path.join(folder, "init"), preset, overrides or {}, sharded,
+                                       half_lives, results), nprocs=world, join=True)
+    rows = sorted(results.get() for _ in range(world))
+    return {"per_rank_gib": [peak / 2 ** 30 for _, peak, _ in rows], "params": rows[0][2]}
+
+
+def state_bytes_per_rank(params: int, muon_params: int, *, world: int, emas: int = 3, sharded: bool) -> int:
+    """Model states in bytes on the busiest rank, fp32: weights, gradients, Muon momentum, Adam m and v,
+    the EMAs. DDP: everything whole (EMAs on rank 0); FSDP: everything split over ``world`` ranks."""
+    adam = params - muon_params
+    total = 4 * (params + params + muon_params + 2 * adam + emas * params)
+    return total // world if sharded else total
+
+
+# ----------------------------------------------------------------------------- command line
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m full.fsdp", description=__doc__.split("\n\n")[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+    export = commands.add_parser("export", help="sharded checkpoint folder -> one checkpoint file (full.sample)")
+    export.add_argument("sharded", help="e.g. runs/pmf/checkpoint.dcp")
+    export.add_argument("target", help="e.g. runs/pmf/checkpoint.pt")
+    memory = commands.add_parser("memory", help="peak memory per process of a DDP and an FSDP step (gloo, CPU)")
+    memory.add_argument("--preset", default="pMF-B/16")
+    memory.add_argument("--resolution", type=int, default=32, help="small images: the states dominate")
+    memory.add_argument("--processes", type=int, default=2)
+    args = parser.parse_args(argv)
+    if args.command == "export":
+        try:
+            target = export_checkpoint(args.sharded, args.target)
+        except CheckpointError as error:
+            print(f"python -m full.fsdp export: error: {error}", file=sys.stderr)
+            raise SystemExit(2)
+        print(f"wrote {target}")
+        return
+    from .model import PRESETS
+    from .optim import split_parameters
+
+    if args.preset not in PRESETS:
+        parser.error(f"--preset: unknown preset {args.preset!r}; choose one of {sorted(PRESETS)}")
+    overrides = {"resolution": args.resolution, "patch": PRESETS[args.preset]["patch"]}
+    print(f"| {args.preset} at {args.resolution} px, {args.processes} gloo processes | peak RSS added per "
+          f"process (GiB) | model states, busiest rank (GiB) |\n|---|---|---|")
+    for sharded in (False, True):
+        measured = measure_step_memory(args.preset, sharded=sharded, world=args.processes, overrides=overrides)
+        from .model import build_model
+        with torch.device("meta"):
+            muon = sum(p.numel() for p in split_parameters(build_model(args.preset, **overrides))[0])
+        states = state_bytes_per_rank(measured["params"], muon, world=args.processes, sharded=sharded) / 2 ** 30
+        per_rank = " / ".join(f"{value:.2f}" for value in measured["per_rank_gib"])
+        print(f"| {'FSDP (--fsdp)' if sharded else 'DDP'} | {per_rank} | {states:.2f} |", flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -25,6 +25,7 @@ from full.ema import EMASet
 from full.model import build_model
 from full.optim import build_optimizer
 from full.recipe import GuidanceSampler, PMFObjective, draw_step_randomness
+from full.train import TrainConfig, train
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -123,6 +124,12 @@ def _kill_at(stage: str):
 
 # ----------------------------------------------------------------------------- the runs
 
+def _train_config(out: str, *, steps: int, resume: str | None = None, sharded: bool = True) -> TrainConfig:
+    return TrainConfig(preset="pMF-T/2", num_classes=10, batch_size=GLOBAL_BATCH, accum_steps=ACCUM, steps=steps,
+                       perceptual="none", out=out, resume=resume, ckpt_every=10_000, log_every=1,
+                       ema_half_lives_kimg=(1.0,), device="cpu", num_workers=0, optimizer=OPTIMIZER, fsdp=sharded)
+
+
 def _init(rank: int, world: int, init_file: str) -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
@@ -161,6 +168,13 @@ def _two_processes(rank: int, world: int, init_file: str, out: str) -> None:
         records["ddp"] = _whole_state(model, emas)
 
         records["muon"] = _muon_on_identical_gradients()
+
+        # The trainer: --fsdp for 2 steps, then --resume (in place) to 3.
+        trained = train(_train_config(os.path.join(out, "trainer"), steps=2), _dataset(), progress=False)
+        resumed = train(_train_config(os.path.join(out, "trainer"), steps=3, resume=str(trained.checkpoint)),
+                        _dataset(), progress=False)
+        records["trainer"] = {"model": fsdp.full_model_state_dict(resumed.model),
+                              "steps": [record["step"] for record in trained.history + resumed.history]}
         if rank == 0:
             torch.save(records, os.path.join(out, "two.pt"))
     finally:
@@ -211,6 +225,10 @@ def runs(tmp_path_factory):
     mp.spawn(_two_processes, args=(2, init_file, out), nprocs=2, join=True)
     records.update(torch.load(os.path.join(out, "two.pt")))
 
+    plain_trainer = train(_train_config(os.path.join(out, "plain_trainer"), steps=3, sharded=False),
+                          SyntheticDataset(GLOBAL_BATCH * STEPS, 16, num_classes=10, seed=3), progress=False)
+    records["plain_trainer"] = {k: v.detach() for k, v in plain_trainer.model.state_dict().items()}
+
     model, objective, opt, emas = _setup(False)       # resume the 2-process checkpoint on 1 process
     meta = fsdp.load_sharded_checkpoint(os.path.join(out, "two", fsdp.SHARDED_NAME), model=model,
                                         optimizer=opt, emas=emas)
@@ -251,6 +269,14 @@ def test_fsdp_training_matches_one_process_and_ddp(runs):
     assert moved > 1e-4                  # equal weights that never moved would prove nothing
     ema = runs["plain"]["ema"][fsdp.format_half_life(HALF_LIVES[0])]
     assert max((ema[k] - initial[k]).abs().max().item() for k in initial) > 1e-5
+
+
+def test_trainer_fsdp_run_resumed_in_place_matches_one_process(runs):
+    """``train(fsdp=True)`` on 2 processes, stopped at step 2 and resumed (RNG, data position, optimiser,
+    EMAs from the sharded folder) to step 3, equals an uninterrupted 1-process run."""
+    assert runs["trainer"]["steps"] == [1, 2, 3]
+    for key, value in runs["plain_trainer"].items():
+        torch.testing.assert_close(runs["trainer"]["model"][key], value, rtol=1e-4, atol=1e-5, msg=key)
 
 
 def test_gathered_muon_step_is_bit_identical_to_unsharded_muon(runs):
