@@ -449,29 +449,29 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--num-workers", type=int, default=8, help="data-loading processes per GPU")
     parser.add_argument("--device", choices=("cpu", "cuda"), default=None, help="default: cuda when available")
     watch = parser.add_argument_group("watching the run (full.monitor; none of these changes what is trained)")
-    watch.add_argument("--sample-every", type=int, default=0,
+    watch.add_argument("--sample-every", type=int, default=0, metavar="N",
                        help="steps between sample grids (fixed noise and classes) of every EMA and the raw "
                             "weights, written as <out>/samples/step<N>-ema<K>.png; 0: none")
-    watch.add_argument("--sample-omega", type=float, default=None,
+    watch.add_argument("--sample-omega", type=float, default=None, metavar="OMEGA",
                        help="omega of the grids and the FID (default: the preset's best; 1 without guidance)")
-    watch.add_argument("--sample-t-min", type=float, default=None, help="guidance interval start (default: the preset's)")
-    watch.add_argument("--sample-t-max", type=float, default=None, help="guidance interval end (default: the preset's)")
-    watch.add_argument("--fid-every", type=int, default=0,
+    watch.add_argument("--sample-t-min", type=float, default=None, metavar="T", help="guidance interval start (default: the preset's)")
+    watch.add_argument("--sample-t-max", type=float, default=None, metavar="T", help="guidance interval end (default: the preset's)")
+    watch.add_argument("--fid-every", type=int, default=0, metavar="N",
                        help="steps between FID / IS of the preset's sampling EMA (all processes sample), appended "
                             "to log.jsonl and <out>/fid.jsonl; needs --ref; 0: none")
-    watch.add_argument("--fid-num", type=int, default=5000, help="samples per FID evaluation")
-    watch.add_argument("--ref", dest="fid_ref", default=None,
+    watch.add_argument("--fid-num", type=int, default=5000, metavar="K", help="samples per FID evaluation")
+    watch.add_argument("--ref", dest="fid_ref", default=None, metavar="STATS.npz",
                        help="reference statistics .npz for --fid-every (python -m full.evaluate ref-stats)")
-    watch.add_argument("--inception-weights", default=None,
+    watch.add_argument("--inception-weights", default=None, metavar="PATH",
                        help="torch-fidelity's Inception weights for --fid-every (default: the torch hub cache)")
     watch.add_argument("--tensorboard", action="store_true",
                        help="write every logged value, lr and the grids to <out>/tensorboard")
-    watch.add_argument("--keep-last", type=int, default=0,
+    watch.add_argument("--keep-last", type=int, default=0, metavar="K",
                        help="keep the K newest numbered checkpoints checkpoint-<step>.pt (checkpoint.pt links the "
                             "newest; --resume <out> picks it); 0: one checkpoint.pt")
     watch.add_argument("--compile", action="store_true",
-                       help="torch.compile the training step (pays off after some hundred steps; see "
-                            "python -m full.bench_compile)")
+                       help="torch.compile the training step (on CPU it paid off after ~1,000 steps; "
+                            "measure yours with python -m full.bench_compile)")
     return parser
 
 
