@@ -1,6 +1,15 @@
 """The training-step and sampling variants the benchmarks time, all composed of ``pmf_ref`` calls.
 
+Every variant runs on one of two paths (:data:`PATHS`, :func:`on_path`):
+
+* ``old``: today's reference -- ``torch.func.jvp`` through plain torch ops (``pmf_ref.reference_ops()``);
+* ``new``: the core's default -- ``torch.autograd.forward_ad`` dual tensors through the ops of
+  ``pmf_ref.fast_jvp`` (one-GEMM linear tangents, no tangent graph, no tangent kept by saved tensors).
+
 A variant is a zero-argument callable over fixed tensors, so repeated calls do identical work:
+
+* ``forward``: the no-grad forward of the u path, ``x_fn(z_t, r, t)`` (the unit of the JVP's cost);
+* ``jvp``: the core's JVP under ``no_grad`` (primal + tangent), tangent v = e - x;
 
 * ``flow_matching``: JiT baseline, ``pmf_ref.flow_matching_loss`` (r = t, no JVP) + backward.
 * ``alg1``: pMF Alg. 1, ``pmf_ref.pmf_loss`` (no-grad tangent pass + the core's forward-mode JVP,
@@ -12,6 +21,8 @@ A variant is a zero-argument callable over fixed tensors, so repeated calls do i
 JVP strategies for the same Alg. 1 loss (benchmark-only alternatives, identical value and gradient):
 
 * ``jvp_primal_grad``: the core's way, one forward-mode JVP whose primal output is differentiated;
+* ``jvp_func_route``: the same with the core's JVP forced to ``torch.func.jvp`` (``mode="func"``), which
+  takes functorch's slower path through the custom ops;
 * ``jvp_nograd_plus_forward``: the core's JVP under ``torch.no_grad()`` (tangent only, nothing
   saved for backward), then a separate differentiable forward for u;
 * ``double_backward``: du/dt by ``torch.autograd.functional.jvp`` (reverse mode twice), then a
@@ -19,6 +30,7 @@ JVP strategies for the same Alg. 1 loss (benchmark-only alternatives, identical 
 """
 from __future__ import annotations
 
+import contextlib
 from typing import Callable, NamedTuple
 
 import torch
@@ -33,6 +45,37 @@ class Batch(NamedTuple):
     e: torch.Tensor   # noise (already scaled), (B, ...)
     r: torch.Tensor   # (B,)
     t: torch.Tensor   # (B,), r <= t
+
+
+PATHS = ("old", "new")
+"""``old``: ``torch.func.jvp`` through plain torch ops (``pmf_ref.reference_ops()``); ``new``: the default."""
+
+
+def on_path(fn: Callable, path: str) -> Callable:
+    """``fn`` run on ``path``: inside ``pmf_ref.reference_ops()`` for "old", as is for "new"."""
+    if path not in PATHS:
+        raise ValueError(f"path must be one of {PATHS}, got {path!r}")
+
+    def call():
+        with P.reference_ops() if path == "old" else contextlib.nullcontext():
+            return fn()
+    return call
+
+
+# ----------------------------------------------------------------------------- forward and JVP
+
+def u_forward(x_fn: XFn, batch: Batch) -> torch.Tensor:
+    """The no-grad forward of the u path at the batch's (z_t, r, t), (B, ...)."""
+    with torch.no_grad():
+        return x_fn(P.interpolate(batch.x, batch.e, batch.t), batch.r, batch.t)
+
+
+def u_jvp(x_fn: XFn, batch: Batch) -> torch.Tensor:
+    """The core's JVP under ``no_grad`` (primal u and tangent du/dt, tangent v = e - x); returns du/dt."""
+    with torch.no_grad():
+        z_t = P.interpolate(batch.x, batch.e, batch.t)
+        v = P.tangent_conditional(batch.x, batch.e)
+        return P.average_velocity_jvp(P.u_fn_from_x_fn(x_fn), z_t, batch.r, batch.t, v_tangent=v, has_aux=True).dudt
 
 
 # ----------------------------------------------------------------------------- per-sample losses
@@ -66,6 +109,17 @@ def alg1_loss_nograd_jvp(x_fn: XFn, batch: Batch) -> torch.Tensor:
     return _alg1_from_dudt(u_fn, z_t, v_t, batch, dudt)
 
 
+def alg1_loss_func_route(x_fn: XFn, batch: Batch) -> torch.Tensor:
+    """Alg. 1 as ``pmf_ref.pmf_loss`` computes it, with the JVP forced to ``mode="func"``, (B,)."""
+    u_fn = P.u_fn_from_x_fn(x_fn)
+    z_t = P.interpolate(batch.x, batch.e, batch.t)
+    v_t = P.target_velocity(z_t, batch.x, batch.t)
+    v_tangent = P.tangent_from_model(u_fn, z_t, batch.t, has_aux=True)
+    jvp = P.average_velocity_jvp(u_fn, z_t, batch.r, batch.t, v_tangent=v_tangent, has_aux=True, mode="func")
+    compound = P.compound_velocity(jvp.u, jvp.dudt, batch.r, batch.t)
+    return P.adaptively_weighted(P.squared_error(compound, v_t))
+
+
 def alg1_loss_double_backward(x_fn: XFn, batch: Batch) -> torch.Tensor:
     """Alg. 1 with du/dt from ``torch.autograd.functional.jvp`` (double-vjp trick; tangents
     dz = v, dr = 0, dt = 1 as in the core) plus a separate forward with gradient, (B,)."""
@@ -81,6 +135,7 @@ def alg1_loss_double_backward(x_fn: XFn, batch: Batch) -> torch.Tensor:
 
 ALG1_STRATEGIES: dict[str, Callable[[XFn, Batch], torch.Tensor]] = {
     "jvp_primal_grad": alg1_loss,
+    "jvp_func_route": alg1_loss_func_route,
     "jvp_nograd_plus_forward": alg1_loss_nograd_jvp,
     "double_backward": alg1_loss_double_backward,
 }

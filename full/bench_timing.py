@@ -8,9 +8,14 @@ drifts of a shared machine hit all variants alike and outliers do not move the r
 Peak memory: on CUDA ``torch.cuda.max_memory_allocated`` above the allocation before the call.
 On CPU PyTorch keeps no allocator statistics, so we read the process's resident set: reset the
 kernel's high-water mark (``/proc/self/clear_refs``), run the call once, and report
-``VmHWM - VmRSS(before)``. freed heap is first handed back to the OS (``malloc_trim``) so the
-baseline holds no reusable free memory. This counts every byte the step touches (activations,
-gradients, workspace), at page granularity, and it is Linux-only (else ``None``).
+``VmHWM - VmRSS(before)``. Freed heap is first handed back to the OS (``malloc_trim``) so the
+baseline holds no reusable free memory, and during the probe glibc serves every block above 64 KiB
+by ``mmap`` (``mallopt(M_MMAP_THRESHOLD)``), so a freed tensor leaves the resident set at once: without
+that, blocks freed by one variant and reused by the next made the figures depend on the order of
+the probes (measured: the same step 360 or 428 MB). One untimed call under that setting comes first.
+This counts every byte the step touches above what is live before it (activations, workspace; the
+gradients of the previous call are live before and are freed and re-allocated inside), at page
+granularity, and it is Linux + glibc only (else ``None``).
 """
 from __future__ import annotations
 
@@ -29,7 +34,11 @@ MIN_SAMPLE_S = 0.05
 """A timing sample spans at least this long (many calls of a fast step are averaged into one)."""
 MAX_INNER = 1000
 """Cap on the calls averaged into one sample."""
-CPU_MEMORY_METHOD = "rss_high_water (VmHWM after /proc/self/clear_refs=5, minus VmRSS before; malloc_trim first)"
+M_MMAP_THRESHOLD = -3                # glibc mallopt parameter
+PROBE_MMAP_THRESHOLD = 64 * 2 ** 10  # during a memory probe: every block above this is its own mapping
+DEFAULT_MMAP_THRESHOLD = 32 * 2 ** 20  # afterwards: glibc's own upper limit for its dynamic threshold
+CPU_MEMORY_METHOD = ("rss_high_water (VmHWM after /proc/self/clear_refs=5, minus VmRSS before; malloc_trim first; "
+                     "blocks > 64 KiB mmap-ed during the probe, after one untimed call)")
 CUDA_MEMORY_METHOD = "torch.cuda.max_memory_allocated minus memory_allocated before"
 
 
@@ -111,12 +120,23 @@ def _proc_status_kib(field: str) -> int | None:
     return None
 
 
+def _libc():
+    try:
+        return ctypes.CDLL("libc.so.6")
+    except OSError:
+        return None
+
+
 def _release_free_heap() -> None:
     gc.collect()
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass  # not glibc: the baseline may then include cached free memory
+    libc = _libc()
+    if libc is not None and hasattr(libc, "malloc_trim"):
+        libc.malloc_trim(0)  # not glibc: the baseline may then include cached free memory
+
+
+def _set_mmap_threshold(libc, size: int) -> None:
+    if libc is not None and hasattr(libc, "mallopt"):
+        libc.mallopt(M_MMAP_THRESHOLD, size)
 
 
 def peak_memory_bytes(fn: Callable[[], object], device: torch.device) -> int | None:
@@ -128,15 +148,21 @@ def peak_memory_bytes(fn: Callable[[], object], device: torch.device) -> int | N
         fn()
         synchronize(device)
         return torch.cuda.max_memory_allocated(device) - before
-    _release_free_heap()
-    before = _proc_status_kib("VmRSS")
+    libc = _libc()
+    _set_mmap_threshold(libc, PROBE_MMAP_THRESHOLD)
     try:
-        with open("/proc/self/clear_refs", "w") as clear_refs:
-            clear_refs.write("5")  # "5" resets the peak-RSS counter (Linux >= 4.0)
-    except OSError:
-        return None
-    fn()
-    peak = _proc_status_kib("VmHWM")
+        fn()                       # the live state (e.g. gradients) now sits in mappings of its own
+        _release_free_heap()
+        before = _proc_status_kib("VmRSS")
+        try:
+            with open("/proc/self/clear_refs", "w") as clear_refs:
+                clear_refs.write("5")  # "5" resets the peak-RSS counter (Linux >= 4.0)
+        except OSError:
+            return None
+        fn()
+        peak = _proc_status_kib("VmHWM")
+    finally:
+        _set_mmap_threshold(libc, DEFAULT_MMAP_THRESHOLD)
     if before is None or peak is None:
         return None
     return max(0, peak - before) * 1024

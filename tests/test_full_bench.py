@@ -14,7 +14,8 @@ from toy.model import ToyMLP
 
 TINY = bench.BenchConfig(warmup=0, repeats=1, min_sample_s=0.0, toy_dim=4, toy_batch=8,
                          tiny_preset="pMF-T/2", tiny_batch=2, small_preset="pMF-T/4", small_resolution=16,
-                         small_batch=2, sample_batch=1, euler_steps=2, compile=False)
+                         small_batches=(2,), sample_batch=1, euler_steps=2, compile=False,
+                         memory=False)  # the memory probe has its own test; gc.collect() costs 0.5 s a call here
 
 
 def _grads(loss_fn, parameters):
@@ -25,7 +26,7 @@ def _grads(loss_fn, parameters):
     return loss.detach(), [parameter.grad.clone() for parameter in parameters]
 
 
-@pytest.mark.parametrize("strategy", ["jvp_nograd_plus_forward", "double_backward"])
+@pytest.mark.parametrize("strategy", ["jvp_nograd_plus_forward", "jvp_func_route", "double_backward"])
 def test_alg1_strategies_match_core_loss_and_gradient(strategy):
     """Second formulation as oracle: every strategy equals pmf_ref.pmf_loss, value and gradient (float64)."""
     generator = torch.Generator().manual_seed(0)
@@ -67,15 +68,26 @@ def test_bench_run_has_headline_ratios_and_rows(tmp_path):
     threads = torch.get_num_threads()
     result = bench.run(TINY, progress=False)
     assert torch.get_num_threads() == threads  # the run restores the caller's setting
-    for key in ("step_ratio_alg1", "step_ratio_released", "sampling_vs_forward", "one_step_vs_euler50"):
+    for key in bench.HEADLINE_KEYS:
         assert result[key] > 0
+    assert {"step_ratio_alg1", "step_ratio_released", "sampling_vs_forward", "one_step_vs_euler50",
+            "jvp_forwards", "steps", "jvp_strategies", "sampling", "targets", "targets_met"} <= set(result)
+    assert set(result["targets_met"]) == set(bench.TARGETS)
     assert {"cpu_model", "cpu_count", "torch_threads", "torch_version"} <= set(result["machine"])
-    variants = {(row["network"], row["variant"]) for row in result["steps"]}
-    assert len(variants) == 3 + 3 + 2       # the toy has no released recipe (no v-head)
+    rows = {(row["network"], row["variant"], row["path"]) for row in result["steps"]}
+    assert len(rows) == 2 * (4 + 5 + 5)     # old and new; the toy has no released recipe (no v-head)
     assert {row["strategy"] for row in result["jvp_strategies"]} == {"flow_matching", *ALG1_STRATEGIES}
-    fm = [row for row in result["steps"] if row["variant"] == "flow_matching"]
-    assert all(row["ratio_vs_flow_matching"] == 1.0 for row in fm)
-    assert "| network | step |" in bench.format_tables(result)
+    for row in result["steps"]:
+        assert row["ratio_vs_old"] == 1.0 if row["path"] == "old" else row["ratio_vs_old"] > 0
+        if row["variant"] == "flow_matching":
+            assert row["ratio_vs_flow_matching"] == 1.0
+        if row["variant"] == "forward":
+            assert row["ratio_vs_forward"] == 1.0
+    sampling = {(row["variant"], row["path"]) for row in result["sampling"] if row["network"] == "pMF-T/4 @16px"}
+    assert sampling == {("bare_forward", "old"), ("bare_forward", "new"), ("one_step", "old"), ("one_step", "new"),
+                        ("euler2", "new")}
+    table = bench.format_tables(result)
+    assert "| network | batch | step | old ms | new ms |" in table and "jvp_forwards = " in table
     path = tmp_path / "bench.json"
     bench.write_json_atomic(str(path), result)
     assert json.loads(path.read_text())["step_ratio_alg1"] == result["step_ratio_alg1"]
