@@ -44,10 +44,14 @@ import pmf_ref as P
 
 from .checkpoint import (CHECKPOINT_FORMAT, CHECKPOINT_NAME, LOG_NAME, CheckpointError, RunFolderError, StopOnSignal,
                          capture_rng_state, check_run_folder, keep_latest, latest_checkpoint, load_checkpoint,
-                         numbered_checkpoint_name, require_keys, reset_run_folder, restore_rng_state, save_checkpoint)
+                         numbered_checkpoint_name, require_keys, reset_run_folder, restore_rng_state, save_checkpoint,
+                         truncate_log)
 from .data import ImageFolderDataset, SyntheticDataset, UnreadableImageError, infinite_batches
 from .distributed import barrier, init_distributed, mean_over_ranks, world_size_from_env
 from .ema import EMASet
+from .fsdp import (SHARDED_NAME, ShardedEMA, ensure_process_group, is_sharded_checkpoint, load_sharded_checkpoint,
+                   read_sharded_meta, remove_sharded, remove_stale_sharded, resume_target, save_sharded_checkpoint,
+                   shard_objective, use_gathered_muon, whole)
 from .model import PRESETS, build_model
 from .monitor import (FID_LOG, TensorBoard, append_jsonl, broadcast_weights, default_fid_ema, in_training_fid,
                       load_or_make_grid_inputs, prepare_fid, sampling_settings, write_sample_grids)
@@ -116,6 +120,9 @@ class TrainConfig:
     tensorboard: bool = False                # scalars and grids into <out>/tensorboard
     keep_last: int = 0                       # numbered checkpoints kept (checkpoint.pt links the newest); 0: only checkpoint.pt
     compile: bool = False                    # torch.compile the objective (forward, JVP and backward)
+    # Sharded training (full.fsdp): FSDP2 instead of DDP; checkpoints are folders (checkpoint.dcp).
+    fsdp: bool = False
+    fsdp_mixed_precision: str | None = None  # None | "bf16": bf16 all-gather, fp32 reduce and compute
 
     def model_overrides(self) -> dict:
         return {name: getattr(self, name) for name in MODEL_OVERRIDE_FIELDS if getattr(self, name) is not None}
@@ -163,6 +170,12 @@ def check_config(cfg: TrainConfig, world_size: int = 1) -> None:
         (min(cfg.sample_every, cfg.fid_every, cfg.keep_last) >= 0, "sample_every, fid_every and keep_last must be >= 0"),
         (cfg.fid_every == 0 or cfg.fid_ref is not None, "fid_every needs fid_ref (--ref STATS.npz)"),
         (cfg.fid_every == 0 or cfg.fid_num >= 2, f"fid_num must be >= 2, got {cfg.fid_num}"),
+        (cfg.fsdp_mixed_precision in (None, "bf16"),
+         f"fsdp_mixed_precision must be None or 'bf16', got {cfg.fsdp_mixed_precision!r}"),
+        (cfg.fsdp or cfg.fsdp_mixed_precision is None, "fsdp_mixed_precision needs fsdp (--fsdp)"),
+        # Not yet with sharding: the grids, FID and --keep-last read whole EMAs or single-file checkpoints.
+        (not cfg.fsdp or not (cfg.sample_every or cfg.fid_every or cfg.keep_last or cfg.compile),
+         "fsdp does not combine with sample_every, fid_every, keep_last or compile yet"),
     ]
     for ok, message in checks:
         if not ok:
@@ -210,14 +223,25 @@ def train(cfg: TrainConfig, dataset=None, progress: bool = True) -> TrainResult:
     """Train (or resume) a PMFViT; returns the model, its EMAs, the per-step history and the last checkpoint."""
     dist_info = init_distributed(cfg.device)
     rank, world_size, device = dist_info.rank, dist_info.world_size, dist_info.device
+    if cfg.fsdp:   # FSDP needs a process group, of one process too
+        ensure_process_group(device)
     check_config(cfg, world_size)
     if cfg.resume is not None and Path(cfg.resume).is_dir():   # a run folder: its newest readable checkpoint
-        cfg = dataclasses.replace(cfg, resume=str(latest_checkpoint(cfg.resume)))
-    check_run_folder(cfg.out, resume=cfg.resume, overwrite=cfg.overwrite, check_writable=rank == 0)
+        cfg = dataclasses.replace(cfg, resume=str(resume_target(cfg.resume, latest_checkpoint)))
+    if cfg.resume is not None and not cfg.fsdp and is_sharded_checkpoint(cfg.resume):
+        raise UsageError(f"--resume {cfg.resume!r} is a sharded checkpoint: pass --fsdp, or write one file with "
+                         f"python -m full.fsdp export {cfg.resume} checkpoint.pt")
+    # A sharded checkpoint in ``out`` continues in place (the folder checks know only checkpoint.pt).
+    sharded_in_place = (cfg.fsdp and cfg.resume is not None
+                        and Path(cfg.resume).parent.resolve() == Path(cfg.out).resolve())
+    check_run_folder(cfg.out, resume=cfg.resume, overwrite=cfg.overwrite or sharded_in_place,
+                     check_writable=rank == 0)
     state = None
     if cfg.resume:   # read and checked before anything is built: a wrong flag fails in seconds
-        state = load_checkpoint(cfg.resume, map_location="cpu")   # load_state_dict copies to the device
-        require_keys(state, cfg.resume, ("ema", "optimizer", "step", "images_seen", "rng", "data"), "resume")
+        # load_state_dict copies to the device; a sharded checkpoint's tensors are read after sharding.
+        state = read_sharded_meta(cfg.resume) if cfg.fsdp else load_checkpoint(cfg.resume, map_location="cpu")
+        require_keys(state, cfg.resume, ("step", "images_seen", "rng", "data") if cfg.fsdp else
+                     ("ema", "optimizer", "step", "images_seen", "rng", "data"), "resume")
         require_keys(state["config"], cfg.resume, ("train",), "resume")
         check_resume(cfg, state["config"]["train"], state["step"])
     try:   # the Inception weights and reference statistics now: a missing file fails at start, not at step N
@@ -233,7 +257,7 @@ def train(cfg: TrainConfig, dataset=None, progress: bool = True) -> TrainResult:
 
     # ---- model, EMAs
     model = build_model(cfg.preset, **cfg.model_overrides(), prediction=cfg.prediction).to(device)
-    emas = EMASet(model, cfg.ema_half_lives_kimg) if rank == 0 else None
+    emas = EMASet(model, cfg.ema_half_lives_kimg) if rank == 0 and not cfg.fsdp else None   # --fsdp: after sharding
 
     # ---- data
     dataset = dataset if dataset is not None else open_dataset(cfg, model.resolution, model.channels,
@@ -254,8 +278,12 @@ def train(cfg: TrainConfig, dataset=None, progress: bool = True) -> TrainResult:
         model, perceptual=build_perceptual(cfg), t_thr=preset["t_thr"],
         autocast_dtype=torch.bfloat16 if cfg.bf16 else None).to(device)
     # DDP wraps the whole objective: the JVP runs inside DDP.forward, so gradients are all-reduced.
-    step_objective = (DistributedDataParallel(objective, device_ids=[device.index] if device.type == "cuda" else None)
+    # --fsdp: FSDP2 per block, rooted at the objective for the same reason (full.fsdp); EMAs sharded alike.
+    step_objective = (shard_objective(objective, mixed_precision=cfg.fsdp_mixed_precision) if cfg.fsdp else
+                      DistributedDataParallel(objective, device_ids=[device.index] if device.type == "cuda" else None)
                       if world_size > 1 else objective)
+    if cfg.fsdp:
+        emas = ShardedEMA(model, cfg.ema_half_lives_kimg)
     if cfg.compile:   # Dynamo + AOTAutograd: forward, JVP and backward; the first step pays the compilation
         step_objective = torch.compile(step_objective)
     sampler_kwargs = {"mean": preset["P_mean"], "std": preset["P_std"]}
@@ -266,14 +294,19 @@ def train(cfg: TrainConfig, dataset=None, progress: bool = True) -> TrainResult:
 
     # ---- optimiser, state
     optimizer = build_optimizer(model, kind=cfg.optimizer, lr=cfg.lr)
+    if cfg.fsdp:   # Newton-Schulz on whole matrices, bit-identical to the unsharded update
+        use_gathered_muon(optimizer)
     step_generator = torch.Generator(device).manual_seed(cfg.seed)   # per-step randomness, global batch
     step, images_seen, epoch, batch_in_epoch = 0, 0, 0, 0
     lr_history = [[0, cfg.lr]]                    # [first step, lr]: what every step was trained with
     if state is not None:
         try:
-            model.load_state_dict(state["model"])
-            optimizer.load_state_dict(state["optimizer"])
-            if emas is not None:
+            if cfg.fsdp:   # every rank reads its shards, resharded to this run's process count
+                load_sharded_checkpoint(cfg.resume, model=model, optimizer=optimizer, emas=emas)
+            else:
+                model.load_state_dict(state["model"])
+                optimizer.load_state_dict(state["optimizer"])
+            if emas is not None and not cfg.fsdp:
                 emas.load_state_dict(state["ema"])
         except (RuntimeError, ValueError, KeyError) as error:
             raise CheckpointError(f"{cfg.resume!r}: its weights or optimiser state do not fit this run: "
@@ -296,6 +329,12 @@ def train(cfg: TrainConfig, dataset=None, progress: bool = True) -> TrainResult:
     out = Path(cfg.out)
     if rank == 0:
         reset_run_folder(cfg.out, resume=cfg.resume, overwrite=cfg.overwrite, resumed_step=step)
+        if cfg.fsdp:
+            remove_stale_sharded(out / SHARDED_NAME)
+            if sharded_in_place:
+                truncate_log(out / LOG_NAME, step)
+            elif cfg.overwrite:
+                remove_sharded(out / SHARDED_NAME)
     barrier()
     log_path, checkpoint_path = out / LOG_NAME, None
     # ---- watching: grids (rank 0), FID (every rank samples with rank 0's EMA), TensorBoard (rank 0)
@@ -331,11 +370,12 @@ def train(cfg: TrainConfig, dataset=None, progress: bool = True) -> TrainResult:
                 rows = slice(micro * micro_batch, (micro + 1) * micro_batch)
                 last = micro == cfg.accum_steps - 1
                 # DDP all-reduces gradients in the backward of the last micro-batch only.
-                with contextlib.nullcontext() if last or world_size == 1 else step_objective.no_sync():
+                # FSDP reduce-scatters after every micro-batch (unsharded gradients would cost the memory it saves).
+                with contextlib.nullcontext() if last or world_size == 1 or cfg.fsdp else step_objective.no_sync():
                     terms = step_objective(x[rows], y[rows], randomness.rows(first, first + micro_batch))
                     (terms["loss"] / cfg.accum_steps).backward()
                 micro_means.append(torch.stack([terms[name].detach().mean() for name in LOGGED_TERMS]))
-            grad_norm = torch.nn.utils.get_total_norm([p.grad for p in model.parameters() if p.grad is not None])
+            grad_norm = whole(torch.nn.utils.get_total_norm([p.grad for p in model.parameters() if p.grad is not None]))
             # One all-reduce carries the logged terms, the gradient norm and "a rank was signalled", so
             # every rank takes the same decision below (stop, or refuse a non-finite step).
             logged = torch.cat([torch.stack(micro_means).mean(dim=0), grad_norm.detach().reshape(1),
@@ -384,15 +424,18 @@ def train(cfg: TrainConfig, dataset=None, progress: bool = True) -> TrainResult:
                     board.image(f"samples/{name if name == 'raw' else 'ema' + name}", tile, step)
             if step % cfg.ckpt_every == 0 or step == cfg.steps or stop_requested:
                 checkpoint_path = out / (numbered_checkpoint_name(step) if cfg.keep_last else CHECKPOINT_NAME)
-                if rank == 0:
-                    save_checkpoint(checkpoint_path, {
-                        "format": CHECKPOINT_FORMAT, "model": model.state_dict(), "ema": emas.state_dict(),
-                        "optimizer": optimizer.state_dict(), "step": step, "images_seen": images_seen,
+                meta = {"format": CHECKPOINT_FORMAT, "step": step, "images_seen": images_seen,
                         "rng": capture_rng_state(step_generator), "data": {"epoch": epoch, "batch": batch_in_epoch},
                         "lr_history": lr_history,
                         "config": {"model": {"preset": cfg.preset, **cfg.model_overrides(), "prediction": cfg.prediction},
                                    "noise_scale": model.noise_scale, "num_classes": model.num_classes,
-                                   "resolution": model.resolution, "train": dataclasses.asdict(cfg)}})
+                                   "resolution": model.resolution, "train": dataclasses.asdict(cfg)}}
+                if cfg.fsdp:   # every rank writes its shards; the link checkpoint.dcp moves when all are written
+                    checkpoint_path = out / SHARDED_NAME
+                    save_sharded_checkpoint(checkpoint_path, model=model, optimizer=optimizer, emas=emas, meta=meta)
+                elif rank == 0:
+                    save_checkpoint(checkpoint_path, {**meta, "model": model.state_dict(), "ema": emas.state_dict(),
+                                                      "optimizer": optimizer.state_dict()})
                     if cfg.keep_last:   # checkpoint.pt -> the newest; only the keep_last newest numbered ones stay
                         keep_latest(out, checkpoint_path, keep_last=cfg.keep_last)
                 last_saved = f"{checkpoint_path} (step {step})"
@@ -402,7 +445,8 @@ def train(cfg: TrainConfig, dataset=None, progress: bool = True) -> TrainResult:
                 break
     if board is not None:
         board.close()
-    return TrainResult(model, dict(emas.models) if emas is not None else {}, history, checkpoint_path, stopped_by)
+    return TrainResult(model, dict(emas.models) if isinstance(emas, EMASet) else {}, history, checkpoint_path,
+                       stopped_by)
 
 
 # ----------------------------------------------------------------------------- command line
@@ -448,6 +492,13 @@ def build_parser() -> argparse.ArgumentParser:
                              "(deletes them; default: refuse)")
     parser.add_argument("--num-workers", type=int, default=8, help="data-loading processes per GPU")
     parser.add_argument("--device", choices=("cpu", "cuda"), default=None, help="default: cuda when available")
+    parser.add_argument("--fsdp", action="store_true",
+                        help="shard weights, gradients, optimiser state and EMAs over the processes (FSDP2; for "
+                             "pMF-H); checkpoints become folders <out>/checkpoint.dcp, resumable on any number of "
+                             "processes; python -m full.fsdp export writes the single file full.sample reads")
+    parser.add_argument("--fsdp-mixed-precision", choices=("bf16",), default=None,
+                        help="with --fsdp: all-gather the weights in bf16 (half the traffic), reduce gradients in "
+                             "fp32; every forward, the JVP included, still computes in fp32")
     watch = parser.add_argument_group("watching the run (full.monitor; none of these changes what is trained)")
     watch.add_argument("--sample-every", type=int, default=0, metavar="N",
                        help="steps between sample grids (fixed noise and classes) of every EMA and the raw "
@@ -530,10 +581,10 @@ def main(argv: list[str] | None = None) -> None:
             parser.error(f"{flag} must lie in [0, 1], got {value}")
     if args.resume is not None and Path(args.resume).is_dir():   # a run folder: its newest readable checkpoint
         try:
-            args.resume = str(latest_checkpoint(args.resume))
+            args.resume = str(resume_target(args.resume, latest_checkpoint))
         except CheckpointError as error:
             parser.error(f"--resume: {error}")
-    if args.resume is not None and not Path(args.resume).is_file():
+    if args.resume is not None and not Path(args.resume).is_file() and not is_sharded_checkpoint(args.resume):
         parser.error(f"--resume: checkpoint {args.resume!r} does not exist")
     try:
         half_lives = tuple(float(value) for value in args.ema_kimg.split(","))
@@ -553,10 +604,12 @@ def main(argv: list[str] | None = None) -> None:
                       sample_omega=args.sample_omega, sample_t_min=args.sample_t_min, sample_t_max=args.sample_t_max,
                       fid_every=args.fid_every, fid_num=args.fid_num, fid_ref=args.fid_ref,
                       inception_weights=args.inception_weights, tensorboard=args.tensorboard,
-                      keep_last=args.keep_last, compile=args.compile)
+                      keep_last=args.keep_last, compile=args.compile, fsdp=args.fsdp,
+                      fsdp_mixed_precision=args.fsdp_mixed_precision)
     if args.resume is not None:   # what the command line does not say comes from the checkpoint
         try:
-            saved = load_checkpoint(args.resume, mmap=True)
+            saved = (read_sharded_meta(args.resume) if is_sharded_checkpoint(args.resume)
+                     else load_checkpoint(args.resume, mmap=True))
             require_keys(saved["config"], args.resume, ("train",), "resume")
         except CheckpointError as error:
             fail(f"--resume: {error}", EXIT_USAGE)

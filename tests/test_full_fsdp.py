@@ -107,7 +107,8 @@ def _whole_state(model, emas) -> dict:
 def _meta(step: int) -> dict:
     return {"step": step, "images_seen": step * GLOBAL_BATCH, "data": {"epoch": 0, "batch": step},
             "rng": {"step_generator": torch.Generator().manual_seed(step).get_state()},
-            "config": {"model": {"preset": "pMF-T/2", "num_classes": 10, "depth": 2, "head_depth": 1}, "noise_scale": 1.0, "num_classes": 10,
+            "config": {"model": {"preset": "pMF-T/2", "num_classes": 10, "depth": 2, "head_depth": 1},
+                       "noise_scale": 1.0, "num_classes": 10,
                        "resolution": 16, "train": {"ema_half_lives_kimg": list(HALF_LIVES)}}}
 
 
@@ -168,6 +169,7 @@ def _two_processes(rank: int, world: int, init_file: str, out: str) -> None:
         records["ddp"] = _whole_state(model, emas)
 
         records["muon"] = _muon_on_identical_gradients()
+        records["mixed"] = _mixed_precision_against_rounded_weights(rank, world)
 
         # The trainer: --fsdp for 2 steps, then --resume (in place) to 3.
         trained = train(_train_config(os.path.join(out, "trainer"), steps=2), _dataset(), progress=False)
@@ -207,6 +209,34 @@ def _muon_on_identical_gradients() -> dict:
                  zip(plain_model.named_parameters(), _model(perturbed=True).parameters()) if name in muon_names)
     return {"gathered": largest(sharded), "torch_on_shards": largest(torch_muon_on_shards),
             "smallest_update": update}
+
+
+def _mixed_precision_against_rounded_weights(rank: int, world: int) -> dict:
+    """One forward and backward with bf16 all-gathers, next to fp32 runs of the same network with its
+    weights rounded to bf16 ("rounded") and unrounded ("exact"); returns relative differences of the raw
+    u-loss (its JVP target included) and of the gradients."""
+    sharded, objective, _, _ = _setup(True, mixed_precision="bf16", perturbed=True)
+    x, y, randomness = _step_inputs(0)
+    local = GLOBAL_BATCH // world
+    rows = slice(rank * local, (rank + 1) * local)
+    terms = objective(x[rows], y[rows], randomness.rows(rank * local, (rank + 1) * local))
+    terms["loss"].backward()
+    raw = terms["raw_u"].sum().item()    # the adaptively weighted loss sits near 1 whatever the error; the raw one
+    result = {}
+    for name, round_weights in (("rounded", True), ("exact", False)):
+        reference = _model(perturbed=True)
+        if round_weights:
+            with torch.no_grad():
+                for param in reference.parameters():
+                    param.copy_(param.bfloat16().float())
+        reference_objective = PMFObjective(reference)
+        reference_loss = reference_objective(x[rows], y[rows], randomness.rows(rank * local, (rank + 1) * local))
+        reference_objective(x, y, randomness)["loss"].backward()     # the mean over ranks = the whole batch
+        result[f"loss_{name}"] = abs(raw - reference_loss["raw_u"].sum().item()) / abs(raw)
+        result[f"grad_{name}"] = max(((param.grad.full_tensor() - ref.grad).abs().max()
+                                      / ref.grad.abs().max().clamp(min=1e-30)).item()
+                                     for param, ref in zip(sharded.parameters(), reference.parameters()))
+    return result
 
 
 @pytest.fixture(scope="module")
@@ -285,6 +315,16 @@ def test_gathered_muon_step_is_bit_identical_to_unsharded_muon(runs):
     assert muon["gathered"] == 0.0
     # torch.optim.Muon on the DTensor shards is close but not equal (bf16 partial sums across ranks).
     assert 0.0 < muon["torch_on_shards"] < 10 * LR
+
+
+def test_bf16_all_gather_computes_in_fp32_on_the_rounded_weights(runs):
+    """--fsdp-mixed-precision bf16: the forward (JVP included) is the fp32 computation of the network
+    with bf16-rounded weights -- not bf16 arithmetic, whose loss would differ at ~1e-3 -- and the
+    gradients carry one bf16 rounding (relative 2^-8)."""
+    mixed = runs["mixed"]
+    assert mixed["loss_rounded"] < 1e-5
+    assert mixed["loss_exact"] > 10 * mixed["loss_rounded"]      # the weights really were gathered in bf16
+    assert mixed["grad_rounded"] < 2 ** -7
 
 
 def test_sharded_resume_is_bit_exact_on_the_same_process_count(runs):
