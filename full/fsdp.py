@@ -27,13 +27,15 @@ Checkpoints. ``torch.distributed.checkpoint`` writes every rank's shards into a 
 adds ``meta.pt`` (step, RNG, data position, config, optimiser hyper-parameters: plain containers,
 read with ``weights_only=True``); the folder is renamed to ``checkpoint-<step>.dcp`` and the link
 ``checkpoint.dcp`` is moved onto it with one ``os.replace``. A kill at any point leaves the link on the
-previous complete folder. Loading reshards, so a run saved on N processes resumes on M. DCP reads
+previous complete folder. Loading reshards, so a run saved on N processes resumes on M. Every rank
+writes into the same folder: on several nodes it must be on a shared file system. DCP reads
 its ``.metadata`` file with pickle: resume and export only folders you wrote.
 
 Mixed precision (``mixed_precision="bf16"``): parameters are all-gathered in bf16 and gradients
 reduce-scattered in fp32, but every forward -- the JVP pass included -- computes in fp32 from the
 gathered weights upcast at the point of use (the README's rule: the JVP pass stays fp32; bf16 rounding
-in du/dt would enter the target through (t - r) du/dt). What it buys: half the all-gather traffic.
+in du/dt would enter the target through (t - r) du/dt): a step is the fp32 computation of the network with
+bf16-rounded weights, and the gradients carry one bf16 rounding. What it buys: half the all-gather traffic.
 What it costs: the fp32 copies the backward needs stay alive until it runs (one fp32 copy of the
 block weights per micro-batch, 4.1 GiB for pMF-H/16). ``--bf16`` autocast still governs the no-grad
 passes.
@@ -466,6 +468,9 @@ def export_checkpoint(path: str | os.PathLike, target: str | os.PathLike) -> Pat
 
 # ----------------------------------------------------------------------------- memory of a step
 
+MALLOC_MMAP_THRESHOLD = "MALLOC_MMAP_THRESHOLD_"
+
+
 def _rss_bytes() -> int:
     with open("/proc/self/statm") as file:
         return int(file.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
@@ -531,9 +536,19 @@ def measure_step_memory(preset: str, *, sharded: bool, world: int = 2, overrides
 
     context = mp.get_context("spawn")
     results = context.SimpleQueue()
-    with tempfile.TemporaryDirectory() as folder:
-        mp.spawn(_memory_worker, args=(world, os.path.join(folder, "init"), preset, overrides or {}, sharded,
-                                       half_lives, results), nprocs=world, join=True)
+    # glibc keeps freed heap memory mapped (RSS then counts every tensor ever freed, e.g. FSDP's released
+    # all-gather buffers); with mmap for every block over 64 KiB, a freed tensor leaves RSS at once.
+    previous = os.environ.get(MALLOC_MMAP_THRESHOLD)
+    os.environ[MALLOC_MMAP_THRESHOLD] = "65536"      # read by the spawned processes' C library at start-up
+    try:
+        with tempfile.TemporaryDirectory() as folder:
+            mp.spawn(_memory_worker, args=(world, os.path.join(folder, "init"), preset, overrides or {}, sharded,
+                                           half_lives, results), nprocs=world, join=True)
+    finally:
+        if previous is None:
+            os.environ.pop(MALLOC_MMAP_THRESHOLD)
+        else:
+            os.environ[MALLOC_MMAP_THRESHOLD] = previous
     rows = sorted(results.get() for _ in range(world))
     return {"per_rank_gib": [peak / 2 ** 30 for _, peak, _ in rows], "params": rows[0][2]}
 
@@ -567,19 +582,18 @@ def main(argv: list[str] | None = None) -> None:
             raise SystemExit(2)
         print(f"wrote {target}")
         return
-    from .model import PRESETS
+    from .model import PRESETS, build_model
     from .optim import split_parameters
 
     if args.preset not in PRESETS:
         parser.error(f"--preset: unknown preset {args.preset!r}; choose one of {sorted(PRESETS)}")
     overrides = {"resolution": args.resolution, "patch": PRESETS[args.preset]["patch"]}
+    with torch.device("meta"):
+        muon = sum(p.numel() for p in split_parameters(build_model(args.preset, **overrides))[0])
     print(f"| {args.preset} at {args.resolution} px, {args.processes} gloo processes | peak RSS added per "
           f"process (GiB) | model states, busiest rank (GiB) |\n|---|---|---|")
     for sharded in (False, True):
         measured = measure_step_memory(args.preset, sharded=sharded, world=args.processes, overrides=overrides)
-        from .model import build_model
-        with torch.device("meta"):
-            muon = sum(p.numel() for p in split_parameters(build_model(args.preset, **overrides))[0])
         states = state_bytes_per_rank(measured["params"], muon, world=args.processes, sharded=sharded) / 2 ** 30
         per_rank = " / ".join(f"{value:.2f}" for value in measured["per_rank_gib"])
         print(f"| {'FSDP (--fsdp)' if sharded else 'DDP'} | {per_rank} | {states:.2f} |", flush=True)

@@ -2,15 +2,17 @@
 Muon steps equal to unsharded ones, and sharded checkpoints that survive a kill and resume exactly, on
 the same or another number of processes.
 
-Each spawned group runs a short scenario and saves what it saw; the tests compare. The loop below is
-the trainer's step (global randomness, this rank's rows, micro-batches, optimiser, EMA) in a few lines.
+One spawned 2-process group runs every 2-process scenario and saves what it saw; the 1-process runs
+happen in this process (unsharded: DCP reads and writes whole tensors too); the tests compare. The loop
+``_train`` is the trainer's step (global randomness, this rank's rows, micro-batches, optimiser, EMA) in a
+few lines; one scenario goes through ``full.train.train(fsdp=True)`` itself, stopped and resumed.
 """
 from __future__ import annotations
 
 import os
-from contextlib import nullcontext
 import signal
 import tempfile
+from contextlib import nullcontext
 
 import pytest
 import torch
