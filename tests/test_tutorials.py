@@ -154,5 +154,52 @@ def test_tutorial02_meanflow_identity_holds_on_the_gaussian_flow(tutorial_runs):
     assert_files(out, "average_velocity.png", "jvp_vs_finite_differences.png")
 
 
+def test_tutorial03_hand_assembled_loss_equals_pmf_loss(tutorial_runs):
+    numbers, out = tutorial_numbers(tutorial_runs, "03")
+    assert numbers["u error per unit x error at t = 0.01 (clipped to 1/t_eps)"] == pytest.approx(20.0, rel=1e-5)
+    assert numbers["u error per unit x error at t = 0.5"] == pytest.approx(2.0, rel=1e-5)
+    assert numbers["grad of <w, V> vs grad of <w, u> (stop-gradient)"] < 1e-12
+    assert numbers["grad of ||V - v||^2 vs grad of ||u - sg(u_tgt)||^2"] < 1e-10
+    # the same Jacobian does not make the squared losses' gradients equal
+    assert numbers["grad of ||V - v||^2 vs grad of ||u - v||^2, relative (not 0)"] > 1e-4
+    assert numbers["adaptive-weight gradient vs 1/(L + c)"] < 1e-12
+    assert numbers["hand-assembled loss vs P.pmf_loss"] < 1e-6
+    assert numbers["raw loss after the step (same batch)"] < numbers["raw loss before the step"]
+    assert numbers["fraction of pairs with r > t (must be 0)"] == 0.0
+    assert abs(numbers["fraction of pairs with r = t (target 0.5)"] - 0.5) < 0.1
+    sigmoid = 1 / (1 + math.exp(-0.8))
+    assert abs(numbers["median of one logit-normal(0.8, 0.8) draw (sigmoid(0.8) = 0.69)"] - sigmoid) < 0.03
+    # the largest 10% of the losses carry at least 10% of the sum, and (weight 1/(L + c)) at most 10% of the weight
+    assert numbers["share of the batch's summed loss from its 10% largest-loss rows"] >= 0.1
+    assert numbers["share of the batch's summed gradient weight on those rows"] <= 0.1
+    assert_files(out, "x_to_u_gain.png", "adaptive_weighting.png", "time_samplers.png", "one_step_samples.png",
+                 "adaptive_weight_in_a_batch.png")
+
+
+def test_tutorial05_guidance_scale_distribution_and_gating(tutorial_runs):
+    numbers, out = tutorial_numbers(tutorial_runs, "05")
+    # density 1 / (omega ln 8) on [1, 8]: mean 7 / ln 8; 1e5 draws, standard error ~0.006
+    assert numbers["mean sampled omega, beta = 1 (theory 7 / ln 8 = 3.366)"] == pytest.approx(7 / math.log(8), abs=0.03)
+    assert numbers["guided target at omega = 1 minus v_t"] == 0.0
+    assert numbers["effective omega at t = 0.9, interval [0.1, 0.7], omega = 4"] == 1.0
+    assert numbers["effective omega at t = 0.5, interval [0.1, 0.7], omega = 4"] == 4.0
+    for omega in (1.5, 2.0, 4.0, 8.0):
+        assert math.isfinite(numbers[f"one call vs two-call CFG, omega = {omega}: RMS error / RMS correction"])
+    assert_files(out, "guidance_scale_and_interval.png", "guided_one_step_samples.png", "one_call_vs_cfg.png",
+                 "interval_at_t_1.png", "one_vs_few_steps.png")
+
+
+def test_tutorial07_identity_needs_the_marginal_velocity(tutorial_runs):
+    numbers, out = tutorial_numbers(tutorial_runs, "07")
+    assert numbers["identity residual, tangent = marginal v"] < 1e-12
+    assert numbers["identity residual, tangent = e - x of one pair"] > 0.1
+    # e - x is unbiased: averaging 16 posterior pairs cuts the residual about 4x (1 / sqrt(K))
+    assert numbers["identity residual, e - x averaged over 16 posterior pairs"] < \
+        0.5 * numbers["identity residual, e - x averaged over 1 posterior pairs"]
+    assert numbers["exact one-step map vs fresh data: sliced W2 (small: the map is right)"] < 0.1
+    assert numbers["MeanFlow: e - x: tangent error (t-weighted, relative to e - x)"] == pytest.approx(1.0, rel=1e-6)
+    assert_files(out, "tangent_needs_marginal_v.png", "tangents_over_training.png", "one_step_samples_by_tangent.png")
+
+
 if __name__ == "__main__":
     run_cell_by_cell(sys.argv[3:], sys.argv[1], sys.argv[2])

@@ -5,19 +5,28 @@
 # loss on the average velocity that this image implies. This tutorial takes the loss apart piece
 # by piece — the x -> u conversion and its clip, the compound velocity V and its stop-gradient, the
 # adaptive weight — then assembles one training step by hand and checks it against `P.pmf_loss`,
-# plots the "full plane" time sampler, and finally trains the loss on 2-D data and samples in one step.
+# plots the "full plane" time sampler, and finally trains the loss on 2-D data with the toy's recipe
+# and samples in one step.
 #
-# Run: `python tutorials/03_the_pixel_meanflow_loss.py` (about a minute on 2 CPU cores).
-# Figures go to `runs/tutorials/03/`.
+# Run: `python tutorials/03_the_pixel_meanflow_loss.py`, or cell by cell in Jupyter / VS Code
+# (about 2 CPU-minutes; `PMF_TUTORIAL_FAST=1` for a quick, under-trained pass). Figures go to
+# `runs/tutorials/03/`.
 
 # %%
+import sys
+from pathlib import Path
+
 import matplotlib.pyplot as plt
 import numpy as np
 import torch
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 import pmf_ref as P
-from _common import MLP, report, save_figure, setup, steps
-from toy import sample_2d, sliced_wasserstein
+
+sys.path.insert(0, str(Path(P.__file__).resolve().parents[1] / "tutorials"))  # _common, from any folder
+import toy  # noqa: E402
+from _common import MLP, report, save_figure, setup, steps  # noqa: E402
+from toy import sample_2d, sliced_wasserstein  # noqa: E402
 
 out = setup("03")
 generator = torch.Generator().manual_seed(0)
@@ -64,12 +73,16 @@ save_figure(fig, out / "x_to_u_gain.png")
 #    \mathcal L_u = \big\| V_\theta - v \big\|^2 , $$
 #
 # a regression of an *observable* velocity. `sg` (stop-gradient) means the JVP term is a fixed
-# correction: gradients reach the parameters only through u. Two consequences we check on a small
-# network, in float64:
+# correction: gradients reach the parameters only through u, i.e. **V and u have the same Jacobian
+# in the parameters, ∂V/∂θ = ∂u/∂θ**. What that does and does not imply, checked on a small network
+# in float64:
 #
-# * the gradient of any function of V equals the gradient of the same function of u;
-# * the loss has the same gradient as MeanFlow's original form `||u - sg(v - (t - r) du/dt)||^2`
-#   (`P.meanflow_target`).
+# * for a *linear* function of V, such as `<w, V>`, the gradient is that of `<w, u>` (same Jacobian,
+#   same outer derivative w);
+# * for the loss it is **not** the gradient of `||u - v||^2`: the chain rule gives
+#   `2 (V - v) · ∂u/∂θ`, with the outer derivative evaluated at V, not at u;
+# * it is exactly the gradient of MeanFlow's original form `||u - sg(v - (t - r) du/dt)||^2`
+#   (`P.meanflow_target`): `V - v = u - (v - (t - r) du/dt)`.
 #
 # (The tangent of the JVP here is the model's own velocity `sg(u(z_t, t, t))`, pMF Alg. 1.)
 
@@ -105,9 +118,22 @@ report("grad of <w, V> vs grad of <w, u> (stop-gradient)",
 
 jvp = P.average_velocity_jvp(u_fn64, z_t, r, t, v_tangent=tangent, has_aux=True)
 grad_compound = gradient(P.squared_error(P.compound_velocity(jvp.u, jvp.dudt, r, t), v_t).sum())
+grad_plain = gradient(P.squared_error(jvp.u, v_t).sum())
 jvp = P.average_velocity_jvp(u_fn64, z_t, r, t, v_tangent=tangent, has_aux=True)
 grad_original = gradient(P.squared_error(jvp.u, P.meanflow_target(v_t, jvp.dudt, r, t)).sum())
 report("grad of ||V - v||^2 vs grad of ||u - sg(u_tgt)||^2", (grad_compound - grad_original).abs().max())
+report("grad of ||V - v||^2 vs grad of ||u - v||^2, relative (not 0)",
+       (grad_compound - grad_plain).norm() / grad_compound.norm())
+
+# %% [markdown]
+# **What the stop-gradient buys.** Without `sg`, the gradient of the loss would also contain
+# `∂(du/dt)/∂θ`, a mixed second derivative: the backward pass would have to run back through the
+# forward-mode JVP (reverse-over-forward), keeping the tangent computation's activations and roughly
+# doubling the backward's cost. With `sg`, du/dt is a constant of the loss: `P.average_velocity_jvp`
+# returns it without any autograd graph, only u's ordinary forward graph is kept, and a training
+# step costs one JVP (about two to three forwards) plus one ordinary backward. The target is also
+# treated as fixed data, as in any regression: the network chases a target built from its own
+# current derivative instead of changing the target to meet itself.
 
 # %% [markdown]
 # ## 3. Adaptive weighting
@@ -117,8 +143,10 @@ report("grad of ||V - v||^2 vs grad of ||u - sg(u_tgt)||^2", (grad_compound - gr
 # $$ \mathrm{adp}(\mathcal L) = \frac{\mathcal L}{\mathrm{sg}\big((\mathcal L + c)^p\big)}, \qquad c = 0.01,\; p = 1 . $$
 #
 # Its value is about 1 for any large L; what matters is its gradient, `dL / (L + c)^p`. With p = 1
-# that is the gradient of `log(L + c)`: samples with a large error (large t - r, hard images) do not
-# dominate the batch. `P.adaptively_weighted` is this; we compare its autograd gradient with the formula.
+# that is the gradient of `log(L + c)`: each sample's gradient is divided by its own loss, so
+# samples with a large error (large t - r, hard images) do not dominate the batch — section 6 shows
+# the weights within a batch of a trained model. `P.adaptively_weighted` is this; we compare its
+# autograd gradient with the formula.
 
 # %%
 L = torch.logspace(-4, 3, 200, dtype=torch.float64).requires_grad_()
@@ -182,17 +210,18 @@ report("raw loss after the step (same batch)", P.pmf_loss(x_fn, x, e, r, t).raw.
 # %% [markdown]
 # ## 5. The "full plane" time sampler
 #
-# Which (r, t) pairs the loss sees matters more than anything else in pMF's ablations (Table 5,
-# B/16, FID): t and r are drawn i.i.d. logit-normal(0.8, 0.8) and sorted, and half the rows get
-# r = t (`P.sample_time_pair`). Restricting the pairs to the diagonal (flow matching), to r = 0, or
-# to both lines breaks one-step generation.
+# Which (r, t) pairs the loss sees matters more than anything else in pMF's ablations (paper
+# Table 5, ImageNet B/16 at 160 epochs, FID): t and r are drawn i.i.d. logit-normal(0.8, 0.8) and
+# sorted, and half the rows get r = t (`P.sample_time_pair`). Restricting the pairs to the diagonal
+# (flow matching), to r = 0, or to both lines breaks one-step generation. The FIDs in the panel
+# titles are the paper's, not measured here.
 
 # %%
 n = steps(4000, 1000)
-samplers = [("full plane: FID 3.53", P.sample_time_pair),
-            ("only r = t: FID 194.53", P.sample_time_pair_diagonal),
-            ("only r = 0: FID 389.28", P.sample_time_pair_endpoint),
-            ("both lines: FID 106.59", P.sample_time_pair_two_lines)]
+samplers = [("full plane (paper: FID 3.53)", P.sample_time_pair),
+            ("only r = t (paper: FID 194.53)", P.sample_time_pair_diagonal),
+            ("only r = 0 (paper: FID 389.28)", P.sample_time_pair_endpoint),
+            ("both lines (paper: FID 106.59)", P.sample_time_pair_two_lines)]
 fig, axes = plt.subplots(1, 4, figsize=(16, 4))
 for ax, (title, sampler) in zip(axes, samplers):
     r_s, t_s = sampler(n, generator=torch.Generator().manual_seed(1))
@@ -210,41 +239,111 @@ report("median t = max of two draws (skewed towards noise)", t_s.median())
 # %% [markdown]
 # ## 6. Train it, sample in one step
 #
-# The same loss on the Swiss roll for a minute, then `P.sample_one_step`: `x = x_theta(e, r=0, t=1)`,
-# one network call. For comparison, one call of the flow-matching model of tutorial 01 landed near
-# the mean of the data.
+# The same loss on the Swiss roll, then `P.sample_one_step`: `x = x_theta(e, r=0, t=1)`, one network
+# call. For comparison, one call of the flow-matching model of tutorial 01 landed on the mean of the
+# data. The training recipe is the toy's (`toy.ToyConfig()`, imported, not copied: the 7 x 256 ReLU
+# MLP of pMF's Fig. 2 on `[z, t, h]`, Adam, the toy's logit-normal time sampler, an EMA of the
+# weights for sampling), because ImageNet's logit-normal(0.8, 0.8) puts most times near t = 1,
+# where 2-D data have little left to learn, and short runs sample much better from an average of
+# the weights than from the last ones.
+#
+# The toy network sees t as well as h = t - r; the ImageNet ViT sees only h (tutorial 06 shows why
+# an image needs no t: its noise level can be read off the pixels, a 2-D point's cannot).
 
 # %%
-num_steps = steps(3000, 100)
+recipe = toy.ToyConfig()                                 # the toy's defaults: steps, batch, lr, times, EMA
+torch.manual_seed(0)
+net = toy.ToyMLP(2, depth=recipe.depth, width=recipe.width)
+ema = AveragedModel(net, multi_avg_fn=get_ema_multi_avg_fn(recipe.ema_decay))
+optimizer = torch.optim.Adam(net.parameters(), lr=recipe.lr)
+num_steps = steps(recipe.steps, 100)
 losses = []
 train_generator = torch.Generator().manual_seed(2)
 data_stream = np.random.RandomState(2)
 for _ in range(num_steps):
-    x = sample_2d("swiss_roll", 512, seed=data_stream)
+    x = sample_2d("swiss_roll", recipe.batch_size, seed=data_stream)
     e = torch.randn(x.shape, generator=train_generator)
-    r, t = P.sample_time_pair(x.shape[0], generator=train_generator)
-    terms = P.pmf_loss(x_fn, x, e, r, t)
+    r, t = P.sample_time_pair(x.shape[0], mean=recipe.time_mean, std=recipe.time_std, generator=train_generator)
+    terms = P.pmf_loss(net, x, e, r, t)                  # the network is x_fn(z, r, t) -> x_hat
     optimizer.zero_grad()
     terms.loss.mean().backward()
     optimizer.step()
+    ema.update_parameters(net)
     losses.append(terms.raw.mean().item())  # the weighted loss is ~1 by construction; watch the raw one
+print(f"trained {num_steps} steps: batch {recipe.batch_size}, lr {recipe.lr}, times logit-normal"
+      f"({recipe.time_mean}, {recipe.time_std}), EMA {recipe.ema_decay}")
 
+# %%
+u_ema = P.u_fn_from_x_fn(ema.module)
 x_data = sample_2d("swiss_roll", steps(4000, 1000), seed=3)
 e_sample = torch.randn(x_data.shape, generator=generator)
+floor = report("sliced W2, data vs data (the floor)",
+               sliced_wasserstein(sample_2d("swiss_roll", x_data.shape[0], seed=4), x_data))
 fig, axes = plt.subplots(1, 3, figsize=(13, 4))
 window = max(1, num_steps // 50)
 axes[0].plot(np.convolve(losses, np.ones(window) / window, mode="valid"))
 axes[0].set(xlabel="step", ylabel="raw loss ||V - v_t||^2 (running mean)", title="training")
 for ax, n_steps in zip(axes[1:], (1, 2)):
-    x_gen = P.sample_multi_step(u_fn, e_sample, steps=n_steps, has_aux=True) if n_steps > 1 \
-        else P.sample_one_step(u_fn, e_sample, has_aux=True)
+    x_gen = P.sample_multi_step(u_ema, e_sample, steps=n_steps, has_aux=True) if n_steps > 1 \
+        else P.sample_one_step(u_ema, e_sample, has_aux=True)
     distance = report(f"sliced W2 to data, pMF, {n_steps} step(s)", sliced_wasserstein(x_gen, x_data))
     ax.scatter(x_data[:, 0], x_data[:, 1], s=1, c="lightgray")
     ax.scatter(x_gen[:, 0], x_gen[:, 1], s=1)
-    ax.set(title=f"pMF, {n_steps} network call{'s' * (n_steps > 1)}: SW2 = {distance:.3f}",
+    ax.set(title=f"pMF, {n_steps} network call{'s' * (n_steps > 1)}: SW2 = {distance:.3f}\n(data vs data: {floor:.3f})",
            xlim=(-3, 3), ylim=(-3, 3), aspect="equal", xticks=[], yticks=[])
-save_figure(fig, out / "one_step_samples.png")
+save_figure(fig, out / "one_step_samples.png", trained=True)
 
+# %% [markdown]
+# One network call draws the roll — where one flow-matching step (tutorial 01) gave a point at the
+# mean.
+#
+# ## 7. The adaptive weight within a batch
+#
+# The weight each sample's gradient gets is `1 / (L + c)`, L its raw loss (section 3). On a fresh
+# batch with the trained model, per sample, against h = t - r:
+
+# %%
+x = sample_2d("swiss_roll", 4096, seed=6)
+e = torch.randn(x.shape, generator=generator)
+r, t = P.sample_time_pair(x.shape[0], mean=recipe.time_mean, std=recipe.time_std, generator=generator)
+raw = P.pmf_loss(ema.module, x, e, r, t).raw.detach()
+weight = 1 / (raw + P.ADAPTIVE_C)                        # d adp(L) / dL for p = 1 (section 3)
+h = t - r
+report("median raw loss, rows with r = t", raw[h == 0].median())
+report("median raw loss, rows with t - r > 0.4", raw[h > 0.4].median())
+top = raw >= raw.quantile(0.9)
+report("share of the batch's summed loss from its 10% largest-loss rows", raw[top].sum() / raw.sum())
+report("share of the batch's summed gradient weight on those rows", weight[top].sum() / weight.sum())
+
+bins = torch.linspace(0, float(h.max()), 9)
+centres, medians = [], {"raw": [], "weight": []}
+for low, high in zip(bins[:-1], bins[1:]):
+    rows = (h >= low) & (h < high) if low > 0 else h == 0
+    if rows.sum() > 20:
+        centres.append(float((low + high) / 2) if low > 0 else 0.0)
+        medians["raw"].append(float(raw[rows].median()))
+        medians["weight"].append(float((weight[rows] / weight.mean()).median()))
+fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+for ax, values, name in ((axes[0], raw, "raw"), (axes[1], weight / weight.mean(), "weight")):
+    points = ax.scatter(h, values, s=2, c=t, cmap="viridis", alpha=0.6)
+    ax.plot(centres, medians[name], "r-o", lw=2, label="median per bin of h")
+    ax.set(xlabel="h = t - r", yscale="log")
+    ax.legend(loc="lower right")
+axes[0].set(ylabel="raw loss L per sample", title="per-sample loss in one batch")
+axes[1].set(ylabel="gradient weight 1 / (L + c), / batch mean", title="adaptive weight in the same batch")
+fig.colorbar(points, ax=axes[1], label="t")
+save_figure(fig, out / "adaptive_weight_in_a_batch.png", trained=True)
+
+# %% [markdown]
+# What the figure shows (full mode): the per-sample losses of one batch spread over five orders of
+# magnitude, and h explains little of it (the median loss is 4.0 on the r = t rows and 2.9 for
+# t - r > 0.4). The spread is mostly the luck of each row's noise: given `z_t`, the target `e - x`
+# is unpredictable, and its squared error is a chi-square-like variable. Unweighted, the 10% of rows
+# with the largest loss would carry about 40% of the batch's loss; weighted, every row contributes
+# the gradient of `log(L + c)`, and those rows get only about 1% of the total weight. The weight
+# makes the regression robust to rows with unpredictable targets; it does not single out any
+# region of the (r, t) plane.
+#
 # %% [markdown]
 # Guidance (tutorial 05) and the image-scale network (tutorial 06) change what the network is
 # conditioned on and how big it is; the loss stays this one.
