@@ -4,37 +4,44 @@
 # Tutorials 01–05 used MLPs on 2-D points. The ImageNet model changes the *network* and the
 # *training machinery*, not the method: the loss is still `pmf_ref.pmf_guided_loss` (tutorial 05's
 # recipe, released-code form). This tutorial walks through what changes at scale, using the
-# repository's `full/` package unchanged:
+# repository's `full/` package:
 #
 # | | toy (tutorials 03, 05) | ImageNet (`full/`) |
 # |---|---|---|
 # | network | MLP on [z, t, h, cond] | ViT, bottleneck patch embedding, 20 in-context condition tokens, RoPE, SwiGLU, u-head + v-head (`full/model.py`) |
 # | optimiser | Adam | Muon for weight matrices + Nesterov Adam for the rest (`full/optim.py`) |
-# | weights sampled | last (or EMA over ~200 steps) | EDM-style EMAs, half-lives 500–2000 kimg (`full/ema.py`) |
+# | weights sampled | EMA over ~200 steps | EDM-style EMAs, half-lives 500–2000 kimg (`full/ema.py`) |
 # | loss | `pmf_guided_loss` | same + 0.4 LPIPS + 0.1 ConvNeXt-V2 feature loss on x_hat for t < 0.8 (`full/perceptual.py`) |
 # | batch | one process | global batch 1024 over GPUs with DDP (`full/distributed.py`) |
 #
-# It counts the paper's presets, then trains the tiny preset for a few minutes on scikit-learn's
-# 8x8 digits (upsampled to 16x16, shipped with scikit-learn: nothing is downloaded) with the real
-# trainer `full.train.train`, and samples it in one step.
+# It counts the paper's presets, then trains a tiny ViT for two minutes on scikit-learn's 8x8
+# digits (upsampled, shipped with scikit-learn: nothing is downloaded) with the training loop
+# written out, samples it in one step at several guidance scales, and shows x- vs u-prediction at
+# image scale.
 #
-# Run: `python tutorials/06_from_toy_to_imagenet.py` (about 2 minutes on 2 CPU cores).
-# Figures go to `runs/tutorials/06/`.
+# Run: `python tutorials/06_from_toy_to_imagenet.py`, or cell by cell in Jupyter / VS Code (about
+# 4 CPU-minutes; `PMF_TUTORIAL_FAST=1` for a quick, under-trained pass). Figures go to
+# `runs/tutorials/06/`.
 
 # %%
+import sys
+from pathlib import Path
+
 import matplotlib.pyplot as plt
 import numpy as np
 import torch
 
 import pmf_ref as P
-from _common import FAST, report, save_figure, setup, steps
-from full.digits_data import DigitsDataset
-from full.ema import ema_decay
-from full.model import PRESETS, build_model, make_cond
-from full.optim import split_parameters
-from full.params import PAPER, analytic_gmacs, meta_model
-from full.sample import generate
-from full.train import TrainConfig, train
+
+sys.path.insert(0, str(Path(P.__file__).resolve().parents[1] / "tutorials"))  # _common, from any folder
+from _common import report, save_figure, setup, steps  # noqa: E402
+from full.digits_classifier import load_or_train_classifier  # noqa: E402
+from full.digits_data import DigitsDataset, off_subspace_rms  # noqa: E402
+from full.digits_metrics import DigitsEvaluator  # noqa: E402
+from full.ema import EMASet, ema_decay  # noqa: E402
+from full.model import PRESETS, build_model, make_cond  # noqa: E402
+from full.optim import build_optimizer, split_parameters  # noqa: E402
+from full.params import PAPER, analytic_gmacs, meta_model  # noqa: E402
 
 out = setup("06")
 
@@ -42,9 +49,9 @@ out = setup("06")
 # ## 1. The presets: parameters and compute
 #
 # The paper's Table 8: B/L/H at 256 px with 16x16 patches, and at 512 px with 32x32 patches (the
-# same 256 tokens; `noise_scale` grows with resolution). The models are built on the `meta` device —
-# shapes only, no memory — to count parameters; GMACs are counted analytically per forward of the
-# inference network (trunk + u-head). The v-head is training-only and adds 8 blocks.
+# same 256 tokens; `noise_scale` grows with resolution, tutorial 08). The models are built on the
+# `meta` device — shapes only, no memory — to count parameters; GMACs are counted analytically per
+# forward of the inference network (trunk + u-head). The v-head is training-only and adds 8 blocks.
 
 # %%
 print(f"{'preset':10s} {'params (M)':>11s} {'paper':>7s} {'+v-head':>8s} {'GMACs':>7s} {'paper':>7s}")
@@ -58,26 +65,44 @@ for name, (paper_params, paper_gmacs) in PAPER.items():
         report("pMF-B/16 GMACs per forward (paper 33)", gmacs)
 
 # %% [markdown]
-# ## 2. The network: x-prediction with in-context conditioning
+# ## 2. The network: x-prediction with in-context conditioning, and no t
 #
-# `build_model("pMF-T/4", ...)` is a tiny preset of the same class (`PMFViT`). The image is cut
-# into p x p patches (a p x p conv to a narrow *bottleneck*, then a 1x1 conv to the width); 20
-# learned tokens carrying the class (8), `1 - 1/omega` (4), `t_min` (2), `t_max` (2) and
-# `h = t - r` (4) are prepended — no adaLN. **t itself is not an input**: it enters only through
-# `pmf_ref`'s conversion `u = (z - x_hat) / max(t, t_eps)`. The trunk splits into a u-head (the
-# generator, `forward_u(z, r, t, cond)`) and a v-head (`forward_v(z, t, cond)`, at h = 0, training
-# only). Both heads end in zero-initialised layers, so the network starts by predicting x_hat = 0.
+# `build_model(preset, ...)` builds a `PMFViT`. The image is cut into p x p patches (a p x p conv to
+# a narrow *bottleneck*, then a 1x1 conv to the width); 20 learned tokens carrying the class (8),
+# `1 - 1/omega` (4), `t_min` (2), `t_max` (2) and `h = t - r` (4) are prepended — no adaLN. The
+# trunk splits into a u-head (the generator, `forward_u(z, r, t, cond)`) and a v-head
+# (`forward_v(z, t, cond)`, at h = 0, training only); `forward_uv` runs both on one trunk pass. Both
+# heads end in zero-initialised layers, so the network starts by predicting x_hat = 0.
+#
+# Here: the tiny CPU preset `pMF-T/4` (width 64, bottleneck 16) for 10 classes of 1-channel 16 x 16
+# images, shortened to one trunk block and one block per head so that it trains in two minutes.
 
 # %%
 RESOLUTION, PATCH, NUM_CLASSES = 16, 4, 10
-model = build_model("pMF-T/4", num_classes=NUM_CLASSES, channels=1, resolution=RESOLUTION, patch=PATCH)
-print(f"pMF-T/4 on 16x16 digits: {model.param_count(with_v_head=False):,} parameters "
-      f"(+{model.param_count(True) - model.param_count(False):,} in the v-head), "
-      f"{(RESOLUTION // PATCH) ** 2} patch tokens + 20 condition tokens")
+ARCH = dict(num_classes=NUM_CLASSES, channels=1, depth=2, head_depth=1)   # trunk 1 + u-head 1 + v-head 1 block
+model = build_model("pMF-T/4", resolution=RESOLUTION, patch=PATCH, **ARCH)
+print(f"{model.param_count(with_v_head=False):,} parameters (+{model.param_count(True) - model.param_count(False):,} "
+      f"in the v-head), {(RESOLUTION // PATCH) ** 2} patch tokens + 20 condition tokens")
 z = torch.randn(4, 1, RESOLUTION, RESOLUTION)
 cond = make_cond(torch.tensor([0, 1, 2, NUM_CLASSES]), omega=2.0, t_min=0.1, t_max=0.7)   # label 10 = null
 x_hat = model.forward_u(z, torch.zeros(4), torch.ones(4), cond)
 report("max |x_hat| of the freshly initialised network (zero-init heads)", x_hat.abs().max())
+
+# %% [markdown]
+# **t itself is not an input**: it enters only through `pmf_ref`'s conversion
+# `u = (z - x_hat) / max(t, t_eps)`. The toy MLPs needed t; why can an image do without? Because
+# an image's noise level is written in its pixels. Upsampled digits span only a 64-dimensional
+# subspace of the 256 pixels, so the part of `z_t` outside it is pure noise, `t e`, and its size
+# reads off t. A 2-D point has no such spare directions: the same point could be at any noise level.
+
+# %%
+digits = DigitsDataset(RESOLUTION)
+g = torch.Generator().manual_seed(0)
+x = digits.images[torch.randint(len(digits), (2000,), generator=g)]
+t_true = torch.rand(2000, generator=g)
+z_t = P.interpolate(x, torch.randn(x.shape, generator=g), t_true)
+t_read = off_subspace_rms(z_t) / (1 - 64 / RESOLUTION**2) ** 0.5             # ||(I - P) z_t|| = t ||(I - P) e||
+report("noise level read off a 16 x 16 digit's pixels: RMS error of t", (t_read - t_true).square().mean().sqrt())
 
 # %% [markdown]
 # ## 3. Muon and the EMA
@@ -102,47 +127,89 @@ report("EMA decay in steady state, batch 1024, half-life 2000 kimg (0.5^(1024/2e
        ema_decay(1024, 2000.0, 10**9))
 
 # %% [markdown]
-# ## 4. Train: the same loss in the ViT trainer
+# ## 4. The training loop, written out
 #
-# `full.train.train(TrainConfig(...), dataset)` is the ImageNet trainer, run here on CPU. Each
-# step draws the randomness of the recipe — `(r, t)` from the full-plane sampler, noise, omega, the
-# guidance interval, label drops — and calls `full.recipe.PMFObjective`, whose core is one call of
-# `pmf_ref.pmf_guided_loss(model.forward_u, model.forward_v, ...)`, the function tutorial 05 used
-# with an MLP. Then Muon + Nesterov Adam, the EMAs, logging and checkpoints.
+# One step of the released recipe, every equation a `pmf_ref` call (`full.train` runs the same
+# recipe with DDP, checkpoints and logging around it): the time pair with an exact half of the batch
+# at r = t (`P.sample_time_pair_released`, the preset's logit-normal(0.8, 0.8)), omega, the guidance
+# interval, the label drop on r = t rows, then `P.pmf_guided_loss` with the model's two passes —
+# `forward_uv` (both heads, the JVP's forward) and `forward_v` at h = 0 on [0, 1] for the guided
+# target (one batched pass: the original label at the row's omega, the null label at omega = 1).
+# `prediction="u"` reads the network's output as u instead of x (the only line that changes).
 #
-# Deviation for this tutorial: `perceptual="none"`. The perceptual loss (LPIPS-VGG and
-# ConvNeXt-V2 features on 224x224 random crops of x_hat and x) needs pretrained weights and RGB
-# images; the paper's own optimiser and sampler ablations are MSE-only too. On ImageNet it takes
-# FID from 9.56 (MSE) to 5.62 (+LPIPS) to 3.53 (+LPIPS + ConvNeXt) at 160 epochs.
-#
-# **DDP**: `torchrun --nproc_per_node=8 -m full.train --preset pMF-B/16 --data /path/to/imagenet/train`.
-# DDP wraps the whole objective, so the JVP runs inside the wrapped forward and gradients are
-# averaged over ranks; the per-step randomness (noise, times, omega, interval, label drops) is drawn
-# for the *global* batch and each rank takes its rows, so those draws do not depend on how many GPUs
-# share the batch.
+# Deviations for a two-minute CPU run: the shortened network above; batch 64; lr 3e-3 instead of
+# pMF's 1e-3 (measured, 300 steps of pMF-T/4 at batch 32: FD 255 with 1e-3, 42 with 3e-3); no
+# perceptual loss (its pretrained nets need RGB and weights; the paper's optimiser and sampler
+# ablations are MSE-only too).
 
 # %%
-num_steps = steps(300, 3)
-# Deviation: lr 3e-3 instead of pMF's 1e-3. In a 300-step CPU run 1e-3 leaves noise (measured: raw
-# u-loss 103 after 240 steps vs 57 after 300 steps at 3e-3); the paper's runs are 1000x longer.
-LEARNING_RATE = 3e-3
-config = TrainConfig(preset="pMF-T/4", num_classes=NUM_CLASSES, channels=1, resolution=RESOLUTION, patch=PATCH,
-                     batch_size=32, steps=num_steps, lr=LEARNING_RATE, perceptual="none", ema_half_lives_kimg=(2000.0,),
-                     ckpt_every=num_steps, log_every=max(1, num_steps // 10), out=str(out / "train"),
-                     device="cpu", num_workers=0)
-result = train(config, dataset=DigitsDataset(RESOLUTION), progress=not FAST)
-raw_u = np.array([record["raw_u"] for record in result.history])
-report("raw u-loss, mean of the first 10% of steps", raw_u[: max(1, num_steps // 10)].mean())
-report("raw u-loss, mean of the last 10% of steps", raw_u[-max(1, num_steps // 10):].mean())
+RECIPE = PRESETS["pMF-T/4"]                      # B/16's recipe numbers: P_mean, P_std, omega_beta, ...
+LEARNING_RATE, BATCH = 3e-3, 64
+
+
+def train_digits(resolution: int, patch: int, prediction: str, num_steps: int, seed: int = 0):
+    torch.manual_seed(seed)
+    model = build_model("pMF-T/4", resolution=resolution, patch=patch, **ARCH)
+    optimizer = build_optimizer(model, kind="muon", lr=LEARNING_RATE)
+    emas = EMASet(model, (2000.0,))
+    data = DigitsDataset(resolution)
+    g = torch.Generator().manual_seed(seed)
+
+    def as_image(z, output, t):                  # x-prediction: the output is x_hat; u: read it as u
+        return output if prediction == "x" else P.x_from_average_velocity(z, output, t)
+
+    raw_u = []
+    for step in range(num_steps):
+        rows = torch.randint(len(data), (BATCH,), generator=g)
+        x, y = data.images[rows], data.labels[rows]
+        e = model.noise_scale * torch.randn(x.shape, generator=g)
+        r, t = P.sample_time_pair_released(BATCH, mean=RECIPE["P_mean"], std=RECIPE["P_std"], generator=g)
+        omega = P.sample_omega(BATCH, beta=RECIPE["omega_beta"], generator=g)
+        t_min, t_max = P.sample_guidance_interval(r, t, generator=g)
+        dropped = P.label_drop_mask_diagonal(r, t, generator=g)
+        cond = make_cond(P.drop_labels(y, dropped, null_label=model.null_label), omega, t_min, t_max)
+
+        def denoise_uv(z, r_, t_):
+            x_u, x_v = model.forward_uv(z, r_, t_, cond)
+            return as_image(z, x_u, t_), as_image(z, x_v, t_)
+
+        def guidance_denoise(z, t_, omega_target):
+            labels = torch.cat([y, torch.full_like(y, model.null_label)])
+            z2, t2 = torch.cat([z, z]), torch.cat([t_, t_])
+            cond2 = make_cond(labels, torch.cat([omega_target, torch.ones_like(omega_target)]), 0.0, 1.0)
+            x_v = as_image(z2, model.forward_v(z2, t2, cond2), t2)
+            return x_v[:BATCH], x_v[BATCH:]
+
+        terms = P.pmf_guided_loss(denoise_uv, guidance_denoise, x, e, r, t, omega=omega, t_min=t_min,
+                                  t_max=t_max, dropped=dropped)
+        optimizer.zero_grad(set_to_none=True)
+        (terms.loss_u + terms.loss_v).mean().backward()
+        optimizer.step()
+        emas.update(model, batch=BATCH, images_seen=step * BATCH)
+        raw_u.append(terms.raw_u.mean().item())
+    return next(iter(emas.models.values())), model, np.array(raw_u)
+
+
+@torch.no_grad()
+def sample(network, prediction: str, y, z_1, omega: float, t_min: float = 0.1, t_max: float = 0.7):
+    """One network call per image: x = z_1 - u(z_1, 0, 1 | y, omega, [t_min, t_max])."""
+    cond = make_cond(y, omega, t_min, t_max)
+    if prediction == "x":
+        return P.sample_one_step(P.u_fn_from_x_fn(lambda z, r, t: network.forward_u(z, r, t, cond)), z_1, has_aux=True)
+    return P.sample_one_step(lambda z, r, t: network.forward_u(z, r, t, cond), z_1)
+
+
+num_steps = steps(500, 4)
+ema_model, model, raw_u = train_digits(RESOLUTION, PATCH, "x", num_steps)
+tail = max(1, num_steps // 10)
+report("raw u-loss, mean of the first 10% of steps", raw_u[:tail].mean())
+report("raw u-loss, mean of the last 10% of steps", raw_u[-tail:].mean())
 
 fig, ax = plt.subplots(figsize=(6, 3.5))
 window = max(1, num_steps // 20)
-for name in ("raw_u", "raw_v"):
-    curve = np.array([record[name] for record in result.history])
-    ax.plot(np.convolve(curve, np.ones(window) / window, mode="valid"), label=f"{name} (running mean)")
-ax.set(xlabel="step", ylabel="sum of squares per image", yscale="log", title="pMF-T/4 on 16x16 digits")
-ax.legend()
-save_figure(fig, out / "training_loss.png")
+ax.plot(np.convolve(raw_u, np.ones(window) / window, mode="valid"))
+ax.set(xlabel="step", ylabel="raw u-loss per image (running mean)", yscale="log", title="tiny pMF ViT on 16 x 16 digits")
+save_figure(fig, out / "training_loss.png", trained=True)
 
 # %% [markdown]
 # ## 5. The JVP through a ViT
@@ -152,7 +219,8 @@ save_figure(fig, out / "training_loss.png")
 # network: `P.average_velocity_jvp` against a central finite difference along the tangent.
 
 # %%
-model64 = result.model.double().eval()
+model64 = build_model("pMF-T/4", resolution=RESOLUTION, patch=PATCH, **ARCH).double().eval()
+model64.load_state_dict(model.state_dict())
 B = 4
 z = torch.randn(B, 1, RESOLUTION, RESOLUTION, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
 r = torch.tensor([0.0, 0.2, 0.3, 0.4], dtype=torch.float64)
@@ -166,37 +234,90 @@ h = 1e-5                                                             # near the 
 with torch.no_grad():
     fd = (u_fn(z + h * tangent, r, t + h)[0] - u_fn(z - h * tangent, r, t - h)[0]) / (2 * h)
 report("ViT: relative |JVP - finite difference| of du/dt", (jvp.dudt - fd).abs().max() / jvp.dudt.abs().max())
-result.model.float()
 
 # %% [markdown]
-# ## 6. One-step samples
+# ## 6. One-step samples: every class, several guidance scales
 #
-# `full.sample.generate`: `x = x_theta(z_1, r = 0, t = 1; y, omega, t_min, t_max)`, one network
-# call per image, from the EMA weights. Rows: classes 0–9; columns: without guidance (omega = 1)
-# and with the trained-in guidance at the interval of pMF-B/16. After a few minutes of CPU training
-# the network has learned each class's typical digit and still largely ignores the noise (the
-# samples of a row look alike); diversity comes with longer training. `python -m full.digits` runs
-# the paper's ablations on this data set.
+# `x = x_theta(z_1, r = 0, t = 1; y, omega, t_min, t_max)`, one network call per image, from the
+# EMA weights, at pMF-B/16's guidance interval [0.1, 0.7]. Rows: classes 0–9; columns: different
+# noise; panels: omega. Scores: Fréchet distance of a small digits classifier's features to the
+# training digits (the "FID" of `python -m full.digits`; lower is better) and its accuracy on the
+# class each sample was asked for (both from `full.digits_metrics`).
 
 # %%
-ema_model = next(iter(result.emas.values())).float()
-per_class = 6
-y = torch.arange(NUM_CLASSES).repeat_interleave(per_class)
-z_1 = ema_model.noise_scale * torch.randn(len(y), 1, RESOLUTION, RESOLUTION,
-                                          generator=torch.Generator().manual_seed(1))
-omegas = (1.0, PRESETS["pMF-T/4"]["sample_omega"] / 2, PRESETS["pMF-T/4"]["sample_omega"])
-fig, axes = plt.subplots(1, len(omegas), figsize=(4 * len(omegas), 6))
+evaluator = DigitsEvaluator(load_or_train_classifier(out))
+floor = evaluator.floor(RESOLUTION)
+report("held-out real digits: FD (the floor)", floor["fd"])
+y_eval = torch.arange(NUM_CLASSES).repeat_interleave(steps(50, 10))
+z_eval = torch.randn(len(y_eval), 1, RESOLUTION, RESOLUTION, generator=torch.Generator().manual_seed(1))
+omegas = (1.0, 2.0, 4.0)
+shown = 6
+fig, axes = plt.subplots(1, len(omegas), figsize=(3.2 * len(omegas), 5.6))
 for ax, omega in zip(axes, omegas):
-    x_gen = generate(ema_model, y, z_1, omega=omega, t_min=PRESETS["pMF-T/4"]["sample_t_min"],
-                     t_max=PRESETS["pMF-T/4"]["sample_t_max"]).clamp(-1, 1)
-    grid = x_gen.reshape(NUM_CLASSES, per_class, RESOLUTION, RESOLUTION).permute(0, 2, 1, 3)
-    ax.imshow(grid.reshape(NUM_CLASSES * RESOLUTION, per_class * RESOLUTION), cmap="gray", vmin=-1, vmax=1)
-    ax.set(title=f"one step, omega = {omega}", xticks=[], yticks=[])
-report("one-step samples inside [-1.5, 1.5] (fraction of pixels)",
-       (generate(ema_model, y, z_1, omega=1.0, t_min=0.1, t_max=0.7).abs() <= 1.5).float().mean())
-save_figure(fig, out / "one_step_digits.png")
+    images = sample(ema_model, "x", y_eval, z_eval, omega)
+    scores = evaluator.evaluate(images, y_eval)
+    report(f"one-step FD, omega = {omega}", scores["fd"])
+    report(f"one-step class accuracy, omega = {omega}", scores["accuracy"])
+    grid = images.clamp(-1, 1).reshape(NUM_CLASSES, -1, RESOLUTION, RESOLUTION)[:, :shown]   # (10, shown, H, W)
+    ax.imshow(grid.permute(0, 2, 1, 3).reshape(NUM_CLASSES * RESOLUTION, shown * RESOLUTION), cmap="gray",
+              vmin=-1, vmax=1)
+    ax.set(title=f"omega = {omega}\nFD {scores['fd']:.0f}, accuracy {scores['accuracy']:.2f}", xticks=[], yticks=[])
+save_figure(fig, out / "one_step_digits.png", trained=True)
 
 # %% [markdown]
+# In full mode every row shows its class (accuracy 1.00 at every omega), and guidance is visible:
+# at omega = 1 the digits are grey and blurred, at omega = 2–4 sharper and more contrasted, and the
+# FD falls about threefold (91 -> 30). The samples of a row still look alike — after 500 steps the
+# one-step map uses its noise input only a little; diversity comes with training (the paper trains
+# ~10^5 times longer).
+#
+# ## 7. x- vs u-prediction at image scale
+#
+# The patch embedding sees each p x p patch only through its bottleneck: 16 numbers here (128 in
+# pMF-B/16). At 16 px, patch 4, that is all 16 pixels of a patch. At 64 px with patch 16 a patch
+# has 256 pixels — the situation of pMF-B/16 (768 values per patch, bottleneck 128) — and 240 of
+# its directions are **invisible** to the network. A u-predicting network outputs u, and its one
+# step is `x = z_1 - u(z_1)`: the invisible part of the noise `z_1` passes into the sample
+# untouched, whatever the network learned. An x-predicting network outputs the image itself and
+# does not carry the noise along. Two short runs at 64 px, patch 16, the same loop as above:
+
+# %%
+def unseen_part(network, images: torch.Tensor) -> torch.Tensor:
+    """Each patch's component in the null space of the patch embedding's p x p conv, (B, p*p*C, patches)."""
+    weight = network.patch_embed.reduce.weight.detach().flatten(1)              # (bottleneck, p*p*C)
+    null_projector = torch.eye(weight.shape[1]) - torch.linalg.pinv(weight) @ weight
+    patches = torch.nn.functional.unfold(images, kernel_size=network.patch, stride=network.patch)
+    return null_projector @ patches
+
+
+BIG, BIG_PATCH = 64, 16
+z_big = torch.randn(len(y_eval), 1, BIG, BIG, generator=torch.Generator().manual_seed(2))
+big_steps = steps(100, 2)
+fig, axes = plt.subplots(1, 2, figsize=(7, 5.6))
+for ax, prediction in zip(axes, ("x", "u")):
+    network = train_digits(BIG, BIG_PATCH, prediction, big_steps)[0]
+    images = sample(network, prediction, y_eval, z_big, 1.0)
+    unseen_noise = unseen_part(network, z_big)
+    share = report(f"{prediction}-prediction, 64 px: share of the unseen noise left in the samples",
+                   (unseen_part(network, images) * unseen_noise).sum() / unseen_noise.square().sum())
+    rms = report(f"{prediction}-prediction, 64 px: off-subspace RMS of the samples (real digits: 0)",
+                 off_subspace_rms(images).mean())
+    accuracy = report(f"{prediction}-prediction, 64 px: class accuracy", evaluator.evaluate(images, y_eval)["accuracy"])
+    grid = images.clamp(-1, 1).reshape(NUM_CLASSES, -1, BIG, BIG)[:, :3]
+    ax.imshow(grid.permute(0, 2, 1, 3).reshape(NUM_CLASSES * BIG, 3 * BIG), cmap="gray", vmin=-1, vmax=1)
+    ax.set(title=f"{prediction}-prediction, {big_steps} steps\nunseen noise kept {share:.2f}, off-subspace {rms:.2f}",
+           xticks=[], yticks=[])
+save_figure(fig, out / "x_vs_u_at_image_scale.png", trained=True)
+
+# %% [markdown]
+# The u-network's samples keep all of the noise it cannot see (share 1.00 — a property of the
+# architecture, not of training: more steps cannot remove it) and are covered in noise; the
+# x-network's keep none of it (share ~0). This is the paper's result at 256 px (B/16, patch dim
+# 768 > bottleneck 128: FID 9.56 with x-prediction, 164.89 with u-prediction) and its absence at
+# 64 px (B/4, patch dim 48 < 128: 3.80 vs 3.82). Tutorial 08 follows it across patch sizes and
+# looks at what else changes with resolution: the noise scale and the perceptual loss's cutoff.
+#
 # The same code, with `--preset pMF-B/16 --data /path/to/imagenet/train`, the perceptual loss and
-# 8 GPUs, is the paper's setting (FID 3.12 at one step after 320 epochs); `python -m full.sample`
-# draws FID-50K sets from a checkpoint and `python -m full.params` prints the table of section 1.
+# 8 GPUs, is the paper's setting (FID 3.12 at one step after 320 epochs): `python -m full.train`;
+# `python -m full.sample` draws FID-50K sets from a checkpoint, `python -m full.params` prints the
+# table of section 1, and `python -m full.digits` runs the paper's ablations on these digits.
