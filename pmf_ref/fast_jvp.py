@@ -81,6 +81,18 @@ def _plus(a: torch.Tensor | None, b: torch.Tensor | None) -> torch.Tensor | None
 
 # ----------------------------------------------------------------------------- linear
 
+def _linear_backward(ctx, grad, needs_grad):
+    """(grad_x, grad_weight, grad_bias) of ``x W^T + b``, as autograd's mm / addmm backward."""
+    if grad is None:
+        return None, None, None
+    x, weight = ctx.saved_tensors
+    grad_2d = grad.reshape(-1, grad.shape[-1])                                      # (N, out)
+    grad_x = grad_2d.mm(weight).reshape(x.shape) if needs_grad[0] else None
+    grad_w = grad_2d.t().mm(x.reshape(-1, x.shape[-1])) if needs_grad[1] else None  # (out, in), contiguous
+    grad_b = grad_2d.sum(0) if ctx.has_bias and needs_grad[2] else None
+    return grad_x, grad_w, grad_b
+
+
 class _Linear(torch.autograd.Function):
     """``y = x W^T + b``; tangent ``dx W^T`` (one GEMM), plus the terms of a weight or bias tangent."""
 
@@ -98,14 +110,7 @@ class _Linear(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):
-        if grad is None:
-            return None, None, None
-        x, weight = ctx.saved_tensors
-        grad_2d = grad.reshape(-1, grad.shape[-1])                                  # (N, out)
-        grad_x = grad_2d.mm(weight).reshape(x.shape) if ctx.needs_input_grad[0] else None
-        grad_w = grad_2d.t().mm(x.reshape(-1, x.shape[-1])) if ctx.needs_input_grad[1] else None  # (out, in)
-        grad_b = grad_2d.sum(0) if ctx.has_bias and ctx.needs_input_grad[2] else None
-        return grad_x, grad_w, grad_b
+        return _linear_backward(ctx, grad, ctx.needs_input_grad)
 
     @staticmethod
     def jvp(ctx, x_t, weight_t, bias_t):
@@ -118,9 +123,54 @@ class _Linear(torch.autograd.Function):
             return _plus(tangent, bias_t)
 
 
+class _LinearStacked(torch.autograd.Function):
+    """:class:`_Linear` for a forward_ad tangent on x alone, given as the input ``x_tangent``: the primal
+    and the tangent rows go through one GEMM (one pass over W; measured 17% faster than two GEMMs at
+    72 rows, 12% at 288, one CPU thread). Outputs ``(y, dy)``; the jvp hands ``dy`` over."""
+
+    @staticmethod
+    def forward(x, x_tangent, weight, bias):
+        both = F.linear(torch.cat([x, x_tangent]), weight)                     # (2 B, ..., out)
+        primal, tangent = both[:x.shape[0]], both[x.shape[0]:]
+        # A fresh primal: a view would keep the tangent rows alive as long as the primal is saved.
+        return (primal.clone() if bias is None else primal + bias), tangent
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        x, _, weight, bias = inputs
+        _save(ctx, x, weight)
+        ctx.has_bias = bias is not None
+        ctx.mark_non_differentiable(output[1])
+        ctx.tangent = output[1]
+
+    @staticmethod
+    def backward(ctx, grad, grad_tangent_output):
+        grad_x, grad_w, grad_b = _linear_backward(ctx, grad, (ctx.needs_input_grad[0], *ctx.needs_input_grad[2:]))
+        return grad_x, None, grad_w, grad_b
+
+    @staticmethod
+    def jvp(ctx, x_t, x_tangent_t, weight_t, bias_t):
+        tangent = ctx.tangent
+        del ctx.tangent  # the graph keeps ctx until the backward; the tangent must not live that long
+        return tangent, None
+
+
+def _stackable_tangent(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor | None:
+    """x's forward_ad tangent when :class:`_LinearStacked` applies (only x has one, no torch.func transform)."""
+    # Under torch.func transforms the dual tensors are functorch's own: no stacking there.
+    if torch._C._functorch.peek_interpreter_stack() is not None or has_tangent(weight):
+        return None
+    if bias is not None and has_tangent(bias):
+        return None
+    return fwAD.unpack_dual(x).tangent
+
+
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """``F.linear(x, weight, bias)``.  x: (..., in); weight: (out, in); bias: (out,) or None -> (..., out)."""
     if custom_jvp(x, weight) or (bias is not None and custom_jvp(bias)):
+        x_tangent = _stackable_tangent(x, weight, bias)
+        if x_tangent is not None:
+            return _LinearStacked.apply(x, x_tangent, weight, bias)[0]
         return _Linear.apply(x, weight, bias)
     return F.linear(x, weight, bias)
 

@@ -85,7 +85,7 @@ def test_op_value_tangent_and_gradient_match_plain_torch(name, jvp_route, dtype)
     fn, shapes, params = _op_cases(dtype)[name]
     value, tangent, grads = _op_jvp_and_grads(fn, shapes, params, dtype, NEW, jvp_route)
     value_ref, tangent_ref, grads_ref = _op_jvp_and_grads(fn, shapes, params, dtype, REFERENCE, jvp_route)
-    assert torch.equal(value, value_ref)
+    _close(value, value_ref)   # equal in float32 here; the stacked linear may differ in float64's last bit
     _close(tangent, tangent_ref)
     for i, (grad, grad_ref) in enumerate(zip(grads, grads_ref)):
         assert torch.equal(grad, grad_ref), (name, i)   # the plain op's backward kernels, in its order
@@ -201,8 +201,8 @@ def _alg1(model, x_fn, x, e, r, t, route):
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("network", ["toy", "vit"])
 def test_average_velocity_jvp_matches_reference_on_network(network, dtype):
-    """u and x_hat bit-equal, du/dt to TOL, and the gradient of the primal bit-equal up to the order of
-    one sum (RMS normalisation): the new route against torch.func.jvp through plain ops."""
+    """u, x_hat, du/dt and the gradient of the primal to TOL: the new route against torch.func.jvp through
+    plain ops (the stacked linear's GEMM has twice the rows, which may pick another kernel)."""
     model, x_fn, z, r, t = _networks(dtype)[network]
     v = _randn(*z.shape, seed=4, dtype=dtype)
     weights = _randn(*z.shape, seed=5, dtype=dtype)
@@ -214,7 +214,8 @@ def test_average_velocity_jvp_matches_reference_on_network(network, dtype):
             (weights * jvp.u).sum().backward()
         results[route] = jvp, {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
     (new, grads), (reference, grads_ref) = results[NEW], results[REFERENCE]
-    assert torch.equal(new.u, reference.u) and torch.equal(new.aux, reference.aux)
+    _close(new.u, reference.u)
+    _close(new.aux, reference.aux)
     _close(new.dudt, reference.dudt)
     assert not new.dudt.requires_grad                       # no tangent graph comes back
     assert grads.keys() == grads_ref.keys()
