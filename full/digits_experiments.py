@@ -1,4 +1,4 @@
-"""The four digits experiments (issue 7), each the analogue of one of the paper's ablations, and their tables.
+"""The digits experiments, each the analogue of one of the paper's ablations, and their tables.
 
 (a) ``prediction``: x- vs u-prediction as the patch dimension grows at a fixed token count (4 x 4 patches):
     patch 4 / 8 / 16 at 16 / 32 / 64 px, i.e. patch dims 16 / 64 / 256 against a bottleneck of 16.
@@ -63,7 +63,7 @@ def experiment_arms(name: str) -> list[tuple[str, ArmSpec]]:
 
 EXPERIMENTS = ("prediction", "optimizer", "sampler", "guidance", "snr")
 
-# The paper's FID-50K for the matching rows (pMF arXiv 2601.22158; shared/method.md), keyed by arm label.
+# The paper's FID-50K for the matching rows (pMF arXiv 2601.22158), keyed by arm label.
 PAPER_NUMBERS: dict[str, dict[str, str]] = {
     "prediction": {
         "x-pred, 16 px, patch 4 (dim 16)": "64 px B/4, dim 48: x 3.80",

@@ -9,7 +9,7 @@ suite's layout) or a folder of image files. Reference statistics: an .npz with `
 ``sigma`` (2048, 2048) of the Inception pool features -- written by ``ref-stats`` from an
 ImageFolder with the trainer's ADM center crop (full.data.center_crop_arr), or an ADM reference
 batch (its ``mu``/``sigma`` come from the same TF-Inception graph). The paper reports FID-50K
-against ImageNet-train statistics (shared/method.md §7).
+against ImageNet-train statistics (pMF §5).
 
 The Inception-v3 weights (torch-fidelity's TF port) are read from --inception-weights or the torch
 hub cache, never downloaded; see full/fid.py.

@@ -3,8 +3,8 @@
     python -m full.guidance_search --ckpt run/ckpt.pt --ref imagenet256_train.npz --num 10000 \\
         --omegas 7.5 8.0 8.5 9.0 --intervals 0.1,0.7 0.2,0.7 --emas 1000 2000 --out search.json
 
-pMF trains one network for a whole range of (omega, t_min, t_max) (guidance is an input, shared/
-method.md §4), so choosing them is a pure sampling-time search; the paper reports the best
+pMF trains one network for a whole range of (omega, t_min, t_max) (guidance is an input, pMF
+App. A), so choosing them is a pure sampling-time search; the paper reports the best
 (omega, interval, EMA) per model (B/16: 8.5, [0.1, 0.7], 2000). Every setting samples the same
 noise and labels (per-sample seeds of full.sample), so differences between rows come from the
 setting, not from the draw. Prints a table (FID, IS per combination; best FID marked) and writes

@@ -1,4 +1,4 @@
-"""Perceptual losses of pMF (§2 of method.md): LPIPS-VGG and a ConvNeXt-V2 feature distance.
+"""Perceptual losses of pMF (Sec. 4): LPIPS-VGG and a ConvNeXt-V2 feature distance.
 
 Both compare the u-head's denoised image ``x_hat`` with the clean image ``x`` after the *same*
 random resized crop of both (area 0.08-1, aspect 3/4-4/3, resized to 224x224):

@@ -10,7 +10,7 @@ z_1 = s * eps with the preset's noise scale s, c = (y, omega, t_min, t_max). Sam
 ``y_i = i mod K`` (any prefix is class-balanced; ``--per-class k`` gives exactly k per class) and
 noise from a generator seeded by the pair (seed, i), so the images depend on neither the batch size nor the
 number of processes. Defaults for omega, the interval and the EMA are the preset's best settings
-(pMF §4, shared/method.md §4).
+(pMF §4 and App. A).
 
 Output folder: ``images/000000.png ...``, ``samples.npz`` (``arr_0`` uint8 (N, H, W, C) and
 ``labels`` (N,), the layout of the ADM evaluation suite), ``grid.png`` and ``sample_config.json``.
