@@ -1,7 +1,7 @@
 """Measurement tools of the benchmarks: interleaved medians, peak memory, machine description.
 
 Timing: every variant of a comparison runs in the same process, interleaved in a rotating order
-(ABC, BCA, CAB, ...), after warm-up; a sample is the mean of ``inner`` calls (chosen so a sample
+reversed every other time (ABC, ACB, CAB, BAC, ...: each variant follows each neighbour), after warm-up; a sample is the mean of ``inner`` calls (chosen so a sample
 lasts at least ``min_sample_s``) and the reported number is the median over samples, so slow
 drifts of a shared machine hit all variants alike and outliers do not move the result.
 
@@ -89,6 +89,10 @@ def interleaved_medians(fns: dict[str, Callable[[], object]], *, device: torch.d
     samples: dict[str, dict[str, list[float]]] = {name: {"wall": [], "process": []} for name in names}
     for rep in range(repeats):
         order = names[rep % len(names):] + names[:rep % len(names)]  # rotate: no variant always first
+        if rep % 2:
+            # and reverse every other repetition: with rotation alone a variant always follows the same
+            # one (an old-path step always came after the heavier new-path step of the previous pair)
+            order.reverse()
         for name in order:
             wall, cpu = _time_calls(fns[name], inner[name], device)
             samples[name]["wall"].append(wall)

@@ -50,7 +50,7 @@ def test_interleaved_medians_rotates_order_and_counts_calls():
     fns = {name: (lambda name=name: calls.append(name)) for name in "abc"}
     stats = interleaved_medians(fns, device=torch.device("cpu"), warmup=2, repeats=3, min_sample_s=0.0)
     timed = calls[-9:]                      # 3 repetitions x 3 variants, one call each (inner = 1)
-    assert timed == list("abc" "bca" "cab")
+    assert timed == list("abc" "acb" "cab")  # rotated, every other repetition reversed
     assert calls.count("a") == 2 + 3        # warm-up (the last call sizes `inner`) + timed
     assert all(len(s["samples_s"]) == 3 and s["inner"] == 1 for s in stats.values())
     assert all(s["min_s"] <= s["median_s"] for s in stats.values())
