@@ -9,8 +9,8 @@ of its derivative, records no autograd history and is not kept alive by the save
 (PyTorch's own formulas pay for zero tangents there: a third GEMM per linear, a slow path per
 elementwise op, and a second copy of the activations). Attention in a GPU's ``no_grad`` passes
 (sampling, the recipe's guidance passes) runs the fused ``F.scaled_dot_product_attention``; with
-gradient, inside the JVP and on CPU it is explicit matmul + softmax, which forward-mode AD supports. Token layout everywhere: ``(B, L, W)`` with L tokens of width W; per-head tensors
-``(B, heads, L, head_dim)``.
+gradient, inside the JVP and on CPU it is explicit matmul + softmax, which forward-mode AD supports.
+Token layout everywhere: ``(B, L, W)`` with L tokens of width W; per-head tensors ``(B, heads, L, head_dim)``.
 """
 from __future__ import annotations
 
@@ -59,7 +59,7 @@ class Linear(nn.Linear):
 class RMSNorm(nn.Module):
     """``y = x / sqrt(mean(x^2, -1) + eps) * g`` with a learned per-channel gain g (init 1).
 
-    Written out rather than ``nn.RMSNorm`` so that forward-mode AD and torch.compile see plain ops;
+    Written out rather than ``nn.RMSNorm`` so that the JVP goes through ``pmf_ref.fast_jvp``'s ops;
     the statistic is taken in float32 (or float64) even under bf16 autocast.
     """
 
@@ -131,10 +131,10 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, use_sdpa_math: 
 
     Where :func:`fused_attention_allowed` (GPU, ``no_grad``, no tangent: sampling and the recipe's
     guidance passes): the fused ``F.scaled_dot_product_attention`` (equal to rounding; its kernels keep
-    the softmax in float32 under bf16 too). Otherwise explicit matmul +
-    softmax (``pmf_ref.fast_jvp.softmax_attention``): forward-mode AD is not implemented by the fused
-    kernels (flash / memory-efficient / cuDNN, and the default CPU path), and with gradient the
-    explicit form keeps a plain forward and the JVP's primal identical to the bit.
+    the softmax in float32 under bf16 too). Otherwise explicit matmul + softmax
+    (``pmf_ref.fast_jvp.softmax_attention``): forward-mode AD is not implemented by the fused kernels
+    (flash / memory-efficient / cuDNN, and the default CPU path), and with gradient the explicit form
+    gives a plain forward the JVP primal's kernels.
     ``use_sdpa_math=True`` instead always calls ``F.scaled_dot_product_attention`` pinned to the MATH
     backend, which also supports forward AD (same numbers up to rounding; it does not upcast
     bf16 scores to float32).
@@ -294,6 +294,6 @@ class LabelEmbedder(nn.Module):
         return self.table(y)
 
 
-__all__ = ["FUSED_ATTENTION_DEVICES", "fused_attention_allowed", "Linear", "RMSNorm", "rope_angles_2d", "apply_rope", "attention", "Attention", "SwiGLU", "Block",
-           "BottleneckPatchEmbed", "sinusoidal_features", "ScalarEmbedder", "LabelEmbedder",
-           "swiglu_hidden", "init_linear_", "init_xavier_"]
+__all__ = ["FUSED_ATTENTION_DEVICES", "fused_attention_allowed", "Linear", "RMSNorm", "rope_angles_2d", "apply_rope",
+           "attention", "Attention", "SwiGLU", "Block", "BottleneckPatchEmbed", "sinusoidal_features",
+           "ScalarEmbedder", "LabelEmbedder", "swiglu_hidden", "init_linear_", "init_xavier_"]

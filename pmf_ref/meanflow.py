@@ -72,14 +72,14 @@ def average_velocity_jvp(u_fn: UFn, z: torch.Tensor, r: torch.Tensor, t: torch.T
     back-propagates into the parameters ``u_fn`` closes over; callers stop the gradient of the
     tangent (:func:`compound_velocity`).
 
-    Two routes, equal to rounding (tested on u, du/dt and every gradient):
+    Two routes, equal to rounding (tested on u, du/dt and every gradient), and a default:
 
     * ``mode="func"``: ``torch.func.jvp`` -- the readable reference; du/dt comes with its graph.
     * ``mode="forward_ad"``: the same JVP through ``torch.autograd.forward_ad`` dual tensors; with the
       ops of ``pmf_ref.fast_jvp`` it costs about two forwards (``torch.func.jvp`` takes a slower path
-      through custom ``autograd.Function``s). du/dt is returned detached.
-    * ``mode=None`` (default): :func:`default_jvp_mode` -- "forward_ad", or "func" inside
-      ``reference_ops()`` and inside ``torch.func`` transforms.
+      through custom ``autograd.Function``s). du/dt is returned detached. Not inside ``vmap``.
+    * ``mode=None``: :func:`default_jvp_mode` -- "forward_ad", or "func" inside ``reference_ops()``
+      and inside ``torch.func`` transforms.
 
     Args:
         u_fn: ``(z, r, t) -> u`` or ``-> (u, aux)``; z (B, ...), r and t (B,).

@@ -81,6 +81,20 @@ def test_average_velocity_jvp_matches_oracle_derivative(kind, seed, pair):
     assert jvp.aux is None
 
 
+@pytest.mark.parametrize("mode", P.JVP_MODES)
+@given(kind=oracle_kinds, seed=seeds(), pair=oracle_time_pairs)
+@example(kind="gaussian", seed=0, pair=EDGE_ONE_STEP)
+@example(kind="point", seed=0, pair=EDGE_CLIP)
+def test_average_velocity_jvp_routes_match_oracle_derivative(mode, kind, seed, pair):
+    """Both routes of the switch (torch.func.jvp, forward_ad dual tensors) give the analytic du/dt."""
+    oracle = _oracle(kind, seed)
+    z = gaussian((4, 3), seed + 1)
+    r, t = _batch_times(pair, 4)
+    jvp = P.average_velocity_jvp(oracle.u_fn, z, r, t, v_tangent=oracle.velocity(z, t), mode=mode)
+    torch.testing.assert_close(jvp.u, oracle.average_velocity(z, r, t), rtol=0, atol=0)
+    torch.testing.assert_close(jvp.dudt, oracle.average_velocity_dudt(z, r, t), rtol=ORACLE_TOL, atol=ORACLE_TOL)
+
+
 @given(kind=oracle_kinds, seed=seeds(), pair=oracle_time_pairs)
 @example(kind="gaussian", seed=0, pair=EDGE_EQUAL)
 @example(kind="gaussian", seed=0, pair=EDGE_ONE_STEP)
