@@ -178,6 +178,17 @@ def test_tutorial03_hand_assembled_loss_equals_pmf_loss(tutorial_runs):
                  "adaptive_weight_in_a_batch.png")
 
 
+def test_tutorial04_x_target_is_planar_and_noise_sets_the_scale(tutorial_runs):
+    numbers, out = tutorial_numbers(tutorial_runs, "04")
+    assert numbers["variance fraction in the top 2 directions, x, D = 512"] > 1 - 1e-6
+    # v = e - x spreads over all 512 directions: about (2 + 2) / (512 + 2) in the top two.
+    assert numbers["variance fraction in the top 2 directions, v = e - x, D = 512"] < 0.05
+    assert numbers["off-manifold distance, x-prediction, D = 2"] < 1e-5      # D = 2: no room to leave the plane
+    # pure noise leaves the plane by |(I - P P^T) e| ~ sqrt(D - 2)
+    assert numbers["off-manifold distance, pure noise, D = 16"] == pytest.approx(math.sqrt(14), rel=0.05)
+    assert_files(out, "samples.png", "loss_curves.png")
+
+
 def test_tutorial05_guidance_scale_distribution_and_gating(tutorial_runs):
     numbers, out = tutorial_numbers(tutorial_runs, "05")
     # density 1 / (omega ln 8) on [1, 8]: mean 7 / ln 8; 1e5 draws, standard error ~0.006
@@ -191,6 +202,25 @@ def test_tutorial05_guidance_scale_distribution_and_gating(tutorial_runs):
                  "interval_at_t_1.png", "one_vs_few_steps.png")
 
 
+def test_tutorial06_preset_counts_and_the_bottleneck(tutorial_runs):
+    numbers, out = tutorial_numbers(tutorial_runs, "06")
+    assert numbers["pMF-B/16 inference parameters (M; paper 118)"] == pytest.approx(118, rel=0.01)
+    assert numbers["pMF-B/16 GMACs per forward (paper 33)"] == pytest.approx(33, rel=0.03)
+    assert numbers["max |x_hat| of the freshly initialised network (zero-init heads)"] == 0.0
+    assert numbers["EMA decay in steady state, batch 1024, half-life 2000 kimg (0.5^(1024/2e6))"] == \
+        pytest.approx(0.5 ** (1024 / 2e6), abs=1e-9)
+    assert numbers["ViT: relative |JVP - finite difference| of du/dt"] < 1e-4
+    # 192 noise-only directions of 256 pixels give t to a few percent (chi-square with 192 dof)
+    assert numbers["noise level read off a 16 x 16 digit's pixels: RMS error of t"] < 0.06
+    # what the patch embedding cannot see: 1 - 16 / 256 of the noise; a u-network's sample keeps all of it
+    assert numbers["64 px, patch 16, bottleneck 16: share of the noise energy the network cannot see"] == \
+        pytest.approx(1 - 16 / 256, abs=0.01)
+    assert numbers["u-prediction, 64 px, patch 16: share of the unseen noise in its one-step samples"] == \
+        pytest.approx(1.0, abs=0.02)
+    assert abs(numbers["x-prediction, 64 px, patch 16: share of the unseen noise in its one-step samples"]) < 0.02
+    assert_files(out, "training_loss.png", "one_step_digits.png", "x_vs_u_at_image_scale.png")
+
+
 def test_tutorial07_identity_needs_the_marginal_velocity(tutorial_runs):
     numbers, out = tutorial_numbers(tutorial_runs, "07")
     assert numbers["identity residual, tangent = marginal v"] < 1e-12
@@ -201,6 +231,23 @@ def test_tutorial07_identity_needs_the_marginal_velocity(tutorial_runs):
     assert numbers["exact one-step map vs fresh data: sliced W2 (small: the map is right)"] < 0.1
     assert numbers["MeanFlow: e - x: tangent error (t-weighted, relative to e - x)"] == pytest.approx(1.0, rel=1e-6)
     assert_files(out, "tangent_needs_marginal_v.png", "tangents_over_training.png", "one_step_samples_by_tangent.png")
+
+
+def test_tutorial08_invisible_share_noise_scale_and_cutoff(tutorial_runs):
+    numbers, out = tutorial_numbers(tutorial_runs, "08")
+    for resolution, patch in ((16, 4), (32, 8), (64, 16)):
+        share = numbers[f"invisible share of the noise energy, {resolution} px, patch {patch}, bottleneck 16"]
+        assert share == pytest.approx(max(0.0, 1 - 16 / patch**2), abs=0.01)
+    # noise scale s at k-fold upsampling restores the 16 px signal-to-noise ratio (energy ~ k^2)
+    t_16 = numbers["t* (SNR = 1 in the digits' subspace), 16 px, noise scale 1"]
+    assert numbers["t* (SNR = 1 in the digits' subspace), 64 px, noise scale 4"] == pytest.approx(t_16, abs=0.02)
+    assert numbers["t* (SNR = 1 in the digits' subspace), 64 px, noise scale 1"] > t_16 + 0.2
+    assert numbers["perceptual term and gradient on rows with t >= t_thr (must be 0)"] == 0.0
+    # the exact field: r = t predictions at t = 0.95 are averages (small spread), r = 0 endpoints spread like data
+    assert numbers["exact field at t = 0.95, r = t: spread across images (std per coordinate)"] < \
+        0.3 * numbers["exact field at t = 0.95, r = 0: spread across images (std per coordinate)"]
+    assert_files(out, "x_vs_u_by_bottleneck.png", "denoised_field_across_r.png", "noise_scale.png",
+                 "perceptual_cutoff.png")
 
 
 if __name__ == "__main__":

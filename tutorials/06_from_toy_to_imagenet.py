@@ -190,6 +190,13 @@ def train_digits(resolution: int, patch: int, prediction: str, num_steps: int, s
     return next(iter(emas.models.values())), model, np.array(raw_u)
 
 
+def tile(images: torch.Tensor, rows: int, columns: int) -> torch.Tensor:
+    """(rows * k, 1, H, W) images in row-major order -> one (rows (H + 1), columns (W + 1)) picture, 1-px gaps."""
+    grid = torch.nn.functional.pad(images.clamp(-1, 1), (0, 1, 0, 1), value=1.0)   # white gap right and below
+    grid = grid.reshape(rows, -1, *grid.shape[-2:])[:, :columns]                      # (rows, columns, H + 1, W + 1)
+    return grid.permute(0, 2, 1, 3).reshape(rows * grid.shape[2], columns * grid.shape[3])
+
+
 @torch.no_grad()
 def sample(network, prediction: str, y, z_1, omega: float, t_min: float = 0.1, t_max: float = 0.7):
     """One network call per image: x = z_1 - u(z_1, 0, 1 | y, omega, [t_min, t_max])."""
@@ -252,15 +259,13 @@ y_eval = torch.arange(NUM_CLASSES).repeat_interleave(steps(50, 10))
 z_eval = torch.randn(len(y_eval), 1, RESOLUTION, RESOLUTION, generator=torch.Generator().manual_seed(1))
 omegas = (1.0, 2.0, 4.0)
 shown = 6
-fig, axes = plt.subplots(1, len(omegas), figsize=(3.2 * len(omegas), 5.6))
+fig, axes = plt.subplots(1, len(omegas), figsize=(3.6 * len(omegas), 6.2))
 for ax, omega in zip(axes, omegas):
     images = sample(ema_model, "x", y_eval, z_eval, omega)
     scores = evaluator.evaluate(images, y_eval)
     report(f"one-step FD, omega = {omega}", scores["fd"])
     report(f"one-step class accuracy, omega = {omega}", scores["accuracy"])
-    grid = images.clamp(-1, 1).reshape(NUM_CLASSES, -1, RESOLUTION, RESOLUTION)[:, :shown]   # (10, shown, H, W)
-    ax.imshow(grid.permute(0, 2, 1, 3).reshape(NUM_CLASSES * RESOLUTION, shown * RESOLUTION), cmap="gray",
-              vmin=-1, vmax=1)
+    ax.imshow(tile(images, NUM_CLASSES, shown), cmap="gray", vmin=-1, vmax=1, interpolation="nearest")
     ax.set(title=f"omega = {omega}\nFD {scores['fd']:.0f}, accuracy {scores['accuracy']:.2f}", xticks=[], yticks=[])
 save_figure(fig, out / "one_step_digits.png", trained=True)
 
@@ -270,16 +275,19 @@ save_figure(fig, out / "one_step_digits.png", trained=True)
 # FD falls about threefold (91 -> 30). The samples of a row still look alike — after 500 steps the
 # one-step map uses its noise input only a little; diversity comes with training (the paper trains
 # ~10^5 times longer).
-#
+
+# %% [markdown]
 # ## 7. x- vs u-prediction at image scale
 #
-# The patch embedding sees each p x p patch only through its bottleneck: 16 numbers here (128 in
-# pMF-B/16). At 16 px, patch 4, that is all 16 pixels of a patch. At 64 px with patch 16 a patch
-# has 256 pixels — the situation of pMF-B/16 (768 values per patch, bottleneck 128) — and 240 of
-# its directions are **invisible** to the network. A u-predicting network outputs u, and its one
-# step is `x = z_1 - u(z_1)`: the invisible part of the noise `z_1` passes into the sample
-# untouched, whatever the network learned. An x-predicting network outputs the image itself and
-# does not carry the noise along. Two short runs at 64 px, patch 16, the same loop as above:
+# The patch embedding sees each p x p patch only through its bottleneck: a p x p convolution to 16
+# channels here (128 in pMF-B/16). At 16 px with patch 4 that is all 16 pixels of a patch. At 64 px
+# with patch 16 a patch has 256 pixels — the situation of pMF-B/16, 768 values per patch through a
+# bottleneck of 128 — and 240 of its 256 directions are **invisible** to the network: nothing it
+# computes depends on them. A u-predicting network outputs u, and its one step is
+# `x = z_1 - u(z_1)`: the invisible part of the noise `z_1` passes into the sample untouched,
+# whatever the network learned, so the best any u-network can produce is the digit *plus* that
+# noise. An x-predicting network outputs the image itself and carries no noise along. No training
+# is needed to see it — two networks at 64 px, patch 16, with random (non-zero) output layers:
 
 # %%
 def unseen_part(network, images: torch.Tensor) -> torch.Tensor:
@@ -290,32 +298,47 @@ def unseen_part(network, images: torch.Tensor) -> torch.Tensor:
     return null_projector @ patches
 
 
+def with_unseen_noise(network, x: torch.Tensor, e: torch.Tensor) -> torch.Tensor:
+    """The best a u-network can do from noise e: the image x plus e's invisible part, (B, C, H, W)."""
+    unseen = unseen_part(network, e)
+    return x + torch.nn.functional.fold(unseen, x.shape[-2:], kernel_size=network.patch, stride=network.patch)
+
+
 BIG, BIG_PATCH = 64, 16
-z_big = torch.randn(len(y_eval), 1, BIG, BIG, generator=torch.Generator().manual_seed(2))
-big_steps = steps(100, 2)
-fig, axes = plt.subplots(1, 2, figsize=(7, 5.6))
-for ax, prediction in zip(axes, ("x", "u")):
-    network = train_digits(BIG, BIG_PATCH, prediction, big_steps)[0]
-    images = sample(network, prediction, y_eval, z_big, 1.0)
-    unseen_noise = unseen_part(network, z_big)
-    share = report(f"{prediction}-prediction, 64 px: share of the unseen noise left in the samples",
-                   (unseen_part(network, images) * unseen_noise).sum() / unseen_noise.square().sum())
-    rms = report(f"{prediction}-prediction, 64 px: off-subspace RMS of the samples (real digits: 0)",
-                 off_subspace_rms(images).mean())
-    accuracy = report(f"{prediction}-prediction, 64 px: class accuracy", evaluator.evaluate(images, y_eval)["accuracy"])
-    grid = images.clamp(-1, 1).reshape(NUM_CLASSES, -1, BIG, BIG)[:, :3]
-    ax.imshow(grid.permute(0, 2, 1, 3).reshape(NUM_CLASSES * BIG, 3 * BIG), cmap="gray", vmin=-1, vmax=1)
-    ax.set(title=f"{prediction}-prediction, {big_steps} steps\nunseen noise kept {share:.2f}, off-subspace {rms:.2f}",
-           xticks=[], yticks=[])
-save_figure(fig, out / "x_vs_u_at_image_scale.png", trained=True)
+y_big = torch.arange(NUM_CLASSES).repeat_interleave(3)
+z_big = torch.randn(len(y_big), 1, BIG, BIG, generator=torch.Generator().manual_seed(2))
+torch.manual_seed(3)
+networks = {}
+for prediction in ("x", "u"):
+    networks[prediction] = build_model("pMF-T/4", resolution=BIG, patch=BIG_PATCH, **ARCH).eval()
+    torch.nn.init.normal_(networks[prediction].u_head.out.weight, std=0.05)    # untrained, but not zero
+    images = sample(networks[prediction], prediction, y_big, z_big, 1.0)
+    unseen_noise = unseen_part(networks[prediction], z_big)
+    report(f"{prediction}-prediction, 64 px, patch 16: share of the unseen noise in its one-step samples",
+           (unseen_part(networks[prediction], images) * unseen_noise).sum() / unseen_noise.square().sum())
+report("64 px, patch 16, bottleneck 16: share of the noise energy the network cannot see",
+       unseen_part(networks["u"], z_big).square().sum() / z_big.square().sum())
+
+big_digits = DigitsDataset(BIG)
+real = torch.stack([big_digits.images[big_digits.labels == k][0] for k in range(NUM_CLASSES)])
+real = real.repeat_interleave(3, dim=0)                                        # (30, 1, 64, 64)
+best_u = with_unseen_noise(networks["u"], real, z_big)
+report("best u-network sample at 64 px: off-subspace RMS (real digits: 0)", off_subspace_rms(best_u).mean())
+fig, axes = plt.subplots(1, 2, figsize=(7, 7.5))
+for ax, images, title in ((axes[0], real, "real digits: what x-prediction\nmust output (no noise to keep)"),
+                          (axes[1], best_u, "the best a u-network can output:\nthe digit + the noise it cannot see")):
+    ax.imshow(tile(images, NUM_CLASSES, 3), cmap="gray", vmin=-1, vmax=1, interpolation="nearest")
+    ax.set(title=title, xticks=[], yticks=[])
+save_figure(fig, out / "x_vs_u_at_image_scale.png")
 
 # %% [markdown]
-# The u-network's samples keep all of the noise it cannot see (share 1.00 — a property of the
-# architecture, not of training: more steps cannot remove it) and are covered in noise; the
-# x-network's keep none of it (share ~0). This is the paper's result at 256 px (B/16, patch dim
-# 768 > bottleneck 128: FID 9.56 with x-prediction, 164.89 with u-prediction) and its absence at
-# 64 px (B/4, patch dim 48 < 128: 3.80 vs 3.82). Tutorial 08 follows it across patch sizes and
-# looks at what else changes with resolution: the noise scale and the perceptual loss's cutoff.
+# The u-network's samples contain all of the noise it cannot see (share 1.00 — a property of the
+# architecture, not of training), the x-network's none of it (share 0.00); at 64 px with patch 16
+# that invisible part is 94% of the noise energy. This is the paper's result at 256 px (B/16, patch
+# dimension 768 > bottleneck 128: FID 9.56 with x-prediction, 164.89 with u-prediction) and its
+# absence at 64 px (B/4, patch dimension 48 < 128: 3.80 vs 3.82). Tutorial 08 trains both across
+# patch sizes and looks at what else changes with resolution: the noise scale and the perceptual
+# loss's cutoff.
 #
 # The same code, with `--preset pMF-B/16 --data /path/to/imagenet/train`, the perceptual loss and
 # 8 GPUs, is the paper's setting (FID 3.12 at one step after 320 epochs): `python -m full.train`;
