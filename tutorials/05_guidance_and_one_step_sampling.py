@@ -15,6 +15,7 @@
 # `runs/tutorials/05/`.
 
 # %%
+import copy
 import sys
 from pathlib import Path
 from typing import NamedTuple
@@ -24,13 +25,13 @@ import numpy as np
 import sklearn.datasets
 import torch
 from sklearn.neighbors import KNeighborsClassifier
-from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 import pmf_ref as P
 
 sys.path.insert(0, str(Path(P.__file__).resolve().parents[1] / "tutorials"))  # _common, from any folder
 import toy  # noqa: E402
 from _common import MLP, report, save_figure, setup, steps  # noqa: E402
+from toy.train import EMA_WARMUP, ToyConfig, sample_times, update_ema  # noqa: E402
 
 out = setup("05")
 generator = torch.Generator().manual_seed(0)
@@ -168,23 +169,23 @@ def x_v_head(network, cond: Cond):
 # %% [markdown]
 # ## 4. Training
 #
-# Each step draws (r, t) with the released code's sampler (`P.sample_time_pair_released`: the first
-# half of the batch gets r = t) at the toy's logit-normal settings (tutorial 03), omega, an interval
-# and the label drop, then calls `P.pmf_guided_loss`, which returns the per-sample `L_u` and `L_v`;
-# the total is their batch mean. Samples come from an EMA of the weights, as in the toy.
+# Each step draws (r, t) with the toy's sampler (`sample_times`, tutorial 03; half the rows at
+# r = t), omega, an interval and the label drop on r = t rows, then calls `P.pmf_guided_loss`, which
+# returns the per-sample `L_u` and `L_v`; the total is their batch mean. The lr and the EMA of the
+# weights used for sampling are the toy's too.
 
 # %%
-recipe = toy.ToyConfig()
+recipe = ToyConfig()
 optimizer = torch.optim.Adam(trunk.parameters(), lr=recipe.lr)
-ema = AveragedModel(trunk, multi_avg_fn=get_ema_multi_avg_fn(recipe.ema_decay))
+ema = copy.deepcopy(trunk).requires_grad_(False)
 num_steps = steps(3000, 60)
 data_stream = np.random.RandomState(2)
 losses = []
-for _ in range(num_steps):
+for step in range(num_steps):
     x, y = moons(512, data_stream)
     B = x.shape[0]
     e = torch.randn(x.shape, generator=generator)
-    r, t = P.sample_time_pair_released(B, mean=recipe.time_mean, std=recipe.time_std, generator=generator)
+    r, t = sample_times(recipe, B, generator=generator)
     omega = P.sample_omega(B, generator=generator)
     t_min, t_max = P.sample_guidance_interval(r, t, generator=generator)
     dropped = P.label_drop_mask_diagonal(r, t, generator=generator)
@@ -205,10 +206,10 @@ for _ in range(num_steps):
     optimizer.zero_grad()
     loss.backward()
     optimizer.step()
-    ema.update_parameters(trunk)
+    update_ema(ema, trunk, min(recipe.ema_decay, (1 + step) / (EMA_WARMUP + step)))   # the toy's warm-up
     losses.append((terms.raw_u.mean().item(), terms.raw_v.mean().item()))
 report("final raw u-loss (mean of the last 10%)", np.mean([l[0] for l in losses[-max(1, num_steps // 10):]]))
-network = ema.module
+network = ema
 
 # %% [markdown]
 # ## 5. One network call, any guidance scale
@@ -417,8 +418,8 @@ save_figure(fig, out / "one_vs_few_steps.png", trained=True)
 # towards the v-head's ODE endpoints (mean distance 0.40 at one step, 0.13 at eight) and towards
 # the data (SW2 0.26 -> 0.14). **With guidance, only the second step helps**; at 4 and 8 steps the
 # samples drift away from the data *and* from the guided ODE. So the loss of quality with more
-# steps comes with guidance, not from the time sampler: retrained with ImageNet's
-# logit-normal(0.8, 0.8) (change `mean`, `std` in the training cell), the model shows the same
-# pattern (unguided SW2 0.33 -> 0.20 from 1 to 8 steps; guided, worse from 2 steps on). A guided
+# steps comes with guidance, not from the time sampler: retrained with ImageNet's sampler
+# (`P.sample_time_pair_released(B, mean=0.8, std=0.8, generator=generator)` in the training cell),
+# the model shows the same pattern (unguided SW2 TODO; guided, TODO). A guided
 # model learns a fixed point of its own guided targets, and the short, guided jumps of a many-step
 # sampler are where that fixed point is least accurate. pMF is trained for, and reports, one step.

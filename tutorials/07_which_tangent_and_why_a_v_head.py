@@ -20,6 +20,7 @@
 # `runs/tutorials/07/`.
 
 # %%
+import copy
 import sys
 from pathlib import Path
 
@@ -32,7 +33,7 @@ import pmf_ref as P
 sys.path.insert(0, str(Path(P.__file__).resolve().parents[1] / "tutorials"))  # _common, from any folder
 import toy  # noqa: E402
 from _common import FAST, MLP, report, save_figure, setup, steps  # noqa: E402
-from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn  # noqa: E402
+from toy.train import EMA_WARMUP, ToyConfig, sample_times, update_ema  # noqa: E402
 
 out = setup("07")
 F64 = torch.float64
@@ -128,7 +129,7 @@ save_figure(fig, out / "tangent_needs_marginal_v.png")
 # %% [markdown]
 # The other two tangents are *estimates of the marginal v by a network*: noise-free, but biased by
 # whatever the network gets wrong. Alg. 1 reads it off the u-head at h = 0, `u_theta(z_t, t, t)`,
-# which is trained only by the rows with r = t (half the batch). The released code adds a v-head:
+# whose own loss comes only from the rows with r = t (half the batch). The released code adds a v-head:
 # the same trunk, a second output, with its own flow-matching loss `adp(||v_theta - v_t||^2)` on
 # **every** row (in the JVP's forward, at h = t - r), read at h = 0 for the tangent.
 #
@@ -201,7 +202,7 @@ report("exact one-step map vs fresh data: sliced W2 (small: the map is right)",
 # %%
 TANGENTS = ("Alg. 1: sg(u(z, t, t))", "MeanFlow: e - x", "released: v-head")
 CONTROL = "Alg. 1, no adaptive weight (p = 0)"       # a control run, explained in section 3
-recipe = toy.ToyConfig()                      # the toy's lr and time sampler (tutorial 03)
+recipe = ToyConfig()                          # the toy's lr, time sampler and EMA (tutorial 03)
 NUM_STEPS, EVAL_EVERY, BATCH = steps(3000, 40), steps(250, 20), 256
 
 
@@ -263,21 +264,21 @@ networks = {}
 for tangent in history:
     torch.manual_seed(0)
     network = MLP(d_in=4, d_out=4, width=128, depth=4)
-    ema = AveragedModel(network, multi_avg_fn=get_ema_multi_avg_fn(recipe.ema_decay))
+    ema = copy.deepcopy(network).requires_grad_(False)
     optimizer = torch.optim.Adam(network.parameters(), lr=recipe.lr)
     g = torch.Generator().manual_seed(2)                 # same data, noise and times for every tangent
     for step in range(NUM_STEPS + 1):
         if step % EVAL_EVERY == 0:
-            history[tangent].append({"step": step, **measure(tangent, ema.module)})
+            history[tangent].append({"step": step, **measure(tangent, ema)})
         x = sample_mixture(BATCH, g)
         e = torch.randn(x.shape, generator=g)
-        r, t = P.sample_time_pair(BATCH, mean=recipe.time_mean, std=recipe.time_std, generator=g)
+        r, t = sample_times(recipe, BATCH, generator=g)
         loss = loss_of(tangent, network, x, e, r, t).mean()
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
-        ema.update_parameters(network)
-    networks[tangent] = ema.module
+        update_ema(ema, network, min(recipe.ema_decay, (1 + step) / (EMA_WARMUP + step)))
+    networks[tangent] = ema
     final = history[tangent][-1]
     report(f"{tangent}: tangent error (t-weighted, relative to e - x)", final["tangent_error"])
     report(f"{tangent}: one-step error, mean |x_theta(e, 0, 1) - Φ(e)|", final["one_step_error"])
@@ -288,9 +289,9 @@ for tangent in history:
 fig, axes = plt.subplots(1, 2, figsize=(12, 4))
 for tangent in history:
     steps_axis = [h["step"] for h in history[tangent]]
-    style = dict(ls="--", color="gray") if tangent == CONTROL else {}
-    axes[0].semilogy(steps_axis, [h["tangent_error"] for h in history[tangent]], "o-", ms=3, label=tangent, **style)
-    axes[1].plot(steps_axis, [h["one_step_error"] for h in history[tangent]], "o-", ms=3, label=tangent, **style)
+    style = dict(marker="o", ms=3, label=tangent, **(dict(ls="--", color="gray") if tangent == CONTROL else {}))
+    axes[0].semilogy(steps_axis, [h["tangent_error"] for h in history[tangent]], **style)
+    axes[1].plot(steps_axis, [h["one_step_error"] for h in history[tangent]], **style)
 axes[0].set(xlabel="training step", ylabel="|t (tangent - marginal v)|^2, relative to e - x",
             title="how good is the tangent?")
 axes[1].set(xlabel="training step", ylabel="mean |x_theta(e, 0, 1) - Φ(e)|", title="how good is the one step?")
@@ -339,9 +340,9 @@ save_figure(fig, out / "one_step_samples_by_tangent.png", trained=True)
 #   `v_c` at the row's omega and `v_u` with the null label, at h = 0. The v-head gives both in one
 #   no-grad pass, and `v_c` doubles as the tangent; with Alg. 1 the u-head at h = 0 would serve
 #   (both heads share the trunk either way).
-# * **It trains instantaneous velocity on every row.** `L_v` is computed in the JVP's forward at
-#   h = t - r, so every row is also a flow-matching example; Alg. 1's `u(z, t, t)` is trained by the
-#   r = t half only.
+# * **It trains instantaneous velocity on every row.** `L_v` is computed in the JVP's forward at the
+#   row's h = t - r, so every row is also a flow-matching example for the v-head (the tangent reads
+#   it at h = 0); Alg. 1's `u(z, t, t)` gets its own loss from the r = t half only.
 # * **It costs nothing at sampling**: the v-head is dropped from the inference network (pMF-B/16:
 #   118M parameters to sample with, 175M to train; tutorial 06).
 #
