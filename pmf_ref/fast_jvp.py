@@ -66,6 +66,13 @@ def custom_jvp(*tensors: torch.Tensor) -> bool:
     return not _reference_ops and any(has_tangent(x) for x in tensors)
 
 
+def _plain() -> bool:
+    """The plain forward's exit, before any per-operand check: no dual level is open, or reference ops."""
+    # Every op below calls this first: a 7-layer toy forward at batch 8 took 3% longer with
+    # custom_jvp's per-operand checks alone (0.6 ms a call, ~2 us of checks per linear).
+    return fwAD._current_level < 0 or _reference_ops
+
+
 def _save(ctx, *tensors: torch.Tensor) -> None:
     """Save tangent-free views for both backward and jvp (a saved dual tensor would keep its tangent)."""
     detached = tuple(None if x is None else x.detach() for x in tensors)
@@ -167,7 +174,7 @@ def _stackable_tangent(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """``F.linear(x, weight, bias)``.  x: (..., in); weight: (out, in); bias: (out,) or None -> (..., out)."""
-    if custom_jvp(x, weight) or (bias is not None and custom_jvp(bias)):
+    if not _plain() and (custom_jvp(x, weight) or (bias is not None and custom_jvp(bias))):
         x_tangent = _stackable_tangent(x, weight, bias)
         if x_tangent is not None:
             return _LinearStacked.apply(x, x_tangent, weight, bias)[0]
@@ -208,7 +215,7 @@ class _Scale(torch.autograd.Function):
 
 def scale(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """``x * weight`` for a weight broadcast against x (a norm gain, a residual gate, a frequency table)."""
-    if custom_jvp(x, weight):
+    if not _plain() and custom_jvp(x, weight):
         return _Scale.apply(x, weight)
     return x * weight
 
@@ -252,7 +259,7 @@ class _RotatePairs(torch.autograd.Function):
 def rotate_pairs(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """Rotate channel pairs ``(a, b) = (x[..., 2i], x[..., 2i+1]) -> (a cos - b sin, a sin + b cos)`` by
     fixed, untrained angles (RoPE).  x: (..., L, d); cos, sin: (L, d / 2) -> (..., L, d), dtype of x."""
-    if custom_jvp(x):
+    if not _plain() and custom_jvp(x):
         return _RotatePairs.apply(x, cos, sin)
     return _rotate(x, cos, sin)
 
@@ -299,7 +306,7 @@ class _RMSNormalize(torch.autograd.Function):
 
 def rms_normalize(x: torch.Tensor, eps: float) -> torch.Tensor:
     """``x / sqrt(mean(x^2, -1) + eps)`` over the last dim (RMSNorm without its gain).  x: (..., W)."""
-    if custom_jvp(x):
+    if not _plain() and custom_jvp(x):
         return _RMSNormalize.apply(x, eps)[0]
     return x * _rms_inverse(x, eps)
 
@@ -359,7 +366,7 @@ class _SoftmaxAttention(torch.autograd.Function):
 def softmax_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     """``softmax(q k^T / sqrt(d)) v`` as explicit matmul + softmax, the softmax in float32 (float64
     stays float64).  q, k, v: (..., L, d) -> (..., L, d)."""
-    if custom_jvp(q, k, v):
+    if not _plain() and custom_jvp(q, k, v):
         return _SoftmaxAttention.apply(q, k, v)[0]
     return _attention_weights(q, k).to(v.dtype) @ v
 
@@ -398,7 +405,7 @@ class _SiluMul(torch.autograd.Function):
 
 def silu_mul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """``silu(a) * b`` (the SwiGLU gate).  a, b: same shape."""
-    if custom_jvp(a, b):
+    if not _plain() and custom_jvp(a, b):
         return _SiluMul.apply(a, b)
     return F.silu(a) * b
 
