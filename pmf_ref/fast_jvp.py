@@ -93,6 +93,9 @@ def _linear_backward(ctx, grad, needs_grad):
     if grad is None:
         return None, None, None
     x, weight = ctx.saved_tensors
+    # Under autocast the forward's GEMM ran in grad's dtype (say bf16, from float32 x and W): so does this
+    # one, as autograd's own backward of the recorded casts; autograd casts the results back to x's and W's.
+    x, weight = x.to(grad.dtype), weight.to(grad.dtype)
     grad_2d = grad.reshape(-1, grad.shape[-1])                                      # (N, out)
     grad_x = grad_2d.mm(weight).reshape(x.shape) if needs_grad[0] else None
     grad_w = grad_2d.t().mm(x.reshape(-1, x.shape[-1])) if needs_grad[1] else None  # (out, in), contiguous
@@ -139,8 +142,9 @@ class _LinearStacked(torch.autograd.Function):
     def forward(x, x_tangent, weight, bias):
         both = F.linear(torch.cat([x, x_tangent]), weight)                     # (2 B, ..., out)
         primal, tangent = both[:x.shape[0]], both[x.shape[0]:]
-        # A fresh primal: a view would keep the tangent rows alive as long as the primal is saved.
-        return (primal.clone() if bias is None else primal + bias), tangent
+        # A fresh primal: a view would keep the tangent rows alive as long as the primal is saved. The bias
+        # in the GEMM's dtype (bf16 under autocast, as F.linear would), so the output dtype is F.linear's.
+        return (primal.clone() if bias is None else primal + bias.to(primal.dtype)), tangent
 
     @staticmethod
     def setup_context(ctx, inputs, output):

@@ -26,6 +26,9 @@ TOL = {torch.float32: 1e-6, torch.float64: 1e-12}
 """Relative to the largest entry: the custom backward of RMS normalisation hands autograd one summed
 gradient where the plain graph hands it three, and the attention / SiLU tangents use equivalent but
 not identical formulas (a few float32 ulps, measured <= 5e-7)."""
+BF16_TOL = 0.05
+"""bf16 has 8 significant bits (relative rounding 2^-8 = 0.004 per op); a few differently ordered
+roundings in a deep net stay well inside this."""
 NEW, REFERENCE = "new", "reference"
 
 
@@ -234,6 +237,45 @@ def test_alg1_loss_and_gradients_match_reference(network, dtype):
     _close(terms.dudt, terms_ref.dudt)
     for name in grads_ref:
         _close(grads[name], grads_ref[name], msg=name)
+
+
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_linear_under_autocast_keeps_the_plain_dtype_and_values(with_bias):
+    """Under bf16 autocast the forward_ad linear (primal and tangent rows in one GEMM) returns what the
+    plain F.linear returns: bf16 (not float32 from a float32 bias), same values to one bf16 rounding."""
+    x, dx, weight = _randn(6, 16, seed=0), _randn(6, 16, seed=1), _randn(12, 16, seed=2, requires_grad=True)
+    bias = _randn(12, seed=3, requires_grad=True) if with_bias else None
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        plain = torch.nn.functional.linear(x, weight, bias)
+        with fwAD.dual_level():
+            value, tangent = fwAD.unpack_dual(FJ.linear(fwAD.make_dual(x, dx), weight, bias))
+        plain_tangent = torch.nn.functional.linear(dx, weight)
+    assert value.dtype == tangent.dtype == plain.dtype == torch.bfloat16
+    # one extra bf16 rounding (of x W^T before the bias) where F.linear rounds x W^T + b once
+    torch.testing.assert_close(value, plain, rtol=0, atol=2 ** -7 * plain.abs().max().item())
+    assert torch.equal(tangent, plain_tangent)
+
+
+@pytest.mark.parametrize("network", ["toy", "vit"])
+def test_alg1_under_bf16_autocast_matches_reference(network):
+    """Under CPU bf16 autocast the custom ops run their GEMMs in bf16 like the plain ones (forward, tangent
+    and backward): loss and gradients agree to bf16 rounding of a few ops."""
+    model, x_fn, x, r, t = _networks(torch.float32)[network]
+    e = _randn(*x.shape, seed=6)
+    results = {}
+    for route in (NEW, REFERENCE):
+        model.zero_grad(set_to_none=True)
+        with _route(route), torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = P.pmf_loss(x_fn, x, e, r, t).loss.mean()
+        loss.backward()
+        results[route] = loss.detach(), {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+    (loss, grads), (loss_ref, grads_ref) = results[NEW], results[REFERENCE]
+    torch.testing.assert_close(loss, loss_ref, rtol=BF16_TOL, atol=0)
+    assert grads.keys() == grads_ref.keys()
+    for name in grads_ref:
+        assert grads[name].dtype == torch.float32
+        scale = grads_ref[name].abs().max().item() or 1.0
+        torch.testing.assert_close(grads[name], grads_ref[name], rtol=0, atol=BF16_TOL * scale, msg=name)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

@@ -14,3 +14,4 @@ def test_trained_x_prediction_beats_untrained_swd():
     trained = train(config, progress=False).record
     assert trained["swd"] < 0.5 * baseline["swd"], (trained["swd"], baseline["swd"])
     assert trained["energy"] < 0.25 * baseline["energy"], (trained["energy"], baseline["energy"])
+    assert trained["precision"] < 0.5 * baseline["precision"], (trained["precision"], baseline["precision"])

@@ -1,17 +1,21 @@
-"""Toy training loop, sweep outputs and CLI: shapes, files, JSON schema, parametrisations, errors."""
+"""Toy training loop and sweep: shapes, files, JSON schema, parametrisations, the recipe's helpers."""
 import json
 
+import numpy as np
 import pytest
+import scipy.stats
 import torch
 
 import pmf_ref as P
 import toy
-from toy.__main__ import main
 from toy.model import ToyMLP
-from toy.train import ToyConfig, make_u_fn, train
+from toy.train import ToyConfig, make_u_fn, sample_times, train, training_precision
 
-SCHEMA = {"prediction": str, "dim": int, "dataset": str, "steps": int, "seed": int,
-          "swd": float, "energy": float, "off_manifold": float, "final_loss": float}
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+FLOORED = ("swd", "energy", "precision", "coverage")
+SCHEMA = {"prediction": str, "dim": int, "dataset": str, "steps": int, "seed": int, "off_manifold": float,
+          "final_loss": float, **{name: float for name in FLOORED}, **{f"{name}_floor": float for name in FLOORED}}
 TINY = dict(steps=3, batch_size=16, width=16, depth=3, eval_samples=256)  # fast: no learning checked here
 
 
@@ -40,20 +44,72 @@ def test_parametrisations_convert_output_to_u():
 
 @pytest.mark.parametrize("prediction", ["x", "u"])
 @pytest.mark.parametrize("tangent", ["model", "conditional"])
-def test_train_record_schema_and_shapes(prediction, tangent):
-    run = train(ToyConfig(dim=4, prediction=prediction, tangent=tangent, **TINY), progress=False)
+@pytest.mark.parametrize("compute_dtype", ["float32", "bfloat16"])
+def test_train_record_schema_and_shapes(prediction, tangent, compute_dtype):
+    run = train(ToyConfig(dim=4, prediction=prediction, tangent=tangent, compute_dtype=compute_dtype, **TINY),
+                progress=False)
     assert set(run.record) == set(SCHEMA)
     for key, kind in SCHEMA.items():
         assert isinstance(run.record[key], kind), key
+    assert all(np.isfinite(run.record[key]) for key in SCHEMA if SCHEMA[key] is float)
     assert run.samples_2d.shape == (256, 2)
     assert run.losses.shape == (3,)
     assert run.projection.shape == (4, 2)
+    assert next(run.model.parameters()).dtype == torch.float32   # weights stay float32 under autocast
 
 
 def test_train_is_reproducible_from_seed():
     first = train(ToyConfig(dim=3, prediction="u", **TINY), progress=False)
     second = train(ToyConfig(dim=3, prediction="u", **TINY), progress=False)
     assert first.record == second.record
+
+
+def test_floors_are_data_against_data():
+    # The floors do not depend on the model: two runs that share the dataset, seed and evaluation size
+    # but not the network or D have the same floors; they lie below an untrained-ish model's values.
+    first = train(ToyConfig(dim=2, **TINY), progress=False).record
+    second = train(ToyConfig(dim=6, prediction="u", **TINY), progress=False).record
+    for name in FLOORED:
+        assert first[f"{name}_floor"] == second[f"{name}_floor"]
+        assert 0 <= first[f"{name}_floor"] < first[name]
+
+
+def test_uniform_time_sampler_has_the_order_statistics_of_two_uniforms():
+    # Oracle: with every row uniform and no r = t rows, t = max(U1, U2) has CDF t^2, r = min has 1 - (1 - r)^2.
+    config = ToyConfig(uniform_fraction=1.0, equal_fraction=0.0)
+    r, t = sample_times(config, 20_000, generator=torch.Generator().manual_seed(0))
+    assert scipy.stats.kstest(t.numpy(), lambda q: q ** 2).pvalue > 1e-3
+    assert scipy.stats.kstest(r.numpy(), lambda q: 1 - (1 - q) ** 2).pvalue > 1e-3
+    config = ToyConfig(uniform_fraction=1.0, equal_fraction=0.5)
+    r, t = sample_times(config, 20_000, generator=torch.Generator().manual_seed(1))
+    assert abs(float((r == t).float().mean()) - 0.5) < 0.02 and bool((r <= t).all())
+
+
+def test_training_precision_runs_linear_layers_in_the_chosen_dtype():
+    model = ToyMLP(3, depth=2, width=8)
+    z, t = torch.randn(4, 3), torch.rand(4)
+    with training_precision(ToyConfig(compute_dtype="bfloat16")):
+        assert model(z, t, t).dtype == torch.bfloat16
+    with training_precision(ToyConfig(compute_dtype="float32")):
+        assert model(z, t, t).dtype == torch.float32
+
+
+@pytest.mark.parametrize("field, value", [("dim", 1), ("dataset", "spiral"), ("prediction", "v"), ("steps", 0),
+                                          ("uniform_fraction", 1.5), ("ema_decay", 1.0), ("compute_dtype", "fp8")])
+def test_config_rejects_bad_values(field, value):
+    with pytest.raises(ValueError, match="ToyConfig"):
+        ToyConfig(**{field: value})
+
+
+def test_sweep_configs_apply_overrides_and_reject_repeats():
+    configs = toy.sweep_configs(dims=(2, 8), predictions=("x",), seeds=(0, 1), steps=7)
+    assert [(c.seed, c.dim, c.prediction, c.steps) for c in configs] == \
+        [(0, 2, "x", 7), (0, 8, "x", 7), (1, 2, "x", 7), (1, 8, "x", 7)]
+    assert configs[0].batch_size == toy.DEFAULT_RECIPE.batch_size
+    with pytest.raises(ValueError, match="unknown ToyConfig field"):
+        toy.sweep_configs(stepz=7)
+    with pytest.raises(ValueError, match="seeds"):
+        toy.sweep_configs(seeds=(0, 0))
 
 
 def test_sweep_writes_files_and_json_schema(tmp_path):
@@ -66,35 +122,23 @@ def test_sweep_writes_files_and_json_schema(tmp_path):
     assert {(r["prediction"], r["dim"], r["seed"]) for r in records} == \
         {(p, d, s) for p in "xu" for d in (2, 6) for s in (0, 1)}
     table = (tmp_path / "table.md").read_text()
-    assert "| x | 6 | 2 |" in table and "data vs data" in table
-    assert not list(tmp_path.glob("*.tmp"))
+    assert "| x | 6 | 2 |" in table and "data vs data" in table and "x)" in table
+    assert not [path.name for path in tmp_path.iterdir() if path.name.startswith(".")]   # no temp files left
 
 
-def test_cli_writes_outputs(tmp_path, capsys):
-    main(["--dims", "2", "3", "--predictions", "x", "--steps", "2", "--batch-size", "8", "--width", "8",
-          "--depth", "2", "--eval-samples", "128", "--out", str(tmp_path), "--no-progress"])
-    assert json.loads((tmp_path / "metrics.json").read_text())[1]["dim"] == 3
-    assert str(tmp_path / "samples.png") in capsys.readouterr().out
-
-
-@pytest.mark.parametrize("argv, message", [
-    (["--dims", "2", "1"], "--dims"),
-    (["--dataset", "spiral"], "--dataset"),
-    (["--steps", "0"], "--steps"),
-    (["--lr", "-1"], "--lr"),
-    (["--tangent", "v_head"], "--tangent"),
-])
-def test_cli_bad_flags_give_one_line_error(argv, message, capsys):
-    with pytest.raises(SystemExit) as raised:
-        main(argv)
-    assert raised.value.code == 2
-    error = capsys.readouterr().err
-    assert error.count("\n") == 1 and message in error and "error:" in error
+def test_write_outputs_refuses_an_earlier_run_unless_overwrite(tmp_path):
+    runs = toy.run_sweep(dims=(2,), predictions=("x",), progress=False, **TINY)
+    (tmp_path / "table.md").write_text("someone else's table\n")
+    with pytest.raises(FileExistsError, match="table.md"):
+        toy.write_outputs(runs, tmp_path)
+    assert (tmp_path / "table.md").read_text() == "someone else's table\n"
+    assert not (tmp_path / "metrics.json").exists()          # refused before writing anything
+    toy.write_outputs(runs, tmp_path, overwrite=True)
+    assert "| x | 2 | 1 |" in (tmp_path / "table.md").read_text()
 
 
 def test_run_sweep_parallel_workers_reproduce_serial_records():
     """Each run seeds itself, so training the runs in a process pool gives the serial records."""
-    import toy
     kwargs = dict(dims=(2, 4), predictions=("x",), steps=5, batch_size=32, eval_samples=64, progress=False)
     serial = [run.record for run in toy.run_sweep(workers=1, **kwargs)]
     parallel = [run.record for run in toy.run_sweep(workers=2, **kwargs)]

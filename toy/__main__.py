@@ -12,9 +12,11 @@ import warnings
 import torch
 
 from .data import DATASETS
-from .model import DEPTH, PREDICTIONS, WIDTH
-from .sweep import DEFAULT_BATCH_SIZE, DEFAULT_DIMS, DEFAULT_LR, DEFAULT_STEPS, run_sweep, write_outputs
-from .train import EVAL_SAMPLES, TANGENTS, TIME_MEAN, TIME_STD
+from .model import PREDICTIONS
+from .sweep import DEFAULT_DIMS, DEFAULT_RECIPE, check_out, run_sweep, sweep_configs
+from .train import COMPUTE_DTYPES, TANGENTS
+
+R = DEFAULT_RECIPE
 
 
 class _OneLineErrorParser(argparse.ArgumentParser):
@@ -35,33 +37,48 @@ def _parser() -> argparse.ArgumentParser:
                              "a wider sweep: 2 8 16 32 64 128 256 512 1024)")
     parser.add_argument("--predictions", nargs="+", choices=PREDICTIONS, default=list(PREDICTIONS),
                         help="network output: x = denoised point (pMF), u = average velocity (iMF) (default: x u)")
-    parser.add_argument("--dataset", choices=DATASETS, default=DATASETS[0],
+    parser.add_argument("--dataset", choices=DATASETS, default=R.dataset,
                         help="2-D data distribution, normalised to mean 0 and unit RMS (default: %(default)s)")
-    parser.add_argument("--steps", type=int, default=DEFAULT_STEPS,
-                        help="Adam steps per run, each on a fresh batch (default: %(default)s)")
-    parser.add_argument("--batch-size", type=int, default=DEFAULT_BATCH_SIZE,
-                        help="fresh data points per step (default: %(default)s)")
-    parser.add_argument("--lr", type=float, default=DEFAULT_LR,
-                        help="Adam learning rate, constant, > 0 (default: %(default)s)")
-    parser.add_argument("--seed", "--seeds", dest="seeds", type=int, nargs="+", default=[0], metavar="SEED",
+    parser.add_argument("--seed", "--seeds", dest="seeds", type=int, nargs="+", default=[R.seed], metavar="SEED",
                         help="one or more seeds; each seeds P, the init, the data and the evaluation noise; "
                              "with several the table gives mean +- std (default: 0)")
     parser.add_argument("--out", default="runs/toy", help="output folder (default: %(default)s)")
-    parser.add_argument("--tangent", choices=TANGENTS, default=TANGENTS[0],
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace the files of an earlier run in --out (without it such a folder is refused)")
+    recipe = parser.add_argument_group("training recipe (the defaults are toy.DEFAULT_RECIPE)")
+    recipe.add_argument("--steps", type=int, default=R.steps,
+                        help="Adam steps per run, each on a fresh batch (default: %(default)s)")
+    recipe.add_argument("--batch-size", type=int, default=R.batch_size,
+                        help="fresh data points per step (default: %(default)s)")
+    recipe.add_argument("--lr", type=float, default=R.lr,
+                        help="Adam learning rate, constant, > 0 (default: %(default)s)")
+    recipe.add_argument("--tangent", choices=TANGENTS, default=R.tangent,
                         help="JVP tangent for z: 'model' = sg(u(z_t, t, t)) (pMF Alg. 1), 'conditional' = e - x "
                              "(original MeanFlow) (default: %(default)s)")
-    parser.add_argument("--time-mean", type=float, default=TIME_MEAN,
-                        help="mean of the logit-normal t, r sampler (default: %(default)s; pMF ImageNet: 0.8)")
-    parser.add_argument("--time-std", type=float, default=TIME_STD,
-                        help="std of the logit-normal t, r sampler, > 0 (default: %(default)s; pMF ImageNet: 0.8)")
-    parser.add_argument("--width", type=int, default=WIDTH,
+    recipe.add_argument("--uniform-fraction", type=float, default=R.uniform_fraction,
+                        help="share of rows with (t, r) from U(0, 1)^2, the rest logit-normal, in [0, 1] "
+                             "(default: %(default)s; pMF ImageNet: 0, pMF-H: 0.1)")
+    recipe.add_argument("--time-mean", type=float, default=R.time_mean,
+                        help="mean of the logit-normal t, r of the other rows (default: %(default)s; "
+                             "pMF ImageNet: 0.8)")
+    recipe.add_argument("--time-std", type=float, default=R.time_std,
+                        help="std of that logit-normal, > 0 (default: %(default)s; pMF ImageNet: 0.8)")
+    recipe.add_argument("--equal-fraction", type=float, default=R.equal_fraction,
+                        help="share of rows with r = t, in [0, 1] (default: %(default)s, as in pMF)")
+    recipe.add_argument("--width", type=int, default=R.width,
                         help="hidden width of the MLP (default: %(default)s, as in pMF)")
-    parser.add_argument("--depth", type=int, default=DEPTH,
+    recipe.add_argument("--depth", type=int, default=R.depth,
                         help="Linear layers of the MLP, >= 2 (default: %(default)s, as in pMF)")
-    parser.add_argument("--eval-samples", type=int, default=EVAL_SAMPLES,
-                        help="1-NFE samples (and fresh data samples) compared by the metrics; the swd noise floor "
-                             "grows as this shrinks (default: %(default)s)")
-    parser.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda (default: %(default)s)")
+    recipe.add_argument("--ema-decay", type=float, default=R.ema_decay,
+                        help="EMA of the weights that draws the samples, in [0, 1); 0 = raw weights "
+                             "(default: %(default)s)")
+    recipe.add_argument("--compute-dtype", choices=COMPUTE_DTYPES, default=R.compute_dtype,
+                        help="matmul precision of the training step: auto = bfloat16 autocast on a CPU with AMX, "
+                             "else float32; weights, EMA and evaluation stay float32 (default: %(default)s)")
+    parser.add_argument("--eval-samples", type=int, default=R.eval_samples,
+                        help="1-NFE samples (and fresh data samples) compared by the metrics; the metrics' floors "
+                             "grow as this shrinks (default: %(default)s)")
+    parser.add_argument("--device", default=R.device, help="torch device, e.g. cpu or cuda (default: %(default)s)")
     parser.add_argument("--workers", type=int, default=min(2, os.cpu_count() or 1),
                         help="runs trained at once, each in its own process on one CPU thread; 1 = one process "
                              "using all threads (default: %(default)s = min(2, CPU count); use 1 with --device cuda)")
@@ -69,9 +86,12 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = _parser()
-    args = parser.parse_args(argv)
+def _check(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Every user error ends here in one line and exit 2, before any training."""
+    for name, values in (("--dims", args.dims), ("--seeds", args.seeds), ("--predictions", args.predictions)):
+        repeated = sorted({value for value in values if values.count(value) > 1})
+        if repeated:
+            parser.error(f"{name}: each value once, got {' '.join(map(str, repeated))} more than once")
     if min(args.dims) < 2:
         parser.error(f"--dims: every D must be >= 2 (the data are 2-D), got {min(args.dims)}")
     for name, value, low in (("--steps", args.steps, 1), ("--batch-size", args.batch_size, 2),
@@ -79,33 +99,61 @@ def main(argv: list[str] | None = None) -> None:
                              ("--eval-samples", args.eval_samples, 2), ("--workers", args.workers, 1)):
         if value < low:
             parser.error(f"{name} must be >= {low}, got {value}")
-    if not args.lr > 0:
-        parser.error(f"--lr must be > 0, got {args.lr}")
-    if not args.time_std > 0:
-        parser.error(f"--time-std must be > 0, got {args.time_std}")
+    for name, value, ok, expected in (
+            ("--lr", args.lr, args.lr > 0, "> 0"), ("--time-std", args.time_std, args.time_std > 0, "> 0"),
+            ("--uniform-fraction", args.uniform_fraction, 0 <= args.uniform_fraction <= 1, "in [0, 1]"),
+            ("--equal-fraction", args.equal_fraction, 0 <= args.equal_fraction <= 1, "in [0, 1]"),
+            ("--ema-decay", args.ema_decay, 0 <= args.ema_decay < 1, "in [0, 1)")):
+        if not ok:   # also catches nan, which fails every comparison
+            parser.error(f"{name} must be {expected}, got {value}")
     try:
         device = torch.device(args.device)
     except RuntimeError:
         parser.error(f"--device: unknown device {args.device!r} (use cpu, cuda or cuda:N)")
     if device.type == "cuda" and not torch.cuda.is_available():
         parser.error("--device: cuda requested but torch.cuda.is_available() is False")
+    if device.type not in ("cpu", "cuda"):
+        parser.error(f"--device: {args.device!r} is not supported here (use cpu, cuda or cuda:N)")
+    try:
+        check_out(args.out, overwrite=args.overwrite)
+    except (ValueError, FileExistsError) as error:
+        parser.error(f"--out: {error}")
+
+
+def _recipe_overrides(args: argparse.Namespace) -> dict:
+    return dict(steps=args.steps, batch_size=args.batch_size, lr=args.lr, tangent=args.tangent,
+                uniform_fraction=args.uniform_fraction, time_mean=args.time_mean, time_std=args.time_std,
+                equal_fraction=args.equal_fraction, depth=args.depth, width=args.width, ema_decay=args.ema_decay,
+                compute_dtype=args.compute_dtype, eval_samples=args.eval_samples, device=args.device)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    _check(parser, args)
+    overrides = _recipe_overrides(args)
+    try:   # every value is valid before the first run starts
+        sweep_configs(dims=args.dims, predictions=args.predictions, seeds=args.seeds, dataset=args.dataset,
+                      **overrides)
+    except ValueError as error:
+        parser.error(str(error))
 
     # torch's first forward-mode AD call loads decompositions through the deprecated torch.jit.script
     # and warns; the warning is torch's, not this program's, and would cut through the progress bars.
     warnings.filterwarnings("ignore", message=".*torch.jit.script.*deprecated", category=FutureWarning)
     start = time.time()
-    runs = run_sweep(dims=args.dims, predictions=args.predictions, dataset=args.dataset, steps=args.steps,
-                     batch_size=args.batch_size, lr=args.lr, seeds=args.seeds, tangent=args.tangent,
-                     time_mean=args.time_mean, time_std=args.time_std, depth=args.depth, width=args.width,
-                     eval_samples=args.eval_samples, device=args.device, progress=not args.no_progress,
-                     workers=args.workers)
-    paths = write_outputs(runs, args.out)
-    print(paths["table"].read_text(), end="")
-    print(f"\n{len(runs)} runs in {time.time() - start:.0f} s ({args.workers} process(es)).")
-    print(f"figure (paper Fig. 2 layout): {paths['samples']}")
-    print(f"loss curves:                  {paths['losses']}")
-    print(f"table:                        {paths['table']}")
-    print(f"metrics:                      {paths['metrics']}")
+    runs = run_sweep(dims=args.dims, predictions=args.predictions, seeds=args.seeds, dataset=args.dataset,
+                     out=args.out, overwrite=args.overwrite, progress=not args.no_progress, workers=args.workers,
+                     **overrides)
+    wall = time.time() - start
+    out = args.out
+    print(open(os.path.join(out, "table.md")).read(), end="")
+    cpu = [run.cpu_seconds for run in runs]
+    print(f"\n{len(runs)} runs in {wall:.0f} s wall ({args.workers} process(es)); training CPU time per run "
+          f"{min(cpu):.0f}-{max(cpu):.0f} s, {sum(cpu):.0f} s in all.")
+    for name, filename in (("figure (paper Fig. 2 layout)", "samples.png"), ("loss curves", "loss_curves.png"),
+                           ("table", "table.md"), ("metrics", "metrics.json")):
+        print(f"{name + ':':30s}{os.path.join(out, filename)}")
 
 
 if __name__ == "__main__":

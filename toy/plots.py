@@ -2,8 +2,9 @@
 from __future__ import annotations
 
 import os
+import tempfile
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 import matplotlib
 import matplotlib.pyplot as plt
@@ -19,14 +20,31 @@ LOSS_SMOOTHING = 25         # moving-average window of the loss curves, in steps
 ROW_LABELS = {"x": "x-prediction (pMF)", "u": "u-prediction (iMF)"}
 
 
-def save_figure(figure: matplotlib.figure.Figure, path: str | os.PathLike) -> Path:
-    """Write a PNG atomically (temp file + ``os.replace``), so a reader never sees half a file."""
+def atomic_write(path: str | os.PathLike, write: Callable[[str], object]) -> Path:
+    """Call ``write(temporary_path)`` on a fresh temp file beside ``path``, then rename it into place.
+
+    A reader sees the old file or the complete new one, never half a file; a failed write leaves no
+    temp file. (``full.fid.atomic_write`` does the same with a file handle; importing it would load
+    torch-fidelity into the toy.)
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(path.name + ".tmp")
-    figure.savefig(temporary, format="png", dpi=120, bbox_inches="tight")
-    os.replace(temporary, path)
+    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(handle)
+    try:
+        write(temporary)
+        os.replace(temporary, path)
+    except BaseException:
+        if os.path.exists(temporary):
+            os.unlink(temporary)
+        raise
     return path
+
+
+def save_figure(figure: matplotlib.figure.Figure, path: str | os.PathLike) -> Path:
+    """Write a PNG atomically (:func:`atomic_write`)."""
+    return atomic_write(path, lambda temporary: figure.savefig(temporary, format="png", dpi=120,
+                                                               bbox_inches="tight"))
 
 
 def _first_seed(runs: Sequence) -> dict[tuple[str, int], object]:
@@ -37,11 +55,21 @@ def _first_seed(runs: Sequence) -> dict[tuple[str, int], object]:
     return chosen
 
 
+def _caption(record: dict) -> str:
+    lines = [f"swd {record['swd']:.3f}"]
+    for name in ("precision", "coverage"):
+        if name in record:
+            lines.append(f"{name} {record[name]:.3f} ({record[name] / record[name + '_floor']:.1f}x floor)")
+    lines.append(f"off-plane {record['off_manifold']:.2g}")
+    return "\n".join(lines)
+
+
 def plot_grid(runs: Sequence, *, path: str | os.PathLike | None = None) -> matplotlib.figure.Figure:
     """Paper Fig. 2: 1-NFE samples (projected back by P^T, red) over the true density (grey).
 
-    Rows: x-prediction, u-prediction (those present); columns: D, ascending. Each panel notes the
-    sliced Wasserstein distance and the mean off-manifold norm of its run.
+    Rows: x-prediction, u-prediction (those present); columns: D, ascending. Each panel notes its
+    run's sliced Wasserstein distance, its precision and coverage distances (with their ratio to
+    the data-vs-data floor) and the samples' mean distance from the data plane.
 
     Args:
         runs: ``ToyRun`` objects of one dataset (``toy.run_sweep``'s result).
@@ -68,8 +96,7 @@ def plot_grid(runs: Sequence, *, path: str | os.PathLike | None = None) -> matpl
             if run is not None:
                 shown = run.samples_2d[:SAMPLES_SHOWN]
                 axis.scatter(shown[:, 0], shown[:, 1], s=1.5, color="tab:red", alpha=0.5, linewidths=0)
-                axis.text(0.03, 0.03, f"swd {run.record['swd']:.3f}\noff-manifold {run.record['off_manifold']:.3g}",
-                          transform=axis.transAxes, fontsize=7, va="bottom")
+                axis.text(0.03, 0.03, _caption(run.record), transform=axis.transAxes, fontsize=6.5, va="bottom")
             axis.set_xlim(-PLOT_LIMIT, PLOT_LIMIT)
             axis.set_ylim(-PLOT_LIMIT, PLOT_LIMIT)
             axis.set_aspect("equal")

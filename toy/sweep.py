@@ -1,10 +1,12 @@
 """The sweep D x {x, u} (x seeds): train every run, write metrics.json, the figures and the table."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import multiprocessing
 import os
 import statistics
+import tempfile
 import warnings
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
@@ -14,86 +16,135 @@ import matplotlib.pyplot as plt
 import torch
 from tqdm.auto import tqdm
 
-from .data import DATASETS, sample_2d
-from .metrics import energy_distance, sliced_wasserstein
-from .model import DEPTH, PREDICTIONS, WIDTH
-from .plots import plot_grid, plot_losses
-from .train import EVAL_SAMPLES, TIME_MEAN, TIME_STD, ToyConfig, ToyRun, train
+from .data import sample_2d
+from .metrics import coverage_distance, energy_distance, precision_distance, sliced_wasserstein
+from .model import PREDICTIONS
+from .plots import atomic_write, plot_grid, plot_losses
+from .train import EVAL_SAMPLES, ToyConfig, ToyRun, train
 
 DEFAULT_DIMS = (2, 8, 16, 512)      # pMF Fig. 2
-DEFAULT_STEPS = 2000
-DEFAULT_BATCH_SIZE = 512
-DEFAULT_LR = 1e-3
-METRICS = ("swd", "energy", "off_manifold", "final_loss")
+DEFAULT_RECIPE = ToyConfig()
+"""The recipe of ``make demo`` (every run of a sweep shares it; only dataset, D, prediction and seed vary)."""
+METRICS = ("swd", "energy", "precision", "coverage", "off_manifold", "final_loss")
+FLOORED = ("swd", "energy", "precision", "coverage")   # metrics whose records carry a data-vs-data floor
 FLOOR_SEEDS = (7, 8)  # two independent data samples: the metrics' value for a perfect model
 FILES = {"metrics": "metrics.json", "samples": "samples.png", "losses": "loss_curves.png", "table": "table.md"}
 
 
 def reference_floor(dataset: str, samples: int = EVAL_SAMPLES) -> dict[str, float]:
-    """swd and energy between two independent data samples of the evaluation size: the value a
-    perfect model would get (sampling noise of the metrics)."""
+    """swd, energy, precision and coverage between two independent data samples of the evaluation
+    size: the value a perfect model would get (sampling noise of the metrics)."""
     a = sample_2d(dataset, samples, seed=FLOOR_SEEDS[0])
     b = sample_2d(dataset, samples, seed=FLOOR_SEEDS[1])
-    return {"swd": sliced_wasserstein(a, b), "energy": energy_distance(a, b)}
+    return {"swd": sliced_wasserstein(a, b), "energy": energy_distance(a, b),
+            "precision": precision_distance(a, b), "coverage": coverage_distance(a, b)}
 
 
-def _write_text(path: Path, text: str) -> None:
-    temporary = path.with_name(path.name + ".tmp")
-    temporary.write_text(text)
-    os.replace(temporary, path)
+def check_out(out: str | os.PathLike, *, overwrite: bool) -> None:
+    """Fail before any training if ``out`` cannot be written, or already holds a sweep's files (unless overwrite).
+
+    Creates the folder and a probe file in it (removed again). Raises ``ValueError`` with one line.
+    """
+    out = Path(out)
+    blocker = next((parent for parent in (out, *out.parents) if parent.exists()), None)
+    if blocker is not None and not blocker.is_dir():
+        raise ValueError(f"{str(blocker)!r} is a file, not a folder")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        handle, probe = tempfile.mkstemp(dir=out, prefix=".write-probe-")
+        os.close(handle)
+        os.unlink(probe)
+    except OSError as error:
+        raise ValueError(f"cannot write to {str(out)!r}: {error.strerror or error}") from None
+    existing = [name for name in FILES.values() if (out / name).exists()]
+    if existing and not overwrite:
+        raise FileExistsError(f"{str(out)!r} already holds {', '.join(existing)} of an earlier run; "
+                              f"pass --overwrite (overwrite=True) to replace them, or choose another folder")
+
+
+def _cell(values: list[float]) -> str:
+    mean = statistics.fmean(values)
+    return f"{mean:.4g}" if len(values) == 1 else f"{mean:.4g} ± {statistics.stdev(values):.2g}"
 
 
 def format_table(records: Sequence[dict], *, floor: dict[str, float] | None = None) -> str:
-    """Markdown table, one row per (prediction, D): each metric's mean (and +- std over seeds)."""
+    """Markdown table, one row per (prediction, D): each metric's mean (and +- std over seeds).
+
+    precision and coverage also show their ratio to the data-vs-data floor, ``(1.8x)``. The last
+    row is the floor: the mean of the records' ``*_floor`` values, or ``floor`` when given.
+    """
     groups: dict[tuple[str, int], list[dict]] = {}
     for record in records:
         groups.setdefault((record["prediction"], record["dim"]), []).append(record)
-    lines = ["| prediction | D | seeds | swd | energy | off_manifold | final_loss |",
-             "|---|---:|---:|---:|---:|---:|---:|"]
+    lines = ["| prediction | D | seeds | " + " | ".join(METRICS) + " |",
+             "|---|---:|---:|" + "---:|" * len(METRICS)]
     for (prediction, dim), rows in sorted(groups.items(), key=lambda item: (item[0][0] != "x", item[0][1])):
         cells = []
         for metric in METRICS:
-            values = [row[metric] for row in rows]
-            mean = statistics.fmean(values)
-            cells.append(f"{mean:.4g}" if len(values) == 1 else f"{mean:.4g} ± {statistics.stdev(values):.2g}")
+            cell = _cell([row[metric] for row in rows])
+            if metric in ("precision", "coverage"):
+                ratios = [row[metric] / row[f"{metric}_floor"] for row in rows]
+                cell += f" ({statistics.fmean(ratios):.1f}x)"
+            cells.append(cell)
         lines.append(f"| {prediction} | {dim} | {len(rows)} | " + " | ".join(cells) + " |")
+    if floor is None and records and all(f"{metric}_floor" in records[0] for metric in FLOORED):
+        floor = {metric: statistics.fmean(record[f"{metric}_floor"] for record in records) for metric in FLOORED}
     if floor is not None:
-        lines.append(f"| data vs data | - | - | {floor['swd']:.4g} | {floor['energy']:.4g} | 0 | - |")
+        cells = [f"{floor[metric]:.4g}" if metric in floor else ("0" if metric == "off_manifold" else "-")
+                 for metric in METRICS]
+        lines.append("| data vs data | - | - | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 
+def sweep_configs(*, dims: Sequence[int] = DEFAULT_DIMS, predictions: Sequence[str] = PREDICTIONS,
+                  seeds: Sequence[int] = (0,), dataset: str = "swiss_roll", recipe: ToyConfig = DEFAULT_RECIPE,
+                  **overrides) -> list[ToyConfig]:
+    """One ``ToyConfig`` per (seed, D, prediction): the recipe with ``overrides`` (any ToyConfig field).
+
+    Raises ValueError on an unknown field, a duplicate D, prediction or seed, or a bad value.
+    """
+    unknown = sorted(set(overrides) - {field.name for field in dataclasses.fields(ToyConfig)})
+    if unknown:
+        raise ValueError(f"unknown ToyConfig field(s): {', '.join(unknown)}")
+    for name, axis in (("dims", dims), ("predictions", predictions), ("seeds", seeds)):
+        if len(axis) == 0 or len(set(axis)) != len(axis):
+            raise ValueError(f"{name} must be non-empty without repeats, got {list(axis)}")
+    recipe = dataclasses.replace(recipe, dataset=dataset, **overrides)
+    return [dataclasses.replace(recipe, dim=dim, prediction=prediction, seed=seed)
+            for seed in seeds for dim in dims for prediction in predictions]
+
+
 def run_sweep(*, dims: Sequence[int] = DEFAULT_DIMS, predictions: Sequence[str] = PREDICTIONS,
-              dataset: str = "swiss_roll", steps: int = DEFAULT_STEPS, batch_size: int = DEFAULT_BATCH_SIZE,
-              lr: float = DEFAULT_LR, seeds: Sequence[int] = (0,), tangent: str = "model",
-              time_mean: float = TIME_MEAN, time_std: float = TIME_STD, depth: int = DEPTH, width: int = WIDTH,
-              eval_samples: int = EVAL_SAMPLES, device: str = "cpu", out: str | os.PathLike | None = None,
-              progress: bool = True, workers: int = 1) -> list[ToyRun]:
+              seeds: Sequence[int] = (0,), dataset: str = "swiss_roll", recipe: ToyConfig = DEFAULT_RECIPE,
+              out: str | os.PathLike | None = None, overwrite: bool = False, progress: bool = True,
+              workers: int = 1, **overrides) -> list[ToyRun]:
     """Train one model per (seed, D, prediction) and evaluate its 1-NFE samples.
 
-    Args: the sweep's axes (dims, predictions, seeds) and the settings shared by every run (see
-        ``ToyConfig``). out: folder for metrics.json, samples.png, loss_curves.png and table.md
-        (nothing is written when None). workers: runs trained at once in separate processes,
-        each on one thread (independent runs parallelise far better than one run's small matmuls).
+    Args:
+        dims, predictions, seeds, dataset: the sweep's axes.
+        recipe: the settings every run shares (default: ``DEFAULT_RECIPE``, the ``make demo`` recipe);
+            ``overrides`` replace single fields of it, e.g. ``steps=500``.
+        out: folder for metrics.json, samples.png, loss_curves.png and table.md (nothing is written
+            when None); checked before any training, and files of an earlier run there are only
+            replaced with ``overwrite=True``.
+        workers: runs trained at once in separate processes, each on one thread (independent runs
+            parallelise far better than one run's small matmuls).
     Returns:
         the runs, each a ``ToyRun`` whose ``record`` is one metrics.json row.
     """
-    if any(dim < 2 for dim in dims):
-        raise ValueError(f"dims must all be >= 2, got {list(dims)}")
-    if dataset not in DATASETS:
-        raise ValueError(f"dataset must be one of {', '.join(DATASETS)}; got {dataset!r}")
-    configs = [ToyConfig(dataset=dataset, dim=dim, prediction=prediction, steps=steps, batch_size=batch_size,
-                         lr=lr, seed=seed, tangent=tangent, time_mean=time_mean, time_std=time_std,
-                         depth=depth, width=width, eval_samples=eval_samples, device=device)
-               for seed in seeds for dim in dims for prediction in predictions]
+    configs = sweep_configs(dims=dims, predictions=predictions, seeds=seeds, dataset=dataset, recipe=recipe,
+                            **overrides)
     if workers < 1:
         raise ValueError(f"workers must be >= 1, got {workers}")
+    if out is not None:
+        check_out(out, overwrite=overwrite)
     if workers == 1:
         runs = [train(config, progress=progress)
                 for config in tqdm(configs, desc="toy sweep", disable=not progress, dynamic_ncols=True)]
     else:
         runs = _run_parallel(configs, workers, progress)
     if out is not None:
-        write_outputs(runs, out)
+        write_outputs(runs, out, overwrite=True)   # checked above; the files are this sweep's now
     return runs
 
 
@@ -117,22 +168,29 @@ def _run_parallel(configs: list[ToyConfig], workers: int, progress: bool) -> lis
         for future in as_completed(futures):
             run = future.result()
             runs[futures[future]] = run
-            bar.set_postfix_str(f"done {run.config.prediction}-pred D={run.config.dim} swd={run.record['swd']:.3f}")
+            bar.set_postfix_str(f"done {run.config.prediction}-pred D={run.config.dim} "
+                                f"precision={run.record['precision']:.3f}")
             bar.update()
         bar.close()
     return runs
 
 
-def write_outputs(runs: Sequence[ToyRun], out: str | os.PathLike) -> dict[str, Path]:
-    """Write metrics.json, the two figures and table.md into ``out``; return their paths."""
+def write_outputs(runs: Sequence[ToyRun], out: str | os.PathLike, *, overwrite: bool = False) -> dict[str, Path]:
+    """Write metrics.json, the two figures and table.md into ``out`` (each atomically); return their paths.
+
+    Refuses (``FileExistsError``, before writing anything) if ``out`` holds any of them already,
+    unless ``overwrite``.
+    """
+    if not runs:
+        raise ValueError("write_outputs needs at least one run")
+    check_out(out, overwrite=overwrite)
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
     paths = {name: out / filename for name, filename in FILES.items()}
     records = [run.record for run in runs]
-    _write_text(paths["metrics"], json.dumps(records, indent=2) + "\n")
+    atomic_write(paths["metrics"], lambda path: Path(path).write_text(json.dumps(records, indent=2) + "\n"))
     for plot, name in ((plot_grid, "samples"), (plot_losses, "losses")):
-        figure = plot(runs, path=paths[name])
+        figure = plot(runs)
+        atomic_write(paths[name], lambda path: figure.savefig(path, format="png", dpi=120, bbox_inches="tight"))
         plt.close(figure)
-    floor = reference_floor(records[0]["dataset"], len(runs[0].samples_2d))
-    _write_text(paths["table"], format_table(records, floor=floor))
+    atomic_write(paths["table"], lambda path: Path(path).write_text(format_table(records)))
     return paths

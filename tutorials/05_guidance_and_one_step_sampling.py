@@ -399,6 +399,7 @@ rows = [("omega = 1", 1.0, (0.0, 1.0)), ("omega = 2 on [0.1, 0.7]", 2.0, (0.1, 0
 fig, axes = plt.subplots(len(rows), len(step_counts), figsize=(3.6 * len(step_counts), 3.6 * len(rows)))
 for i, (name, omega, interval) in enumerate(rows):
     odes = [v_head_ode(k, omega, interval) for k in range(NUM_CLASSES)]
+    report(f"sliced W2 to class data of the v-head ODE endpoints, {name}", score(odes)[1])
     for j, n_steps in enumerate(step_counts):
         samples = [generate(k, omega, interval, n_steps=n_steps) for k in range(NUM_CLASSES)]
         accuracy, distance = score(samples)

@@ -313,24 +313,28 @@ save_figure(fig, out / "one_step_samples_by_tangent.png", trained=True)
 #
 # | run | tangent error (vs `e - x` = 1) | one-step error, mean \|x_theta(e, 0, 1) - Φ(e)\| |
 # |---|---:|---:|
-# | Alg. 1 | 0.40 | 0.20 |
-# | MeanFlow `e - x` | 1 | 0.19 |
-# | released v-head | 0.38 | 0.22 |
-# | Alg. 1, p = 0 (control) | 0.006 | 0.18 |
+# | Alg. 1 | 0.36 | 0.15 |
+# | MeanFlow `e - x` | 1 | 0.16 |
+# | released v-head | 0.34 | 0.21 |
+# | Alg. 1, p = 0 (control) | 0.005 | 0.19 |
 #
-# * **The network tangents are much less noisy than `e - x`**, but not the marginal v: 0.4 of the
-#   line velocity's error, and the error *grows* after the first few hundred steps.
-# * **The one-step map is about equally good with all three** (0.19–0.22): on this toy, within
-#   this budget, what limits a one-step model is how well the u-head fits the long jumps (all three
-#   draw the same bridges between the modes), not the tangent.
+# * **The network tangents are much less noisy than `e - x`**, but not the marginal v: about a
+#   third of the line velocity's error, and it stops improving after a few hundred steps (it even
+#   creeps up, 0.32 at step 250 to 0.36 at 3,000).
+# * **The one-step map does not follow the tangent's quality**: `e - x`, with the worst tangent,
+#   gives the same one-step error as Alg. 1 (0.16 vs 0.15), and the v-head run is a little behind
+#   (0.21). On this toy, within this budget, what limits a one-step model is how well the u-head fits
+#   the long jumps (all runs draw bridges between the modes), not the tangent.
 # * **The control explains the tangent error: it is the adaptive weight.** With `adp`, each row's
 #   gradient is divided by its own loss, so training minimises `E[log(L + c)]`, and the minimiser of
 #   that is not the conditional mean of the target: where the posterior of `x` given `z_t` has
 #   several modes (here, between Gaussians), it is pulled towards a mode. Without the weight
-#   (p = 0) the u-head's velocity at h = 0 is the marginal v to 0.6% — and the one step is a bit
-#   better too. In 2-D a row's loss is a noisy two-degree-of-freedom number, so `adp` reweights
-#   individual draws (tutorial 03, section 7); on images the loss is a sum over thousands of pixels,
-#   it concentrates, and the weight acts mostly between noise levels.
+#   (p = 0) the u-head's velocity at h = 0 is the marginal v to 0.5%. The one step does not gain
+#   from that here (0.19 against 0.15; with a logit-normal(0, 1) time sampler instead of the toy's
+#   uniform one the same comparison gave 0.18 against 0.20): its effect on the generator is small
+#   and of either sign. In 2-D a row's loss is a noisy two-degree-of-freedom number, so `adp`
+#   reweights individual draws (tutorial 03, section 7); on images the loss is a sum over thousands
+#   of pixels, it concentrates, and the weight acts mostly between noise levels.
 #
 # ## 4. Why a v-head, then?
 #
