@@ -522,7 +522,7 @@ def build_parser() -> argparse.ArgumentParser:
                             "newest; --resume <out> picks it); 0: one checkpoint.pt")
     watch.add_argument("--compile", action="store_true",
                        help="torch.compile the training step (on CPU it paid off after ~1,000 steps; "
-                            "measure yours with python -m full.bench_compile)")
+                            "measure yours with python -m full.bench.compile)")
     return parser
 
 

@@ -1,15 +1,19 @@
-"""Benchmarks harness (full/bench*.py): the JVP strategies it compares compute the same loss and
+"""Benchmarks (full/bench/): the JVP strategies it compares compute the same loss and
 gradient, the timer interleaves and counts what it claims, the memory probe sees an allocation,
-and a tiny end-to-end run yields the documented JSON schema. No timing assertions."""
+and a tiny end-to-end run yields the documented JSON schema; the --compile benchmark's break-even
+formula and plumbing (an identity "compiler" that records what it was given stands in for
+torch.compile). No timing assertions."""
 import json
 
 import pytest
 import torch
 
 import pmf_ref as P
-from full import bench
-from full.bench_steps import ALG1_STRATEGIES, Batch, alg1_loss
-from full.bench_timing import interleaved_medians, peak_memory_bytes
+from full.bench import compile as BC
+from full.bench import harness as bench
+from full.bench.steps import ALG1_STRATEGIES, Batch, alg1_loss
+from full.bench.timing import interleaved_medians, peak_memory_bytes
+from full.recipe import PMFObjective
 from toy.model import ToyMLP
 
 TINY = bench.BenchConfig(warmup=0, repeats=1, min_sample_s=0.0, toy_dim=4, toy_batch=8,
@@ -100,3 +104,29 @@ def test_bench_cli_rejects_bad_arguments(argv, capsys):
         bench.main(argv)
     assert exit_info.value.code == 2
     assert argv[0] in capsys.readouterr().err
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_break_even_steps_closed_form():
+    assert BC.break_even_steps(100.0, 0.3, 0.1) == pytest.approx(500.0)
+    assert BC.break_even_steps(0.0, 0.3, 0.1) == 0.0
+    assert BC.break_even_steps(100.0, 0.1, 0.1) is None      # no faster: never pays off
+    assert BC.break_even_steps(100.0, 0.1, 0.2) is None
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_compile_row_compiles_the_trainers_objective():
+    given = []
+
+    def identity_compiler(module):
+        given.append(module)
+        return module
+
+    row = BC.compile_row("pMF-T/2", 2, device=torch.device("cpu"), warmup=1, repeats=2, compiler=identity_compiler)
+    assert len(given) == 1 and isinstance(given[0], PMFObjective) and given[0].training
+    assert row["eager_ms"] > 0 and row["compiled_ms"] > 0
+    assert row["speedup"] == pytest.approx(row["eager_ms"] / row["compiled_ms"])
+    expected = BC.break_even_steps(row["compile_s"], row["eager_ms"] / 1e3, row["compiled_ms"] / 1e3)
+    assert row["break_even_steps"] == (pytest.approx(expected) if expected is not None else None)
+    assert BC.markdown_row(row).startswith("| pMF-T/2 | 2 | cpu |")
+    assert BC.markdown_row({**row, "break_even_steps": None}).endswith("| never |")

@@ -1,4 +1,6 @@
-"""Tests of the digits benchmark (full/digits*.py): data operators, classifier, metrics, sampling, CLI."""
+"""Tests of the digits benchmark (full/digits/): data operators, classifier, metrics, sampling, the CLI
+and its bad input (one error line, exit 2, before any training or classifier work; a damaged cache is
+rebuilt rather than crashing the sweep)."""
 from __future__ import annotations
 
 import json
@@ -12,12 +14,12 @@ from hypothesis import given, settings, strategies as st
 
 import pmf_ref as P
 from full.digits import main
-from full.digits_classifier import CACHE_NAME, load_or_train_classifier, train_classifier
-from full.digits_data import (HELDOUT_PER_CLASS, NUM_CLASSES, DigitsDataset, load_digits_split, off_subspace_rms,
-                              to_digits_coordinates, upsample)
-from full.digits_experiments import EXPERIMENTS, experiment_arms
-from full.digits_metrics import DigitsEvaluator
-from full.digits_runs import arm_key, one_step_samples
+from full.digits.classifier import CACHE_NAME, load_or_train_classifier, train_classifier
+from full.digits.data import (HELDOUT_PER_CLASS, NUM_CLASSES, TRAIN_SIZE, DigitsDataset, load_digits_split,
+                              off_subspace_rms, to_digits_coordinates, upsample)
+from full.digits.experiments import EXPERIMENTS, experiment_arms
+from full.digits.metrics import DigitsEvaluator
+from full.digits.runs import arm_key, one_step_samples
 from full.model import build_model, make_cond
 
 resolutions = st.sampled_from([8, 16, 24, 32, 64])
@@ -148,7 +150,7 @@ def test_experiment_arms_share_the_baseline_and_fix_the_token_grid():
 
 
 def _budget():
-    from full.digits_runs import Budget
+    from full.digits.runs import Budget
     return Budget(steps=10, batch_size=8, lr=1e-3, seed=0, per_class=5, ema_kimg=2000.0)
 
 
@@ -180,3 +182,43 @@ def test_quick_mode_writes_every_experiment(classifier_dir, tmp_path, evaluator)
     baseline = [json.loads((tmp_path / f"{name}.json").read_text())["rows"][0] for name in ("optimizer", "sampler")]
     assert baseline[0]["metrics"] == baseline[1]["metrics"]
     assert all(np.isfinite(row["metrics"]["fd"]) for row in summaries["prediction"]["rows"])
+
+
+BAD_INPUTS = [   # (name, argv builder (tmp), text of the one error line)
+    ("batch larger than the data", lambda t: ["sampler", "--batch-size", "2000", "--out", t], "exceeds the 1297 training"),
+    ("zero steps", lambda t: ["sampler", "--steps", "0", "--out", t], "--steps must be >= 1"),
+    ("negative lr", lambda t: ["sampler", "--lr", "-1", "--out", t], "--lr must be > 0"),
+    ("one sample per class", lambda t: ["guidance", "--per-class", "1", "--out", t], "--per-class must be >= 2"),
+    ("unknown experiment", lambda t: ["nope", "--out", t], "invalid choice"),
+    ("--out under a file", lambda t: ["sampler", "--out", _file(t) / "runs"], "is a file, not a folder"),
+]
+
+
+def _file(tmp_path):
+    (tmp_path / "a_file").write_text("x")
+    return tmp_path / "a_file"
+
+
+@pytest.mark.parametrize("name, argv, message", BAD_INPUTS, ids=[row[0] for row in BAD_INPUTS])
+def test_bad_input_is_one_error_line_and_exit_2(name, argv, message, tmp_path, capsys):
+    with pytest.raises(SystemExit) as stop:
+        main([str(arg) for arg in argv(tmp_path)])
+    errors = [line for line in capsys.readouterr().err.splitlines() if "error:" in line]
+    assert stop.value.code == 2 and len(errors) == 1 and message in errors[0], errors
+    assert not (tmp_path / "runs").exists() and not (tmp_path / "digits_classifier.pt").exists()
+
+
+def test_train_size_is_the_training_split():
+    assert TRAIN_SIZE == len(load_digits_split().y_train) == 1297
+
+
+def test_damaged_classifier_cache_is_rebuilt(tmp_path, monkeypatch, capsys):
+    from full.digits import classifier as D
+
+    (tmp_path / D.CACHE_NAME).write_bytes(b"half a file")
+    trained = []
+    monkeypatch.setattr(D, "train_classifier", lambda x, y: trained.append(1) or D.DigitsClassifier().eval())
+    D.load_or_train_classifier(tmp_path)
+    assert trained == [1] and "rebuilding the digits classifier cache" in capsys.readouterr().out
+    D.load_or_train_classifier(tmp_path)                  # the rebuilt cache is read back, not retrained
+    assert trained == [1]

@@ -35,9 +35,9 @@ import pmf_ref as P
 
 sys.path.insert(0, str(Path(P.__file__).resolve().parents[1] / "tutorials"))  # _common, from any folder
 from _common import report, save_figure, setup, steps  # noqa: E402
-from full.digits_classifier import load_or_train_classifier  # noqa: E402
-from full.digits_data import DigitsDataset, off_subspace_rms  # noqa: E402
-from full.digits_metrics import DigitsEvaluator  # noqa: E402
+from full.digits.classifier import load_or_train_classifier  # noqa: E402
+from full.digits.data import DigitsDataset, off_subspace_rms  # noqa: E402
+from full.digits.metrics import DigitsEvaluator  # noqa: E402
 from full.ema import EMASet, ema_decay  # noqa: E402
 from full.model import PRESETS, build_model, make_cond  # noqa: E402
 from full.optim import build_optimizer, split_parameters  # noqa: E402
@@ -249,7 +249,7 @@ report("ViT: relative |JVP - finite difference| of du/dt", (jvp.dudt - fd).abs()
 # EMA weights, at pMF-B/16's guidance interval [0.1, 0.7]. Rows: classes 0–9; columns: different
 # noise; panels: omega. Scores: Fréchet distance of a small digits classifier's features to the
 # training digits (the "FID" of `python -m full.digits`; lower is better) and its accuracy on the
-# class each sample was asked for (both from `full.digits_metrics`).
+# class each sample was asked for (both from `full.digits.metrics`).
 
 # %%
 evaluator = DigitsEvaluator(load_or_train_classifier(out))

@@ -26,9 +26,9 @@ import pmf_ref as P
 
 sys.path.insert(0, str(Path(P.__file__).resolve().parents[1] / "tutorials"))  # _common, from any folder
 from _common import report, save_figure, setup, steps  # noqa: E402
-from full.digits_classifier import load_or_train_classifier  # noqa: E402
-from full.digits_data import DigitsDataset, upsampling_matrix  # noqa: E402
-from full.digits_metrics import DigitsEvaluator  # noqa: E402
+from full.digits.classifier import load_or_train_classifier  # noqa: E402
+from full.digits.data import DigitsDataset, upsampling_matrix  # noqa: E402
+from full.digits.metrics import DigitsEvaluator  # noqa: E402
 from full.ema import EMASet  # noqa: E402
 from full.model import PRESETS, build_model, make_cond  # noqa: E402
 from full.optim import build_optimizer  # noqa: E402

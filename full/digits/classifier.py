@@ -14,8 +14,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .checkpoint import CheckpointError, read_checkpoint_file, save_checkpoint
-from .digits_data import NUM_CLASSES, load_digits_split
+from ..checkpoint import CheckpointError, read_checkpoint_file, save_checkpoint
+from .data import NUM_CLASSES, load_digits_split
 
 CLASSIFIER_SEED = 0
 CLASSIFIER_EPOCHS = 20

@@ -1,13 +1,13 @@
 """When does ``full.train --compile`` pay off? Eager vs ``torch.compile``d training step, and the break-even.
 
-    python -m full.bench_compile --preset pMF-T/4 --batch 16                 # CPU, ~10 min (compilation)
-    python -m full.bench_compile --preset pMF-B/16 --batch 64 --device cuda --out compile.json
+    python -m full.bench.compile --preset pMF-T/4 --batch 16                 # CPU, ~10 min (compilation)
+    python -m full.bench.compile --preset pMF-B/16 --batch 64 --device cuda --out compile.json
 
 The step is the trainer's: :class:`full.recipe.PMFObjective` (released recipe, perceptual loss off)
 forward, JVP included, and backward, compiled the way ``--compile`` does it (``torch.compile`` of the
 objective module, so Dynamo / AOTAutograd compile forward and backward). The optimiser update, the
 same in both, is left out. Eager and compiled steps are timed interleaved in one process
-(full.bench_timing); compilation time is the first compiled call's wall time minus an eager call's.
+(full.bench.timing); compilation time is the first compiled call's wall time minus an eager call's.
 
     break-even steps = compile seconds / (eager s per step - compiled s per step)
 
@@ -26,10 +26,10 @@ import torch
 
 import pmf_ref as P
 
-from .bench_timing import interleaved_medians, machine_info, synchronize
-from .fid import atomic_write
-from .model import PRESETS, build_model
-from .recipe import GuidanceSampler, PMFObjective, draw_step_randomness
+from .timing import interleaved_medians, machine_info, synchronize
+from ..fid import atomic_write
+from ..model import PRESETS, build_model
+from ..recipe import GuidanceSampler, PMFObjective, draw_step_randomness
 
 NUM_CLASSES = 10   # the label count does not change the step's cost beyond one embedding row
 
@@ -97,7 +97,7 @@ MARKDOWN_HEADER = ("| preset | batch | device | eager ms / step | compiled ms / 
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m full.bench_compile", description=__doc__.split("\n\n")[0],
+    parser = argparse.ArgumentParser(prog="python -m full.bench.compile", description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--preset", default="pMF-T/4", help=f"one of {sorted(PRESETS)}")
     parser.add_argument("--batch", type=int, default=16, help="images per step")
@@ -124,6 +124,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.out:
         record = {**row, "machine": machine_info(device), "threads": args.threads}
         atomic_write(Path(args.out), lambda file: file.write(json.dumps(record, indent=2).encode()))
+
 
 
 if __name__ == "__main__":

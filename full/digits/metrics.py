@@ -15,9 +15,9 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from .fid import feature_statistics, frechet_distance
-from .digits_classifier import DigitsClassifier
-from .digits_data import load_digits_split, off_subspace_rms, to_digits_coordinates, upsample
+from ..fid import feature_statistics, frechet_distance
+from .classifier import DigitsClassifier
+from .data import load_digits_split, off_subspace_rms, to_digits_coordinates, upsample
 
 EVAL_BATCH = 500
 

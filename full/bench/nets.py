@@ -15,9 +15,9 @@ import torch
 import pmf_ref as P
 from toy.model import ToyMLP
 
-from .bench_steps import Batch
-from .model import PRESETS, build_model, make_cond
-from .recipe import GuidanceSampler, PMFObjective, StepRandomness
+from .steps import Batch
+from ..model import PRESETS, build_model, make_cond
+from ..recipe import GuidanceSampler, PMFObjective, StepRandomness
 
 SEED_INIT, SEED_BATCH = 0, 1  # the network's init and the batch never share draws
 

@@ -15,7 +15,7 @@ Every arm not named otherwise is the pMF recipe at 16 px, patch 4: x-prediction,
 """
 from __future__ import annotations
 
-from .digits_runs import ArmSpec
+from .runs import ArmSpec
 
 GUIDANCE_OMEGAS = (1.0, 1.5, 2.0, 3.0, 4.5, 6.0, 8.5)
 """The omega sweep of experiment (d); 8.5 is B/16's best on ImageNet (the tiny preset's default)."""

@@ -26,14 +26,14 @@ from pathlib import Path
 
 import torch
 
-from .fid import atomic_write, unwritable_reason
-from .digits_classifier import load_or_train_classifier
-from .digits_data import TRAIN_SIZE
-from .digits_experiments import EXPERIMENTS, PAPER_NUMBERS, experiment_arms
-from .digits_metrics import DigitsEvaluator
-from .digits_report import markdown_table, save_figure
-from .digits_runs import Budget, run_arm
-from .train import EXIT_DIVERGED, DivergenceError
+from ..fid import atomic_write, unwritable_reason
+from .classifier import load_or_train_classifier
+from .data import TRAIN_SIZE
+from .experiments import EXPERIMENTS, PAPER_NUMBERS, experiment_arms
+from .metrics import DigitsEvaluator
+from .report import markdown_table, save_figure
+from .runs import Budget, run_arm
+from ..train import EXIT_DIVERGED, DivergenceError
 
 # Default budget: each experiment fits 30 min on an idle 2-core CPU (the largest, "prediction", has six arms).
 DEFAULT_STEPS = 600
@@ -155,6 +155,3 @@ def main(argv: list[str] | None = None) -> dict[str, dict]:
         print(f"python -m full.digits: error: {error}", file=sys.stderr)
         raise SystemExit(EXIT_DIVERGED) from None
 
-
-if __name__ == "__main__":
-    main()

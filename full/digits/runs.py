@@ -19,14 +19,14 @@ import torch
 
 import pmf_ref as P
 
-from .fid import atomic_write
-from .digits_data import NUM_CLASSES, DigitsDataset
-from .checkpoint import load_model
-from .digits_metrics import DigitsEvaluator
-from .ema import format_half_life
-from .model import make_cond
-from .sample import class_labels, generate, sample_noise
-from .train import TrainConfig, train
+from ..fid import atomic_write
+from .data import NUM_CLASSES, DigitsDataset
+from ..checkpoint import load_model
+from .metrics import DigitsEvaluator
+from ..ema import format_half_life
+from ..model import make_cond
+from ..sample import class_labels, generate, sample_noise
+from ..train import TrainConfig, train
 
 PRESET = "pMF-T/4"
 """Width 64, trunk 2 + u-head 2 + v-head 2 blocks, bottleneck 16 (the contract's tiny CPU preset)."""

@@ -4,7 +4,7 @@
     python -m full.bench --device cuda --out bench_gpu.json
 
 Every comparison runs the old and the new path side by side, interleaved in one process
-(``full.bench_steps.PATHS``: old = ``torch.func.jvp`` through plain torch ops, new = the core's default,
+(``full.bench.steps.PATHS``: old = ``torch.func.jvp`` through plain torch ops, new = the core's default,
 forward_ad through ``pmf_ref.fast_jvp``). Three sections, each on the same networks (toy MLP, tiny
 ViT pMF-T/4, a small ViT: B/16 at 64 px, at one or more batch sizes):
 
@@ -12,7 +12,7 @@ ViT pMF-T/4, a small ViT: B/16 at 64 px, at one or more batch sizes):
    of a JiT-style flow-matching step, the pMF Alg. 1 step and the released-recipe step (guidance
    passes + JVP through both heads + backward; perceptual loss off), each on both paths, with peak
    memory; ratios to the forward (JVP, flow matching), to flow matching (steps) and to the old path.
-2. jvp -- the same Alg. 1 loss computed several ways (``full.bench_steps.ALG1_STRATEGIES``) on the
+2. jvp -- the same Alg. 1 loss computed several ways (``full.bench.steps.ALG1_STRATEGIES``) on the
    new path, each eager and under ``torch.compile`` (where it compiles), with peak memory.
 3. sampling -- images/s of the bare network forward and 1-NFE sampling (both paths) and a 50-step
    Euler sampler.
@@ -40,10 +40,10 @@ from tqdm.auto import tqdm
 
 import pmf_ref as P
 
-from .bench_nets import Workload, toy_workload, vit_workload
-from .bench_steps import (ALG1_STRATEGIES, PATHS, alg1_loss, flow_matching_loss, on_path, sampling_calls,
+from .nets import Workload, toy_workload, vit_workload
+from .steps import (ALG1_STRATEGIES, PATHS, alg1_loss, flow_matching_loss, on_path, sampling_calls,
                           training_step, u_forward, u_jvp)
-from .bench_timing import CLOCKS, interleaved_medians, machine_info, memory_method, peak_memory_bytes
+from .timing import CLOCKS, interleaved_medians, machine_info, memory_method, peak_memory_bytes
 
 TARGETS = {"jvp_forwards": ("<=", 2.3), "step_ratio_alg1": ("<=", 1.9), "step_ratio_released": ("<=", 2.9),
            "sampling_vs_forward": (">=", 0.95), "forward_speed_vs_old": (">=", 0.98),
@@ -436,6 +436,3 @@ def main(argv: list[str] | None = None) -> None:
         write_json_atomic(args.out, result)
         print(f"wrote {args.out}")
 
-
-if __name__ == "__main__":
-    main()

@@ -1,0 +1,4 @@
+"""``python -m full.bench``: see :mod:`full.bench.harness`."""
+from .harness import main
+
+main()
