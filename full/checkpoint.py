@@ -23,13 +23,14 @@ import random
 import re
 import signal
 import sys
-import tempfile
 import threading
 import zipfile
 from pathlib import Path
 
 import numpy as np
 import torch
+
+from .io import TEMP_PREFIX, atomic_write, unwritable_reason
 
 CHECKPOINT_FORMAT = 2
 """2: weights-only safe (RNG states as tensors). Files of format 1 held numpy arrays and are refused."""
@@ -40,8 +41,6 @@ NUMBERED_CHECKPOINT = re.compile(r"^checkpoint-(\d{9,})\.pt$")
 FID_LOG_NAME = "fid.jsonl"
 MONITOR_FILES = (FID_LOG_NAME, "grid_inputs.pt", "samples/step*.png", "tensorboard/events.out.tfevents.*")
 """What full.monitor writes into a run folder (``--fid-every``, ``--sample-every``, ``--tensorboard``)."""
-TEMP_PREFIX = ".tmp-"
-"""Prefix of the temporary file written next to the final one; renamed over it once complete."""
 
 
 class CheckpointError(ValueError):
@@ -67,18 +66,9 @@ def save_checkpoint(path: str | os.PathLike, state: dict) -> Path:
         CheckpointWriteError: the disk is full or the folder not writable (the previous file is kept).
     """
     path = Path(path)
-    temp_name = None
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        handle, temp_name = tempfile.mkstemp(prefix=TEMP_PREFIX + path.name + ".", dir=path.parent)
-        with os.fdopen(handle, "wb") as file:
-            torch.save(state, file)
-            file.flush()
-            os.fsync(file.fileno())
-        os.replace(temp_name, path)       # atomic on POSIX within one file system
+        atomic_write(path, lambda file: torch.save(state, file))
     except BaseException as error:
-        if temp_name is not None and os.path.exists(temp_name):
-            os.remove(temp_name)
         os_error = _os_error_in_chain(error)
         if os_error is None:
             raise
@@ -276,7 +266,6 @@ def truncate_log(path: str | os.PathLike, step: int) -> int:
     and end in a half-written line; both are dropped, and a step logged twice keeps its last record.
     The file is rewritten atomically.
     """
-    from .fid import atomic_write
 
     path = Path(path)
     if not path.exists():
@@ -377,7 +366,6 @@ def check_run_folder(out: str | os.PathLike, *, resume: str | None, overwrite: b
     run replace an old one (its files are deleted by :func:`reset_run_folder`, after every other check).
     Only reads (and a probe file), so every rank can run it.
     """
-    from .fid import unwritable_reason
 
     out = Path(out)
     problem = unwritable_reason(out, folder=True) if check_writable else None

@@ -17,7 +17,6 @@ hub cache, never downloaded; see full/fid.py.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,9 +28,10 @@ from torch.utils.data import DataLoader
 
 from .sample import HelpFormatter
 from .data import IMAGE_EXTENSIONS, ImageFolderDataset, UnreadableImageError, open_rgb
-from .fid import (IS_SPLITS, InceptionWeightsError, atomic_write, build_inception, extract_features,
+from .io import unwritable_reason, write_json
+from .fid import (IS_SPLITS, InceptionWeightsError, build_inception, extract_features,
                   feature_statistics, frechet_distance_from_features, inception_score, load_statistics, open_npz,
-                  save_statistics, unwritable_reason)
+                  save_statistics)
 
 
 @dataclass(frozen=True)
@@ -320,7 +320,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.json:
         record = {**metrics, "samples": args.samples, "ref": args.ref}
         try:
-            atomic_write(Path(args.json), lambda file: file.write(json.dumps(record, indent=2).encode()))
+            write_json(args.json, record)
         except OSError as error:   # a full disk: the printed line above still has the numbers
             sys.exit(f"error: writing --json {args.json} failed: {error}")
 

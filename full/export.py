@@ -28,7 +28,7 @@ from safetensors.torch import load_file, safe_open, save
 
 from .checkpoint import CheckpointError, load_checkpoint, load_model
 from .ema import format_half_life
-from .fid import atomic_write
+from .io import atomic_write, write_text
 from .model import PRESETS, build_model
 from .official import OfficialCheckpointError, load_official_state_dict, to_official_state_dict
 
@@ -97,7 +97,7 @@ def export(ckpt: str | Path, out: str | Path, *, ema: str | None = None, layout:
         atomic_write(out, lambda file: file.write(payload))
     else:
         atomic_write(out, lambda file: torch.save(state, file))
-    atomic_write(config_path(out), lambda file: file.write(text.encode()))
+    write_text(config_path(out), text)
     return config
 
 

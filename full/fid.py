@@ -14,7 +14,6 @@ with TF-1.x-compatible bilinear interpolation, as the reference implementations 
 from __future__ import annotations
 
 import os
-import tempfile
 import zipfile
 from pathlib import Path
 from typing import Iterable, NamedTuple
@@ -24,6 +23,8 @@ import torch
 from torch_fidelity.feature_extractor_inceptionv3 import URL_INCEPTION_V3, FeatureExtractorInceptionV3
 from torch_fidelity.metric_isc import KEY_METRIC_ISC_MEAN, KEY_METRIC_ISC_STD, isc_features_to_metric
 from tqdm import tqdm
+
+from .io import atomic_write
 
 # torch-fidelity's converted TF-Inception weights (the name its own download would cache under).
 INCEPTION_WEIGHTS_FILENAME = "weights-inception-2015-12-05-6726825d.pth"
@@ -250,50 +251,6 @@ def inception_score(logits: np.ndarray, *, splits: int = IS_SPLITS) -> tuple[flo
 # --------------------------------------------------------------------------------------------
 # Statistics files (.npz with mu, sigma; the same keys as the ADM reference batches)
 # --------------------------------------------------------------------------------------------
-
-def atomic_write(path: Path, write, *, fsync: bool = True) -> None:
-    """Call ``write(file_handle)`` on a temp file beside ``path``, then rename it into place.
-
-    Readers see the old file or the complete new one, never a partial one. ``fsync=False`` skips
-    the flush to disk (durability across a power cut), which would cost ~ms for each of 50K PNGs.
-    """
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(handle, "wb") as file:
-            write(file)
-            if fsync:
-                file.flush()
-                os.fsync(file.fileno())
-        os.replace(temp_name, path)
-    except BaseException:
-        if os.path.exists(temp_name):
-            os.unlink(temp_name)
-        raise
-
-
-def unwritable_reason(path: str | os.PathLike, *, folder: bool) -> str | None:
-    """Why ``path`` (an output folder, or a file when ``folder`` is False) cannot be written, or None.
-
-    Creates the folder (or the file's parent) and a probe file in it, then removes the probe: the
-    CLIs call this before any work, so a typo in --out fails in a second, not after hours.
-    """
-    path = Path(path)
-    if not folder and path.is_dir():
-        return f"{str(path)!r} is a folder, expected a file name"
-    target = path if folder else path.parent
-    blocker = next((parent for parent in (target, *target.parents) if parent.exists()), None)
-    if blocker is not None and not blocker.is_dir():
-        return f"{str(blocker)!r} is a file, not a folder"
-    try:
-        target.mkdir(parents=True, exist_ok=True)
-        handle, probe = tempfile.mkstemp(dir=target, prefix=".write-probe-")
-        os.close(handle)
-        os.unlink(probe)
-    except OSError as error:
-        return f"cannot write to {str(target)!r}: {error.strerror or error}"
-    return None
-
 
 def save_statistics(path: str | os.PathLike, mu: np.ndarray, sigma: np.ndarray, **extra) -> None:
     """Write ``mu`` (D,) and ``sigma`` (D, D) (and any extra arrays) to an .npz, atomically."""

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import json
 import math
 import sys
 from dataclasses import dataclass
@@ -25,8 +24,9 @@ import torch
 
 from .evaluate import metrics_from_features
 from .checkpoint import CheckpointError, first_non_finite, load_checkpoint
-from .fid import (IS_SPLITS, InceptionWeightsError, atomic_write, build_inception, extract_features,
-                  load_statistics, unwritable_reason)
+from .io import unwritable_reason, write_json
+from .fid import (IS_SPLITS, InceptionWeightsError, build_inception, extract_features,
+                  load_statistics)
 from .sample import (HelpFormatter, NonFiniteSamplesError, checkpoint_info, iter_samples, load_for_sampling,
                      normalize_ema, sampling_defaults)
 
@@ -189,7 +189,7 @@ def main(argv: list[str] | None = None) -> None:
         print(format_row(row), flush=True)
         if args.out:
             record = {"ckpt": args.ckpt, "ref": args.ref, "num": args.num, "seed": args.seed, "rows": rows}
-            atomic_write(Path(args.out), lambda file: file.write(json.dumps(record, indent=2).encode()))
+            write_json(args.out, record)
 
     try:
         search(lambda ema: load_for_sampling(args.ckpt, ema, device)[0], extractor, ref_mu, ref_sigma, cfg,

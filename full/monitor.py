@@ -29,10 +29,11 @@ import pmf_ref as P
 
 from .checkpoint import FID_LOG_NAME
 from .evaluate import metrics_from_features
-from .fid import IS_SPLITS, atomic_write, build_inception, extract_features, load_statistics
+from .io import atomic_write
+from .fid import IS_SPLITS, build_inception, extract_features, load_statistics
 from .ema import format_half_life
 from .model import PRESETS, make_cond
-from .sample import GRID_PADDING, class_labels, generate, iter_samples, sample_noise, save_png, shard, to_uint8
+from .sample import GRID_PADDING, generate, iter_samples, sample_noise, save_png, shard, to_uint8
 
 GRID_INPUTS_FILE = "grid_inputs.pt"
 SAMPLES_DIR = "samples"

@@ -30,7 +30,7 @@ matplotlib.use("Agg")   # files only, no display
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from .fid import atomic_write  # noqa: E402
+from .io import save_figure  # noqa: E402
 
 LOG_FILE = "log.jsonl"
 FID_FILE = "fid.jsonl"
@@ -144,7 +144,7 @@ def plot_run(run_dir: str | Path, out: str | Path | None = None) -> Path:
     last = logs.records[-1]
     figure = make_figure(logs, title=f"{Path(run_dir).resolve().name}: step {last['step']}, "
                                      f"{last['images_seen']:,} images")
-    atomic_write(out, lambda file: figure.savefig(file, format="png", dpi=DPI))
+    save_figure(figure, out, dpi=DPI)
     plt.close(figure)
     return out
 

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import math
 import re
 import sys
@@ -41,7 +40,7 @@ import pmf_ref as P
 
 from .distributed import barrier, init_distributed
 from .ema import format_half_life
-from .fid import atomic_write, unwritable_reason
+from .io import TEMP_PREFIX, atomic_write, unwritable_reason, write_json
 from .model import PRESETS, make_cond, x_hat_from_output
 
 PIXEL_HALF_RANGE = 127.5  # uint8 = round((x + 1) * 127.5), x in [-1, 1]
@@ -212,7 +211,7 @@ def prepare_output_folder(out: Path, *, overwrite: bool) -> None:
                                 f"{earlier[0].name!r}); pass --overwrite to delete them first, or use another --out")
     for path in earlier:
         path.unlink()
-    for temp in out.glob(".*.tmp"):   # atomic_write temp files of a killed earlier run
+    for temp in out.glob(f"{TEMP_PREFIX}*"):   # atomic_write temp files of a killed earlier run
         temp.unlink()
     if images.is_dir():
         for temp in images.glob(".*.tmp"):
@@ -270,7 +269,7 @@ def sample_to_folder(model: torch.nn.Module, cfg: SampleConfig, *, rank: int = 0
             save_grid(torch.cat(grid_images)[:cfg.grid], out / "grid.png")
         info = {**dataclasses.asdict(cfg), **(extra_info or {}), "world_size": world_size,
                 "num_classes": model.num_classes, "noise_scale": model.noise_scale}
-        atomic_write(out / "sample_config.json", lambda file: file.write(json.dumps(info, indent=2).encode()))
+        write_json(out / "sample_config.json", info)
     barrier()
     return out
 

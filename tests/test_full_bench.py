@@ -13,6 +13,7 @@ from full.bench import compile as BC
 from full.bench import harness as bench
 from full.bench.steps import ALG1_STRATEGIES, Batch, alg1_loss
 from full.bench.timing import interleaved_medians, peak_memory_bytes
+from full.io import write_json
 from full.recipe import PMFObjective
 from toy.model import ToyMLP
 
@@ -93,7 +94,7 @@ def test_bench_run_has_headline_ratios_and_rows(tmp_path):
     table = bench.format_tables(result)
     assert "| network | batch | step | old ms | new ms |" in table and "jvp_forwards = " in table
     path = tmp_path / "bench.json"
-    bench.write_json_atomic(str(path), result)
+    write_json(path, result)
     assert json.loads(path.read_text())["step_ratio_alg1"] == result["step_ratio_alg1"]
 
 

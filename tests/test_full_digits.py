@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from hypothesis import given, settings, strategies as st
 
 import pmf_ref as P
-from full.digits import main
+from full.digits.cli import main
 from full.digits.classifier import CACHE_NAME, load_or_train_classifier, train_classifier
 from full.digits.data import (HELDOUT_PER_CLASS, NUM_CLASSES, TRAIN_SIZE, DigitsDataset, load_digits_split,
                               off_subspace_rms, to_digits_coordinates, upsample)

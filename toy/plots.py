@@ -2,13 +2,14 @@
 from __future__ import annotations
 
 import os
-import tempfile
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Sequence
 
 import matplotlib
 import matplotlib.pyplot as plt
 import numpy as np
+
+from full import io
 
 from .data import sample_2d
 
@@ -20,31 +21,9 @@ LOSS_SMOOTHING = 25         # moving-average window of the loss curves, in steps
 ROW_LABELS = {"x": "x-prediction (pMF)", "u": "u-prediction (iMF)"}
 
 
-def atomic_write(path: str | os.PathLike, write: Callable[[str], object]) -> Path:
-    """Call ``write(temporary_path)`` on a fresh temp file beside ``path``, then rename it into place.
-
-    A reader sees the old file or the complete new one, never half a file; a failed write leaves no
-    temp file. (``full.fid.atomic_write`` does the same with a file handle; importing it would load
-    torch-fidelity into the toy.)
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(handle)
-    try:
-        write(temporary)
-        os.replace(temporary, path)
-    except BaseException:
-        if os.path.exists(temporary):
-            os.unlink(temporary)
-        raise
-    return path
-
-
 def save_figure(figure: matplotlib.figure.Figure, path: str | os.PathLike) -> Path:
-    """Write a PNG atomically (:func:`atomic_write`)."""
-    return atomic_write(path, lambda temporary: figure.savefig(temporary, format="png", dpi=120,
-                                                               bbox_inches="tight"))
+    """Write a PNG atomically (``full.io``: temp file beside it, fsync, rename)."""
+    return io.save_figure(figure, path, dpi=120, bbox_inches="tight")
 
 
 def _first_seed(runs: Sequence) -> dict[tuple[str, int], object]:

@@ -2,11 +2,9 @@
 from __future__ import annotations
 
 import dataclasses
-import json
 import multiprocessing
 import os
 import statistics
-import tempfile
 import warnings
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
@@ -19,7 +17,9 @@ from tqdm.auto import tqdm
 from .data import sample_2d
 from .metrics import coverage_distance, energy_distance, precision_distance, sliced_wasserstein
 from .model import PREDICTIONS
-from .plots import atomic_write, plot_grid, plot_losses
+from full.io import unwritable_reason, write_json, write_text
+
+from .plots import plot_grid, plot_losses, save_figure
 from .train import EVAL_SAMPLES, ToyConfig, ToyRun, train
 
 DEFAULT_DIMS = (2, 8, 16, 512)      # pMF Fig. 2
@@ -46,16 +46,9 @@ def check_out(out: str | os.PathLike, *, overwrite: bool) -> None:
     Creates the folder and a probe file in it (removed again). Raises ``ValueError`` with one line.
     """
     out = Path(out)
-    blocker = next((parent for parent in (out, *out.parents) if parent.exists()), None)
-    if blocker is not None and not blocker.is_dir():
-        raise ValueError(f"{str(blocker)!r} is a file, not a folder")
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        handle, probe = tempfile.mkstemp(dir=out, prefix=".write-probe-")
-        os.close(handle)
-        os.unlink(probe)
-    except OSError as error:
-        raise ValueError(f"cannot write to {str(out)!r}: {error.strerror or error}") from None
+    problem = unwritable_reason(out, folder=True)
+    if problem:
+        raise ValueError(problem)
     existing = [name for name in FILES.values() if (out / name).exists()]
     if existing and not overwrite:
         raise FileExistsError(f"{str(out)!r} already holds {', '.join(existing)} of an earlier run; "
@@ -187,10 +180,10 @@ def write_outputs(runs: Sequence[ToyRun], out: str | os.PathLike, *, overwrite: 
     out = Path(out)
     paths = {name: out / filename for name, filename in FILES.items()}
     records = [run.record for run in runs]
-    atomic_write(paths["metrics"], lambda path: Path(path).write_text(json.dumps(records, indent=2) + "\n"))
+    write_json(paths["metrics"], records)
     for plot, name in ((plot_grid, "samples"), (plot_losses, "losses")):
         figure = plot(runs)
-        atomic_write(paths[name], lambda path: figure.savefig(path, format="png", dpi=120, bbox_inches="tight"))
+        save_figure(figure, paths[name])
         plt.close(figure)
-    atomic_write(paths["table"], lambda path: Path(path).write_text(format_table(records)))
+    write_text(paths["table"], format_table(records))
     return paths

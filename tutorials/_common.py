@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import os
 import sys
-import tempfile
 import warnings
 from pathlib import Path
 
@@ -24,6 +23,8 @@ import matplotlib.pyplot as plt
 import numpy as np
 import torch
 from torch import nn
+
+from full import io
 
 # torch's first forward-mode JVP loads decompositions through the deprecated torch.jit.script and
 # warns about it; the warning is torch's internal business, not the reader's.
@@ -75,14 +76,7 @@ def save_figure(fig: plt.Figure, path: Path, *, trained: bool = False) -> None:
         fig.text(0.5, 0.5, FAST_STAMP, ha="center", va="center", fontsize=26, color="red", alpha=0.4,
                  rotation=12, transform=fig.transFigure)
     path = Path(path)
-    handle, tmp = tempfile.mkstemp(suffix=path.suffix, dir=path.parent)
-    os.close(handle)
-    try:
-        fig.savefig(tmp, dpi=110, bbox_inches="tight")
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    io.save_figure(fig, path, dpi=110, bbox_inches="tight")
     print(f"wrote {path}")
     if in_notebook():
         plt.show()          # the inline backend draws the figure into this cell's output

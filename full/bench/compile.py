@@ -17,9 +17,7 @@ from __future__ import annotations
 
 import argparse
 import functools
-import json
 import time
-from pathlib import Path
 from typing import Callable
 
 import torch
@@ -27,7 +25,7 @@ import torch
 import pmf_ref as P
 
 from .timing import interleaved_medians, machine_info, synchronize
-from ..fid import atomic_write
+from ..io import write_json
 from ..model import PRESETS, build_model
 from ..recipe import GuidanceSampler, PMFObjective, draw_step_randomness
 
@@ -123,7 +121,7 @@ def main(argv: list[str] | None = None) -> None:
     print(markdown_row(row))
     if args.out:
         record = {**row, "machine": machine_info(device), "threads": args.threads}
-        atomic_write(Path(args.out), lambda file: file.write(json.dumps(record, indent=2).encode()))
+        write_json(args.out, record)
 
 
 

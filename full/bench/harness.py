@@ -28,11 +28,9 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import os
 import resource
 import sys
-import tempfile
 import time
 
 import torch
@@ -40,6 +38,7 @@ from tqdm.auto import tqdm
 
 import pmf_ref as P
 
+from ..io import write_json
 from .nets import Workload, toy_workload, vit_workload
 from .steps import (ALG1_STRATEGIES, PATHS, alg1_loss, flow_matching_loss, on_path, sampling_calls,
                           training_step, u_forward, u_jvp)
@@ -370,15 +369,6 @@ def format_tables(result: dict) -> str:
     return "\n".join(lines)
 
 
-def write_json_atomic(path: str, payload: dict) -> None:
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    with tempfile.NamedTemporaryFile("w", dir=folder, suffix=".tmp", delete=False) as handle:
-        json.dump(payload, handle, indent=2)
-        temp_name = handle.name
-    os.replace(temp_name, path)
-
-
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m full.bench", description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true",
@@ -433,6 +423,6 @@ def main(argv: list[str] | None = None) -> None:
     result["config"]["quick"] = args.quick
     print(format_tables(result))
     if args.out:
-        write_json_atomic(args.out, result)
+        write_json(args.out, result)
         print(f"wrote {args.out}")
 

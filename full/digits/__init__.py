@@ -11,6 +11,3 @@ only adds data, a scoring network and the experiments:
 * ``report``      -- the markdown table and the figure
 * ``cli``         -- the command line
 """
-from .cli import main
-
-__all__ = ["main"]

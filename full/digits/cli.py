@@ -18,7 +18,6 @@ Outputs in ``--out``: ``<experiment>.json``, ``<experiment>.png`` (sample grids 
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -26,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from ..fid import atomic_write, unwritable_reason
+from ..io import unwritable_reason, write_json, write_text
 from .classifier import load_or_train_classifier
 from .data import TRAIN_SIZE
 from .experiments import EXPERIMENTS, PAPER_NUMBERS, experiment_arms
@@ -95,8 +94,8 @@ def run_experiment(name: str, cfg: DigitsConfig, evaluator: DigitsEvaluator) -> 
     table = markdown_table(name, rows, floor, PAPER_NUMBERS[name])
     if missing:
         table += f"\nNot trained (run without --report-only to train): {'; '.join(missing)}.\n"
-    atomic_write(out / f"{name}.json", lambda file, text=json.dumps(summary, indent=1): file.write(text.encode()))
-    atomic_write(out / f"{name}.md", lambda file, text=table: file.write(text.encode()))
+    write_json(out / f"{name}.json", summary)
+    write_text(out / f"{name}.md", table)
     save_figure(out / f"{name}.png", f"digits: {name} ({cfg.budget.steps} steps x {cfg.budget.batch_size})",
                 panels, rows, floor)
     print(table, flush=True)

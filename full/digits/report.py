@@ -1,8 +1,6 @@
 """Tables (markdown) and figures (sample grids + metric bars) of the digits experiments."""
 from __future__ import annotations
 
-import os
-import tempfile
 import textwrap
 from pathlib import Path
 
@@ -11,6 +9,8 @@ import matplotlib
 matplotlib.use("Agg")   # files only; no display on the benchmark machines
 import matplotlib.pyplot as plt
 import numpy as np
+
+from .. import io
 
 METRIC_LABELS = {"fd": "Fréchet distance (lower is better)", "accuracy": "class accuracy (higher is better)",
                  "off_subspace_rms": "off-subspace RMS (0 for real digits)"}
@@ -37,14 +37,6 @@ def markdown_table(experiment: str, rows: list[dict], floor: dict, paper: dict[s
     lines.append(f"| held-out real digits (floor) | - | {_fmt(floor['fd'])} | {_fmt(100 * floor['accuracy'], 1)}% | "
                  f"{_fmt(floor['off_subspace_rms'], 3)} | - | - | - |")
     return "\n".join(lines) + "\n"
-
-
-def _savefig_atomic(figure, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.stem, suffix=".png")
-    os.close(handle)
-    figure.savefig(tmp, dpi=110)
-    os.replace(tmp, path)
 
 
 def _tile(grid: np.ndarray) -> np.ndarray:
@@ -85,5 +77,5 @@ def save_figure(path: Path, title: str, panels: list[tuple[str, list]], rows: li
             axis.legend(fontsize=6)
     # Room on the left for the bar labels (tight_layout cannot fit image panels and long labels together).
     figure.subplots_adjust(left=0.27, right=0.98, top=0.9, bottom=0.06, hspace=0.25, wspace=0.2)
-    _savefig_atomic(figure, path)
+    io.save_figure(figure, path, dpi=110)
     plt.close(figure)

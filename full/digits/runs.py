@@ -19,7 +19,7 @@ import torch
 
 import pmf_ref as P
 
-from ..fid import atomic_write
+from ..io import write_json
 from .data import NUM_CLASSES, DigitsDataset
 from ..checkpoint import load_model
 from .metrics import DigitsEvaluator
@@ -182,5 +182,5 @@ def run_arm(spec: ArmSpec, budget: Budget, evaluator: DigitsEvaluator, *, out: P
             networks = {"ema": load_model(checkpoint, ema_key), "raw": load_model(checkpoint, None)}
         for omega in missing:
             _evaluate(networks, spec, omega, budget, evaluator, sample_interval, result)
-        atomic_write(result_path, lambda file, text=json.dumps(result): file.write(text.encode()))
+        write_json(result_path, result)
     return result
