@@ -22,7 +22,7 @@ from torch import nn
 
 import pmf_ref as P
 
-from .layers import BottleneckPatchEmbed, Block, LabelEmbedder, RMSNorm, ScalarEmbedder, rope_angles_2d
+from .layers import BottleneckPatchEmbed, Block, LabelEmbedder, Linear, RMSNorm, ScalarEmbedder, rope_angles_2d
 
 # In-context conditioning tokens per group (released code); 20 in all.
 CLASS_TOKENS = 8
@@ -120,7 +120,7 @@ class Head(nn.Module):
         super().__init__()
         self.blocks = nn.ModuleList(Block(width, heads, use_sdpa_math) for _ in range(depth))
         self.norm = RMSNorm(width)
-        self.out = nn.Linear(width, patch_dim)
+        self.out = Linear(width, patch_dim)   # nn.Linear's parameters; a JVP tangent of one GEMM
         nn.init.zeros_(self.out.weight)  # the network starts by predicting x_hat = 0
         nn.init.zeros_(self.out.bias)
 

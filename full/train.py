@@ -62,6 +62,9 @@ from .recipe import GuidanceSampler, PMFObjective, draw_step_randomness, no_guid
 TIME_SAMPLERS = {"full": P.sample_time_pair_released, "diagonal": P.sample_time_pair_diagonal,
                  "endpoint": P.sample_time_pair_endpoint, "two_lines": P.sample_time_pair_two_lines}
 PERCEPTUAL_CHOICES = ("none", "lpips", "lpips+convnext")
+JVP_ROUTES = {"forward_ad": "torch.autograd.forward_ad through pmf_ref.fast_jvp's ops, ~2 forwards",
+              "func": "torch.func.jvp through plain torch ops"}
+"""What ``pmf_ref.default_jvp_mode()`` means; the trainer prints its route at start and records it."""
 MODEL_OVERRIDE_FIELDS = ("num_classes", "channels", "resolution", "patch")
 LOGGED_TERMS = ("loss", "loss_u", "loss_v", "raw_u", "raw_v", "lpips", "convnext")
 SYNTHETIC_SIZE = 1024   # images in ``--data synthetic``
@@ -352,6 +355,8 @@ def train(cfg: TrainConfig, dataset=None, progress: bool = True) -> TrainResult:
     board = TensorBoard(out, purge_step=step + 1 if cfg.resume else None) if cfg.tensorboard and rank == 0 else None
     last_saved = f"{cfg.resume} (step {step})" if cfg.resume else "none yet"
     history, stopped_by = [], 0
+    if rank == 0 and progress:   # which of pmf_ref.average_velocity_jvp's routes the JVP takes
+        print(f"jvp: {P.default_jvp_mode()} ({JVP_ROUTES[P.default_jvp_mode()]})", file=sys.stderr)
     bar = tqdm(total=cfg.steps, initial=step, disable=not progress or rank != 0, desc="pMF", dynamic_ncols=True)
     tick = time.perf_counter()
     objective.train()
@@ -429,7 +434,8 @@ def train(cfg: TrainConfig, dataset=None, progress: bool = True) -> TrainResult:
                         "lr_history": lr_history,
                         "config": {"model": {"preset": cfg.preset, **cfg.model_overrides(), "prediction": cfg.prediction},
                                    "noise_scale": model.noise_scale, "num_classes": model.num_classes,
-                                   "resolution": model.resolution, "train": dataclasses.asdict(cfg)}}
+                                   "resolution": model.resolution, "train": dataclasses.asdict(cfg),
+                                   "jvp": P.default_jvp_mode()}}
                 if cfg.fsdp:   # every rank writes its shards; the link checkpoint.dcp moves when all are written
                     checkpoint_path = out / SHARDED_NAME
                     save_sharded_checkpoint(checkpoint_path, model=model, optimizer=optimizer, emas=emas, meta=meta)

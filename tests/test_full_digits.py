@@ -149,9 +149,42 @@ def test_experiment_arms_share_the_baseline_and_fix_the_token_grid():
     assert len({key for group in keys.values() for key in group}) == 13   # 4 x-pred baselines are one arm
 
 
-def _budget():
+def _budget(steps: int = 10):
     from full.digits.runs import Budget
-    return Budget(steps=10, batch_size=8, lr=1e-3, seed=0, per_class=5, ema_kimg=2000.0)
+    return Budget(steps=steps, batch_size=8, lr=1e-3, seed=0, per_class=5, ema_kimg=2000.0)
+
+
+def test_snr_arm_trains_at_its_noise_scale_and_leaves_the_data_alone(evaluator, tmp_path, monkeypatch):
+    from full.checkpoint import load_model
+    from full.digits import runs
+    from full.recipe import PMFObjective
+
+    label, spec = experiment_arms("snr")[0]
+    assert spec.noise_scale == 4.0 and "noise scale 4" in label
+    seen = {"datasets": [], "x_max": [], "e_std": []}
+    real_train, real_forward = runs.train, PMFObjective.forward
+
+    def spy_train(cfg, dataset, progress):
+        seen["datasets"].append(dataset)
+        return real_train(cfg, dataset=dataset, progress=progress)
+
+    def spy_forward(self, x, y, randomness):
+        seen["x_max"].append(x.abs().max().item())
+        seen["e_std"].append(randomness.e.std().item())
+        return real_forward(self, x, y, randomness)
+
+    monkeypatch.setattr(runs, "train", spy_train)
+    monkeypatch.setattr(PMFObjective, "forward", spy_forward)
+    result = runs.run_arm(spec, _budget(steps=2), evaluator, out=tmp_path, sample_interval=(0.1, 0.7), progress=False)
+    # the trainer saw the digits themselves: the dataset is the untouched 64 px split (|x| reaches 1)
+    (dataset,) = seen["datasets"]
+    assert torch.equal(dataset.images, DigitsDataset(64).images)
+    assert seen["x_max"] == [1.0, 1.0]
+    # ... and the loss saw e ~ N(0, 4^2): 8 x 64 x 64 draws put the std within 1% of 4 (1 without the scale)
+    assert seen["e_std"] == pytest.approx([4.0, 4.0], rel=0.01)
+    # sampling starts from z_1 = 4 e too: the checkpoint rebuilds the network with its noise scale
+    assert load_model(tmp_path / "runs" / result["key"] / "checkpoint.pt", "2000").noise_scale == 4.0
+    assert "noisescale4" in result["key"] and "noise_scale" not in arm_key(experiment_arms("sampler")[0][1], _budget())
 
 
 # ---------------------------------------------------------------------------------------- command line

@@ -25,10 +25,10 @@ PATCHES = (4, 8, 16)
 TOKENS_PER_SIDE = 4
 """Fixed token grid: resolution = 4 * patch, so 16 patch tokens (plus 20 conditioning tokens)."""
 
-SNR_DATA_SCALE = 4.0
+SNR_NOISE_SCALE = 4.0
 """Diagnostic "snr": bilinear x8 upsampling multiplies the norm of every data direction by 8 (x2 at 16 px), so
-at 64 px the same t carries 4x the signal-to-noise ratio of 16 px. Dividing the data by 4 (= noise scale 4,
-the paper's remedy at 512 px) restores the 16 px ratio."""
+at 64 px the same t carries 4x the signal-to-noise ratio of 16 px. Noise scale 4 (e ~ N(0, 16 I), the paper's
+remedy at 512 px, where L/32 and H/32 use 4) restores the 16 px ratio."""
 
 BASE = ArmSpec(resolution=16, patch=4, omegas=ABLATION_OMEGAS)
 
@@ -55,8 +55,8 @@ def experiment_arms(name: str) -> list[tuple[str, ArmSpec]]:
         return [("trained-in CFG (pMF)", _arm(guidance=True, omegas=GUIDANCE_OMEGAS)),
                 ("trained without CFG", _arm(guidance=False, omegas=(1.0,)))]
     if name == "snr":
-        return [(f"{prediction}-pred, 64 px, patch 16, data / {SNR_DATA_SCALE:g}",
-                 _arm(resolution=64, patch=16, prediction=prediction, data_scale=SNR_DATA_SCALE))
+        return [(f"{prediction}-pred, 64 px, patch 16, noise scale {SNR_NOISE_SCALE:g}",
+                 _arm(resolution=64, patch=16, prediction=prediction, noise_scale=SNR_NOISE_SCALE))
                 for prediction in ("x", "u")]
     raise ValueError(f"unknown experiment {name!r}; choose one of {list(EXPERIMENTS)}")
 
