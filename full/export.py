@@ -1,10 +1,10 @@
 """Inference weights out of a training checkpoint: one EMA, no v-head, no optimiser, as safetensors.
 
-    python -m full.export runs/pmf/checkpoint.pt --ema 2000 --out pmf-b16.safetensors
-    python -m full.export runs/pmf/checkpoint.pt --format official --out pMF-B-16.pt
-    python -m full.sample --ckpt pmf-b16.safetensors --per-class 50 --out samples/
+    python -m full.export runs/pmf/checkpoint.pt --ema 2000 --out export/     # export/model.safetensors
+    python -m full.export runs/pmf/checkpoint.pt --format official --out official/   # official/model.pt
+    python -m full.sample --ckpt export/model.safetensors --per-class 50 --out samples/
 
-Writes the weights and, beside them, a small JSON config (``pmf-b16.json``): the model preset and
+Writes the weights and, beside them, a small JSON config (``model.json``): the model preset and
 overrides, the EMA, step and images seen, the trainer's prediction mode and the preset's sampling
 settings. A ``.safetensors`` file also carries that config in its metadata, so it stands alone.
 
@@ -17,7 +17,6 @@ Both load back with :func:`load_exported`, which is what full.sample uses for an
 """
 from __future__ import annotations
 
-import argparse
 import json
 import math
 from pathlib import Path
@@ -26,6 +25,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, safe_open, save
 
+from . import cli
 from .checkpoint import CheckpointError, load_checkpoint, load_model
 from .ema import format_half_life
 from .io import atomic_write, write_text
@@ -37,6 +37,7 @@ EXPORT_VERSION = 1
 METADATA_KEY = "pmf_config"    # safetensors metadata entry holding the JSON config
 LAYOUTS = ("ours", "official")
 SUFFIXES = (".safetensors", ".pt")
+EXPORT_NAME = "model"          # the CLI writes --out/model.safetensors (or model.pt) and model.json
 
 
 class ExportError(ValueError):
@@ -179,26 +180,23 @@ def load_exported(path: str | Path, device: torch.device | str = "cpu") -> tuple
 # ----------------------------------------------------------------------------- command line
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m full.export", description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("ckpt", help="checkpoint written by full.train")
+    parser = cli.Parser("python -m full.export", __doc__.split("\n\n")[0])
+    parser.add_argument("ckpt", metavar="CKPT", help="checkpoint written by full.train")
     parser.add_argument("--ema", default=None,
                         help="EMA half-life in kimg (a key of the checkpoint's EMAs, e.g. 2000) or 'raw'; "
                              "default: the preset's best (B/16: 2000)")
-    parser.add_argument("--out", required=True, help="output file, .safetensors (or .pt with --format official)")
+    cli.add_out(parser, None, f"{EXPORT_NAME}.safetensors (our layout) or {EXPORT_NAME}.pt (the authors'), "
+                              f"and {EXPORT_NAME}.json")
     parser.add_argument("--format", choices=LAYOUTS, default="ours",
                         help="ours: our parameter names; official: the authors' released layout (net.* keys)")
-    parser.add_argument("--force", action="store_true", help="replace an existing --out file")
+    parser.add_argument("--force", action="store_true", help="replace an earlier export in --out")
     args = parser.parse_args(argv)
     if not Path(args.ckpt).is_file():
         parser.error(f"CKPT: {args.ckpt!r} is not a file")
-    out = Path(args.out)
-    if out.suffix not in SUFFIXES:
-        parser.error(f"--out: {args.out!r} must end in .safetensors (or .pt with --format official)")
-    if args.format == "ours" and out.suffix == ".pt":
-        parser.error(f"--out: our layout is written as .safetensors; {args.out!r} needs --format official")
+    cli.check_out(parser, args.out)
+    out = Path(args.out) / (EXPORT_NAME + (".safetensors" if args.format == "ours" else ".pt"))
     if (out.exists() or config_path(out).exists()) and not args.force:
-        parser.error(f"--out: {args.out!r} (or its {config_path(out).name}) exists; pass --force to replace it")
+        parser.error(f"--out: {str(out)!r} (or its {config_path(out).name}) exists; pass --force to replace it")
     if args.ema is not None and args.ema != "raw":
         try:
             if not (math.isfinite(float(args.ema)) and float(args.ema) > 0):

@@ -16,12 +16,12 @@ asserts the two agree exactly, and :func:`analytic_params` agrees with ``sum(p.n
 """
 from __future__ import annotations
 
-import argparse
 import json
 
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
+from . import cli
 from .layers import SINUSOID_DIM, swiglu_hidden
 from .model import NUM_PREFIX_TOKENS, PRESETS, PMFViT, build_model, make_cond
 
@@ -118,14 +118,12 @@ def _gmacs_str(gmacs: float) -> str:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(
-        prog="python -m full.params",
-        description="Parameters (inference, and with the training-only v-head) and GMACs per forward of "
-                    "every pMF ViT preset, compared with the paper's Table 8.")
-    parser.add_argument("--json", action="store_true",
-                        help='print {preset: {"params": int, "params_with_v_head": int, "gmacs": float}} only')
+    parser = cli.Parser("python -m full.params",
+                        "Parameters (inference, and with the training-only v-head) and GMACs per forward of "
+                        "every pMF ViT preset, compared with the paper's Table 8.")
+    cli.add_json(parser, 'the counts, {preset: {"params": int, "params_with_v_head": int, "gmacs": float}},')
     parser.add_argument("--presets", nargs="+", default=list(PRESETS), metavar="NAME",
-                        help=f"presets to count (default: all of {list(PRESETS)})")
+                        help="presets to count (default: all)")
     parser.add_argument("--flop-counter", action="store_true",
                         help="also count GMACs with torch.utils.flop_counter.FlopCounterMode on meta tensors")
     args = parser.parse_args()

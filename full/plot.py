@@ -1,7 +1,7 @@
 """A run's training curves in one PNG: raw loss sums, gradient norm and FID against images seen.
 
     python -m full.plot runs/pmf                  # writes runs/pmf/curves.png
-    python -m full.plot runs/pmf --out curves.png
+    python -m full.plot runs/pmf --out figures       # writes figures/curves.png
 
 Reads the run folder's ``log.jsonl`` (full.train's records) and, when present, ``fid.jsonl``
 (``--fid-every``). Three panels, sharing the x-axis:
@@ -17,7 +17,6 @@ repeats the steps since the checkpoint; the later record of a step wins. Lines t
 """
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import sys
@@ -30,6 +29,7 @@ matplotlib.use("Agg")   # files only, no display
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
+from . import cli  # noqa: E402
 from .io import save_figure  # noqa: E402
 
 LOG_FILE = "log.jsonl"
@@ -138,9 +138,9 @@ def make_figure(logs: RunLogs, title: str = "") -> plt.Figure:
 
 
 def plot_run(run_dir: str | Path, out: str | Path | None = None) -> Path:
-    """Write the curves of ``run_dir`` to ``out`` (default ``run_dir/curves.png``); returns the path."""
+    """Write the curves of ``run_dir`` to ``out/curves.png`` (``out`` a folder, default ``run_dir``); returns the path."""
     logs = read_run(run_dir)
-    out = Path(out) if out is not None else Path(run_dir) / DEFAULT_OUT
+    out = Path(out if out is not None else run_dir) / DEFAULT_OUT
     last = logs.records[-1]
     figure = make_figure(logs, title=f"{Path(run_dir).resolve().name}: step {last['step']}, "
                                      f"{last['images_seen']:,} images")
@@ -150,14 +150,15 @@ def plot_run(run_dir: str | Path, out: str | Path | None = None) -> Path:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m full.plot", description=__doc__.split("\n\n")[0])
-    parser.add_argument("run_dir", help="a full.train output folder (holds log.jsonl)")
-    parser.add_argument("--out", default=None, help=f"PNG to write (default: RUN_DIR/{DEFAULT_OUT})")
+    parser = cli.Parser("python -m full.plot", __doc__.split("\n\n")[0])
+    parser.add_argument("run_dir", metavar="RUN_DIR", help="a full.train output folder (holds log.jsonl)")
+    parser.add_argument("--out", default=None, metavar="DIR",
+                        help=f"output folder: {DEFAULT_OUT} (default: RUN_DIR)")
     args = parser.parse_args(argv)
     if not Path(args.run_dir).is_dir():
         parser.error(f"RUN_DIR: {args.run_dir!r} is not a folder")
-    if args.out is not None and Path(args.out).suffix.lower() != ".png":
-        parser.error(f"--out: {args.out!r} must end in .png")
+    if args.out is not None:
+        cli.check_out(parser, args.out)
     try:
         logs_skipped = read_run(args.run_dir).skipped
         out = plot_run(args.run_dir, args.out)

@@ -118,16 +118,17 @@ def nan_checkpoint(checkpoint, tmp_path):
 
 
 @pytest.mark.parametrize("argv_tail, message", [
-    (["--out", "model.bin"], "--out"),
-    (["--out", "model.pt"], "--format official"),
-    (["--out", "model.safetensors"], "EMA"),                  # the preset's 2000 is not in this short run
-    (["--out", "model.safetensors", "--ema", "7"], "['0.5', '1']"),
-    (["--out", "model.safetensors", "--ema", "abc"], "--ema"),
-    (["--out", "exists.safetensors", "--ema", EMA], "--force"),
+    (["--out", "a_file"], "--out"),
+    (["--out", "export"], "EMA"),                  # the preset's 2000 is not in this short run
+    (["--out", "export", "--ema", "7"], "['0.5', '1']"),
+    (["--out", "export", "--ema", "abc"], "--ema"),
+    (["--out", "exists", "--ema", EMA], "--force"),
 ])
 def test_cli_bad_input_one_line_error(checkpoint, argv_tail, message, tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
-    (tmp_path / "exists.safetensors").write_bytes(b"")
+    (tmp_path / "a_file").write_bytes(b"")
+    (tmp_path / "exists").mkdir()
+    (tmp_path / "exists" / "model.safetensors").write_bytes(b"")
     with pytest.raises(SystemExit) as exit_info:
         X.main([str(checkpoint), *argv_tail])
     assert exit_info.value.code == 2
@@ -138,18 +139,20 @@ def test_cli_bad_input_one_line_error(checkpoint, argv_tail, message, tmp_path, 
 def test_cli_refuses_missing_and_diverged_checkpoints(nan_checkpoint, tmp_path, capsys):
     for ckpt, message in ((tmp_path / "absent.pt", "CKPT"), (nan_checkpoint, "NaN")):
         with pytest.raises(SystemExit) as exit_info:
-            X.main([str(ckpt), "--ema", EMA, "--out", str(tmp_path / "model.safetensors")])
+            X.main([str(ckpt), "--ema", EMA, "--out", str(tmp_path / "export")])
         assert exit_info.value.code == 2
         assert message in capsys.readouterr().err.strip().splitlines()[-1]
-    assert not (tmp_path / "model.safetensors").exists()
+    assert not (tmp_path / "export" / "model.safetensors").exists()
 
 
 def test_cli_writes_weights_and_config(checkpoint, tmp_path, capsys):
-    X.main([str(checkpoint), "--ema", EMA, "--out", str(tmp_path / "model.safetensors")])
+    X.main([str(checkpoint), "--ema", EMA, "--out", str(tmp_path)])
     assert (tmp_path / "model.safetensors").is_file() and (tmp_path / "model.json").is_file()
     assert "parameters" in capsys.readouterr().out
-    X.main([str(checkpoint), "--ema", "raw", "--out", str(tmp_path / "model.safetensors"), "--force"])
+    X.main([str(checkpoint), "--ema", "raw", "--out", str(tmp_path), "--force"])
     assert json.loads((tmp_path / "model.json").read_text())["ema"] == "raw"
+    X.main([str(checkpoint), "--ema", EMA, "--out", str(tmp_path), "--format", "official", "--force"])
+    assert (tmp_path / "model.pt").is_file()
 
 
 @pytest.mark.parametrize("layout, suffix", [("ours", ".safetensors"), ("official", ".pt")])

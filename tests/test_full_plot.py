@@ -96,7 +96,7 @@ def test_plot_of_a_real_run_writes_one_png(tmp_path):
     ("none", [], "is not a folder"),
     ("empty_dir", [], "log.jsonl"),
     ("empty_log", [], "no training record"),
-    ("log", ["--out", "curves.jpg"], "--out"),
+    ("log", ["--out", "a_file"], "--out"),
 ])
 def test_cli_bad_input_one_line_error(setup, argv_tail, message, tmp_path, capsys):
     run_dir = tmp_path / "run"
@@ -106,6 +106,8 @@ def test_cli_bad_input_one_line_error(setup, argv_tail, message, tmp_path, capsy
         (run_dir / PL.LOG_FILE).write_text("")
     if setup == "log":
         _write(run_dir / PL.LOG_FILE, _records(range(1, 3)))
+        (tmp_path / "a_file").write_text("not a folder")
+        argv_tail = [str(tmp_path / "a_file") if arg == "a_file" else arg for arg in argv_tail]
     with pytest.raises(SystemExit) as exit_info:
         PL.main([str(run_dir), *argv_tail])
     assert exit_info.value.code == 2
@@ -115,5 +117,5 @@ def test_cli_bad_input_one_line_error(setup, argv_tail, message, tmp_path, capsy
 
 def test_cli_writes_the_png(tmp_path, capsys):
     _write(tmp_path / PL.LOG_FILE, _records(range(1, 5)))
-    PL.main([str(tmp_path), "--out", str(tmp_path / "figure.png")])
-    assert (tmp_path / "figure.png").is_file() and "figure.png" in capsys.readouterr().out
+    PL.main([str(tmp_path), "--out", str(tmp_path / "figures")])
+    assert (tmp_path / "figures" / PL.DEFAULT_OUT).is_file() and PL.DEFAULT_OUT in capsys.readouterr().out
