@@ -98,8 +98,8 @@ def test_bench_run_has_headline_ratios_and_rows(tmp_path):
     assert json.loads(path.read_text())["step_ratio_alg1"] == result["step_ratio_alg1"]
 
 
-@pytest.mark.parametrize("argv", [["--repeats", "3"], ["--threads", "0"], ["--sections", "steps,nope"],
-                                  ["--device", "tpu"], ["--warmup", "-1"]])
+@pytest.mark.parametrize("argv", [["--repeats", "3"], ["--threads", "0"], ["--sections", "steps", "nope"],
+                                  ["--device", "tpu"], ["--warmup", "-1"], ["--small-batch", "2", "0"]])
 def test_bench_cli_rejects_bad_arguments(argv, capsys):
     with pytest.raises(SystemExit) as exit_info:
         bench.main(argv)

@@ -15,9 +15,10 @@ same in both, is left out. Eager and compiled steps are timed interleaved in one
 """
 from __future__ import annotations
 
-import argparse
+import json
 import functools
 import time
+from pathlib import Path
 from typing import Callable
 
 import torch
@@ -25,6 +26,7 @@ import torch
 import pmf_ref as P
 
 from .timing import interleaved_medians, machine_info, synchronize
+from .. import cli
 from ..io import write_json
 from ..model import PRESETS, build_model
 from ..recipe import GuidanceSampler, PMFObjective, draw_step_randomness
@@ -90,38 +92,43 @@ def markdown_row(row: dict) -> str:
             f"| {row['speedup']:.2f}x | {row['compile_s']:.0f} | {steps} |")
 
 
+RESULT_NAME = "compile.json"
 MARKDOWN_HEADER = ("| preset | batch | device | eager ms / step | compiled ms / step | speed-up | compile s | "
                    "pays off after |\n|---|---:|---|---:|---:|---:|---:|---:|")
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m full.bench.compile", description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("--preset", default="pMF-T/4", help=f"one of {sorted(PRESETS)}")
+    parser = cli.Parser("python -m full.bench.compile", __doc__.split("\n\n")[0])
+    parser.add_argument("--preset", default="pMF-T/4", help=f"one of {' '.join(sorted(PRESETS))}")
     parser.add_argument("--batch", type=int, default=16, help="images per step")
-    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    cli.add_device(parser, default="cpu")
     parser.add_argument("--threads", type=int, default=1, help="torch.set_num_threads on CPU")
     parser.add_argument("--repeats", type=int, default=5, help="timing samples per variant (median)")
     parser.add_argument("--clock", choices=("wall", "process"), default="wall",
                         help="process: CPU time of this process (steadier on a shared CPU; not for GPU)")
-    parser.add_argument("--out", default=None, help="also write the row (and the machine) to this JSON file")
+    parser.add_argument("--out", default=None, metavar="DIR",
+                        help=f"output folder: {RESULT_NAME}, the row and the machine (the table is printed either way)")
+    cli.add_json(parser, "the row and the machine")
     args = parser.parse_args(argv)
     if args.preset not in PRESETS:
         parser.error(f"--preset: unknown preset {args.preset!r}; choose one of {sorted(PRESETS)}")
     for flag, value in (("--batch", args.batch), ("--threads", args.threads), ("--repeats", args.repeats)):
         if value < 1:
             parser.error(f"{flag} must be >= 1, got {value}")
-    if args.device == "cuda" and not torch.cuda.is_available():
-        parser.error("--device cuda: no CUDA device is available")
-    if args.device == "cpu":
+    device = cli.resolve_device(parser, args.device)
+    if args.out is not None:
+        cli.check_out(parser, args.out)
+    if device.type == "cpu":
         torch.set_num_threads(args.threads)
-    device = torch.device(args.device)
     row = compile_row(args.preset, args.batch, device=device, repeats=args.repeats, clock=args.clock)
-    print(MARKDOWN_HEADER)
-    print(markdown_row(row))
+    record = {**row, "machine": machine_info(device), "threads": args.threads}
+    if args.json:
+        print(json.dumps(record, indent=2))
+    else:
+        print(MARKDOWN_HEADER)
+        print(markdown_row(row))
     if args.out:
-        record = {**row, "machine": machine_info(device), "threads": args.threads}
-        write_json(args.out, record)
+        write_json(Path(args.out) / RESULT_NAME, record)
 
 
 

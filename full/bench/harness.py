@@ -26,7 +26,7 @@ nothing here asserts a time.
 """
 from __future__ import annotations
 
-import argparse
+import json
 import dataclasses
 import os
 import resource
@@ -38,6 +38,7 @@ from tqdm.auto import tqdm
 
 import pmf_ref as P
 
+from .. import cli
 from ..io import write_json
 from .nets import Workload, toy_workload, vit_workload
 from .steps import (ALG1_STRATEGIES, PATHS, alg1_loss, flow_matching_loss, on_path, sampling_calls,
@@ -55,6 +56,7 @@ HEADLINE_KEYS = ("jvp_forwards", "step_ratio_alg1", "step_ratio_released", "samp
                  "one_step_vs_euler50")
 SECTIONS = ("steps", "jvp", "sampling")
 STEP_VARIANTS = ("forward", "jvp", "flow_matching", "alg1", "released")
+RESULT_NAME = "bench.json"
 MIN_REPEATS = 5  # the issue asks for the median of at least 5 repetitions
 MB = 2 ** 20
 
@@ -370,59 +372,55 @@ def format_tables(result: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m full.bench", description=__doc__.split("\n\n")[0])
+    parser = cli.Parser("python -m full.bench", __doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true",
                         help="small batches, 5 repetitions, torch.compile on the toy only (< 5 min on 2 cores)")
-    parser.add_argument("--out", default=None, help="write the JSON result to this file (atomically)")
-    parser.add_argument("--device", default="cpu", help="'cpu' (default) or 'cuda' (or 'cuda:N')")
-    parser.add_argument("--threads", type=int, default=1, help="torch.set_num_threads, fixed for the whole run (default 1: see BenchConfig.threads)")
+    parser.add_argument("--out", default=None, metavar="DIR",
+                        help=f"output folder: {RESULT_NAME} (the tables are printed either way)")
+    cli.add_json(parser, "the whole result")
+    cli.add_device(parser, default="cpu")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch.set_num_threads, fixed for the whole run (see BenchConfig.threads)")
     parser.add_argument("--clock", choices=("auto",) + CLOCKS, default="auto",
                         help="clock of the medians: 'process' CPU time (steady on a shared CPU), 'wall', "
-                             "or 'auto' (default) = process on CPU, wall on CUDA")
+                             "or 'auto' = process on CPU, wall on CUDA")
     parser.add_argument("--repeats", type=int, default=None,
                         help=f"timed repetitions per variant, >= {MIN_REPEATS} (default 7; 5 with --quick)")
     parser.add_argument("--warmup", type=int, default=None, help="untimed calls per variant first (default 2; 1 with --quick)")
-    parser.add_argument("--sections", default=",".join(SECTIONS), help=f"comma-separated subset of {SECTIONS} (default: all)")
-    parser.add_argument("--small-batch", default=None,
-                        help="comma-separated training batches of the small ViT, the headline first (default 2,8; 2 with --quick)")
+    parser.add_argument("--sections", nargs="+", choices=SECTIONS, default=list(SECTIONS), metavar="SECTION",
+                        help=f"which of {' '.join(SECTIONS)} to run (default: all)")
+    parser.add_argument("--small-batch", type=int, nargs="+", default=None, metavar="B",
+                        help="training batches of the small ViT, the headline first (default 2 8; 2 with --quick)")
     parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile variants")
     parser.add_argument("--compile-small", action="store_true", help="also compile on the small ViT (slow on CPU)")
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurements")
     args = parser.parse_args(argv)
 
-    if args.device != "cpu" and not args.device.startswith("cuda"):
-        parser.error(f"--device must be 'cpu' or 'cuda[:N]', got {args.device!r}")
-    if args.device.startswith("cuda") and not torch.cuda.is_available():
-        parser.error("--device cuda requested but torch.cuda.is_available() is False")
+    device = str(cli.resolve_device(parser, args.device))
     if not 1 <= args.threads <= (os.cpu_count() or 1):
         parser.error(f"--threads must lie in [1, {os.cpu_count()}], got {args.threads}")
     if args.repeats is not None and args.repeats < MIN_REPEATS:
         parser.error(f"--repeats must be >= {MIN_REPEATS}, got {args.repeats}")
     if args.warmup is not None and args.warmup < 0:
         parser.error(f"--warmup must be >= 0, got {args.warmup}")
-    small_batches = None
-    if args.small_batch is not None:
-        try:
-            small_batches = tuple(int(b) for b in args.small_batch.split(","))
-        except ValueError:
-            small_batches = ()
-        if not small_batches or min(small_batches) < 1:
-            parser.error(f"--small-batch must be comma-separated integers >= 1, got {args.small_batch!r}")
-    sections = tuple(s.strip() for s in args.sections.split(",") if s.strip())
-    if not sections or set(sections) - set(SECTIONS):
-        parser.error(f"--sections must be a comma-separated subset of {SECTIONS}, got {args.sections!r}")
+    small_batches = tuple(args.small_batch) if args.small_batch is not None else None
+    if small_batches is not None and min(small_batches) < 1:
+        parser.error(f"--small-batch: each batch must be >= 1, got {' '.join(map(str, small_batches))}")
+    sections = tuple(dict.fromkeys(args.sections))
+    if args.out is not None:
+        cli.check_out(parser, args.out)
 
     overrides = dict(QUICK) if args.quick else {}
     overrides.update({key: value for key, value in (("repeats", args.repeats), ("warmup", args.warmup),
                                                     ("small_batches", small_batches)) if value is not None})
-    clock = args.clock if args.clock != "auto" else ("process" if args.device == "cpu" else "wall")
-    cfg = BenchConfig(device=args.device, threads=args.threads, sections=sections, clock=clock,
+    clock = args.clock if args.clock != "auto" else ("process" if device == "cpu" else "wall")
+    cfg = BenchConfig(device=device, threads=args.threads, sections=sections, clock=clock,
                       compile=not args.no_compile, compile_small=args.compile_small,
                       memory=not args.no_memory, **overrides)
     result = run(cfg)
     result["config"]["quick"] = args.quick
-    print(format_tables(result))
+    print(json.dumps(result, indent=2) if args.json else format_tables(result))
     if args.out:
-        write_json(args.out, result)
-        print(f"wrote {args.out}")
+        path = write_json(os.path.join(args.out, RESULT_NAME), result)
+        print(f"wrote {path}", file=sys.stderr if args.json else sys.stdout)
 
