@@ -184,7 +184,7 @@ def test_snr_arm_trains_at_its_noise_scale_and_leaves_the_data_alone(evaluator, 
     assert seen["e_std"] == pytest.approx([4.0, 4.0], rel=0.01)
     # sampling starts from z_1 = 4 e too: the checkpoint rebuilds the network with its noise scale
     assert load_model(tmp_path / "runs" / result["key"] / "checkpoint.pt", "2000").noise_scale == 4.0
-    assert "noisescale4" in result["key"] and "noise_scale" not in arm_key(experiment_arms("sampler")[0][1], _budget())
+    assert "noisescale4" in result["key"] and "noisescale" not in arm_key(experiment_arms("sampler")[0][1], _budget())
 
 
 # ---------------------------------------------------------------------------------------- command line
