@@ -83,3 +83,12 @@ def check_out(parser: argparse.ArgumentParser, out, flag: str = "--out") -> None
     problem = unwritable_reason(out, folder=True)
     if problem:
         parser.error(f"{flag}: {problem}")
+
+
+def interval(text: str) -> tuple[float, float]:
+    """An argparse ``type`` for one guidance interval written ``TMIN,TMAX`` (e.g. ``0.1,0.7``)."""
+    try:
+        t_min, t_max = (float(part) for part in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected TMIN,TMAX such as 0.1,0.7, got {text!r}") from None
+    return t_min, t_max

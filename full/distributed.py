@@ -28,10 +28,13 @@ def init_distributed(device: str | None = None) -> DistInfo:
     """Join (or reuse) the default process group: NCCL on CUDA, gloo on CPU.
 
     Args:
-        device: "cpu" or "cuda" to force a device type; default CUDA when available.
+        device: "cpu", "cuda" or "cuda:N" to force a device; default (None or "auto") CUDA when available.
+            Under torchrun every process takes the GPU of its LOCAL_RANK; "cuda:N" picks GPU N only
+            in a single process.
     Returns:
         ``DistInfo``; world_size 1 and no process group outside torchrun.
     """
+    device = None if device == "auto" else device
     use_cuda = torch.cuda.is_available() if device is None else device.startswith("cuda")
     if not dist.is_initialized() and world_size_from_env() > 1:
         dist.init_process_group(backend="nccl" if use_cuda else "gloo")
@@ -40,6 +43,8 @@ def init_distributed(device: str | None = None) -> DistInfo:
         local_rank = int(os.environ.get("LOCAL_RANK", rank))
     else:
         rank, world_size, local_rank = 0, 1, 0
+        if device is not None and device.startswith("cuda:"):
+            local_rank = int(device.split(":")[1])
     if use_cuda:
         torch.cuda.set_device(local_rank)
         return DistInfo(rank, world_size, local_rank, torch.device("cuda", local_rank))

@@ -1,8 +1,8 @@
 """FID and Inception Score of a sample set, and the reference statistics FID compares against.
 
-    python -m full.evaluate --samples samples/samples.npz --ref imagenet256_train.npz
-    python -m full.evaluate --samples samples/images --ref imagenet256_train.npz --json fid.json
-    python -m full.evaluate ref-stats --data /data/imagenet/train --resolution 256 --out imagenet256_train.npz
+    python -m full.evaluate ref-stats --data /data/imagenet/train --resolution 256 --out ref/   # ref/ref_stats.npz
+    python -m full.evaluate --samples samples/samples.npz --ref ref/ref_stats.npz
+    python -m full.evaluate --samples samples/images --ref ref/ref_stats.npz --out samples/   # + metrics.json
 
 Samples: an .npz with ``arr_0`` uint8 (N, H, W, C) (what full.sample writes; the ADM evaluation
 suite's layout) or a folder of image files. Reference statistics: an .npz with ``mu`` (2048,) and
@@ -17,6 +17,7 @@ hub cache, never downloaded; see full/fid.py.
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,12 +27,15 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
-from .sample import HelpFormatter
+from . import cli
 from .data import IMAGE_EXTENSIONS, ImageFolderDataset, UnreadableImageError, open_rgb
-from .io import unwritable_reason, write_json
+from .io import write_json
 from .fid import (IS_SPLITS, InceptionWeightsError, build_inception, extract_features,
                   feature_statistics, frechet_distance_from_features, inception_score, load_statistics, open_npz,
                   save_statistics)
+
+METRICS_NAME = "metrics.json"      # python -m full.evaluate --out DIR
+REF_STATS_NAME = "ref_stats.npz"   # python -m full.evaluate ref-stats --out DIR
 
 
 @dataclass(frozen=True)
@@ -201,36 +205,30 @@ def _add_common(parser: argparse.ArgumentParser) -> None:
                         help="torch-fidelity's weights-inception-2015-12-05-6726825d.pth; default: look in the "
                              "torch hub cache (<TORCH_HOME or ~/.cache/torch>/hub/checkpoints/)")
     parser.add_argument("--batch-size", type=int, default=100, help="images per Inception call")
-    parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto", help="where to run")
+    cli.add_device(parser)
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
 
 
-def _device(flag: str) -> str:
-    return ("cuda" if torch.cuda.is_available() else "cpu") if flag == "auto" else flag
-
-
 def build_eval_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="python -m full.evaluate", formatter_class=HelpFormatter,
-        description="FID and Inception Score of a sample set. "
-                    "Reference statistics: `python -m full.evaluate ref-stats --help`.")
+    parser = cli.Parser("python -m full.evaluate", "FID and Inception Score of a sample set. "
+                        "Reference statistics: `python -m full.evaluate ref-stats --help`.")
     parser.add_argument("--samples", required=True,
                         help="samples.npz (arr_0 uint8 N x H x W x C) or a folder of images")
     parser.add_argument("--ref", required=True, help="reference statistics .npz with mu and sigma")
     parser.add_argument("--is-splits", type=int, default=IS_SPLITS, help="Inception Score splits (<= N)")
-    parser.add_argument("--json", default=None, help="also write the metrics to this JSON file")
+    parser.add_argument("--out", default=None, metavar="DIR", help=f"output folder: {METRICS_NAME}")
+    cli.add_json(parser, "the metrics")
     _add_common(parser)
     return parser
 
 
 def build_ref_stats_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="python -m full.evaluate ref-stats", formatter_class=HelpFormatter,
-        description="Inception mean and covariance (mu, sigma) of an ImageFolder (root/<class>/<image>), "
-                    "after the trainer's ADM center crop to --resolution.")
+    parser = cli.Parser("python -m full.evaluate ref-stats",
+                        "Inception mean and covariance (mu, sigma) of an ImageFolder (root/<class>/<image>), "
+                        "after the trainer's ADM center crop to --resolution.")
     parser.add_argument("--data", required=True, help="ImageFolder root, e.g. ImageNet train")
     parser.add_argument("--resolution", type=int, required=True, help="center-crop side, e.g. 256 or 512")
-    parser.add_argument("--out", required=True, help="output .npz (mu, sigma, num)")
+    cli.add_out(parser, None, f"{REF_STATS_NAME} (mu, sigma, num, resolution), the --ref of FID")
     parser.add_argument("--num-workers", type=int, default=4, help="image-decoding worker processes")
     parser.add_argument("--max-images", type=int, default=None,
                         help="use only the first N images in folder order (a quick check; default all)")
@@ -257,13 +255,12 @@ def main_ref_stats(argv: list[str]) -> None:
         parser.error(f"--max-images must be >= 2 (a covariance needs two images), got {args.max_images}")
     if not Path(args.data).is_dir():
         parser.error(f"--data {args.data} is not a folder")
-    problem = unwritable_reason(args.out, folder=False)
-    if problem:
-        parser.error(f"--out: {problem}")
-    cfg = RefStatsConfig(data=args.data, resolution=args.resolution, out=args.out,
+    device = str(cli.resolve_device(parser, args.device))
+    cli.check_out(parser, args.out)
+    cfg = RefStatsConfig(data=args.data, resolution=args.resolution, out=str(Path(args.out) / REF_STATS_NAME),
                          inception_weights=args.inception_weights, batch_size=args.batch_size,
                          num_workers=args.num_workers, max_images=args.max_images,
-                         device=_device(args.device), progress=not args.no_progress)
+                         device=device, progress=not args.no_progress)
     try:
         mu, sigma, num = reference_statistics(cfg)
     except FileNotFoundError as error:   # missing Inception weights or an empty image folder
@@ -289,10 +286,9 @@ def main(argv: list[str] | None = None) -> None:
         parser.error(f"--samples: {problem}")
     if not Path(args.ref).is_file():
         parser.error(f"--ref {args.ref} is not a file (make one with `python -m full.evaluate ref-stats`)")
-    if args.json is not None:
-        problem = unwritable_reason(args.json, folder=False)
-        if problem:
-            parser.error(f"--json: {problem}")
+    device = str(cli.resolve_device(parser, args.device))
+    if args.out is not None:
+        cli.check_out(parser, args.out)
     try:
         load_statistics(args.ref)
     except ValueError as error:
@@ -306,7 +302,7 @@ def main(argv: list[str] | None = None) -> None:
     if num < 2:
         parser.error(f"--samples holds {num} image(s); FID needs at least 2")
     cfg = EvalConfig(samples=args.samples, ref=args.ref, inception_weights=args.inception_weights,
-                     batch_size=args.batch_size, is_splits=args.is_splits, device=_device(args.device),
+                     batch_size=args.batch_size, is_splits=args.is_splits, device=device,
                      progress=not args.no_progress)
     try:
         metrics = evaluate(cfg)
@@ -316,13 +312,14 @@ def main(argv: list[str] | None = None) -> None:
         parser.error(str(error))
     except SampleSetError as error:      # an unreadable, mixed-size or constant sample set
         parser.error(f"--samples: {error}")
-    print(f"samples {metrics['num']}  FID {metrics['fid']:.3f}  IS {metrics['is_mean']:.2f} ± {metrics['is_std']:.2f}")
-    if args.json:
-        record = {**metrics, "samples": args.samples, "ref": args.ref}
+    record = {**metrics, "samples": args.samples, "ref": args.ref}
+    print(json.dumps(record, indent=2) if args.json else
+          f"samples {metrics['num']}  FID {metrics['fid']:.3f}  IS {metrics['is_mean']:.2f} ± {metrics['is_std']:.2f}")
+    if args.out is not None:
         try:
-            write_json(args.json, record)
+            write_json(Path(args.out) / METRICS_NAME, record)
         except OSError as error:   # a full disk: the printed line above still has the numbers
-            sys.exit(f"error: writing --json {args.json} failed: {error}")
+            sys.exit(f"error: writing --out {args.out} failed: {error}")
 
 
 if __name__ == "__main__":

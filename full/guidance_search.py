@@ -1,7 +1,7 @@
 """The paper's search over sampling settings: guidance scale x guidance interval x EMA half-life.
 
-    python -m full.guidance_search --ckpt run/ckpt.pt --ref imagenet256_train.npz --num 10000 \\
-        --omegas 7.5 8.0 8.5 9.0 --intervals 0.1,0.7 0.2,0.7 --emas 1000 2000 --out search.json
+    python -m full.guidance_search --ckpt run/ckpt.pt --ref ref256/ref_stats.npz --num 10000 \\
+        --omegas 7.5 8.0 8.5 9.0 --intervals 0.1,0.7 0.2,0.7 --emas 1000 2000 --out search/
 
 pMF trains one network for a whole range of (omega, t_min, t_max) (guidance is an input, pMF
 App. A), so choosing them is a pure sampling-time search; the paper reports the best
@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import itertools
+import json
 import math
 import sys
 from dataclasses import dataclass
@@ -24,10 +25,11 @@ import torch
 
 from .evaluate import metrics_from_features
 from .checkpoint import CheckpointError, first_non_finite, load_checkpoint
-from .io import unwritable_reason, write_json
+from . import cli
+from .io import write_json
 from .fid import (IS_SPLITS, InceptionWeightsError, build_inception, extract_features,
                   load_statistics)
-from .sample import (HelpFormatter, NonFiniteSamplesError, checkpoint_info, iter_samples, load_for_sampling,
+from .sample import (NonFiniteSamplesError, checkpoint_info, iter_samples, load_for_sampling,
                      normalize_ema, sampling_defaults)
 
 
@@ -79,6 +81,7 @@ def format_row(row: dict, best: bool = False) -> str:
             f"{row['fid']:>9.3f} {row['is_mean']:>8.2f}{'  <- best FID' if best else ''}")
 
 
+RESULT_NAME = "guidance_search.json"
 TABLE_HEADER = f"{'EMA':>6} {'omega':>6} {'t_min':>5} {'t_max':>5} {'FID':>9} {'IS':>8}"
 
 
@@ -88,34 +91,27 @@ def format_table(rows: list[dict]) -> str:
     return "\n".join([TABLE_HEADER] + [format_row(row, i == best) for i, row in enumerate(rows)])
 
 
-def _interval(text: str) -> tuple[float, float]:
-    try:
-        t_min, t_max = (float(part) for part in text.split(","))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected TMIN,TMAX such as 0.1,0.7, got {text!r}") from None
-    return t_min, t_max
-
-
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m full.guidance_search", description=__doc__.split("\n\n")[0],
-                                     formatter_class=HelpFormatter)
+    parser = cli.Parser("python -m full.guidance_search", __doc__.split("\n\n")[0])
     parser.add_argument("--ckpt", required=True, help="checkpoint written by full.train")
     parser.add_argument("--ref", required=True, help="reference statistics .npz (python -m full.evaluate ref-stats)")
     parser.add_argument("--omegas", type=float, nargs="+", required=True, help="guidance scales to try, each >= 1")
-    parser.add_argument("--intervals", type=_interval, nargs="+", default=None,
+    parser.add_argument("--intervals", type=cli.interval, nargs="+", default=None, metavar="TMIN,TMAX",
                         help="guidance intervals TMIN,TMAX to try, 0 <= TMIN <= TMAX <= 1; default: the preset's "
                              "best (B/16: 0.1,0.7)")
     parser.add_argument("--emas", nargs="+", default=None,
                         help="EMA half-lives (kimg keys of the checkpoint) or 'raw'; default: the preset's best")
     parser.add_argument("--num", type=int, default=10000, help="samples per setting (class-balanced)")
-    parser.add_argument("--out", default=None, help="write all rows to this JSON file (updated after each row)")
+    parser.add_argument("--out", default=None, metavar="DIR",
+                        help=f"output folder: {RESULT_NAME}, every row so far (rewritten after each row)")
+    cli.add_json(parser, "all rows")
     parser.add_argument("--seed", type=int, default=0, help="noise seed shared by every setting")
     parser.add_argument("--batch-size", type=int, default=64, help="images per network and Inception call")
     parser.add_argument("--is-splits", type=int, default=IS_SPLITS, help="Inception Score splits (<= --num)")
     parser.add_argument("--inception-weights", default=None,
                         help="torch-fidelity's weights-inception-2015-12-05-6726825d.pth; default: the torch "
                              "hub cache (<TORCH_HOME or ~/.cache/torch>/hub/checkpoints/)")
-    parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto", help="where to run")
+    cli.add_device(parser)
     parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
     return parser
 
@@ -140,10 +136,9 @@ def main(argv: list[str] | None = None) -> None:
     for flag, path in (("--ckpt", args.ckpt), ("--ref", args.ref)):
         if not Path(path).is_file():
             parser.error(f"{flag} {path} is not a file")
+    device = cli.resolve_device(parser, args.device)
     if args.out is not None:
-        problem = unwritable_reason(args.out, folder=False)
-        if problem:
-            parser.error(f"--out: {problem}")
+        cli.check_out(parser, args.out)
 
     try:
         preset, available = checkpoint_info(args.ckpt)
@@ -169,8 +164,6 @@ def main(argv: list[str] | None = None) -> None:
         ref_mu, ref_sigma = load_statistics(args.ref)
     except ValueError as error:
         parser.error(f"--ref: {error}")
-    device = torch.device("cuda" if args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
-                          else "cpu")
     try:
         extractor = build_inception(args.inception_weights, device)
     except FileNotFoundError as error:   # the message names the weights file and where to put it
@@ -182,14 +175,17 @@ def main(argv: list[str] | None = None) -> None:
                        seed=args.seed, batch_size=args.batch_size, is_splits=args.is_splits,
                        progress=not args.no_progress)
     rows: list[dict] = []
-    print(TABLE_HEADER, flush=True)
+    table = sys.stderr if args.json else sys.stdout   # with --json, stdout holds the JSON only
+    print(TABLE_HEADER, file=table, flush=True)
+
+    def record() -> dict:
+        return {"ckpt": args.ckpt, "ref": args.ref, "num": args.num, "seed": args.seed, "rows": rows}
 
     def on_row(row: dict) -> None:
         rows.append(row)
-        print(format_row(row), flush=True)
+        print(format_row(row), file=table, flush=True)
         if args.out:
-            record = {"ckpt": args.ckpt, "ref": args.ref, "num": args.num, "seed": args.seed, "rows": rows}
-            write_json(args.out, record)
+            write_json(Path(args.out) / RESULT_NAME, record())
 
     try:
         search(lambda ema: load_for_sampling(args.ckpt, ema, device)[0], extractor, ref_mu, ref_sigma, cfg,
@@ -198,7 +194,9 @@ def main(argv: list[str] | None = None) -> None:
         parser.error(f"--ckpt: {error}")
     except OSError as error:   # writing --out failed (a full disk): the printed rows above are the record
         sys.exit(f"error: writing --out {args.out} failed: {error}")
-    print("\n" + format_table(rows))
+    print("\n" + format_table(rows), file=table)
+    if args.json:
+        print(json.dumps(record(), indent=2))
 
 
 if __name__ == "__main__":

@@ -38,6 +38,7 @@ from tqdm import tqdm
 
 import pmf_ref as P
 
+from . import cli
 from .distributed import barrier, init_distributed
 from .ema import format_half_life
 from .io import TEMP_PREFIX, atomic_write, unwritable_reason, write_json
@@ -348,17 +349,8 @@ def load_official_for_sampling(path: str, preset: str, device: torch.device) -> 
     return model.to(device).eval().requires_grad_(False)
 
 
-class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
-    """Shows "(default: ...)" only for real defaults; None/False ones are explained in the help text."""
-
-    def _get_help_string(self, action):
-        return action.help if action.default is None or action.default is False else super()._get_help_string(action)
-
-
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="python -m full.sample", description=__doc__.split("\n\n")[0],
-        formatter_class=HelpFormatter)
+    parser = cli.Parser("python -m full.sample", __doc__.split("\n\n")[0])
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--ckpt", default=None, help="checkpoint written by full.train")
     source.add_argument("--official-ckpt", default=None, metavar="PATH",
@@ -371,14 +363,14 @@ def build_parser() -> argparse.ArgumentParser:
                              "the raw weights; default: the preset's best (B/16: 2000)")
     parser.add_argument("--omega", type=float, default=None,
                         help="guidance scale omega >= 1 (1 = unguided); default: the preset's best (B/16: 8.5)")
-    parser.add_argument("--interval", type=float, nargs=2, metavar=("TMIN", "TMAX"), default=None,
-                        help="guidance interval, 0 <= TMIN <= TMAX <= 1; default: the preset's best (B/16: 0.1 0.7)")
+    parser.add_argument("--interval", type=cli.interval, metavar="TMIN,TMAX", default=None,
+                        help="guidance interval, 0 <= TMIN <= TMAX <= 1; default: the preset's best (B/16: 0.1,0.7)")
     parser.add_argument("--num", type=int, default=None,
                         help="number of images N (labels i mod K, balanced to within one per class)")
     parser.add_argument("--per-class", type=int, default=None,
                         help="images per class k (N = k * num_classes); default 50 (FID-50K on ImageNet) "
                              "when --num is not given")
-    parser.add_argument("--out", required=True, help="output folder")
+    cli.add_out(parser, None, "images/*.png, samples.npz, grid.png and sample_config.json")
     parser.add_argument("--overwrite", action="store_true",
                         help="delete the samples an earlier run wrote to --out (default: refuse such a folder)")
     parser.add_argument("--format", choices=["png", "npz", "both"], default="both",
@@ -386,7 +378,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--seed", type=int, default=0, help="noise seed; sample i draws from a generator keyed by (seed, i)")
     parser.add_argument("--batch-size", type=int, default=64, help="images per network call per process")
     parser.add_argument("--grid", type=int, default=64, help="images in grid.png (0: none)")
-    parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto", help="where to run")
+    cli.add_device(parser)
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     return parser
 
@@ -398,7 +390,7 @@ def check_sampling_args(parser: argparse.ArgumentParser, args: argparse.Namespac
     if args.interval is not None:
         t_min, t_max = args.interval
         if not 0 <= t_min <= t_max <= 1:
-            parser.error(f"--interval needs 0 <= TMIN <= TMAX <= 1, got {t_min} {t_max}")
+            parser.error(f"--interval needs 0 <= TMIN <= TMAX <= 1, got {t_min},{t_max}")
     if args.batch_size < 1:
         parser.error(f"--batch-size must be >= 1, got {args.batch_size}")
     if args.seed < 0 or args.seed >= 2 ** 31:
@@ -438,7 +430,8 @@ def main(argv: list[str] | None = None) -> None:
 
     from .checkpoint import CheckpointError
 
-    rank, world_size, _, device = init_distributed(None if args.device == "auto" else args.device)
+    cli.resolve_device(parser, args.device)   # a bad or absent device is an error line before any work
+    rank, world_size, _, device = init_distributed(args.device)
     if args.official_ckpt is not None:
         from .official import OfficialCheckpointError
 

@@ -112,8 +112,9 @@ BAD_OTHER = [   # (name, extra flags builder (tmp, weights), text of the one err
     ("foreign --inception-weights", lambda t, w: ["--inception-weights", _torch_file(t / "w.pth", {"a": torch.ones(2)})],
      "does not fit torch-fidelity's Inception-v3"),
     ("pickle in --inception-weights", lambda t, w: ["--inception-weights", _planted(t)], "refused: it holds Python"),
-    ("--json under a file", lambda t, w: ["--json", _write(t / "f", b"x") / "m.json"], "is a file, not a folder"),
-    ("--json is a folder", lambda t, w: ["--json", t], "is a folder"),
+    ("--out under a file", lambda t, w: ["--out", _write(t / "f", b"x") / "metrics"], "is a file, not a folder"),
+    ("--out is a file", lambda t, w: ["--out", _write(t / "f2", b"x")], "is a file, not a folder"),
+    ("--device of another kind", lambda t, w: ["--device", "tpu"], "--device must be auto, cpu, cuda or cuda:N"),
 ]
 
 
@@ -136,7 +137,7 @@ def test_ref_stats_checks_its_output_before_reading_images(files, weights, capsy
     (files / "data" / "c").mkdir()
     Image.fromarray(RANDOM[0]).save(files / "data" / "c" / "0.png")
     (files / "f").write_text("x")
-    code, errors = run_cli(["ref-stats", "--data", files / "data", "--resolution", "8", "--out", files / "f" / "r.npz",
+    code, errors = run_cli(["ref-stats", "--data", files / "data", "--resolution", "8", "--out", files / "f" / "ref",
                             "--inception-weights", weights, "--no-progress"], capsys)
     assert code == 2 and len(errors) == 1 and "is a file, not a folder" in errors[0]
 
@@ -148,7 +149,7 @@ def test_ref_stats_skips_an_unreadable_image_with_a_warning(files, weights, caps
         Image.fromarray(RANDOM[i]).save(files / "data" / "c" / f"{i}.png")
     (files / "data" / "c" / "3.png").write_bytes(b"broken")
     with pytest.warns(UserWarning, match="3.png"):
-        E.main(["ref-stats", "--data", str(files / "data"), "--resolution", "8", "--out", str(files / "ref8.npz"),
+        E.main(["ref-stats", "--data", str(files / "data"), "--resolution", "8", "--out", str(files / "ref8"),
                 "--inception-weights", str(weights), "--num-workers", "0", "--no-progress", "--device", "cpu"])
-    with np.load(files / "ref8.npz") as ref:
+    with np.load(files / "ref8" / E.REF_STATS_NAME) as ref:
         assert int(ref["num"]) == 4 and np.all(np.isfinite(ref["sigma"]))   # 4 items: 3.png's slot reads 0.png

@@ -201,8 +201,9 @@ def _crops(root, resolution):
 
 def test_ref_stats_then_evaluate_gives_zero_fid_on_the_same_images(image_folder, random_weights, tmp_path, capsys):
     common = ["--inception-weights", str(random_weights), "--batch-size", "4", "--device", "cpu", "--no-progress"]
-    E.main(["ref-stats", "--data", str(image_folder), "--resolution", "16", "--out", str(tmp_path / "ref.npz"),
+    E.main(["ref-stats", "--data", str(image_folder), "--resolution", "16", "--out", str(tmp_path),
             "--num-workers", "0", *common])
+    (tmp_path / E.REF_STATS_NAME).rename(tmp_path / "ref.npz")
     crops = _crops(image_folder, 16)                      # the trainer's center crop, folder order
     np.savez(tmp_path / "samples.npz", arr_0=crops)
     (tmp_path / "pngs").mkdir()
@@ -212,9 +213,12 @@ def test_ref_stats_then_evaluate_gives_zero_fid_on_the_same_images(image_folder,
     results = {}
     for name in ("samples.npz", "pngs", "other.npz"):
         E.main(["--samples", str(tmp_path / name), "--ref", str(tmp_path / "ref.npz"), "--is-splits", "2",
-                "--json", str(tmp_path / f"{name}.json"), *common])
-        results[name] = json.loads((tmp_path / f"{name}.json").read_text())
+                "--out", str(tmp_path / f"{name}.out"), *common])
+        results[name] = json.loads((tmp_path / f"{name}.out" / E.METRICS_NAME).read_text())
     assert "FID" in capsys.readouterr().out
+    E.main(["--samples", str(tmp_path / "pngs"), "--ref", str(tmp_path / "ref.npz"), "--is-splits", "2", "--json",
+            *common])
+    assert json.loads(capsys.readouterr().out)["fid"] == results["pngs"]["fid"]   # --json: stdout is the record
     with np.load(tmp_path / "ref.npz") as ref:
         scale = float(np.trace(ref["sigma"]))
         assert int(ref["num"]) == 6 and ref["mu"].shape == (2048,)
@@ -243,19 +247,20 @@ def tiny_checkpoint(tmp_path_factory):
 def test_guidance_search_rows_match_sample_then_evaluate(tiny_checkpoint, image_folder, random_weights, tmp_path,
                                                          capsys):
     common = ["--inception-weights", str(random_weights), "--device", "cpu", "--no-progress", "--batch-size", "4"]
-    E.main(["ref-stats", "--data", str(image_folder), "--resolution", "16", "--out", str(tmp_path / "ref.npz"),
+    E.main(["ref-stats", "--data", str(image_folder), "--resolution", "16", "--out", str(tmp_path),
             "--num-workers", "0", *common])
+    (tmp_path / E.REF_STATS_NAME).rename(tmp_path / "ref.npz")
     G.main(["--ckpt", str(tiny_checkpoint), "--ref", str(tmp_path / "ref.npz"), "--omegas", "1", "3",
             "--intervals", "0.1,0.7", "--emas", "500", "--num", "4", "--is-splits", "2",
-            "--out", str(tmp_path / "search.json"), *common])
+            "--out", str(tmp_path / "search"), *common])
     printed = capsys.readouterr().out
-    rows = json.loads((tmp_path / "search.json").read_text())["rows"]
+    rows = json.loads((tmp_path / "search" / G.RESULT_NAME).read_text())["rows"]
     assert [(row["omega"], row["t_min"], row["t_max"], row["ema"]) for row in rows] == [
         (1.0, 0.1, 0.7, "500"), (3.0, 0.1, 0.7, "500")]
     assert printed.count("<- best FID") == 1 and "omega" in printed
     assert rows[0]["fid"] != rows[1]["fid"]               # guidance changes the samples
 
-    S.main(["--ckpt", str(tiny_checkpoint), "--ema", "500", "--omega", "3", "--interval", "0.1", "0.7",
+    S.main(["--ckpt", str(tiny_checkpoint), "--ema", "500", "--omega", "3", "--interval", "0.1,0.7",
             "--num", "4", "--out", str(tmp_path / "samples"), "--format", "npz", "--grid", "0", "--device", "cpu",
             "--no-progress"])
     metrics = E.evaluate(E.EvalConfig(samples=str(tmp_path / "samples" / "samples.npz"), ref=str(tmp_path / "ref.npz"),

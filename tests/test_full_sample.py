@@ -174,7 +174,7 @@ def train_checkpoint(tmp_path_factory):
 
 
 def test_sample_cli_on_train_checkpoint_matches_in_process(train_checkpoint, tmp_path, capsys):
-    S.main(["--ckpt", str(train_checkpoint), "--ema", "0.001", "--omega", "3", "--interval", "0.2", "0.6",
+    S.main(["--ckpt", str(train_checkpoint), "--ema", "0.001", "--omega", "3", "--interval", "0.2,0.6",
             "--per-class", "1", "--batch-size", "4", "--out", str(tmp_path), "--device", "cpu", "--no-progress"])
     assert "wrote 10 samples" in capsys.readouterr().out
     with np.load(tmp_path / "samples.npz") as data:
@@ -189,7 +189,7 @@ def test_sample_cli_on_train_checkpoint_matches_in_process(train_checkpoint, tmp
 
 @pytest.mark.parametrize("flags, message", [
     (["--omega", "0.5"], "--omega must be"),
-    (["--interval", "0.7", "0.2"], "--interval needs"),
+    (["--interval", "0.7,0.2"], "--interval needs"),
     (["--num", "7", "--per-class", "1", "--ema", "2"], "disagrees with --per-class"),
     (["--batch-size", "0"], "--batch-size must be"),
     (["--ema", "123"], "available EMAs"),                 # the message lists the checkpoint's EMAs
@@ -247,7 +247,7 @@ def test_sample_cli_reads_a_u_prediction_checkpoint_as_u(tmp_path, capsys):
                       prediction="u", ema_half_lives_kimg=(0.001,), out=str(tmp_path / "run"), num_workers=0,
                       device="cpu", log_every=1, lr=3e-3)
     checkpoint = train(cfg, progress=False).checkpoint
-    S.main(["--ckpt", str(checkpoint), "--ema", "raw", "--omega", "2", "--interval", "0.1", "0.7", "--num", "4",
+    S.main(["--ckpt", str(checkpoint), "--ema", "raw", "--omega", "2", "--interval", "0.1,0.7", "--num", "4",
             "--batch-size", "4", "--out", str(tmp_path / "samples"), "--device", "cpu", "--no-progress",
             "--format", "npz", "--grid", "0"])
     with np.load(tmp_path / "samples" / "samples.npz") as data:
