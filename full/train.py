@@ -42,6 +42,7 @@ from tqdm import tqdm
 
 import pmf_ref as P
 
+from . import cli
 from .checkpoint import (CHECKPOINT_FORMAT, CHECKPOINT_NAME, LOG_NAME, CheckpointError, RunFolderError, StopOnSignal,
                          capture_rng_state, check_run_folder, keep_latest, latest_checkpoint, load_checkpoint,
                          numbered_checkpoint_name, require_keys, reset_run_folder, restore_rng_state, save_checkpoint,
@@ -65,7 +66,7 @@ PERCEPTUAL_CHOICES = ("none", "lpips", "lpips+convnext")
 JVP_ROUTES = {"forward_ad": "torch.autograd.forward_ad through pmf_ref.fast_jvp's ops, ~2 forwards",
               "func": "torch.func.jvp through plain torch ops"}
 """What ``pmf_ref.default_jvp_mode()`` means; the trainer prints its route at start and records it."""
-MODEL_OVERRIDE_FIELDS = ("num_classes", "channels", "resolution", "patch")
+MODEL_OVERRIDE_FIELDS = ("num_classes", "channels", "resolution", "patch", "noise_scale")
 LOGGED_TERMS = ("loss", "loss_u", "loss_v", "raw_u", "raw_v", "lpips", "convnext")
 SYNTHETIC_SIZE = 1024   # images in ``--data synthetic``
 EXIT_USAGE, EXIT_FAILED, EXIT_DIVERGED = 2, 1, 3
@@ -82,12 +83,13 @@ FLAG_OF = {"ema_half_lives_kimg": "--ema-kimg", "guidance": "--no-guidance", "ac
 
 @dataclass(frozen=True)
 class TrainConfig:
-    preset: str = "pMF-T/4"
+    preset: str = "pMF-B/16"
     data: str = "synthetic"                  # class-folder root, or "synthetic"
     num_classes: int | None = None           # model overrides (None: the preset's)
     channels: int | None = None
     resolution: int | None = None
     patch: int | None = None
+    noise_scale: float | None = None         # s of the noise e ~ N(0, s^2 I) (None: the preset's recipe)
     batch_size: int = 1024                   # global batch over all ranks (pMF: 1024)
     accum_steps: int = 1                     # micro-batches per rank per step (gradient accumulation)
     steps: int = 400_000
@@ -458,28 +460,28 @@ def train(cfg: TrainConfig, dataset=None, progress: bool = True) -> TrainResult:
 # ----------------------------------------------------------------------------- command line
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m full.train", description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("--preset", default="pMF-B/16", help=f"model preset, one of {sorted(PRESETS)}")
+    parser = cli.Parser("python -m full.train", __doc__.split("\n\n")[0])
+    parser.add_argument("--preset", default=TrainConfig.preset, help=f"model preset, one of {' '.join(sorted(PRESETS))}")
     parser.add_argument("--data", default=None,
                         help="ImageNet-style folder root/<class>/<image> (ADM center crop, no flip), or 'synthetic' "
                              "(required unless --resume)")
-    parser.add_argument("--batch-size", type=int, default=1024, help="global batch over all processes (pMF: 1024)")
-    parser.add_argument("--steps", type=int, default=400_000, help="optimiser steps (320 epochs of ImageNet at 1024 = 400k)")
-    parser.add_argument("--accum-steps", type=int, default=1,
+    parser.add_argument("--batch-size", type=int, default=TrainConfig.batch_size, help="global batch over all processes (pMF: 1024)")
+    parser.add_argument("--steps", type=int, default=TrainConfig.steps, help="optimiser steps (320 epochs of ImageNet at 1024 = 400k)")
+    parser.add_argument("--accum-steps", type=int, default=TrainConfig.accum_steps,
                         help="micro-batches per process per step (gradient accumulation; same global batch)")
-    parser.add_argument("--lr", type=float, default=1e-3, help="constant learning rate of Muon and Adam (pMF: 1e-3)")
-    parser.add_argument("--seed", type=int, default=0, help="seed of weights, data order and per-step randomness")
-    parser.add_argument("--optimizer", choices=("muon", "adam"), default="muon",
+    parser.add_argument("--lr", type=float, default=TrainConfig.lr, help="constant learning rate of Muon and Adam (pMF: 1e-3)")
+    parser.add_argument("--seed", type=int, default=TrainConfig.seed, help="seed of weights, data order and per-step randomness")
+    parser.add_argument("--optimizer", choices=("muon", "adam"), default=TrainConfig.optimizer,
                         help="muon: Muon for Linear weights + Nesterov Adam for the rest; adam: Nesterov Adam for all")
-    parser.add_argument("--prediction", choices=("x", "u"), default="x",
+    parser.add_argument("--prediction", choices=("x", "u"), default=TrainConfig.prediction,
                         help="x: the network outputs x_hat (pMF); u: its output is read as u (ablation)")
-    parser.add_argument("--time-sampler", choices=tuple(TIME_SAMPLERS), default="full",
+    parser.add_argument("--time-sampler", choices=tuple(TIME_SAMPLERS), default=TrainConfig.time_sampler,
                         help="(r, t) sampler: full plane (pMF) or the paper's ablations")
     parser.add_argument("--no-guidance", action="store_true",
                         help="train without CFG: omega = 1, no interval, no label drop")
-    parser.add_argument("--ema-kimg", default="500,1000,2000", help="comma-separated EMA half-lives in kimg")
-    parser.add_argument("--perceptual", choices=PERCEPTUAL_CHOICES, default="lpips+convnext",
+    parser.add_argument("--ema-kimg", type=float, nargs="+", default=list(TrainConfig.ema_half_lives_kimg),
+                        metavar="KIMG", help="EMA half-lives in kimg")
+    parser.add_argument("--perceptual", choices=PERCEPTUAL_CHOICES, default=TrainConfig.perceptual,
                         help="perceptual terms on x_hat for rows with t < t_thr")
     parser.add_argument("--convnext-weights", default=None,
                         help="local ConvNeXt-V2-Base checkpoint (default: <torch hub dir>/checkpoints/"
@@ -487,17 +489,17 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--num-classes", type=int, default=None, help="override the preset's 1000 classes")
     parser.add_argument("--bf16", action="store_true", help="bf16 autocast for the v-head and perceptual passes "
                                                              "(the JVP stays fp32)")
-    parser.add_argument("--ckpt-every", type=int, default=5000, help="steps between (atomic) checkpoints")
-    parser.add_argument("--log-every", type=int, default=100, help="steps between JSONL log lines")
-    parser.add_argument("--out", default="runs/pmf", help="output folder: checkpoint.pt and log.jsonl")
+    parser.add_argument("--ckpt-every", type=int, default=TrainConfig.ckpt_every, help="steps between (atomic) checkpoints")
+    parser.add_argument("--log-every", type=int, default=TrainConfig.log_every, help="steps between JSONL log lines")
+    cli.add_out(parser, TrainConfig.out, "checkpoint.pt and log.jsonl (and what the watch flags write)")
     parser.add_argument("--resume", default=None,
                         help="checkpoint to continue from, exactly (weights, EMAs, optimiser, RNG, data position) "
                              "up to --steps in total; flags not given come from the checkpoint")
     parser.add_argument("--overwrite", action="store_true",
                         help="start a new run in an --out that holds an earlier run's checkpoint.pt / log.jsonl "
                              "(deletes them; default: refuse)")
-    parser.add_argument("--num-workers", type=int, default=8, help="data-loading processes per GPU")
-    parser.add_argument("--device", choices=("cpu", "cuda"), default=None, help="default: cuda when available")
+    parser.add_argument("--num-workers", type=int, default=TrainConfig.num_workers, help="data-loading processes per GPU")
+    cli.add_device(parser)
     parser.add_argument("--fsdp", action="store_true",
                         help="shard weights, gradients, optimiser state and EMAs over the processes (FSDP2; for "
                              "pMF-H); checkpoints become folders <out>/checkpoint.dcp, resumable on any number of "
@@ -516,7 +518,7 @@ def build_parser() -> argparse.ArgumentParser:
     watch.add_argument("--fid-every", type=int, default=0, metavar="N",
                        help="steps between FID / IS of the preset's sampling EMA (all processes sample), appended "
                             "to log.jsonl and <out>/fid.jsonl; needs --ref; 0: none")
-    watch.add_argument("--fid-num", type=int, default=5000, metavar="K", help="samples per FID evaluation")
+    watch.add_argument("--fid-num", type=int, default=TrainConfig.fid_num, metavar="K", help="samples per FID evaluation")
     watch.add_argument("--ref", dest="fid_ref", default=None, metavar="STATS.npz",
                        help="reference statistics .npz for --fid-every (python -m full.evaluate ref-stats)")
     watch.add_argument("--inception-weights", default=None, metavar="PATH",
@@ -592,12 +594,10 @@ def main(argv: list[str] | None = None) -> None:
             parser.error(f"--resume: {error}")
     if args.resume is not None and not Path(args.resume).is_file() and not is_sharded_checkpoint(args.resume):
         parser.error(f"--resume: checkpoint {args.resume!r} does not exist")
-    try:
-        half_lives = tuple(float(value) for value in args.ema_kimg.split(","))
-    except ValueError:
-        parser.error(f"--ema-kimg must be comma-separated numbers, got {args.ema_kimg!r}")
-    if not all(hl > 0 for hl in half_lives):
-        parser.error(f"--ema-kimg values must be > 0, got {args.ema_kimg!r}")
+    half_lives = tuple(args.ema_kimg)
+    if not all(math.isfinite(hl) and hl > 0 for hl in half_lives):
+        parser.error(f"--ema-kimg: each half-life must be a number > 0, got {' '.join(map(str, args.ema_kimg))}")
+    cli.resolve_device(parser, args.device)
 
     cfg = TrainConfig(preset=args.preset, data=args.data, num_classes=args.num_classes,
                       batch_size=args.batch_size, accum_steps=args.accum_steps, steps=args.steps, lr=args.lr,
@@ -606,7 +606,7 @@ def main(argv: list[str] | None = None) -> None:
                       guidance=not args.no_guidance, ema_half_lives_kimg=half_lives, perceptual=args.perceptual,
                       convnext_weights=args.convnext_weights, bf16=args.bf16, ckpt_every=args.ckpt_every,
                       log_every=args.log_every, out=args.out, resume=args.resume, overwrite=args.overwrite,
-                      num_workers=args.num_workers, device=args.device, sample_every=args.sample_every,
+                      num_workers=args.num_workers, device=None if args.device == "auto" else args.device, sample_every=args.sample_every,
                       sample_omega=args.sample_omega, sample_t_min=args.sample_t_min, sample_t_max=args.sample_t_max,
                       fid_every=args.fid_every, fid_num=args.fid_num, fid_ref=args.fid_ref,
                       inception_weights=args.inception_weights, tensorboard=args.tensorboard,
