@@ -241,6 +241,15 @@ def test_bad_input_is_one_error_line_and_exit_2(name, argv, message, tmp_path, c
     assert not (tmp_path / "runs").exists() and not (tmp_path / "digits_classifier.pt").exists()
 
 
+def test_report_only_without_cached_arms_is_one_error_line_and_exit_2(classifier_dir, tmp_path, capsys):
+    shutil.copy(classifier_dir / CACHE_NAME, tmp_path / CACHE_NAME)
+    with pytest.raises(SystemExit) as stop:
+        main(["snr", "--report-only", "--out", str(tmp_path), "--threads", "1"])
+    errors = [line for line in capsys.readouterr().err.splitlines() if "error:" in line]
+    assert stop.value.code == 2 and len(errors) == 1 and "--report-only" in errors[0], errors
+    assert not (tmp_path / "runs").exists() and not (tmp_path / "snr.json").exists()
+
+
 def test_train_size_is_the_training_split():
     assert TRAIN_SIZE == len(load_digits_split().y_train) == 1297
 

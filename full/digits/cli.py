@@ -4,7 +4,7 @@
     python -m full.digits optimizer           # (b) Muon vs Adam
     python -m full.digits sampler             # (c) full plane vs r = t only vs r = 0 only vs both lines
     python -m full.digits guidance            # (d) omega = 1 vs the trained-in guidance
-    python -m full.digits snr                 # (e) diagnostic: (a)'s 64 px arms at the 16 px signal-to-noise ratio
+    python -m full.digits snr                 # (e) diagnostic: (a)'s 64 px arms at noise scale 4
     python -m full.digits all --quick         # every experiment, tiny budget (< 3 min on 2 cores)
 
 Each experiment trains the tiny ViT preset with the unchanged trainer (``full.train.train``: same loss,
@@ -17,7 +17,6 @@ Outputs in ``--out``: ``<experiment>.json``, ``<experiment>.png`` (sample grids 
 """
 from __future__ import annotations
 
-import argparse
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -25,8 +24,9 @@ from pathlib import Path
 
 import torch
 
-from ..io import unwritable_reason, write_json, write_text
-from .classifier import load_or_train_classifier
+from .. import cli
+from ..io import write_json, write_text
+from .classifier import CACHE_NAME, load_or_train_classifier
 from .data import TRAIN_SIZE
 from .experiments import EXPERIMENTS, PAPER_NUMBERS, experiment_arms
 from .metrics import DigitsEvaluator
@@ -74,7 +74,9 @@ def run_experiment(name: str, cfg: DigitsConfig, evaluator: DigitsEvaluator) -> 
         else:
             results.append((label, spec, result))
     if not results:
-        raise SystemExit(f"python -m full.digits: error: {name}: no arm trained yet under {out} (drop --report-only)")
+        print(f"python -m full.digits: error: --report-only: no arm of {name} is cached under {out} "
+              f"(drop --report-only to train them)", file=sys.stderr)
+        raise SystemExit(2)
     floor = evaluator.floor(arms[0][1].resolution)   # identical at every resolution (exact round trip)
     rows = [{"label": label, "omega": float(omega), "weights": "ema",
              "metrics": result["metrics"]["ema"][str(float(omega))],
@@ -109,22 +111,24 @@ def run(cfg: DigitsConfig) -> dict[str, dict]:
 
 
 def main(argv: list[str] | None = None) -> dict[str, dict]:
-    parser = argparse.ArgumentParser(prog="python -m full.digits", description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = cli.Parser("python -m full.digits", __doc__.split("\n\n")[0])
     parser.add_argument("experiment", choices=(*EXPERIMENTS, "all"),
                         help="prediction: (a) x vs u at growing patch dim; optimizer: (b) Muon vs Adam; "
                              "sampler: (c) (r, t) sampler ablation; guidance: (d) omega sweep; "
-                             "snr: (e) diagnostic, (a)'s 64 px arms at the 16 px signal-to-noise ratio; all: every one")
+                             "snr: (e) diagnostic, (a)'s 64 px arms at noise scale 4 (the 16 px signal-to-noise "
+                             "ratio); all: every one")
     parser.add_argument("--quick", action="store_true",
                         help=f"tiny budget for smoke tests ({QUICK_STEPS} steps of {QUICK_BATCH}, "
                              f"{QUICK_PER_CLASS} samples per class); overrides --steps/--batch-size/--per-class")
     parser.add_argument("--steps", type=int, default=DEFAULT_STEPS, help="training steps per arm")
     parser.add_argument("--batch-size", type=int, default=DEFAULT_BATCH, help="training batch size")
     parser.add_argument("--lr", type=float, default=DEFAULT_LR, help="constant learning rate (Muon and Adam)")
-    parser.add_argument("--seed", type=int, default=0, help="seed of weights, data order and training noise")
+    parser.add_argument("--seed", type=int, default=0,
+                        help="seed of weights, data order and training noise (default: 0)")
     parser.add_argument("--per-class", type=int, default=DEFAULT_PER_CLASS,
                         help="one-step samples per class scored per arm and omega (floor set: 50 per class)")
-    parser.add_argument("--out", default="runs/digits", help="output folder (tables, figures, JSON, cached arms)")
+    cli.add_out(parser, "runs/digits", "<experiment>.json, .md (table) and .png (figure), the cached classifier "
+                                       f"{CACHE_NAME} and the cached arms under runs/")
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     parser.add_argument("--fresh", action="store_true", help="retrain arms even if a cached result exists")
     parser.add_argument("--no-progress", action="store_true", help="no tqdm bars")
@@ -141,9 +145,7 @@ def main(argv: list[str] | None = None) -> dict[str, dict]:
         parser.error(f"--lr must be > 0, got {args.lr}")
     if args.batch_size > TRAIN_SIZE:   # a batch larger than the data would never be drawn
         parser.error(f"--batch-size {args.batch_size} exceeds the {TRAIN_SIZE} training digits")
-    problem = unwritable_reason(args.out, folder=True)
-    if problem:
-        parser.error(f"--out: {problem}")
+    cli.check_out(parser, args.out)
     experiments = EXPERIMENTS if args.experiment == "all" else (args.experiment,)
     budget = Budget(steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
                     per_class=args.per_class, ema_kimg=EMA_KIMG)

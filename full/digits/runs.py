@@ -148,7 +148,8 @@ def _evaluate(networks: dict, spec: ArmSpec, omega: float, budget: Budget, evalu
 
 
 def run_arm(spec: ArmSpec, budget: Budget, evaluator: DigitsEvaluator, *, out: Path,
-            sample_interval: tuple[float, float], progress: bool = True, fresh: bool = False, report_only: bool = False) -> dict | None:
+            sample_interval: tuple[float, float], progress: bool = True, fresh: bool = False,
+            report_only: bool = False) -> dict | None:
     """Train one arm (or reuse its cached training) and evaluate it at every omega of ``spec``.
 
     Omegas missing from a cached result are evaluated from the arm's checkpoint, without retraining.
