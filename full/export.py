@@ -29,7 +29,8 @@ from . import cli
 from .checkpoint import CheckpointError, load_checkpoint, load_model
 from .ema import format_half_life
 from .io import atomic_write, write_text
-from .model import PRESETS, build_model
+from .model import build_model
+from .presets import PRESETS, SAMPLING
 from .official import OfficialCheckpointError, load_official_state_dict, to_official_state_dict
 
 EXPORT_FORMAT = "pmf-export"
@@ -61,13 +62,12 @@ def export_config(checkpoint: dict, *, ema: str, layout: str, source: str, param
     """The JSON config of an export of ``checkpoint`` (a full.train checkpoint dict)."""
     config = checkpoint["config"]
     preset = config["model"]["preset"]
-    settings = PRESETS[preset]
+    best = SAMPLING[preset]
     return {"format": EXPORT_FORMAT, "version": EXPORT_VERSION, "layout": layout,
             "model": {**config["model"], "v_head": False}, "ema": ema,
             "step": checkpoint.get("step"), "images_seen": checkpoint.get("images_seen"),
             "parameters": parameters, "prediction": config.get("train", {}).get("prediction", "x"),
-            "sampling": {"omega": settings["sample_omega"], "t_min": settings["sample_t_min"],
-                         "t_max": settings["sample_t_max"]},
+            "sampling": {"omega": best.omega, "t_min": best.t_min, "t_max": best.t_max},
             "source": source}
 
 
@@ -86,7 +86,7 @@ def export(ckpt: str | Path, out: str | Path, *, ema: str | None = None, layout:
         raise ValueError(f"{str(out)!r}: our layout is written as .safetensors (.pt is for --format official)")
     checkpoint = load_checkpoint(ckpt, mmap=True)   # the config and counters; tensors stay on disk
     preset = checkpoint["config"]["model"]["preset"]
-    ema = format_half_life(PRESETS[preset]["sample_ema_kimg"]) if ema is None else (
+    ema = format_half_life(SAMPLING[preset].ema_kimg) if ema is None else (
         ema if ema == "raw" else format_half_life(float(ema)))
     model = load_model(ckpt, None if ema == "raw" else ema)   # drops the v-head, refuses NaN / inf
     state = export_state_dict(model, layout)

@@ -481,7 +481,8 @@ def _memory_worker(rank: int, world: int, init_file: str, preset: str, overrides
     from torch.nn.parallel import DistributedDataParallel
 
     from .ema import EMASet
-    from .model import PRESETS, build_model
+    from .model import build_model
+    from .presets import RECIPES
     from .optim import build_optimizer
     from .recipe import GuidanceSampler, PMFObjective, draw_step_randomness
     import pmf_ref as P
@@ -504,8 +505,8 @@ def _memory_worker(rank: int, world: int, init_file: str, preset: str, overrides
             use_gathered_muon(optimizer)
         shape = (model.channels, model.resolution, model.resolution)
         sampler = lambda n, generator, device: P.sample_time_pair_released(  # noqa: E731
-            n, generator=generator, device=device, mean=PRESETS[preset]["P_mean"], std=PRESETS[preset]["P_std"],
-            uniform_fraction=PRESETS[preset]["uniform_fraction"])
+            n, generator=generator, device=device, mean=RECIPES[preset].P_mean, std=RECIPES[preset].P_std,
+            uniform_fraction=RECIPES[preset].uniform_fraction)
         for step in range(2):            # the second step runs with every state allocated
             randomness = draw_step_randomness(world, shape, generator=torch.Generator().manual_seed(step),
                                               noise_scale=model.noise_scale, sample_time_pair=sampler,
@@ -582,12 +583,13 @@ def main(argv: list[str] | None = None) -> None:
             raise SystemExit(2)
         print(f"wrote {target}")
         return
-    from .model import PRESETS, build_model
+    from .model import build_model
+    from .presets import ARCHITECTURES, PRESETS
     from .optim import split_parameters
 
     if args.preset not in PRESETS:
         parser.error(f"--preset: unknown preset {args.preset!r}; choose one of {sorted(PRESETS)}")
-    overrides = {"resolution": args.resolution, "patch": PRESETS[args.preset]["patch"]}
+    overrides = {"resolution": args.resolution, "patch": ARCHITECTURES[args.preset].patch}
     with torch.device("meta"):
         muon = sum(p.numel() for p in split_parameters(build_model(args.preset, **overrides))[0])
     print(f"| {args.preset} at {args.resolution} px, {args.processes} gloo processes | peak RSS added per "

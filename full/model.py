@@ -15,6 +15,7 @@ t enters only through the x -> u conversion ``u = (z - x_hat) / max(t, t_eps)``,
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import torch
@@ -22,6 +23,7 @@ from torch import nn
 
 import pmf_ref as P
 
+from .presets import ARCHITECTURES, PRESETS, RECIPES, check_preset
 from .layers import BottleneckPatchEmbed, Block, LabelEmbedder, Linear, RMSNorm, ScalarEmbedder, rope_angles_2d
 
 # In-context conditioning tokens per group (released code); 20 in all.
@@ -32,49 +34,7 @@ H_TOKENS = 4
 NUM_PREFIX_TOKENS = CLASS_TOKENS + OMEGA_TOKENS + 2 * INTERVAL_TOKENS + H_TOKENS
 POS_EMBED_STD = 0.02  # learned absolute position embedding init (released code)
 
-# ----------------------------------------------------------------------------- presets
-# Architecture (paper Table 8) plus the recipe's per-preset numbers (paper App. A and the released configs).
-# depth counts trunk + u-head (the inference network); the v-head adds head_depth more blocks.
-# t_thr: perceptual loss only for t < t_thr.  P_mean, P_std: logit-normal time sampler.
-# omega_beta: omega has density ∝ omega^-beta on [1, 8].  uniform_fraction: rows with (r, t) ~ U.
-# sample_*: best one-step sampling settings (omega, interval, EMA half-life in kimg).
-_B = dict(depth=16, width=768, heads=12, bottleneck=128, head_depth=8)
-_L = dict(depth=32, width=1024, heads=16, bottleneck=128, head_depth=8)
-_H = dict(depth=48, width=1280, heads=16, bottleneck=256, head_depth=8)
-_IMAGENET = dict(channels=3, num_classes=1000)
-_RECIPE_BL = dict(t_thr=0.8, P_mean=0.8, P_std=0.8, uniform_fraction=0.0)
-_RECIPE_H = dict(t_thr=0.6, P_mean=0.0, P_std=0.8, uniform_fraction=0.1)
-# Not given for H by the paper (its configs differ for H); beta = 1 like B and L/32 is our choice.
-_H_OMEGA_BETA = 1.0
-
-PRESETS: dict[str, dict] = {
-    "pMF-B/16": dict(resolution=256, patch=16, **_B, **_IMAGENET, noise_scale=1.0, **_RECIPE_BL, omega_beta=1.0,
-                     sample_omega=8.5, sample_t_min=0.1, sample_t_max=0.7, sample_ema_kimg=2000),
-    "pMF-L/16": dict(resolution=256, patch=16, **_L, **_IMAGENET, noise_scale=1.0, **_RECIPE_BL, omega_beta=2.0,
-                     sample_omega=7.0, sample_t_min=0.2, sample_t_max=0.7, sample_ema_kimg=1000),
-    "pMF-H/16": dict(resolution=256, patch=16, **_H, **_IMAGENET, noise_scale=2.0, **_RECIPE_H,
-                     omega_beta=_H_OMEGA_BETA,
-                     sample_omega=7.0, sample_t_min=0.2, sample_t_max=0.6, sample_ema_kimg=1000),
-    "pMF-B/32": dict(resolution=512, patch=32, **_B, **_IMAGENET, noise_scale=2.0, **_RECIPE_BL, omega_beta=1.0,
-                     sample_omega=6.5, sample_t_min=0.1, sample_t_max=0.7, sample_ema_kimg=2000),
-    # L/32 uses P_mean 0 and t_thr 0.6 like H, but no uniform rows; beta = 1 in the released config
-    # (the paper's "2 for L" holds for L/16).
-    "pMF-L/32": dict(resolution=512, patch=32, **_L, **_IMAGENET, noise_scale=4.0,
-                     t_thr=0.6, P_mean=0.0, P_std=0.8, uniform_fraction=0.0, omega_beta=1.0,
-                     sample_omega=7.5, sample_t_min=0.2, sample_t_max=0.6, sample_ema_kimg=2000),
-    "pMF-H/32": dict(resolution=512, patch=32, **_H, **_IMAGENET, noise_scale=4.0, **_RECIPE_H,
-                     omega_beta=_H_OMEGA_BETA,
-                     sample_omega=5.5, sample_t_min=0.1, sample_t_max=0.6, sample_ema_kimg=500),
-    # Tiny CPU presets (ours): trunk 2 + u-head 2 + v-head 2 blocks of width 64; B/16's recipe.
-    "pMF-T/4": dict(resolution=32, patch=4, depth=4, width=64, heads=4, bottleneck=16, head_depth=2,
-                    **_IMAGENET, noise_scale=1.0, **_RECIPE_BL, omega_beta=1.0,
-                    sample_omega=8.5, sample_t_min=0.1, sample_t_max=0.7, sample_ema_kimg=2000),
-    "pMF-T/2": dict(resolution=16, patch=2, depth=4, width=64, heads=4, bottleneck=16, head_depth=2,
-                    **_IMAGENET, noise_scale=1.0, **_RECIPE_BL, omega_beta=1.0,
-                    sample_omega=8.5, sample_t_min=0.1, sample_t_max=0.7, sample_ema_kimg=2000),
-}
-
-# Keys of a preset that configure the network (the rest are recipe numbers), and extra switches.
+# What configures the network: the preset's Architecture and its recipe's noise scale; extra switches.
 ARCH_KEYS = ("resolution", "patch", "depth", "width", "heads", "bottleneck", "head_depth", "channels",
              "num_classes", "noise_scale")
 SWITCH_KEYS = ("v_head", "use_sdpa_math", "prediction")
@@ -321,12 +281,11 @@ def build_model(preset: str, **overrides) -> PMFViT:
     Returns:
         PMFViT, on the current default device (use ``with torch.device("meta"):`` to count).
     """
-    if preset not in PRESETS:
-        raise ValueError(f"unknown preset {preset!r}; choose one of {sorted(PRESETS)}")
+    check_preset(preset)
     unknown = set(overrides) - set(ARCH_KEYS) - set(SWITCH_KEYS)
     if unknown:
         raise ValueError(f"unknown model override(s) {sorted(unknown)}; allowed: {list(ARCH_KEYS + SWITCH_KEYS)}")
-    arch = {key: PRESETS[preset][key] for key in ARCH_KEYS}
+    arch = {**dataclasses.asdict(ARCHITECTURES[preset]), "noise_scale": RECIPES[preset].noise_scale}
     return PMFViT(**{**arch, **overrides})
 
 

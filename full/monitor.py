@@ -32,7 +32,8 @@ from .evaluate import metrics_from_features
 from .io import atomic_write
 from .fid import IS_SPLITS, build_inception, extract_features, load_statistics
 from .ema import format_half_life
-from .model import PRESETS, make_cond
+from .model import make_cond
+from .presets import SAMPLING
 from .sample import GRID_PADDING, generate, iter_samples, sample_noise, save_png, shard, to_uint8
 
 GRID_INPUTS_FILE = "grid_inputs.pt"
@@ -52,16 +53,15 @@ def sampling_settings(preset: str, *, guidance: bool = True, omega: float | None
                       t_min: float | None = None, t_max: float | None = None) -> tuple[float, float, float]:
     """(omega, t_min, t_max) of the grids and FID: the given values, else the preset's best one-step
     settings; a run trained without guidance only ever saw omega = 1 on [0, 1], so that is its default."""
-    settings = PRESETS[preset]
-    defaults = ((settings["sample_omega"], settings["sample_t_min"], settings["sample_t_max"]) if guidance
-                else (1.0, 0.0, 1.0))
+    best = SAMPLING[preset]
+    defaults = (best.omega, best.t_min, best.t_max) if guidance else (1.0, 0.0, 1.0)
     return tuple(float(default if value is None else value) for value, default in zip((omega, t_min, t_max),
                                                                                       defaults))
 
 
 def default_fid_ema(preset: str, half_lives_kimg: tuple[float, ...]) -> str:
     """The EMA the in-training FID scores: the preset's sampling EMA if the run keeps it, else the longest."""
-    best = format_half_life(PRESETS[preset]["sample_ema_kimg"])
+    best = format_half_life(SAMPLING[preset].ema_kimg)
     keys = [format_half_life(hl) for hl in half_lives_kimg]
     return best if best in keys else keys[max(range(len(keys)), key=lambda i: float(half_lives_kimg[i]))]
 

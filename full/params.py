@@ -16,6 +16,7 @@ asserts the two agree exactly, and :func:`analytic_params` agrees with ``sum(p.n
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import torch
@@ -23,7 +24,8 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from . import cli
 from .layers import SINUSOID_DIM, swiglu_hidden
-from .model import NUM_PREFIX_TOKENS, PRESETS, PMFViT, build_model, make_cond
+from .model import NUM_PREFIX_TOKENS, PMFViT, build_model, make_cond
+from .presets import ARCHITECTURES, PRESETS
 
 NUM_SCALAR_EMBEDDERS = 4  # omega, t_min, t_max, h
 
@@ -43,8 +45,7 @@ RELEASED_PARAMS = {
 
 def _arch(preset: str, overrides: dict) -> dict:
     """The preset's architecture numbers with overrides applied."""
-    arch = {key: PRESETS[preset][key] for key in ("resolution", "patch", "depth", "width", "heads",
-                                                  "bottleneck", "head_depth", "channels", "num_classes")}
+    arch = dataclasses.asdict(ARCHITECTURES[preset])
     arch.update({k: v for k, v in overrides.items() if k in arch})
     return arch
 

@@ -42,7 +42,8 @@ from . import cli
 from .distributed import barrier, init_distributed
 from .ema import format_half_life
 from .io import TEMP_PREFIX, atomic_write, unwritable_reason, write_json
-from .model import PRESETS, make_cond, x_hat_from_output
+from .model import make_cond, x_hat_from_output
+from .presets import PRESETS, SAMPLING
 
 PIXEL_HALF_RANGE = 127.5  # uint8 = round((x + 1) * 127.5), x in [-1, 1]
 GRID_PADDING = 2
@@ -281,9 +282,8 @@ def sample_to_folder(model: torch.nn.Module, cfg: SampleConfig, *, rank: int = 0
 
 def sampling_defaults(preset: str) -> dict:
     """The preset's best one-step settings: omega, t_min, t_max, EMA half-life (kimg, as str)."""
-    settings = PRESETS[preset]
-    return dict(omega=settings["sample_omega"], t_min=settings["sample_t_min"], t_max=settings["sample_t_max"],
-                ema=str(settings["sample_ema_kimg"]))
+    best = SAMPLING[preset]
+    return dict(omega=best.omega, t_min=best.t_min, t_max=best.t_max, ema=str(best.ema_kimg))
 
 
 def checkpoint_info(path: str) -> tuple[str, list[str]]:

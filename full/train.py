@@ -53,7 +53,8 @@ from .ema import EMASet
 from .fsdp import (SHARDED_NAME, ShardedEMA, ensure_process_group, is_sharded_checkpoint, load_sharded_checkpoint,
                    read_sharded_meta, remove_sharded, remove_stale_sharded, resume_target, save_sharded_checkpoint,
                    shard_objective, use_gathered_muon, whole)
-from .model import PRESETS, build_model
+from .model import build_model
+from .presets import PRESETS, RECIPES
 from .monitor import (FID_LOG, TensorBoard, append_jsonl, broadcast_weights, default_fid_ema, in_training_fid,
                       load_or_make_grid_inputs, prepare_fid, sampling_settings, write_sample_grids)
 from .optim import build_optimizer
@@ -258,7 +259,7 @@ def train(cfg: TrainConfig, dataset=None, progress: bool = True) -> TrainResult:
     random.seed(cfg.seed)
     np.random.seed(cfg.seed)
     torch.manual_seed(cfg.seed)                       # same initial weights on every rank
-    preset = PRESETS[cfg.preset]
+    recipe = RECIPES[cfg.preset]
 
     # ---- model, EMAs
     model = build_model(cfg.preset, **cfg.model_overrides(), prediction=cfg.prediction).to(device)
@@ -280,7 +281,7 @@ def train(cfg: TrainConfig, dataset=None, progress: bool = True) -> TrainResult:
 
     # ---- objective: the ablations are pmf_ref functions chosen here, not switches inside the math
     objective = PMFObjective(
-        model, perceptual=build_perceptual(cfg), t_thr=preset["t_thr"],
+        model, perceptual=build_perceptual(cfg), t_thr=recipe.t_thr,
         autocast_dtype=torch.bfloat16 if cfg.bf16 else None).to(device)
     # DDP wraps the whole objective: the JVP runs inside DDP.forward, so gradients are all-reduced.
     # --fsdp: FSDP2 per block, rooted at the objective for the same reason (full.fsdp); EMAs sharded alike.
@@ -291,11 +292,11 @@ def train(cfg: TrainConfig, dataset=None, progress: bool = True) -> TrainResult:
         emas = ShardedEMA(model, cfg.ema_half_lives_kimg)
     if cfg.compile:   # Dynamo + AOTAutograd: forward, JVP and backward; the first step pays the compilation
         step_objective = torch.compile(step_objective)
-    sampler_kwargs = {"mean": preset["P_mean"], "std": preset["P_std"]}
+    sampler_kwargs = {"mean": recipe.P_mean, "std": recipe.P_std}
     if cfg.time_sampler == "full":
-        sampler_kwargs["uniform_fraction"] = preset["uniform_fraction"]
+        sampler_kwargs["uniform_fraction"] = recipe.uniform_fraction
     sample_time_pair = functools.partial(TIME_SAMPLERS[cfg.time_sampler], **sampler_kwargs)
-    sample_guidance = GuidanceSampler(beta=preset["omega_beta"]) if cfg.guidance else no_guidance
+    sample_guidance = GuidanceSampler(beta=recipe.omega_beta) if cfg.guidance else no_guidance
 
     # ---- optimiser, state
     optimizer = build_optimizer(model, kind=cfg.optimizer, lr=cfg.lr)

@@ -23,7 +23,7 @@ from tensorboard.backend.event_processing import event_accumulator
 from full import fid as F
 from full import monitor as M
 from full.evaluate import EvalConfig, evaluate
-from full.model import PRESETS, build_model, make_cond
+from full.model import build_model, make_cond
 from full.sample import GRID_PADDING, SampleConfig, sample_to_folder
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -75,9 +75,8 @@ def _reference(path) -> M.FIDReference:
 # ---------------------------------------------------------------------------- settings
 
 def test_sampling_settings_default_to_the_preset_and_to_no_guidance():
-    preset = PRESETS["pMF-B/16"]
-    assert M.sampling_settings("pMF-B/16") == (preset["sample_omega"], preset["sample_t_min"], preset["sample_t_max"])
-    assert M.sampling_settings("pMF-B/16", omega=3.0) == (3.0, preset["sample_t_min"], preset["sample_t_max"])
+    assert M.sampling_settings("pMF-B/16") == (8.5, 0.1, 0.7)            # the paper's best B/16 settings
+    assert M.sampling_settings("pMF-B/16", omega=3.0) == (3.0, 0.1, 0.7)
     assert M.sampling_settings("pMF-B/16", guidance=False) == (1.0, 0.0, 1.0)
     assert M.sampling_settings("pMF-B/16", guidance=False, t_min=0.2, t_max=0.5) == (1.0, 0.2, 0.5)
 

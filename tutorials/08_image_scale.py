@@ -30,7 +30,8 @@ from full.digits.classifier import load_or_train_classifier  # noqa: E402
 from full.digits.data import DigitsDataset, upsampling_matrix  # noqa: E402
 from full.digits.metrics import DigitsEvaluator  # noqa: E402
 from full.ema import EMASet  # noqa: E402
-from full.model import PRESETS, build_model, make_cond  # noqa: E402
+from full.model import build_model, make_cond  # noqa: E402
+from full.presets import RECIPES  # noqa: E402
 from full.optim import build_optimizer  # noqa: E402
 
 out = setup("08")
@@ -42,7 +43,7 @@ evaluator = DigitsEvaluator(load_or_train_classifier(out))
 # block, one block per head), batch 64, lr 3e-3, no perceptual loss.
 
 # %%
-RECIPE = PRESETS["pMF-T/4"]
+RECIPE = RECIPES["pMF-T/4"]
 NUM_CLASSES, LEARNING_RATE, BATCH = 10, 3e-3, 64
 ARCH = dict(num_classes=NUM_CLASSES, channels=1, depth=2, head_depth=1)
 
@@ -63,8 +64,8 @@ def train_digits(resolution: int, patch: int, prediction: str, num_steps: int, *
         rows = torch.randint(len(data), (BATCH,), generator=g)
         x, y = data.images[rows], data.labels[rows]
         e = model.noise_scale * torch.randn(x.shape, generator=g)
-        r, t = P.sample_time_pair_released(BATCH, mean=RECIPE["P_mean"], std=RECIPE["P_std"], generator=g)
-        omega = P.sample_omega(BATCH, beta=RECIPE["omega_beta"], generator=g)
+        r, t = P.sample_time_pair_released(BATCH, mean=RECIPE.P_mean, std=RECIPE.P_std, generator=g)
+        omega = P.sample_omega(BATCH, beta=RECIPE.omega_beta, generator=g)
         t_min, t_max = P.sample_guidance_interval(r, t, generator=g)
         dropped = P.label_drop_mask_diagonal(r, t, generator=g)
         cond = make_cond(P.drop_labels(y, dropped, null_label=model.null_label), omega, t_min, t_max)
@@ -324,7 +325,7 @@ def bayes_accuracy(resolution: int, scale: float, t_grid: torch.Tensor) -> list[
 
 
 settings = [(16, 1.0), (32, 1.0), (64, 1.0), (32, 2.0), (64, 4.0)]
-r_s, t_s = P.sample_time_pair_released(200_000, mean=RECIPE["P_mean"], std=RECIPE["P_std"],
+r_s, t_s = P.sample_time_pair_released(200_000, mean=RECIPE.P_mean, std=RECIPE.P_std,
                                        generator=torch.Generator().manual_seed(6))
 t_grid = torch.linspace(0.0, 0.99, steps(34, 12))
 accuracy_curves = {}

@@ -28,7 +28,8 @@ import pmf_ref as P
 from .timing import interleaved_medians, machine_info, synchronize
 from .. import cli
 from ..io import write_json
-from ..model import PRESETS, build_model
+from ..model import build_model
+from ..presets import PRESETS, RECIPES
 from ..recipe import GuidanceSampler, PMFObjective, draw_step_randomness
 
 NUM_CLASSES = 10   # the label count does not change the step's cost beyond one embedding row
@@ -54,16 +55,16 @@ def compile_row(preset: str, batch: int, *, device: torch.device, warmup: int = 
                 clock: str = "wall", compiler: Callable = torch.compile, seed: int = 0) -> dict:
     """Time one preset's training step eager and compiled (``compiler(objective)``); one result row."""
     torch.manual_seed(seed)
-    settings = PRESETS[preset]
+    recipe = RECIPES[preset]
     model = build_model(preset, num_classes=NUM_CLASSES).to(device)
-    objective = PMFObjective(model, t_thr=settings["t_thr"]).to(device).train()
+    objective = PMFObjective(model, t_thr=recipe.t_thr).to(device).train()
     generator = torch.Generator(device).manual_seed(seed)
     shape = (model.channels, model.resolution, model.resolution)
-    sample_time_pair = functools.partial(P.sample_time_pair_released, mean=settings["P_mean"], std=settings["P_std"],
-                                         uniform_fraction=settings["uniform_fraction"])
+    sample_time_pair = functools.partial(P.sample_time_pair_released, mean=recipe.P_mean, std=recipe.P_std,
+                                         uniform_fraction=recipe.uniform_fraction)
     randomness = draw_step_randomness(batch, shape, generator=generator, noise_scale=model.noise_scale,
                                       sample_time_pair=sample_time_pair,
-                                      sample_guidance=GuidanceSampler(beta=settings["omega_beta"]), device=device)
+                                      sample_guidance=GuidanceSampler(beta=recipe.omega_beta), device=device)
     x = torch.rand(batch, *shape, generator=generator, device=device) * 2 - 1
     y = torch.randint(0, NUM_CLASSES, (batch,), generator=generator, device=device)
     parameters = list(model.parameters())

@@ -16,7 +16,8 @@ import pmf_ref as P
 from toy.model import ToyMLP
 
 from .steps import Batch
-from ..model import PRESETS, build_model, make_cond
+from ..model import build_model, make_cond
+from ..presets import RECIPES, SAMPLING, Recipe
 from ..recipe import GuidanceSampler, PMFObjective, StepRandomness
 
 SEED_INIT, SEED_BATCH = 0, 1  # the network's init and the batch never share draws
@@ -56,12 +57,12 @@ def toy_workload(*, dim: int, batch_size: int, sample_batch: int, device: torch.
                     sample_x_fn=model, sample_noise=noise)
 
 
-def released_loss_fn(model, batch: Batch, y: torch.Tensor, preset: dict, seed: int):
+def released_loss_fn(model, batch: Batch, y: torch.Tensor, recipe: Recipe, seed: int):
     """The trainer's own objective, ``full.recipe.PMFObjective`` (MSE-only: no perceptual nets),
     on the fixed batch; guidance draws from the recipe's ``GuidanceSampler``."""
     objective = PMFObjective(model)
     generator = torch.Generator(device=batch.x.device).manual_seed(seed)
-    omega, t_min, t_max, dropped = GuidanceSampler(beta=preset["omega_beta"])(batch.r, batch.t, generator)
+    omega, t_min, t_max, dropped = GuidanceSampler(beta=recipe.omega_beta)(batch.r, batch.t, generator)
     no_crops = torch.zeros(batch.x.shape[0], 4, dtype=torch.long, device=batch.x.device)  # perceptual off
     randomness = StepRandomness(batch.e, batch.r, batch.t, omega, t_min, t_max, dropped, no_crops)
 
@@ -75,12 +76,12 @@ def vit_workload(preset_name: str, *, batch_size: int, sample_batch: int, device
     """A pMF ViT from a preset (``overrides`` such as resolution=64), random images in [-1, 1]."""
     torch.manual_seed(SEED_INIT)
     model = build_model(preset_name, **overrides).to(device)
-    preset = PRESETS[preset_name]
+    recipe, best = RECIPES[preset_name], SAMPLING[preset_name]
     shape = (model.channels, model.resolution, model.resolution)
     generator = torch.Generator(device=device).manual_seed(SEED_BATCH)
     x = torch.rand(batch_size, *shape, generator=generator, device=device) * 2 - 1
     e = model.noise_scale * torch.randn(batch_size, *shape, generator=generator, device=device)
-    r, t = _time_pair(batch_size, generator, device, preset["P_mean"], preset["P_std"])
+    r, t = _time_pair(batch_size, generator, device, recipe.P_mean, recipe.P_std)
     y = torch.randint(0, model.num_classes, (batch_size,), generator=generator, device=device)
     batch = Batch(x, e, r, t)
     train_cond = make_cond(y, 1.0, 0.0, 1.0)  # Alg. 1 and flow matching: no guidance
@@ -88,9 +89,9 @@ def vit_workload(preset_name: str, *, batch_size: int, sample_batch: int, device
     def x_fn(z, r_, t_):
         return model.forward_u(z, r_, t_, train_cond)
 
-    released_loss, released_source = released_loss_fn(model, batch, y, preset, SEED_BATCH)
+    released_loss, released_source = released_loss_fn(model, batch, y, recipe, SEED_BATCH)
     y_sample = torch.randint(0, model.num_classes, (sample_batch,), generator=generator, device=device)
-    sample_cond = make_cond(y_sample, preset["sample_omega"], preset["sample_t_min"], preset["sample_t_max"])
+    sample_cond = make_cond(y_sample, best.omega, best.t_min, best.t_max)
 
     def sample_x_fn(z, r_, t_):
         return model.forward_u(z, r_, t_, sample_cond)

@@ -1,0 +1,46 @@
+"""The CLI convention (full/cli.py): one-line errors with exit 2, defaults in help, device forms."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from full import cli
+
+
+def _parser():
+    parser = cli.Parser("prog", "test")
+    parser.add_argument("--n", type=int, default=3, help="a number")
+    parser.add_argument("--flag", action="store_true", help="a switch")
+    cli.add_device(parser)
+    cli.add_json(parser)
+    return parser
+
+
+def test_error_is_one_line_and_exit_2(capsys):
+    with pytest.raises(SystemExit) as stop:
+        _parser().parse_args(["--n", "x"])
+    err = capsys.readouterr().err
+    assert stop.value.code == 2 and len(err.strip().splitlines()) == 1 and err.startswith("prog: error:") and "--n" in err
+
+
+def test_help_shows_real_defaults_only():
+    text = _parser().format_help()
+    assert "a number (default: 3)" in text and "(default: False)" not in text
+
+
+@pytest.mark.parametrize("text, expected", [("cpu", "cpu"), ("auto", "cuda" if torch.cuda.is_available() else "cpu")])
+def test_device_forms(text, expected):
+    assert cli.resolve_device(_parser(), text).type == expected
+
+
+@pytest.mark.parametrize("text", ["tpu", "cuda:x", ""])
+def test_bad_device_is_an_error(text, capsys):
+    with pytest.raises(SystemExit) as stop:
+        cli.resolve_device(_parser(), text)
+    assert stop.value.code == 2 and "--device must be auto, cpu, cuda or cuda:N" in capsys.readouterr().err
+
+
+def test_interval_pairs():
+    assert cli.interval("0.1,0.7") == (0.1, 0.7)
+    with pytest.raises(Exception):
+        cli.interval("0.1")
