@@ -118,7 +118,7 @@ def _gmacs_str(gmacs: float) -> str:
     return f"{gmacs:.2f}" if gmacs >= 1 else f"{gmacs:.4f}"
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = cli.Parser("python -m full.params",
                         "Parameters (inference, and with the training-only v-head) and GMACs per forward of "
                         "every pMF ViT preset, compared with the paper's Table 8.")
@@ -127,7 +127,7 @@ def main() -> None:
                         help="presets to count (default: all)")
     parser.add_argument("--flop-counter", action="store_true",
                         help="also count GMACs with torch.utils.flop_counter.FlopCounterMode on meta tensors")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     for name in args.presets:
         if name not in PRESETS:
             parser.error(f"--presets: unknown preset {name!r}; choose from {list(PRESETS)}")

@@ -24,3 +24,43 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def random_weights(tmp_path_factory):
+    """A randomly initialised Inception-v3 in torch-fidelity's layout (FID plumbing tests; never downloaded)."""
+    from full import fid
+
+    return fid.save_random_inception_weights(tmp_path_factory.mktemp("inception") / "random.pth", seed=0)
+
+
+@pytest.fixture(scope="module")
+def image_folder(tmp_path_factory):
+    """root/<class>/<image>.png: 2 classes x 3 non-square images of different sizes."""
+    import numpy as np
+    from PIL import Image
+
+    root = tmp_path_factory.mktemp("imagefolder")
+    rng = np.random.default_rng(0)
+    sizes = [(40, 28), (30, 50), (17, 16)]
+    for name in ("cat", "dog"):
+        (root / name).mkdir()
+        for i, (height, width) in enumerate(sizes):
+            array = rng.integers(0, 256, (height, width, 3), dtype=np.uint8)
+            Image.fromarray(array).save(root / name / f"{i}.png")
+    return root
+
+
+@pytest.fixture
+def no_network(monkeypatch, tmp_path):
+    """Any download attempt fails the test; the torch hub cache is an empty folder. Returns that folder."""
+    import torch
+    import torch_fidelity.feature_extractor_inceptionv3 as tf_inception
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("attempted a download")
+    monkeypatch.setattr(torch.hub, "load_state_dict_from_url", refuse)
+    monkeypatch.setattr(tf_inception, "load_state_dict_from_url", refuse)
+    monkeypatch.setattr(torch.hub, "download_url_to_file", refuse)
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch_home"))
+    return tmp_path / "torch_home" / "hub" / "checkpoints"

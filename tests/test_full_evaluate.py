@@ -1,34 +1,21 @@
-"""Tests of FID / IS evaluation (full/fid.py, full/evaluate.py) and the guidance search (full/guidance_search.py).
-
-Oracles: scipy's matrix square root of S_1 S_2 in float64 (the usual FID formula, a different
-route from our eigendecomposition), the closed form for commuting covariances, exact Inception
-Scores of one-hot and uniform predictions, and -- for the command-line plumbing, run with a
-randomly initialised Inception that never touches the network -- FID = 0 between an image set
-and reference statistics of the same images, and the search table against sample + evaluate.
+"""FID / IS of a sample set and reference statistics (full/evaluate.py), run with a randomly initialised
+Inception (``full.fid.save_random_inception_weights``) that never touches the network: FID = 0 between an
+image set and the reference statistics of the same images, one error line (exit 2) for every malformed
+sample set, statistics file or weights file, degenerate sample sets refused rather than scored; a planted
+pickle is shown to run under ``weights_only=False`` before it is shown refused.
 """
 from __future__ import annotations
 
 import json
-import os
 
 import numpy as np
 import pytest
-import scipy.linalg
 import torch
-import torch_fidelity.feature_extractor_inceptionv3 as tf_inception
-from hypothesis import example, given, strategies as st
 from PIL import Image
 
 from full import evaluate as E
 from full import fid as F
-from full import guidance_search as G
-from full import sample as S
-from full.checkpoint import save_checkpoint
 from full.data import center_crop_arr
-from full.model import build_model
-
-SCIPY_RTOL = 1e-9       # float64 sqrtm vs eigh on well-conditioned covariances
-SINGULAR_ATOL = 1e-6    # sqrt of eigenvalues that rounding leaves at ~1e-16 instead of 0
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -36,122 +23,11 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 # ---------------------------------------------------------------------------- Fréchet distance
 
-def _scipy_frechet(mu_1, sigma_1, mu_2, sigma_2) -> float:
-    """The textbook formula with scipy's principal square root of the non-symmetric S_1 S_2."""
-    root = scipy.linalg.sqrtm(sigma_1 @ sigma_2)
-    diff = mu_1 - mu_2
-    return float(diff @ diff + np.trace(sigma_1) + np.trace(sigma_2) - 2 * np.trace(root.real))
-
-
-def _gaussian(rng: np.random.Generator, dim: int, samples: int):
-    """mu (dim,) and a full-rank covariance built as A A^T / samples + I / dim."""
-    a = rng.standard_normal((dim, samples))
-    return rng.standard_normal(dim), a @ a.T / samples + np.eye(dim) / dim
-
-
-@given(dim=st.integers(1, 48), seed=st.integers(0, 2 ** 32 - 1))
-@example(dim=1, seed=0)
-def test_frechet_distance_matches_scipy_oracle(dim, seed):
-    rng = np.random.default_rng(seed)
-    (mu_1, sigma_1), (mu_2, sigma_2) = _gaussian(rng, dim, 2 * dim), _gaussian(rng, dim, dim + 1)
-    expected = _scipy_frechet(mu_1, sigma_1, mu_2, sigma_2)
-    scale = np.trace(sigma_1) + np.trace(sigma_2) + float((mu_1 - mu_2) @ (mu_1 - mu_2))
-    assert abs(F.frechet_distance(mu_1, sigma_1, mu_2, sigma_2) - expected) <= SCIPY_RTOL * scale
-    assert abs(F.frechet_distance(mu_2, sigma_2, mu_1, sigma_1) - expected) <= SCIPY_RTOL * scale   # symmetric
-
-
-@given(dim=st.integers(1, 64), zeros=st.integers(0, 8), seed=st.integers(0, 2 ** 32 - 1))
-def test_frechet_distance_closed_form_commuting_covariances(dim, zeros, seed):
-    """S_i = Q diag(d_i) Q^T:  d^2 = |mu_1 - mu_2|^2 + sum_k (sqrt(d_1k) - sqrt(d_2k))^2, zeros allowed."""
-    rng = np.random.default_rng(seed)
-    q, _ = np.linalg.qr(rng.standard_normal((dim, dim)))
-    d_1, d_2 = rng.uniform(0, 3, dim), rng.uniform(0, 3, dim)
-    d_1[: min(zeros, dim)] = 0.0                       # singular covariances, as with N < 2048 samples
-    mu_1, mu_2 = rng.standard_normal(dim), rng.standard_normal(dim)
-    expected = float((mu_1 - mu_2) @ (mu_1 - mu_2) + ((np.sqrt(d_1) - np.sqrt(d_2)) ** 2).sum())
-    actual = F.frechet_distance(mu_1, (q * d_1) @ q.T, mu_2, (q * d_2) @ q.T)
-    assert actual == pytest.approx(expected, rel=1e-9, abs=SINGULAR_ATOL)
-    sigma = (q * d_1) @ q.T
-    assert abs(F.frechet_distance(mu_1, sigma, mu_1, sigma)) <= SINGULAR_ATOL
-
-
-def test_frechet_distance_of_sample_statistics_matches_scipy():
-    """Covariances of features as FID uses them (np.cov), N > D and N < D (rank-deficient)."""
-    rng = np.random.default_rng(0)
-    for samples in (200, 20):
-        mu_1, sigma_1 = F.feature_statistics(rng.standard_normal((samples, 32)))
-        mu_2, sigma_2 = F.feature_statistics(rng.standard_normal((samples, 32)) * 1.5 + 0.3)
-        expected = _scipy_frechet(mu_1, sigma_1, mu_2, sigma_2)
-        assert F.frechet_distance(mu_1, sigma_1, mu_2, sigma_2) == pytest.approx(expected, rel=1e-6)
-
-
-@given(samples=st.integers(2, 40), dim=st.integers(1, 30), seed=st.integers(0, 2 ** 32 - 1))
-@example(samples=2, dim=30, seed=0)
-@example(samples=31, dim=30, seed=0)   # N - 1 >= D: the D x D route
-def test_frechet_distance_from_features_matches_statistics_route(samples, dim, seed):
-    """The N x N route (X S_2 X^T) equals the D x D route on the features' own (mu, S)."""
-    rng = np.random.default_rng(seed)
-    features = rng.standard_normal((samples, dim)) * rng.uniform(0.1, 2.0, dim)
-    mu_2, sigma_2 = _gaussian(rng, dim, dim + 3)
-    expected = F.frechet_distance(*F.feature_statistics(features), mu_2, sigma_2)
-    scale = np.trace(sigma_2) + float(np.var(features, axis=0).sum()) + 1.0
-    # The D x D route takes square roots of the D - N + 1 zero eigenvalues: error ~ D sqrt(eps).
-    assert F.frechet_distance_from_features(features, mu_2, sigma_2) == pytest.approx(
-        expected, abs=dim * SINGULAR_ATOL * scale)
-    mu_1, sigma_1 = F.feature_statistics(features)
-    assert abs(F.frechet_distance_from_features(features, mu_1, sigma_1)) <= dim * SINGULAR_ATOL * scale
-
-
-@pytest.mark.parametrize("bad", ["mu_shape", "sigma_shape", "nan"])
-def test_frechet_distance_rejects_bad_input(bad):
-    mu, sigma = np.zeros(3), np.eye(3)
-    args = {"mu_shape": (np.zeros(4), sigma), "sigma_shape": (mu, np.eye(2)),
-            "nan": (mu, np.full((3, 3), np.nan))}[bad]
-    with pytest.raises(ValueError):
-        F.frechet_distance(mu, sigma, *args)
-
 
 # ---------------------------------------------------------------------------- Inception Score
 
-@pytest.mark.parametrize("classes", [1, 2, 7, 40])
-def test_inception_score_closed_form(classes):
-    """Confident predictions spread evenly over K classes give IS = K; identical predictions give 1."""
-    labels = np.arange(4 * classes) % classes
-    logits = np.zeros((len(labels), 1008))
-    logits[np.arange(len(labels)), labels] = 60.0      # softmax mass off the label: ~1007 e^-60
-    mean, std = F.inception_score(logits, splits=1)
-    assert mean == pytest.approx(classes, rel=1e-9) and std == 0
-    assert F.inception_score(np.zeros((10, 1008)), splits=2)[0] == pytest.approx(1.0, abs=1e-12)
-
 
 # ---------------------------------------------------------------------------- Inception weights
-
-@pytest.fixture(scope="module")
-def random_weights(tmp_path_factory):
-    return F.save_random_inception_weights(tmp_path_factory.mktemp("inception") / "random.pth", seed=0)
-
-
-@pytest.fixture
-def no_network(monkeypatch, tmp_path):
-    """Any download attempt fails the test; the torch hub cache is an empty folder."""
-    def refuse(*args, **kwargs):
-        raise AssertionError("attempted a download")
-    monkeypatch.setattr(torch.hub, "load_state_dict_from_url", refuse)
-    monkeypatch.setattr(tf_inception, "load_state_dict_from_url", refuse)
-    monkeypatch.setattr(torch.hub, "download_url_to_file", refuse)
-    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch_home"))
-    return tmp_path / "torch_home" / "hub" / "checkpoints"
-
-
-def test_inception_builds_from_local_file_only(no_network, random_weights):
-    extractor = F.build_inception(random_weights)
-    features = F.extract_features(extractor, [torch.randint(0, 256, (2, 3, 16, 16), dtype=torch.uint8)],
-                                  progress=False)
-    assert features.pool.shape == (2, 2048) and features.logits.shape == (2, 1008)
-    assert np.all(np.isfinite(features.pool)) and features.pool.std() > 0
-    with pytest.raises(FileNotFoundError) as missing:
-        F.build_inception(None)                          # the (empty) torch hub cache
-    assert F.INCEPTION_WEIGHTS_FILENAME in str(missing.value) and str(no_network) in str(missing.value)
 
 
 def test_evaluate_cli_missing_weights_names_file_and_folder(no_network, tmp_path, capsys):
@@ -179,19 +55,6 @@ def test_evaluate_cli_rejects_bad_arguments(tmp_path, capsys, flags, message, ra
 
 
 # ---------------------------------------------------------------------------- plumbing with a random Inception
-
-@pytest.fixture(scope="module")
-def image_folder(tmp_path_factory):
-    """root/<class>/<image>.png: 2 classes x 3 non-square images of different sizes."""
-    root = tmp_path_factory.mktemp("imagefolder")
-    rng = np.random.default_rng(0)
-    sizes = [(40, 28), (30, 50), (17, 16)]
-    for name in ("cat", "dog"):
-        (root / name).mkdir()
-        for i, (height, width) in enumerate(sizes):
-            array = rng.integers(0, 256, (height, width, 3), dtype=np.uint8)
-            Image.fromarray(array).save(root / name / f"{i}.png")
-    return root
 
 
 def _crops(root, resolution):
@@ -230,55 +93,138 @@ def test_ref_stats_then_evaluate_gives_zero_fid_on_the_same_images(image_folder,
 
 
 @pytest.fixture(scope="module")
-def tiny_checkpoint(tmp_path_factory):
-    """The contract's checkpoint layout holding a randomised pMF-T/2 under EMA key "500"."""
-    torch.manual_seed(0)
-    model = build_model("pMF-T/2", num_classes=10, v_head=False)
-    generator = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(0.2 * torch.randn(p.shape, generator=generator))
-    path = tmp_path_factory.mktemp("ckpt") / "ckpt.pt"
-    save_checkpoint(path, {"model": model.state_dict(), "ema": {"500": model.state_dict()},
-                           "config": {"model": {"preset": "pMF-T/2", "num_classes": 10}}})
+def weights(tmp_path_factory):
+    return F.save_random_inception_weights(tmp_path_factory.mktemp("inception") / "random.pth", seed=0)
+
+
+@pytest.fixture
+def files(tmp_path):
+    """A valid samples.npz and ref.npz; each case below breaks one thing."""
+    rng = np.random.default_rng(0)
+    np.savez(tmp_path / "samples.npz", arr_0=rng.integers(0, 256, (4, 8, 8, 3), dtype=np.uint8))
+    F.save_statistics(tmp_path / "ref.npz", np.zeros(2048), np.eye(2048))
+    return tmp_path
+
+
+def run_cli(argv, capsys) -> tuple[int, list[str]]:
+    try:
+        E.main([str(arg) for arg in argv])
+        code = 0
+    except SystemExit as stop:
+        code = stop.code
+    return code, [line for line in capsys.readouterr().err.splitlines() if "error:" in line]
+
+
+def _write(path, content: bytes):
+    path.write_bytes(content)
     return path
 
 
-def test_guidance_search_rows_match_sample_then_evaluate(tiny_checkpoint, image_folder, random_weights, tmp_path,
-                                                         capsys):
-    common = ["--inception-weights", str(random_weights), "--device", "cpu", "--no-progress", "--batch-size", "4"]
-    E.main(["ref-stats", "--data", str(image_folder), "--resolution", "16", "--out", str(tmp_path),
-            "--num-workers", "0", *common])
-    (tmp_path / E.REF_STATS_NAME).rename(tmp_path / "ref.npz")
-    G.main(["--ckpt", str(tiny_checkpoint), "--ref", str(tmp_path / "ref.npz"), "--omegas", "1", "3",
-            "--intervals", "0.1,0.7", "--emas", "500", "--num", "4", "--is-splits", "2",
-            "--out", str(tmp_path / "search"), *common])
-    printed = capsys.readouterr().out
-    rows = json.loads((tmp_path / "search" / G.RESULT_NAME).read_text())["rows"]
-    assert [(row["omega"], row["t_min"], row["t_max"], row["ema"]) for row in rows] == [
-        (1.0, 0.1, 0.7, "500"), (3.0, 0.1, 0.7, "500")]
-    assert printed.count("<- best FID") == 1 and "omega" in printed
-    assert rows[0]["fid"] != rows[1]["fid"]               # guidance changes the samples
-
-    S.main(["--ckpt", str(tiny_checkpoint), "--ema", "500", "--omega", "3", "--interval", "0.1,0.7",
-            "--num", "4", "--out", str(tmp_path / "samples"), "--format", "npz", "--grid", "0", "--device", "cpu",
-            "--no-progress"])
-    metrics = E.evaluate(E.EvalConfig(samples=str(tmp_path / "samples" / "samples.npz"), ref=str(tmp_path / "ref.npz"),
-                                      inception_weights=str(random_weights), is_splits=2, progress=False))
-    assert rows[1]["fid"] == pytest.approx(metrics["fid"], rel=1e-6)
-    assert rows[1]["is_mean"] == pytest.approx(metrics["is_mean"], rel=1e-6)
-    assert not os.path.exists(tmp_path / "samples" / "images" / "000000.png")   # --format npz only
+def _npz(path, **arrays):
+    np.savez(path, **arrays)
+    return path
 
 
-@pytest.mark.parametrize("flags, message", [
-    (["--emas", "123"], "available (half-life kimg): ['500']"),
-    (["--emas", "fast"], "--emas: each must be"),
-    (["--omegas", "0.9"], "--omegas: each must be"),
-    (["--intervals", "0.5,0.2"], "--intervals: each needs"),
-    (["--num", "1"], "--num must be"),
-])
-def test_guidance_search_cli_rejects_bad_arguments(tiny_checkpoint, tmp_path, capsys, flags, message):
-    F.save_statistics(tmp_path / "ref.npz", np.zeros(2048), np.eye(2048))
-    with pytest.raises(SystemExit):
-        G.main(["--ckpt", str(tiny_checkpoint), "--ref", str(tmp_path / "ref.npz"), "--omegas", "2", *flags])
-    assert message in capsys.readouterr().err
+def _folder(path, images: dict):
+    path.mkdir()
+    for name, content in images.items():
+        if isinstance(content, bytes):
+            (path / name).write_bytes(content)
+        else:
+            Image.fromarray(content).save(path / name)
+    return path
+
+
+def _planted(tmp_path):
+    from test_full_checkpoint import plant_pickle   # the payload's helper lives with the checkpoint tests
+    plant_pickle(tmp_path / "pickle.pth", tmp_path / "payload-ran")
+    return tmp_path / "pickle.pth"
+
+
+RANDOM = np.random.default_rng(1).integers(0, 256, (3, 8, 8, 3), dtype=np.uint8)
+SAME = np.repeat(RANDOM[:1], 4, axis=0)
+
+BAD_SAMPLES = [   # (name, samples builder (tmp), text of the one error line)
+    ("npz without arr_0", lambda t: _npz(t / "s.npz", images=RANDOM), "has no 'arr_0'"),
+    ("garbage npz", lambda t: _write(t / "s.npz", b"PK\x03\x04 not really a zip" * 20), "not a readable .npz"),
+    ("truncated npz", lambda t: _write(t / "s.npz", (t / "samples.npz").read_bytes()[:300]), "not a readable .npz"),
+    ("float images", lambda t: _npz(t / "s.npz", arr_0=RANDOM.astype(np.float32)), "arr_0 must be uint8"),
+    ("pickled object array", lambda t: _npz(t / "s.npz", arr_0=np.array([{"a": 1}] * 3, dtype=object)),
+     "arr_0 is unreadable"),
+    ("constant npz", lambda t: _npz(t / "s.npz", arr_0=SAME), "every image is identical"),
+    ("all-black npz", lambda t: _npz(t / "s.npz", arr_0=np.zeros((5, 8, 8, 3), np.uint8)), "every image is identical"),
+    ("one image", lambda t: _npz(t / "s.npz", arr_0=RANDOM[:1]), "FID needs at least 2"),
+    ("corrupt image in folder", lambda t: _folder(t / "imgs", {"0.png": RANDOM[0], "1.png": b"\x89PNG broken",
+                                                              "2.png": RANDOM[2]}), "cannot read image"),
+    ("mixed sizes in folder", lambda t: _folder(t / "imgs", {"0.png": RANDOM[0], "1.png": np.zeros((9, 8, 3), np.uint8),
+                                                            "2.png": RANDOM[2]}), "a sample set has one size"),
+    ("constant folder", lambda t: _folder(t / "imgs", {f"{i}.png": RANDOM[0] for i in range(3)}),
+     "every image is identical"),
+    ("folder without images", lambda t: _folder(t / "imgs", {"notes.txt": b"hello"}), "holds no image files"),
+]
+
+
+@pytest.mark.parametrize("name, samples, message", BAD_SAMPLES, ids=[row[0] for row in BAD_SAMPLES])
+def test_bad_sample_set_is_one_error_line_and_exit_2(name, samples, message, files, weights, capsys):
+    argv = ["--samples", samples(files), "--ref", files / "ref.npz", "--is-splits", "1", "--inception-weights",
+            weights, "--device", "cpu", "--no-progress"]
+    code, errors = run_cli(argv, capsys)
+    assert code == 2 and len(errors) == 1 and message in errors[0], (code, errors)
+
+
+def _ref(tmp, **arrays):
+    return _npz(tmp / "r.npz", **arrays)
+
+
+BAD_OTHER = [   # (name, extra flags builder (tmp, weights), text of the one error line)
+    ("garbage --ref", lambda t, w: ["--ref", _write(t / "r.npz", b"garbage" * 50)], "not a readable .npz"),
+    ("--ref without sigma", lambda t, w: ["--ref", _ref(t, mu=np.zeros(2048))], "lacks ['sigma']"),
+    ("--ref with NaN", lambda t, w: ["--ref", _ref(t, mu=np.full(4, np.nan), sigma=np.eye(4))], "NaN or inf"),
+    ("--ref of wrong shape", lambda t, w: ["--ref", _ref(t, mu=np.zeros(4), sigma=np.eye(3))], "expected mu (D,)"),
+    ("empty --inception-weights", lambda t, w: ["--inception-weights", _write(t / "w.pth", b"")], "is empty"),
+    ("garbage --inception-weights", lambda t, w: ["--inception-weights", _write(t / "w.pth", b"\x80\x02}q" * 99)],
+     "--inception-weights"),
+    ("foreign --inception-weights", lambda t, w: ["--inception-weights", _torch_file(t / "w.pth", {"a": torch.ones(2)})],
+     "does not fit torch-fidelity's Inception-v3"),
+    ("pickle in --inception-weights", lambda t, w: ["--inception-weights", _planted(t)], "refused: it holds Python"),
+    ("--out under a file", lambda t, w: ["--out", _write(t / "f", b"x") / "metrics"], "is a file, not a folder"),
+    ("--out is a file", lambda t, w: ["--out", _write(t / "f2", b"x")], "is a file, not a folder"),
+    ("--device of another kind", lambda t, w: ["--device", "tpu"], "--device must be auto, cpu, cuda or cuda:N"),
+]
+
+
+def _torch_file(path, obj):
+    torch.save(obj, path)
+    return path
+
+
+@pytest.mark.parametrize("name, flags, message", BAD_OTHER, ids=[row[0] for row in BAD_OTHER])
+def test_bad_reference_weights_or_output_is_one_error_line_and_exit_2(name, flags, message, files, weights, capsys):
+    argv = ["--samples", files / "samples.npz", "--ref", files / "ref.npz", "--is-splits", "1",
+            "--inception-weights", weights, "--device", "cpu", "--no-progress", *flags(files, weights)]
+    code, errors = run_cli(argv, capsys)
+    assert code == 2 and len(errors) == 1 and message in errors[0], (code, errors)
+    assert not (files / "payload-ran").exists()
+
+
+def test_ref_stats_checks_its_output_before_reading_images(files, weights, capsys):
+    _folder(files / "data", {})
+    (files / "data" / "c").mkdir()
+    Image.fromarray(RANDOM[0]).save(files / "data" / "c" / "0.png")
+    (files / "f").write_text("x")
+    code, errors = run_cli(["ref-stats", "--data", files / "data", "--resolution", "8", "--out", files / "f" / "ref",
+                            "--inception-weights", weights, "--no-progress"], capsys)
+    assert code == 2 and len(errors) == 1 and "is a file, not a folder" in errors[0]
+
+
+def test_ref_stats_skips_an_unreadable_image_with_a_warning(files, weights, capsys):
+    _folder(files / "data", {})
+    (files / "data" / "c").mkdir()
+    for i in range(3):
+        Image.fromarray(RANDOM[i]).save(files / "data" / "c" / f"{i}.png")
+    (files / "data" / "c" / "3.png").write_bytes(b"broken")
+    with pytest.warns(UserWarning, match="3.png"):
+        E.main(["ref-stats", "--data", str(files / "data"), "--resolution", "8", "--out", str(files / "ref8"),
+                "--inception-weights", str(weights), "--num-workers", "0", "--no-progress", "--device", "cpu"])
+    with np.load(files / "ref8" / E.REF_STATS_NAME) as ref:
+        assert int(ref["num"]) == 4 and np.all(np.isfinite(ref["sigma"]))   # 4 items: 3.png's slot reads 0.png

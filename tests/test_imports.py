@@ -41,3 +41,15 @@ def test_pmf_ref_source_imports_only_torch_and_the_standard_library():
         text = path.read_text()
         for name in FORBIDDEN:
             assert f"import {name}" not in text and f"from {name}" not in text, (path.name, name)
+
+
+def test_every_full_module_has_its_test_file_and_only_the_benchmarks_import_toy():
+    from pathlib import Path
+    root = Path(__file__).resolve().parents[1]
+    modules = [p.stem for p in (root / "full").glob("*.py") if p.stem != "__init__"]
+    packages = [p.name for p in (root / "full").iterdir() if (p / "__init__.py").is_file()]
+    missing = [name for name in modules + packages if not (root / "tests" / f"test_full_{name}.py").is_file()]
+    assert not missing, f"full modules without tests/test_full_<name>.py: {missing}"
+    importers = sorted(str(p.relative_to(root)) for p in (root / "full").rglob("*.py")
+                       if "import toy" in p.read_text() or "from toy" in p.read_text())
+    assert all(path.startswith("full/bench/") for path in importers), importers
