@@ -234,7 +234,8 @@ for row, (name, x_fn) in enumerate([("x-pred", x_fn_x_pred), ("v-pred", x_fn_v_p
 save_figure(fig, out / "multi_step_samples.png", trained=True)
 
 # %% [markdown]
-# The distance to the data falls as the number of steps grows: flow matching needs tens of network
-# calls per sample. MeanFlow trains the network to jump over a whole interval [r, t] at once — the
+# The distance to the data falls steeply with the number of steps and levels off from about 16 on
+# (full mode: sliced W2 0.91 at one step, 0.08 at 16, 0.06-0.09 at 64): flow matching needs tens of
+# network calls per sample. MeanFlow trains the network to jump over a whole interval [r, t] at once — the
 # *secant* of a curved path instead of its tangent — so one call suffices. Tutorial 02 defines that
 # *average velocity*, tutorial 03 turns it into pMF's loss.
