@@ -5,7 +5,7 @@ sharded checkpoints that are atomic, exactly resumable and readable on any numbe
     optimizer = use_gathered_muon(build_optimizer(model, kind="muon", lr=1e-3))  # after sharding
     emas = ShardedEMA(model, (500, 1000, 2000))                                   # every rank
     save_sharded_checkpoint(out / "checkpoint.dcp", model=model, optimizer=optimizer, emas=emas, meta=meta)
-    python -m full.fsdp export runs/pmf/checkpoint.dcp runs/pmf/checkpoint.pt     # one file for full.sample
+    python -m full.fsdp export runs/pmf/checkpoint.dcp            # runs/pmf/checkpoint.pt, for full.sample
 
 Sharding plan. ``fully_shard`` on every transformer ``Block`` (each is all-gathered just before it runs
 and freed after) and on :class:`full.recipe.PMFObjective` as the root, which holds the rest (embedders,
@@ -42,7 +42,6 @@ passes.
 """
 from __future__ import annotations
 
-import argparse
 import inspect
 import os
 import resource
@@ -59,7 +58,8 @@ from torch.distributed.fsdp._fully_shard import _fsdp_param_group
 from torch.distributed.tensor import DTensor, distribute_tensor
 from torch.optim._muon import _adjust_lr, _zeropower_via_newtonschulz
 
-from .checkpoint import CHECKPOINT_FORMAT, CheckpointError, read_checkpoint_file, save_checkpoint
+from . import cli
+from .checkpoint import CHECKPOINT_FORMAT, CHECKPOINT_NAME, CheckpointError, read_checkpoint_file, save_checkpoint
 from .ema import ema_decay, format_half_life
 from .layers import Block
 
@@ -565,19 +565,24 @@ def state_bytes_per_rank(params: int, muon_params: int, *, world: int, emas: int
 # ----------------------------------------------------------------------------- command line
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m full.fsdp", description=__doc__.split("\n\n")[0])
-    commands = parser.add_subparsers(dest="command", required=True)
-    export = commands.add_parser("export", help="sharded checkpoint folder -> one checkpoint file (full.sample)")
-    export.add_argument("sharded", help="e.g. runs/pmf/checkpoint.dcp")
-    export.add_argument("target", help="e.g. runs/pmf/checkpoint.pt")
-    memory = commands.add_parser("memory", help="peak memory per process of a DDP and an FSDP step (gloo, CPU)")
-    memory.add_argument("--preset", default="pMF-B/16")
-    memory.add_argument("--resolution", type=int, default=32, help="small images: the states dominate")
-    memory.add_argument("--processes", type=int, default=2)
+    parser = cli.Parser("python -m full.fsdp", __doc__.split("\n\n")[0])
+    commands = parser.add_subparsers(dest="command", required=True, parser_class=cli.Parser)
+    export = commands.add_parser("export", help="sharded checkpoint folder -> one checkpoint file (full.sample)",
+                                 prog="python -m full.fsdp export", description="")
+    export.add_argument("sharded", metavar="SHARDED", help="the sharded checkpoint, e.g. runs/pmf/checkpoint.dcp")
+    export.add_argument("--out", default=None, metavar="DIR",
+                        help=f"output folder: {CHECKPOINT_NAME} (default: SHARDED's folder, i.e. the run folder)")
+    memory = commands.add_parser("memory", help="peak memory per process of a DDP and an FSDP step (gloo, CPU)",
+                                 prog="python -m full.fsdp memory", description="")
+    memory.add_argument("--preset", default="pMF-B/16", help="model preset")
+    memory.add_argument("--resolution", type=int, default=32, help="image side; small images: the states dominate")
+    memory.add_argument("--processes", type=int, default=2, help="gloo processes")
     args = parser.parse_args(argv)
     if args.command == "export":
+        out = Path(args.out) if args.out is not None else Path(args.sharded).resolve().parent
+        cli.check_out(parser, out)
         try:
-            target = export_checkpoint(args.sharded, args.target)
+            target = export_checkpoint(args.sharded, out / CHECKPOINT_NAME)
         except CheckpointError as error:
             print(f"python -m full.fsdp export: error: {error}", file=sys.stderr)
             raise SystemExit(2)

@@ -236,7 +236,7 @@ def train(cfg: TrainConfig, dataset=None, progress: bool = True) -> TrainResult:
         cfg = dataclasses.replace(cfg, resume=str(resume_target(cfg.resume, latest_checkpoint)))
     if cfg.resume is not None and not cfg.fsdp and is_sharded_checkpoint(cfg.resume):
         raise UsageError(f"--resume {cfg.resume!r} is a sharded checkpoint: pass --fsdp, or write one file with "
-                         f"python -m full.fsdp export {cfg.resume} checkpoint.pt")
+                         f"python -m full.fsdp export {cfg.resume} --out DIR (DIR/checkpoint.pt)")
     # A sharded checkpoint in ``out`` continues in place (the folder checks know only checkpoint.pt).
     sharded_in_place = (cfg.fsdp and cfg.resume is not None
                         and Path(cfg.resume).parent.resolve() == Path(cfg.out).resolve())

@@ -29,9 +29,9 @@ def one_thread():
 @pytest.fixture(scope="module")
 def random_weights(tmp_path_factory):
     """A randomly initialised Inception-v3 in torch-fidelity's layout (FID plumbing tests; never downloaded)."""
-    from full import fid
+    from random_inception import save_random_inception_weights
 
-    return fid.save_random_inception_weights(tmp_path_factory.mktemp("inception") / "random.pth", seed=0)
+    return save_random_inception_weights(tmp_path_factory.mktemp("inception") / "random.pth", seed=0)
 
 
 @pytest.fixture(scope="module")

@@ -1,5 +1,5 @@
 """FID / IS of a sample set and reference statistics (full/evaluate.py), run with a randomly initialised
-Inception (``full.fid.save_random_inception_weights``) that never touches the network: FID = 0 between an
+Inception (``tests/random_inception.py``) that never touches the network: FID = 0 between an
 image set and the reference statistics of the same images, one error line (exit 2) for every malformed
 sample set, statistics file or weights file, degenerate sample sets refused rather than scored; a planted
 pickle is shown to run under ``weights_only=False`` before it is shown refused.
@@ -93,8 +93,8 @@ def test_ref_stats_then_evaluate_gives_zero_fid_on_the_same_images(image_folder,
 
 
 @pytest.fixture(scope="module")
-def weights(tmp_path_factory):
-    return F.save_random_inception_weights(tmp_path_factory.mktemp("inception") / "random.pth", seed=0)
+def weights(random_weights):
+    return random_weights
 
 
 @pytest.fixture

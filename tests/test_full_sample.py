@@ -220,7 +220,7 @@ def test_load_model_hand_written_checkpoint(model, tmp_path):
     assert torch.equal(_all_images(loaded, 4, 4), _all_images(model, 4, 4))
 
 
-@pytest.mark.parametrize("preset, expected", [     # pMF §4 / shared/method.md §4: (omega, t_min, t_max, EMA kimg)
+@pytest.mark.parametrize("preset, expected", [     # pMF §4 and the released configs: (omega, t_min, t_max, EMA kimg)
     ("pMF-B/16", (8.5, 0.1, 0.7, "2000")), ("pMF-L/16", (7.0, 0.2, 0.7, "1000")),
     ("pMF-H/16", (7.0, 0.2, 0.6, "1000")), ("pMF-B/32", (6.5, 0.1, 0.7, "2000")),
     ("pMF-L/32", (7.5, 0.2, 0.6, "2000")), ("pMF-H/32", (5.5, 0.1, 0.6, "500")),

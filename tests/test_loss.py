@@ -3,7 +3,7 @@ assembled pMF / guided / flow-matching losses.
 
 Oracles: per-example references under ``vmap``; a second formulation of the same loss
 (``||u - sg(u_tgt)||^2`` via ``meanflow_target``; the r = t flow-matching loss); a hand-assembled
-guided loss written here from ``torch.func.jvp`` and the formulas of method.md; and a Monte
+guided loss written here from ``torch.func.jvp`` and the paper's equations; and a Monte
 Carlo check on Gaussian data that the loss gradient vanishes in conditional mean at the true field.
 """
 import pytest
