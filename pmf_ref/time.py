@@ -37,6 +37,17 @@ def sample_logit_normal(n: int, *, mean: float = P_MEAN, std: float = P_STD,
     return torch.sigmoid(mean + std * torch.randn(n, generator=generator, device=device, dtype=dtype))
 
 
+def _two_times(n, mean, std, uniform_fraction, generator, device, dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """Two independent times per row, each (n,): logit-normal(mean, std), or U(0, 1) on a ``uniform_fraction``
+    of the rows. Shared by both pair samplers so that they consume the generator identically."""
+    a = sample_logit_normal(n, mean=mean, std=std, generator=generator, device=device, dtype=dtype)
+    b = sample_logit_normal(n, mean=mean, std=std, generator=generator, device=device, dtype=dtype)
+    uniform = torch.rand(n, generator=generator, device=device) < uniform_fraction
+    a = torch.where(uniform, torch.rand(n, generator=generator, device=device, dtype=dtype), a)
+    b = torch.where(uniform, torch.rand(n, generator=generator, device=device, dtype=dtype), b)
+    return a, b
+
+
 def sample_time_pair(n: int, *, mean: float = P_MEAN, std: float = P_STD,
                      equal_fraction: float = EQUAL_FRACTION, uniform_fraction: float = 0.0,
                      generator: torch.Generator | None = None, device=None,
@@ -50,11 +61,7 @@ def sample_time_pair(n: int, *, mean: float = P_MEAN, std: float = P_STD,
         (r, t), each (n,), with 0 <= r <= t <= 1.
     """
     _check(n, equal_fraction=equal_fraction, uniform_fraction=uniform_fraction)
-    a = sample_logit_normal(n, mean=mean, std=std, generator=generator, device=device, dtype=dtype)
-    b = sample_logit_normal(n, mean=mean, std=std, generator=generator, device=device, dtype=dtype)
-    uniform = torch.rand(n, generator=generator, device=device) < uniform_fraction
-    a = torch.where(uniform, torch.rand(n, generator=generator, device=device, dtype=dtype), a)
-    b = torch.where(uniform, torch.rand(n, generator=generator, device=device, dtype=dtype), b)
+    a, b = _two_times(n, mean, std, uniform_fraction, generator, device, dtype)
     t, r = torch.maximum(a, b), torch.minimum(a, b)
     equal = torch.rand(n, generator=generator, device=device) < equal_fraction
     return torch.where(equal, t, r), t
@@ -96,11 +103,7 @@ def sample_time_pair_released(n: int, *, mean: float = P_MEAN, std: float = P_ST
         (r, t), each (n,), with 0 <= r <= t <= 1; r = t exactly on :func:`diagonal_rows`.
     """
     _check(n, equal_fraction=equal_fraction, uniform_fraction=uniform_fraction)
-    t = sample_logit_normal(n, mean=mean, std=std, generator=generator, device=device, dtype=dtype)
-    r = sample_logit_normal(n, mean=mean, std=std, generator=generator, device=device, dtype=dtype)
-    uniform = torch.rand(n, generator=generator, device=device) < uniform_fraction
-    t = torch.where(uniform, torch.rand(n, generator=generator, device=device, dtype=dtype), t)
-    r = torch.where(uniform, torch.rand(n, generator=generator, device=device, dtype=dtype), r)
+    t, r = _two_times(n, mean, std, uniform_fraction, generator, device, dtype)
     r = torch.where(diagonal_rows(n, equal_fraction, device=t.device), t, r)
     return torch.minimum(t, r), torch.maximum(t, r)
 
