@@ -170,10 +170,12 @@ for ax, (bottleneck, prediction) in zip(axes, [(16, "x"), (16, "u"), (4, "x"), (
 save_figure(fig, out / "x_vs_u_by_bottleneck.png", trained=True)
 
 # %% [markdown]
-# In full mode (150 steps each): with nothing invisible both parametrisations draw digits, though
-# u-prediction's are noisier already; with a 4-wide bottleneck, u-prediction's samples are covered
-# in the invisible noise (off-subspace RMS 0.49, eight times x's 0.06) while x-prediction barely
-# notices the narrower bottleneck (FD 47 -> 58, accuracy 1.00 at both).
+# In full mode (150 steps each), with nothing invisible x-prediction already draws clean digits
+# (FD 47, accuracy 1.00), while u-prediction's are noisy blotches (FD 295, accuracy 0.71): its one
+# step `x = z_1 - u` is clean only if u reproduces the whole noise draw, a far bigger target than
+# the digit, and a short run gets it only roughly. With a 4-wide bottleneck u-prediction's samples
+# are covered in the invisible noise (off-subspace RMS 0.49, eight times x's 0.06), while
+# x-prediction barely notices the narrower bottleneck (FD 47 -> 58, accuracy 1.00 at both).
 #
 # ## 2. The denoised field x(z_t, r, t) across r
 #
@@ -412,9 +414,11 @@ ax.legend(fontsize=8)
 save_figure(fig, out / "perceptual_cutoff.png")
 
 # %% [markdown]
-# Below the cutoff z_t still tells the class and most of the detail; above it the class goes and
-# almost all of the detail with it, so a perceptual loss there would compare a guess with one
-# arbitrary image. The cutoff keeps the perceptual terms on the rows where x_pred can be right:
-# about 68% of the rows under the B/16 time sampler. How long an image "remembers" itself depends
-# on resolution and noise scale (section 3), which is why the recipe moves them together: the
-# 512 px and H models use t_thr = 0.6 with noise scale 2–4 and a logit-normal mean of 0.
+# At the B/16 cutoff t_thr = 0.8 the best classifier still reads the class off z_t 38% of the time
+# (chance: 10%), and 81% of the within-class detail is already undetermined; at 0.6 it is 84% and
+# 47%. Above the cutoff the class goes too, and almost all of the detail with it, so a perceptual
+# loss there would compare a guess with one arbitrary image. The cutoff keeps the perceptual terms
+# on the rows where x_pred can still be partly right: about 68% of the rows under the B/16 time
+# sampler. How long an image "remembers" itself depends on resolution and noise scale (section 3),
+# which is why the recipe moves them together: L/32 and the H models, with noise scale 2–4, use
+# t_thr = 0.6 and a logit-normal mean of 0 (B/32 keeps 0.8 with noise scale 2).
