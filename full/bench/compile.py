@@ -1,7 +1,7 @@
 """When does ``full.train --compile`` pay off? Eager vs ``torch.compile``d training step, and the break-even.
 
     python -m full.bench.compile --preset pMF-T/4 --batch 16                 # CPU, ~10 min (compilation)
-    python -m full.bench.compile --preset pMF-B/16 --batch 64 --device cuda --out compile.json
+    python -m full.bench.compile --preset pMF-B/16 --batch 64 --device cuda --out bench_gpu/     # bench_gpu/compile.json
 
 The step is the trainer's: :class:`full.recipe.PMFObjective` (released recipe, perceptual loss off)
 forward, JVP included, and backward, compiled the way ``--compile`` does it (``torch.compile`` of the

@@ -1,7 +1,7 @@
 """Benchmarks of pMF's cost: the JVP, training steps vs flow matching, sampling speed, memory.
 
-    python -m full.bench --quick --out bench.json      # a few minutes on 2 CPU cores
-    python -m full.bench --device cuda --out bench_gpu.json
+    python -m full.bench --quick --out bench/          # bench/bench.json; a few minutes on 2 CPU cores
+    python -m full.bench --device cuda --out bench_gpu/
 
 Every comparison runs the old and the new path side by side, interleaved in one process
 (``full.bench.steps.PATHS``: old = ``torch.func.jvp`` through plain torch ops, new = the core's default,
