@@ -62,25 +62,10 @@ class Budget:
     ema_kimg: float                # EMA half-life; ramped to 5% of images seen (EDM), so short runs use the ramp
 
 
-@dataclass(frozen=True)
-class NoiseScaleTrainConfig(TrainConfig):
-    """``TrainConfig`` with the noise scale s as one more model override.
-
-    ``full.train`` builds the network from ``model_overrides()`` and draws the training noise at the
-    network's ``noise_scale``; the checkpoint records the same overrides, so ``load_model`` (and with it
-    :func:`one_step_samples`) draws z_1 = s e at the scale the arm was trained with.
-    """
-    # TrainConfig has no noise-scale field yet; once it has, this subclass can go.
-    noise_scale: float = 1.0
-
-    def model_overrides(self) -> dict:
-        return {**super().model_overrides(), "noise_scale": self.noise_scale}
-
-
 def train_config(spec: ArmSpec, budget: Budget, out: Path) -> TrainConfig:
-    return NoiseScaleTrainConfig(
-        noise_scale=spec.noise_scale,
+    return TrainConfig(
         preset=PRESET, num_classes=NUM_CLASSES, channels=1, resolution=spec.resolution, patch=spec.patch,
+        noise_scale=spec.noise_scale,
         batch_size=budget.batch_size, steps=budget.steps, lr=budget.lr, seed=budget.seed,
         optimizer=spec.optimizer, prediction=spec.prediction, time_sampler=spec.time_sampler,
         guidance=spec.guidance, ema_half_lives_kimg=(budget.ema_kimg,),
