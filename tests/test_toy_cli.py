@@ -51,6 +51,8 @@ def test_cli_writes_outputs(tmp_path, capsys):
     (["--ema-decay", "1"], "--ema-decay"),
     (["--compute-dtype", "fp8"], "--compute-dtype"),
     (["--tangent", "v_head"], "--tangent"),
+    (["--lr-schedule", "step"], "--lr-schedule"),
+    (["--corner-fraction", "2"], "--corner-fraction"),
     (["--device", "tpu9"], "--device"),
 ])
 def test_cli_bad_flags_give_one_line_error(argv, message, capsys, no_training, tmp_path):

@@ -9,7 +9,7 @@ import torch
 import pmf_ref as P
 import toy
 from toy.model import ToyMLP
-from toy.train import ToyConfig, make_u_fn, sample_times, train, training_precision
+from toy.train import ToyConfig, learning_rate, make_u_fn, sample_times, train, training_precision
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -85,6 +85,30 @@ def test_uniform_time_sampler_has_the_order_statistics_of_two_uniforms():
     assert abs(float((r == t).float().mean()) - 0.5) < 0.02 and bool((r <= t).all())
 
 
+def test_corner_fraction_sets_that_share_of_rows_to_the_one_step_point():
+    config = ToyConfig(uniform_fraction=1.0, equal_fraction=0.5, corner_fraction=0.3)
+    r, t = sample_times(config, 20_000, generator=torch.Generator().manual_seed(2))
+    corner = (r == 0) & (t == 1)
+    assert abs(float(corner.float().mean()) - 0.3) < 0.02 and bool((r <= t).all())
+    # Without corner rows the draw is pmf_ref's sampler, unchanged (no extra random numbers taken).
+    plain = ToyConfig(uniform_fraction=1.0)
+    r, t = sample_times(plain, 64, generator=torch.Generator().manual_seed(3))
+    r_ref, t_ref = P.sample_time_pair(64, mean=plain.time_mean, std=plain.time_std, equal_fraction=plain.equal_fraction,
+                                      uniform_fraction=1.0, generator=torch.Generator().manual_seed(3))
+    assert torch.equal(r, r_ref) and torch.equal(t, t_ref)
+
+
+@pytest.mark.parametrize("schedule, middle", [("constant", 1.0), ("cosine", 0.5), ("linear", 0.5)])
+def test_learning_rate_schedules_start_at_lr_and_decay_to_zero(schedule, middle):
+    # Closed forms: at k = (K - 1) / 2 the half cosine and the line are both at lr / 2; at the last step 0.
+    config = ToyConfig(lr=2e-3, steps=101, lr_schedule=schedule)
+    assert learning_rate(config, 0) == pytest.approx(2e-3)
+    assert learning_rate(config, 50) == pytest.approx(middle * 2e-3)
+    assert learning_rate(config, 100) == pytest.approx(2e-3 if schedule == "constant" else 0.0, abs=1e-12)
+    if schedule == "cosine":   # a quarter of the way: (1 + cos(pi / 4)) / 2 of the peak
+        assert learning_rate(config, 25) == pytest.approx(2e-3 * (1 + np.cos(np.pi / 4)) / 2)
+
+
 def test_training_precision_runs_linear_layers_in_the_chosen_dtype():
     model = ToyMLP(3, depth=2, width=8)
     z, t = torch.randn(4, 3), torch.rand(4)
@@ -95,7 +119,8 @@ def test_training_precision_runs_linear_layers_in_the_chosen_dtype():
 
 
 @pytest.mark.parametrize("field, value", [("dim", 1), ("dataset", "spiral"), ("prediction", "v"), ("steps", 0),
-                                          ("uniform_fraction", 1.5), ("ema_decay", 1.0), ("compute_dtype", "fp8")])
+                                          ("uniform_fraction", 1.5), ("ema_decay", 1.0), ("compute_dtype", "fp8"),
+                                          ("corner_fraction", -0.1), ("lr_schedule", "step")])
 def test_config_rejects_bad_values(field, value):
     with pytest.raises(ValueError, match="ToyConfig"):
         ToyConfig(**{field: value})

@@ -4,8 +4,9 @@ predicting u collapses (same velocity loss, same network, same one-step sampler)
 Python API (importing has no side effects):
 
 * ``DEFAULT_RECIPE`` (``= ToyConfig()``): the training recipe of ``make demo``, a frozen dataclass;
-  ``sample_times(config, n, generator=...)`` draws its (r, t) and ``training_precision(config)`` is the
-  context its training step runs in, so a hand-written loop can follow the recipe;
+  ``sample_times(config, n, generator=...)`` draws its (r, t), ``learning_rate(config, step)`` is Adam's lr
+  at a step and ``training_precision(config)`` is the context its training step runs in, so a
+  hand-written loop can follow the recipe;
 * ``run_sweep(dims=(2, 8, 16, 512), predictions=("x", "u"), seeds=(0,), dataset="swiss_roll", out=None,
   **overrides)`` -> list of ``ToyRun`` (``.record`` is one metrics.json row; ``.samples_2d``, ``.losses``
   for plots); ``overrides`` replace fields of the recipe, e.g. ``steps=500``;
@@ -23,7 +24,7 @@ from .model import PREDICTIONS, ToyMLP
 from .plots import plot_grid, plot_losses
 from .sweep import (DEFAULT_DIMS, DEFAULT_RECIPE, format_table, reference_floor, run_sweep, sweep_configs,
                     write_outputs)
-from .train import (COMPUTE_DTYPES, TANGENTS, ToyConfig, ToyRun, evaluate, sample_times, train,
-                    training_precision)
+from .train import (COMPUTE_DTYPES, LR_SCHEDULES, TANGENTS, ToyConfig, ToyRun, evaluate, learning_rate,
+                    sample_times, train, training_precision)
 
 __all__ = [name for name in dir() if not name.startswith("_")]

@@ -9,28 +9,21 @@ import os
 import time
 import warnings
 
-import torch
+from full import cli
 
 from .data import DATASETS
 from .model import PREDICTIONS
 from .sweep import DEFAULT_DIMS, DEFAULT_RECIPE, check_out, run_sweep, sweep_configs
-from .train import COMPUTE_DTYPES, TANGENTS
+from .train import COMPUTE_DTYPES, LR_SCHEDULES, TANGENTS
 
 R = DEFAULT_RECIPE
 
 
-class _OneLineErrorParser(argparse.ArgumentParser):
-    """Bad flags print one line (``python -m toy: error: ...``), not the whole usage block."""
-
-    def error(self, message: str):
-        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
-
-
 def _parser() -> argparse.ArgumentParser:
-    parser = _OneLineErrorParser(
+    parser = cli.Parser(
         prog="python -m toy",
-        description="Train a ReLU MLP on a 2-D dataset embedded in R^D by a random orthonormal P, with the "
-                    "same pMF velocity loss, predicting x (pMF) or u (iMF); report 1-NFE sample quality per D "
+        description="Train a ReLU MLP on a 2-D dataset embedded in R^D by a random orthonormal P, with the\n"
+                    "same pMF velocity loss, predicting x (pMF) or u (iMF); report 1-NFE sample quality per D\n"
                     "(pMF paper Fig. 2). Writes metrics.json, samples.png, loss_curves.png and table.md.")
     parser.add_argument("--dims", type=int, nargs="+", default=list(DEFAULT_DIMS), metavar="D",
                         help="observation dimensions D >= 2 (default: %(default)s; "
@@ -42,7 +35,7 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--seed", "--seeds", dest="seeds", type=int, nargs="+", default=[R.seed], metavar="SEED",
                         help="one or more seeds; each seeds P, the init, the data and the evaluation noise; "
                              "with several the table gives mean +- std (default: 0)")
-    parser.add_argument("--out", default="runs/toy", help="output folder (default: %(default)s)")
+    cli.add_out(parser, "runs/toy", "metrics.json, samples.png, loss_curves.png and table.md (default: %(default)s)")
     parser.add_argument("--overwrite", action="store_true",
                         help="replace the files of an earlier run in --out (without it such a folder is refused)")
     recipe = parser.add_argument_group("training recipe (the defaults are toy.DEFAULT_RECIPE)")
@@ -51,7 +44,10 @@ def _parser() -> argparse.ArgumentParser:
     recipe.add_argument("--batch-size", type=int, default=R.batch_size,
                         help="fresh data points per step (default: %(default)s)")
     recipe.add_argument("--lr", type=float, default=R.lr,
-                        help="Adam learning rate, constant, > 0 (default: %(default)s)")
+                        help="Adam's peak learning rate, > 0 (default: %(default)s)")
+    recipe.add_argument("--lr-schedule", choices=LR_SCHEDULES, default=R.lr_schedule,
+                        help="lr over the run: constant, or decayed to 0 at the last step by a half cosine or "
+                             "linearly (default: %(default)s)")
     recipe.add_argument("--tangent", choices=TANGENTS, default=R.tangent,
                         help="JVP tangent for z: 'model' = sg(u(z_t, t, t)) (pMF Alg. 1), 'conditional' = e - x "
                              "(original MeanFlow) (default: %(default)s)")
@@ -65,6 +61,9 @@ def _parser() -> argparse.ArgumentParser:
                         help="std of that logit-normal, > 0 (default: %(default)s; pMF ImageNet: 0.8)")
     recipe.add_argument("--equal-fraction", type=float, default=R.equal_fraction,
                         help="share of rows with r = t, in [0, 1] (default: %(default)s, as in pMF)")
+    recipe.add_argument("--corner-fraction", type=float, default=R.corner_fraction,
+                        help="share of rows set to (r, t) = (0, 1), the point one-step sampling evaluates, in [0, 1] "
+                             "(default: %(default)s)")
     recipe.add_argument("--width", type=int, default=R.width,
                         help="hidden width of the MLP (default: %(default)s, as in pMF)")
     recipe.add_argument("--depth", type=int, default=R.depth,
@@ -78,7 +77,7 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--eval-samples", type=int, default=R.eval_samples,
                         help="1-NFE samples (and fresh data samples) compared by the metrics; the metrics' floors "
                              "grow as this shrinks (default: %(default)s)")
-    parser.add_argument("--device", default=R.device, help="torch device, e.g. cpu or cuda (default: %(default)s)")
+    cli.add_device(parser, default=R.device)
     parser.add_argument("--workers", type=int, default=min(2, os.cpu_count() or 1),
                         help="runs trained at once, each in its own process on one CPU thread; 1 = one process "
                              "using all threads (default: %(default)s = min(2, CPU count); use 1 with --device cuda)")
@@ -103,17 +102,11 @@ def _check(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
             ("--lr", args.lr, args.lr > 0, "> 0"), ("--time-std", args.time_std, args.time_std > 0, "> 0"),
             ("--uniform-fraction", args.uniform_fraction, 0 <= args.uniform_fraction <= 1, "in [0, 1]"),
             ("--equal-fraction", args.equal_fraction, 0 <= args.equal_fraction <= 1, "in [0, 1]"),
+            ("--corner-fraction", args.corner_fraction, 0 <= args.corner_fraction <= 1, "in [0, 1]"),
             ("--ema-decay", args.ema_decay, 0 <= args.ema_decay < 1, "in [0, 1)")):
         if not ok:   # also catches nan, which fails every comparison
             parser.error(f"{name} must be {expected}, got {value}")
-    try:
-        device = torch.device(args.device)
-    except RuntimeError:
-        parser.error(f"--device: unknown device {args.device!r} (use cpu, cuda or cuda:N)")
-    if device.type == "cuda" and not torch.cuda.is_available():
-        parser.error("--device: cuda requested but torch.cuda.is_available() is False")
-    if device.type not in ("cpu", "cuda"):
-        parser.error(f"--device: {args.device!r} is not supported here (use cpu, cuda or cuda:N)")
+    args.device = str(cli.resolve_device(parser, args.device))
     try:
         check_out(args.out, overwrite=args.overwrite)
     except (ValueError, FileExistsError) as error:
@@ -121,9 +114,9 @@ def _check(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
 
 
 def _recipe_overrides(args: argparse.Namespace) -> dict:
-    return dict(steps=args.steps, batch_size=args.batch_size, lr=args.lr, tangent=args.tangent,
-                uniform_fraction=args.uniform_fraction, time_mean=args.time_mean, time_std=args.time_std,
-                equal_fraction=args.equal_fraction, depth=args.depth, width=args.width, ema_decay=args.ema_decay,
+    return dict(steps=args.steps, batch_size=args.batch_size, lr=args.lr, lr_schedule=args.lr_schedule,
+                tangent=args.tangent, uniform_fraction=args.uniform_fraction, time_mean=args.time_mean,
+                time_std=args.time_std, equal_fraction=args.equal_fraction, corner_fraction=args.corner_fraction, depth=args.depth, width=args.width, ema_decay=args.ema_decay,
                 compute_dtype=args.compute_dtype, eval_samples=args.eval_samples, device=args.device)
 
 

@@ -32,7 +32,8 @@ import pmf_ref as P
 sys.path.insert(0, str(Path(P.__file__).resolve().parents[1] / "tutorials"))  # _common, from any folder
 import toy  # noqa: E402
 from _common import FAST, report, save_figure, setup, steps  # noqa: E402
-from toy.train import EMA_WARMUP, ToyConfig, sample_times, training_precision, update_ema  # noqa: E402
+from toy.train import (EMA_WARMUP, ToyConfig, learning_rate, sample_times, training_precision,  # noqa: E402
+                       update_ema)
 
 out = setup("04")
 
@@ -61,9 +62,9 @@ for name, target in [("x", x), ("v = e - x", P.conditional_velocity(x, e))]:
 # ## 2. One training run, written out
 #
 # The recipe is the toy's default (`ToyConfig()`: pMF's 7-layer, width-256 ReLU MLP on `[z, t, h]`,
-# Adam at a constant lr, the toy's time sampler `sample_times` with half the rows at r = t, its
-# matmul precision `training_precision`, an EMA of the weights with a short warm-up for sampling),
-# imported rather than copied, with a quarter of the demo's steps to fit the tutorial's budget.
+# Adam at the recipe's lr `learning_rate` (constant), the toy's time sampler `sample_times` with half the
+# rows at r = t, its matmul precision `training_precision`, an EMA of the weights with a short warm-up
+# for sampling), imported rather than copied, with half of the demo's steps to fit the tutorial's budget.
 # The loss is pMF's Alg. 1 (`P.velocity_loss`: tangent `sg(u(z_t, t, t))`, compound velocity,
 # adaptive weight). **The parametrisation enters in two lines only** (marked `# <-`, in `as_u_fn`):
 # how the network's output becomes u. The flag `has_aux` they return tells the loss and the sampler
@@ -71,7 +72,7 @@ for name, target in [("x", x), ("v = e - x", P.conditional_velocity(x, e))]:
 
 # %%
 RECIPE = ToyConfig()
-STEPS = steps(RECIPE.steps // 4, 15)
+STEPS = steps(RECIPE.steps // 2, 15)
 
 
 def as_u_fn(network, prediction: str):
@@ -93,6 +94,8 @@ def train_and_sample(dim: int, prediction: str, num_steps: int = STEPS, seed: in
     data_stream = np.random.RandomState(seed + 1)
     losses = []
     for step in range(config.steps):
+        for group in optimizer.param_groups:
+            group["lr"] = learning_rate(config, step)
         x = toy.embed(toy.sample_2d(config.dataset, config.batch_size, seed=data_stream), projection)
         e = torch.randn(x.shape, generator=generator)
         r, t = sample_times(config, x.shape[0], generator=generator)
