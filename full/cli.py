@@ -26,7 +26,8 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefau
 
     def _get_help_string(self, action):
         text = action.help or ""
-        if action.default in (None, False, argparse.SUPPRESS) or "default" in text or action.required:
+        off = action.default is None or action.default is False or action.default is argparse.SUPPRESS  # not 0
+        if off or "default" in text or action.required:
             return text
         return super()._get_help_string(action)
 

@@ -10,6 +10,7 @@ from full import cli
 def _parser():
     parser = cli.Parser("prog", "test")
     parser.add_argument("--n", type=int, default=3, help="a number")
+    parser.add_argument("--zero", type=int, default=0, help="zero")
     parser.add_argument("--flag", action="store_true", help="a switch")
     cli.add_device(parser)
     cli.add_json(parser)
@@ -25,7 +26,7 @@ def test_error_is_one_line_and_exit_2(capsys):
 
 def test_help_shows_real_defaults_only():
     text = _parser().format_help()
-    assert "a number (default: 3)" in text and "(default: False)" not in text
+    assert "a number (default: 3)" in text and "zero (default: 0)" in text and "(default: False)" not in text
 
 
 @pytest.mark.parametrize("text, expected", [("cpu", "cpu"), ("auto", "cuda" if torch.cuda.is_available() else "cpu")])
