@@ -9,7 +9,7 @@
     (paper, B/16 160 ep: 3.53 / 194.53 / 389.28 / 106.59).
 (d) ``guidance``: one-step samples at omega = 1 vs the trained-in guidance scales, and a model trained
     without CFG (the paper tunes omega, e.g. B/16 best 8.5 on [0.1, 0.7]; it gives no omega = 1 FID).
-(e) ``snr`` (diagnostic, not in the paper): the 64 px arms of (a) at noise scale 4, the 16 px signal-to-noise ratio.
+(e) ``snr`` (diagnostic, not in the paper): (a)'s 64 px arms at noise scale 4, the 16 px signal-to-noise ratio.
 
 Every arm not named otherwise is the pMF recipe at 16 px, patch 4: x-prediction, Muon, full plane, CFG.
 """
