@@ -9,7 +9,7 @@
 # and samples in one step.
 #
 # Run: `python tutorials/03_the_pixel_meanflow_loss.py`, or cell by cell in Jupyter / VS Code
-# (about 1.5 CPU-minutes; `PMF_TUTORIAL_FAST=1` for a quick, under-trained pass). Figures go to
+# (about 1 CPU-minute; `PMF_TUTORIAL_FAST=1` for a quick, under-trained pass). Figures go to
 # `runs/tutorials/03/`.
 
 # %%
@@ -28,7 +28,7 @@ sys.path.insert(0, str(Path(P.__file__).resolve().parents[1] / "tutorials"))  # 
 import toy  # noqa: E402
 from _common import MLP, report, save_figure, setup, steps  # noqa: E402
 from toy import sample_2d, sliced_wasserstein  # noqa: E402
-from toy.train import EMA_WARMUP, ToyConfig, sample_times, training_precision, update_ema  # noqa: E402
+from toy.train import EMA_WARMUP, ToyConfig, learning_rate, sample_times, training_precision, update_ema  # noqa: E402
 
 out = setup("03")
 generator = torch.Generator().manual_seed(0)
@@ -264,6 +264,8 @@ losses = []
 train_generator = torch.Generator().manual_seed(2)
 data_stream = np.random.RandomState(2)
 for step in range(num_steps):
+    for group in optimizer.param_groups:
+        group["lr"] = learning_rate(recipe, step)         # the recipe's schedule (constant by default)
     x = sample_2d("swiss_roll", recipe.batch_size, seed=data_stream)
     e = torch.randn(x.shape, generator=train_generator)
     r, t = sample_times(recipe, x.shape[0], generator=train_generator)
@@ -301,10 +303,10 @@ save_figure(fig, out / "one_step_samples.png", trained=True)
 
 # %% [markdown]
 # One network call draws the roll — where one flow-matching step (tutorial 01) gave a point at the
-# mean. (Full mode: its samples lie on average 0.036 from the nearest data point, against 0.016
-# between two data samples; sliced W2 is higher, 0.23 against 0.03, because some samples also fall
-# into the gaps between the arms and the arms are not filled evenly. A second call sharpens it:
-# 0.17 and 0.033.)
+# mean. (Full mode: its samples lie on average 0.047 from the nearest data point, against 0.016
+# between two data samples; sliced W2 is higher, 0.21 against 0.03, because some samples also fall
+# into the gaps between the arms and the arms are not filled evenly. A second call sharpens it a
+# little: 0.044 and 0.19.)
 #
 # ## 7. The adaptive weight within a batch
 #
@@ -347,10 +349,10 @@ save_figure(fig, out / "adaptive_weight_in_a_batch.png", trained=True)
 
 # %% [markdown]
 # What the figure shows (full mode): the per-sample losses of one batch spread over five orders of
-# magnitude, and h explains little of it (median loss 2.40 on the r = t rows, 2.68 for t - r > 0.4).
+# magnitude, and h explains little of it (median loss 2.35 on the r = t rows, 2.72 for t - r > 0.4).
 # The spread is the luck of each row's noise: given `z_t`, the target `e - x` is unpredictable, and
 # in 2-D its squared error is a two-degree-of-freedom, chi-square-like number. Unweighted, the 10% of
-# rows with the largest loss would carry 34% of the batch's loss; weighted, every row contributes
+# rows with the largest loss would carry 33% of the batch's loss; weighted, every row contributes
 # the gradient of `log(L + c)`: those rows get 0.4% of the total weight, and the 10% with the
 # smallest loss get 76%. In 2-D the weight is therefore a strongly *robust* loss that fits the
 # rows whose target happened to be predictable; it does not single out any region of the (r, t)
