@@ -47,6 +47,8 @@ TIME_MEAN, TIME_STD = 0.0, 1.0
 EQUAL_FRACTION = P.EQUAL_FRACTION  # share of rows with r = t: 50%, as in pMF
 CORNER_FRACTION = 0.0
 # Share of rows set to (r, t) = (0, 1) after the draw above: the point one-step sampling evaluates.
+# Off by default: measured (D = 2, x-prediction, 2,000 x 512, seed 0; precision / swd) 0.038 / 0.242
+# without, 0.043 / 0.236 at 10%, 0.052 / 0.263 at 25% -- the identity along r = 0 already trains it.
 EMA_DECAY = 0.995
 # Samples come from an exponential moving average of the weights, as in pMF (EMA half-lives of
 # 500-2000 kimg there). With the warm-up below, decay_k = min(0.995, (1 + k) / (10 + k)) averages
