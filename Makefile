@@ -13,7 +13,7 @@ $(STAMP): pyproject.toml
 	@touch $(STAMP)
 
 demo: $(STAMP)
-	$(PY) -m toy
+	$(PY) -m toy --overwrite   # runs/toy is the demo's own folder: a re-run replaces its files
 
 test: $(STAMP)
 	$(PY) -m pytest -q
