@@ -64,9 +64,6 @@ from .recipe import GuidanceSampler, PMFObjective, draw_step_randomness, no_guid
 TIME_SAMPLERS = {"full": P.sample_time_pair_released, "diagonal": P.sample_time_pair_diagonal,
                  "endpoint": P.sample_time_pair_endpoint, "two_lines": P.sample_time_pair_two_lines}
 PERCEPTUAL_CHOICES = ("none", "lpips", "lpips+convnext")
-JVP_ROUTES = {"forward_ad": "torch.autograd.forward_ad through pmf_ref.fast_jvp's ops, ~2 forwards",
-              "func": "torch.func.jvp through plain torch ops"}
-"""What ``pmf_ref.default_jvp_mode()`` means; the trainer prints its route at start and records it."""
 MODEL_OVERRIDE_FIELDS = ("num_classes", "channels", "resolution", "patch", "noise_scale")
 LOGGED_TERMS = ("loss", "loss_u", "loss_v", "raw_u", "raw_v", "lpips", "convnext")
 SYNTHETIC_SIZE = 1024   # images in ``--data synthetic``
@@ -359,7 +356,7 @@ def train(cfg: TrainConfig, dataset=None, progress: bool = True) -> TrainResult:
     last_saved = f"{cfg.resume} (step {step})" if cfg.resume else "none yet"
     history, stopped_by = [], 0
     if rank == 0 and progress:   # which of pmf_ref.average_velocity_jvp's routes the JVP takes
-        print(f"jvp: {P.default_jvp_mode()} ({JVP_ROUTES[P.default_jvp_mode()]})", file=sys.stderr)
+        print(f"jvp: {P.default_jvp_mode()} ({P.JVP_MODE_DESCRIPTIONS[P.default_jvp_mode()]})", file=sys.stderr)
     bar = tqdm(total=cfg.steps, initial=step, disable=not progress or rank != 0, desc="pMF", dynamic_ncols=True)
     tick = time.perf_counter()
     objective.train()

@@ -22,8 +22,9 @@ from .loss import (ADAPTIVE_C, ADAPTIVE_P, GuidedLossTerms, MeanFlowLossTerms, a
                    velocity_loss)
 from . import fast_jvp
 from .fast_jvp import reference_ops
-from .meanflow import (JVP_MODES, AverageVelocityJVP, average_velocity_jvp, compound_velocity, default_jvp_mode,
-                       meanflow_target, tangent_conditional, tangent_from_model, tangent_from_v_head, u_fn_from_x_fn)
+from .meanflow import (JVP_MODE_DESCRIPTIONS, JVP_MODES, AverageVelocityJVP, average_velocity_jvp, compound_velocity,
+                       default_jvp_mode, meanflow_target, tangent_conditional, tangent_from_model, tangent_from_v_head,
+                       u_fn_from_x_fn)
 from .path import (T_EPS, average_velocity_from_x, conditional_velocity, denoised_image, interpolate,
                    target_velocity, x_from_average_velocity)
 from ._checks import expand_like

@@ -28,6 +28,10 @@ class AverageVelocityJVP(NamedTuple):
 JVP_MODES = ("func", "forward_ad")
 """Routes of :func:`average_velocity_jvp`: ``torch.func.jvp`` (the readable reference) or dual tensors
 of ``torch.autograd.forward_ad`` (the fast one: same numbers, cheaper with the ops of ``pmf_ref.fast_jvp``)."""
+JVP_MODE_DESCRIPTIONS = {"func": "torch.func.jvp through plain torch ops (the readable reference)",
+                         "forward_ad": "torch.autograd.forward_ad dual tensors through pmf_ref.fast_jvp's ops, "
+                                       "~2 forwards"}
+"""One line per route of :data:`JVP_MODES`, for programs that report which one they run."""
 
 
 def default_jvp_mode() -> str:

@@ -369,3 +369,8 @@ def test_tangent_conditional_and_v_head():
     v_theta = gaussian((4, 3), 2).requires_grad_(True)
     tangent = P.tangent_from_v_head(v_theta)
     assert not tangent.requires_grad and torch.equal(tangent, v_theta.detach())
+
+
+def test_every_jvp_route_has_its_description():
+    import pmf_ref as P
+    assert set(P.JVP_MODE_DESCRIPTIONS) == set(P.JVP_MODES) and P.default_jvp_mode() in P.JVP_MODES

@@ -4,8 +4,8 @@
     python -m full.bench --device cuda --out bench_gpu/
 
 Every comparison runs the old and the new path side by side, interleaved in one process
-(``full.bench.steps.PATHS``: old = ``torch.func.jvp`` through plain torch ops, new = the core's default,
-forward_ad through ``pmf_ref.fast_jvp``). Three sections, each on the same networks (toy MLP, tiny
+(``full.bench.steps.PATHS``: old = the core's reference route, inside ``pmf_ref.reference_ops()``; new =
+the core's default route, ``pmf_ref.default_jvp_mode()``; both described by ``pmf_ref.JVP_MODE_DESCRIPTIONS``). Three sections, each on the same networks (toy MLP, tiny
 ViT pMF-T/4, a small ViT: B/16 at 64 px, at one or more batch sizes):
 
 1. steps -- the no-grad forward of the u path, the no-grad JVP (primal + tangent), forward + backward
