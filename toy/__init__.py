@@ -22,7 +22,7 @@ from .data import DATASETS, embed, off_manifold, project, random_projection, sam
 from .metrics import coverage_distance, energy_distance, nearest_neighbour_distance, precision_distance, sliced_wasserstein
 from .model import PREDICTIONS, ToyMLP
 from .plots import plot_grid, plot_losses
-from .sweep import (DEFAULT_DIMS, DEFAULT_RECIPE, format_table, reference_floor, run_sweep, sweep_configs,
+from .sweep import (DEFAULT_DIMS, DEFAULT_RECIPE, format_table, run_sweep, sweep_configs,
                     write_outputs)
 from .train import (COMPUTE_DTYPES, LR_SCHEDULES, TANGENTS, ToyConfig, ToyRun, evaluate, learning_rate,
                     sample_times, train, training_precision)

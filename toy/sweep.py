@@ -14,30 +14,18 @@ import matplotlib.pyplot as plt
 import torch
 from tqdm.auto import tqdm
 
-from .data import sample_2d
-from .metrics import coverage_distance, energy_distance, precision_distance, sliced_wasserstein
-from .model import PREDICTIONS
 from full.io import unwritable_reason, write_json, write_text
 
+from .model import PREDICTIONS
 from .plots import plot_grid, plot_losses, save_figure
-from .train import EVAL_SAMPLES, ToyConfig, ToyRun, train
+from .train import ToyConfig, ToyRun, train
 
 DEFAULT_DIMS = (2, 8, 16, 512)      # pMF Fig. 2
 DEFAULT_RECIPE = ToyConfig()
 """The recipe of ``make demo`` (every run of a sweep shares it; only dataset, D, prediction and seed vary)."""
 METRICS = ("swd", "energy", "precision", "coverage", "off_manifold", "final_loss")
 FLOORED = ("swd", "energy", "precision", "coverage")   # metrics whose records carry a data-vs-data floor
-FLOOR_SEEDS = (7, 8)  # two independent data samples: the metrics' value for a perfect model
 FILES = {"metrics": "metrics.json", "samples": "samples.png", "losses": "loss_curves.png", "table": "table.md"}
-
-
-def reference_floor(dataset: str, samples: int = EVAL_SAMPLES) -> dict[str, float]:
-    """swd, energy, precision and coverage between two independent data samples of the evaluation
-    size: the value a perfect model would get (sampling noise of the metrics)."""
-    a = sample_2d(dataset, samples, seed=FLOOR_SEEDS[0])
-    b = sample_2d(dataset, samples, seed=FLOOR_SEEDS[1])
-    return {"swd": sliced_wasserstein(a, b), "energy": energy_distance(a, b),
-            "precision": precision_distance(a, b), "coverage": coverage_distance(a, b)}
 
 
 def check_out(out: str | os.PathLike, *, overwrite: bool) -> None:
