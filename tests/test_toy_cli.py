@@ -53,6 +53,7 @@ def test_cli_writes_outputs(tmp_path, capsys):
     (["--tangent", "v_head"], "--tangent"),
     (["--lr-schedule", "step"], "--lr-schedule"),
     (["--corner-fraction", "2"], "--corner-fraction"),
+    (["--adaptive-power", "-1"], "--adaptive-power"),
     (["--device", "tpu9"], "--device"),
 ])
 def test_cli_bad_flags_give_one_line_error(argv, message, capsys, no_training, tmp_path):

@@ -9,7 +9,8 @@ import torch
 import pmf_ref as P
 import toy
 from toy.model import ToyMLP
-from toy.train import ToyConfig, learning_rate, make_u_fn, sample_times, train, training_precision
+from toy.train import (ToyConfig, learning_rate, loss_terms, make_u_fn, resolve_compute_dtype, sample_times, train,
+                       training_precision)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -109,6 +110,36 @@ def test_learning_rate_schedules_start_at_lr_and_decay_to_zero(schedule, middle)
         assert learning_rate(config, 25) == pytest.approx(2e-3 * (1 + np.cos(np.pi / 4)) / 2)
 
 
+@pytest.mark.parametrize("amx, avx512_bf16, expected", [(True, False, torch.bfloat16), (False, True, torch.bfloat16),
+                                                        (False, False, torch.float32)])
+def test_auto_compute_dtype_is_bf16_exactly_on_cpus_with_native_bf16(monkeypatch, amx, avx512_bf16, expected):
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx, raising=False)
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: avx512_bf16, raising=False)
+    assert resolve_compute_dtype(ToyConfig(compute_dtype="auto")) == expected
+    assert resolve_compute_dtype(ToyConfig(compute_dtype="float32")) == torch.float32
+
+
+@pytest.mark.parametrize("tangent", ["model", "conditional"])
+def test_loss_terms_apply_the_adaptive_power(tangent):
+    # adp(L) = L / sg(L + c)^p: p = 0 is the raw squared error, p = 1 is L / (L + c) (pMF).
+    torch.manual_seed(0)
+    model = ToyMLP(3, depth=2, width=8)
+    u_fn, has_aux = make_u_fn(model, "x")
+    x, e, t = torch.randn(6, 3), torch.randn(6, 3), torch.rand(6) * 0.9 + 0.1
+    r = t * torch.rand(6)
+    for p in (0.0, 0.5, 1.0):
+        terms = loss_terms(u_fn, has_aux, x, e, r, t, tangent, p=p)
+        torch.testing.assert_close(terms.loss, terms.raw / (terms.raw + P.ADAPTIVE_C) ** p)
+
+
+def test_adaptive_power_reaches_the_training_step():
+    weights = {}
+    for p in (0.0, 1.0):
+        run = train(ToyConfig(dim=3, adaptive_power=p, ema_decay=0.0, compute_dtype="float32", **TINY), progress=False)
+        weights[p] = torch.cat([w.flatten() for w in run.model.parameters()])
+    assert not torch.allclose(weights[0.0], weights[1.0])
+
+
 def test_training_precision_runs_linear_layers_in_the_chosen_dtype():
     model = ToyMLP(3, depth=2, width=8)
     z, t = torch.randn(4, 3), torch.rand(4)
@@ -120,7 +151,8 @@ def test_training_precision_runs_linear_layers_in_the_chosen_dtype():
 
 @pytest.mark.parametrize("field, value", [("dim", 1), ("dataset", "spiral"), ("prediction", "v"), ("steps", 0),
                                           ("uniform_fraction", 1.5), ("ema_decay", 1.0), ("compute_dtype", "fp8"),
-                                          ("corner_fraction", -0.1), ("lr_schedule", "step")])
+                                          ("corner_fraction", -0.1), ("lr_schedule", "step"),
+                                          ("adaptive_power", -0.5)])
 def test_config_rejects_bad_values(field, value):
     with pytest.raises(ValueError, match="ToyConfig"):
         ToyConfig(**{field: value})

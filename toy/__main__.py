@@ -51,6 +51,10 @@ def _parser() -> argparse.ArgumentParser:
     recipe.add_argument("--tangent", choices=TANGENTS, default=R.tangent,
                         help="JVP tangent for z: 'model' = sg(u(z_t, t, t)) (pMF Alg. 1), 'conditional' = e - x "
                              "(original MeanFlow) (default: %(default)s)")
+    recipe.add_argument("--adaptive-power", type=float, default=R.adaptive_power,
+                        help="p of the loss's adaptive weight L / sg(L + c)^p, >= 0: pMF uses 1, 0 is the plain "
+                             "squared error; lower p spreads mass more faithfully but samples less sharply "
+                             "(README toy section) (default: %(default)s)")
     recipe.add_argument("--uniform-fraction", type=float, default=R.uniform_fraction,
                         help="share of rows with (t, r) from U(0, 1)^2, the rest logit-normal, in [0, 1] "
                              "(default: %(default)s; pMF ImageNet: 0, pMF-H: 0.1)")
@@ -72,8 +76,9 @@ def _parser() -> argparse.ArgumentParser:
                         help="EMA of the weights that draws the samples, in [0, 1); 0 = raw weights "
                              "(default: %(default)s)")
     recipe.add_argument("--compute-dtype", choices=COMPUTE_DTYPES, default=R.compute_dtype,
-                        help="matmul precision of the training step: auto = bfloat16 autocast on a CPU with AMX, "
-                             "else float32; weights, EMA and evaluation stay float32 (default: %(default)s)")
+                        help="matmul precision of the training step: auto = bfloat16 autocast on a CPU with "
+                             "native bf16 matmuls (AMX or AVX512-BF16), else float32; weights, EMA and "
+                             "evaluation stay float32 (default: %(default)s)")
     parser.add_argument("--eval-samples", type=int, default=R.eval_samples,
                         help="1-NFE samples (and fresh data samples) compared by the metrics; the metrics' floors "
                              "grow as this shrinks (default: %(default)s)")
@@ -103,7 +108,8 @@ def _check(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
             ("--uniform-fraction", args.uniform_fraction, 0 <= args.uniform_fraction <= 1, "in [0, 1]"),
             ("--equal-fraction", args.equal_fraction, 0 <= args.equal_fraction <= 1, "in [0, 1]"),
             ("--corner-fraction", args.corner_fraction, 0 <= args.corner_fraction <= 1, "in [0, 1]"),
-            ("--ema-decay", args.ema_decay, 0 <= args.ema_decay < 1, "in [0, 1)")):
+            ("--ema-decay", args.ema_decay, 0 <= args.ema_decay < 1, "in [0, 1)"),
+            ("--adaptive-power", args.adaptive_power, args.adaptive_power >= 0, ">= 0")):
         if not ok:   # also catches nan, which fails every comparison
             parser.error(f"{name} must be {expected}, got {value}")
     args.device = str(cli.resolve_device(parser, args.device))
@@ -115,8 +121,9 @@ def _check(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
 
 def _recipe_overrides(args: argparse.Namespace) -> dict:
     return dict(steps=args.steps, batch_size=args.batch_size, lr=args.lr, lr_schedule=args.lr_schedule,
-                tangent=args.tangent, uniform_fraction=args.uniform_fraction, time_mean=args.time_mean,
-                time_std=args.time_std, equal_fraction=args.equal_fraction, corner_fraction=args.corner_fraction, depth=args.depth, width=args.width, ema_decay=args.ema_decay,
+                tangent=args.tangent, adaptive_power=args.adaptive_power, uniform_fraction=args.uniform_fraction,
+                time_mean=args.time_mean, time_std=args.time_std, equal_fraction=args.equal_fraction,
+                corner_fraction=args.corner_fraction, depth=args.depth, width=args.width, ema_decay=args.ema_decay,
                 compute_dtype=args.compute_dtype, eval_samples=args.eval_samples, device=args.device)
 
 

@@ -100,7 +100,7 @@ def train_and_sample(dim: int, prediction: str, num_steps: int = STEPS, seed: in
         e = torch.randn(x.shape, generator=generator)
         r, t = sample_times(config, x.shape[0], generator=generator)
         with training_precision(config):
-            terms = P.velocity_loss(u_fn, x, e, r, t, has_aux=has_aux)
+            terms = P.velocity_loss(u_fn, x, e, r, t, has_aux=has_aux, p=config.adaptive_power)
         optimizer.zero_grad()
         terms.loss.mean().backward()
         optimizer.step()
