@@ -54,6 +54,7 @@ def test_cli_writes_outputs(tmp_path, capsys):
     (["--lr-schedule", "step"], "--lr-schedule"),
     (["--corner-fraction", "2"], "--corner-fraction"),
     (["--adaptive-power", "-1"], "--adaptive-power"),
+    (["--warmup-steps", "-1"], "--warmup-steps"),
     (["--device", "tpu9"], "--device"),
 ])
 def test_cli_bad_flags_give_one_line_error(argv, message, capsys, no_training, tmp_path):

@@ -1,4 +1,5 @@
 """Toy training loop and sweep: shapes, files, JSON schema, parametrisations, the recipe's helpers."""
+import dataclasses
 import json
 
 import numpy as np
@@ -99,10 +100,20 @@ def test_corner_fraction_sets_that_share_of_rows_to_the_one_step_point():
     assert torch.equal(r, r_ref) and torch.equal(t, t_ref)
 
 
+@pytest.mark.parametrize("schedule", ["constant", "cosine", "linear"])
+def test_learning_rate_warmup_rises_linearly_then_hands_over_to_the_schedule(schedule):
+    warm = ToyConfig(lr=2e-3, steps=101, lr_schedule=schedule, warmup_steps=10)
+    cold = dataclasses.replace(warm, warmup_steps=0)
+    for step in (0, 4, 9):
+        assert learning_rate(warm, step) == pytest.approx(2e-3 * (step + 1) / 10 * learning_rate(cold, step) / 2e-3)
+    for step in (10, 50, 100):
+        assert learning_rate(warm, step) == learning_rate(cold, step)
+
+
 @pytest.mark.parametrize("schedule, middle", [("constant", 1.0), ("cosine", 0.5), ("linear", 0.5)])
 def test_learning_rate_schedules_start_at_lr_and_decay_to_zero(schedule, middle):
     # Closed forms: at k = (K - 1) / 2 the half cosine and the line are both at lr / 2; at the last step 0.
-    config = ToyConfig(lr=2e-3, steps=101, lr_schedule=schedule)
+    config = ToyConfig(lr=2e-3, steps=101, lr_schedule=schedule, warmup_steps=0)
     assert learning_rate(config, 0) == pytest.approx(2e-3)
     assert learning_rate(config, 50) == pytest.approx(middle * 2e-3)
     assert learning_rate(config, 100) == pytest.approx(2e-3 if schedule == "constant" else 0.0, abs=1e-12)
@@ -152,7 +163,7 @@ def test_training_precision_runs_linear_layers_in_the_chosen_dtype():
 @pytest.mark.parametrize("field, value", [("dim", 1), ("dataset", "spiral"), ("prediction", "v"), ("steps", 0),
                                           ("uniform_fraction", 1.5), ("ema_decay", 1.0), ("compute_dtype", "fp8"),
                                           ("corner_fraction", -0.1), ("lr_schedule", "step"),
-                                          ("adaptive_power", -0.5)])
+                                          ("adaptive_power", -0.5), ("warmup_steps", -1)])
 def test_config_rejects_bad_values(field, value):
     with pytest.raises(ValueError, match="ToyConfig"):
         ToyConfig(**{field: value})

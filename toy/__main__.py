@@ -45,6 +45,9 @@ def _parser() -> argparse.ArgumentParser:
                         help="fresh data points per step (default: %(default)s)")
     recipe.add_argument("--lr", type=float, default=R.lr,
                         help="Adam's peak learning rate, > 0 (default: %(default)s)")
+    recipe.add_argument("--warmup-steps", type=int, default=R.warmup_steps,
+                        help="the lr rises linearly from lr / N to lr over the first N steps; 0 = no warm-up "
+                             "(default: %(default)s)")
     recipe.add_argument("--lr-schedule", choices=LR_SCHEDULES, default=R.lr_schedule,
                         help="lr over the run: constant, or decayed to 0 at the last step by a half cosine or "
                              "linearly (default: %(default)s)")
@@ -100,7 +103,8 @@ def _check(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
         parser.error(f"--dims: every D must be >= 2 (the data are 2-D), got {min(args.dims)}")
     for name, value, low in (("--steps", args.steps, 1), ("--batch-size", args.batch_size, 2),
                              ("--width", args.width, 1), ("--depth", args.depth, 2),
-                             ("--eval-samples", args.eval_samples, 2), ("--workers", args.workers, 1)):
+                             ("--eval-samples", args.eval_samples, 2), ("--workers", args.workers, 1),
+                             ("--warmup-steps", args.warmup_steps, 0)):
         if value < low:
             parser.error(f"{name} must be >= {low}, got {value}")
     for name, value, ok, expected in (
@@ -120,7 +124,8 @@ def _check(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
 
 
 def _recipe_overrides(args: argparse.Namespace) -> dict:
-    return dict(steps=args.steps, batch_size=args.batch_size, lr=args.lr, lr_schedule=args.lr_schedule,
+    return dict(steps=args.steps, batch_size=args.batch_size, lr=args.lr, warmup_steps=args.warmup_steps,
+                lr_schedule=args.lr_schedule,
                 tangent=args.tangent, adaptive_power=args.adaptive_power, uniform_fraction=args.uniform_fraction,
                 time_mean=args.time_mean, time_std=args.time_std, equal_fraction=args.equal_fraction,
                 corner_fraction=args.corner_fraction, depth=args.depth, width=args.width, ema_decay=args.ema_decay,
