@@ -303,10 +303,10 @@ save_figure(fig, out / "one_step_samples.png", trained=True)
 
 # %% [markdown]
 # One network call draws the roll — where one flow-matching step (tutorial 01) gave a point at the
-# mean. (Full mode: its samples lie on average 0.047 from the nearest data point, against 0.016
+# mean. (Full mode: its samples lie on average 0.039 from the nearest data point, against 0.016
 # between two data samples; sliced W2 is higher, 0.21 against 0.03, because some samples also fall
 # into the gaps between the arms and the arms are not filled evenly. A second call sharpens it a
-# little: 0.044 and 0.19.)
+# little: 0.036 and 0.16.)
 #
 # ## 7. The adaptive weight within a batch
 #
@@ -349,7 +349,7 @@ save_figure(fig, out / "adaptive_weight_in_a_batch.png", trained=True)
 
 # %% [markdown]
 # What the figure shows (full mode): the per-sample losses of one batch spread over five orders of
-# magnitude, and h explains little of it (median loss 2.35 on the r = t rows, 2.72 for t - r > 0.4).
+# magnitude, and h explains little of it (median loss 2.39 on the r = t rows, 2.68 for t - r > 0.4).
 # The spread is the luck of each row's noise: given `z_t`, the target `e - x` is unpredictable, and
 # in 2-D its squared error is a two-degree-of-freedom, chi-square-like number. Unweighted, the 10% of
 # rows with the largest loss would carry 33% of the batch's loss; weighted, every row contributes
@@ -359,7 +359,7 @@ save_figure(fig, out / "adaptive_weight_in_a_batch.png", trained=True)
 # plane. Tutorial 07 shows what that does to the velocity the network learns: it is pulled away
 # from the conditional mean. On the Swiss roll that pull is toward the dense inner arm, which is why
 # the arms above are not filled evenly: with p = 0.75 instead of 1 the toy demo's x-prediction
-# scores sliced W2 0.14 instead of 0.21 at D = 2, and the p = 1 field keeps its error even when
+# scores sliced W2 0.15 instead of 0.22 at D = 2, and the p = 1 field keeps its error even when
 # sampled with 32 steps (README, toy section). On images a row's loss is a sum over thousands of pixels and
 # concentrates, and the weight acts mainly between noise levels.
 #

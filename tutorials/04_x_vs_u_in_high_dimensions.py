@@ -176,18 +176,19 @@ save_figure(fig, out / "loss_curves.png", trained=True)
 
 # %% [markdown]
 # How to read it (full mode, numbers from a run of this script). At D = 2 both parametrisations
-# draw a rough roll (precision 0.065 and 0.082, against 0.017 between two data samples) and nothing
-# can leave the plane. As D grows, x-prediction keeps its samples on the roll (precision 0.083 at
-# D = 16, 0.062 at D = 512) and on the plane (off-plane distance at most 0.02), while u-prediction's
-# spread: precision 0.167 at D = 16, and at D = 512 0.236 — the pure-noise row's 0.235 — with an
-# off-plane distance of 21.1 against the noise's `sqrt(D - 2) ≈ 22.6`. u-prediction has removed
+# draw a rough roll (precision 0.062 and 0.051, against 0.017 between two data samples) and nothing
+# can leave the plane. As D grows, x-prediction keeps its samples on the roll (precision 0.066 at
+# D = 16, 0.061 at D = 512) and on the plane (off-plane distance at most 0.02), while u-prediction's
+# spread: precision 0.170 at D = 16, and at D = 512 0.235 — the pure-noise row's 0.235 — with an
+# off-plane distance of 21.2 against the noise's `sqrt(D - 2) ≈ 22.6`. u-prediction has removed
 # almost none of the noise: it must output a D-dimensional noise-like vector exactly, x-prediction
 # only the 2 directions of the plane. The loss curves say the same: at D = 512 u's raw loss stays
 # above 400, x's falls to about 4.
 #
 # Sliced W2 and coverage separate them less: a diffuse cloud of the right spread covers the roll's
 # support (pure noise scores coverage 0.033 and sliced W2 0.22), and after half of the demo's steps
-# x-prediction still puts too much mass on the inner arm at D = 512 (sliced W2 0.24). That is why the
+# x-prediction still puts too much mass on the inner arm at D = 512 (sliced W2 0.22; the loss's
+# adaptive weight does that, tutorial 03 and the README's toy section). That is why the
 # pure-noise row is there: read precision, the pictures and the off-plane column against it.
 # `make demo` runs the full sweep (D = 2, 8, 16, 512, the full step count) — the repository's
 # version of the paper's Fig. 2.
