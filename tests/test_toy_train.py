@@ -1,6 +1,12 @@
 """Toy training loop and sweep: shapes, files, JSON schema, parametrisations, the recipe's helpers."""
 import dataclasses
 import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -214,3 +220,48 @@ def test_run_sweep_parallel_workers_reproduce_serial_records():
     for a, b in zip(serial, parallel):
         assert a["swd"] == pytest.approx(b["swd"], rel=1e-4, abs=1e-6)
         assert a["final_loss"] == pytest.approx(b["final_loss"], rel=1e-4)
+
+
+def test_pool_workers_exit_once_the_sweep_that_started_them_is_gone(tmp_path):
+    # A parent that starts a sweep-style pool (spawn + toy.sweep.exit_with_parent), reports its worker's
+    # pid, and is then killed with SIGKILL: the orphaned worker must end within a few poll periods.
+    script = tmp_path / "parent.py"
+    script.write_text(
+        "import multiprocessing, os, sys, time\n"
+        "from concurrent.futures import ProcessPoolExecutor\n"
+        "from toy.sweep import exit_with_parent\n"
+        "if __name__ == '__main__':\n"
+        "    pool = ProcessPoolExecutor(1, mp_context=multiprocessing.get_context('spawn'),\n"
+        "                               initializer=exit_with_parent, initargs=(os.getpid(),))\n"
+        "    print(pool.submit(os.getpid).result(), flush=True)\n"
+        "    pool.submit(time.sleep, 600)\n"
+        "    time.sleep(600)\n")
+    repo = str(Path(toy.__file__).resolve().parents[1])
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([repo, os.environ.get("PYTHONPATH", "")])}
+    parent = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, text=True, env=env)
+    try:
+        worker = int(parent.stdout.readline())
+        os.kill(parent.pid, signal.SIGKILL)
+        parent.wait(timeout=10)
+        deadline = time.monotonic() + 15
+        while time.monotonic() < deadline:
+            try:
+                os.kill(worker, 0)
+            except ProcessLookupError:
+                return
+            if _is_zombie(worker):   # it exited; its new parent has not reaped it yet
+                return
+            time.sleep(0.2)
+        os.kill(worker, signal.SIGKILL)
+        raise AssertionError("the pool worker outlived its killed parent by 15 s")
+    finally:
+        if parent.poll() is None:
+            parent.kill()
+
+
+def _is_zombie(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            return stat.read().rsplit(")", 1)[1].split()[0] == "Z"
+    except OSError:
+        return False

@@ -5,6 +5,8 @@ import dataclasses
 import multiprocessing
 import os
 import statistics
+import threading
+import time
 import warnings
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
@@ -129,6 +131,23 @@ def run_sweep(*, dims: Sequence[int] = DEFAULT_DIMS, predictions: Sequence[str] 
     return runs
 
 
+PARENT_POLL_S = 1.0   # how often a pool worker checks that the sweep that started it is still alive
+
+
+def exit_with_parent(parent_pid: int, *, poll_s: float = PARENT_POLL_S) -> None:
+    """Pool-worker initializer: a daemon thread ends this process once ``parent_pid`` is no longer its parent.
+
+    A sweep killed by a signal cannot shut its ProcessPoolExecutor down, and spawned workers would train on
+    for minutes; with this they stop within ``poll_s`` (the orphan is re-parented, so its ppid changes).
+    """
+    def watch() -> None:
+        while os.getppid() == parent_pid:
+            time.sleep(poll_s)
+        os._exit(1)
+
+    threading.Thread(target=watch, name="exit-with-parent", daemon=True).start()
+
+
 def _train_one_thread(config: ToyConfig) -> ToyRun:
     torch.set_num_threads(1)
     # torch's own deprecation warning on the first forward-mode AD call; not ours to fix.
@@ -142,7 +161,8 @@ def _run_parallel(configs: list[ToyConfig], workers: int, progress: bool) -> lis
     order = sorted(range(len(configs)), key=lambda i: -configs[i].dim)
     runs: list[ToyRun | None] = [None] * len(configs)
     context = multiprocessing.get_context("spawn")
-    with ProcessPoolExecutor(max_workers=workers, mp_context=context) as pool:
+    with ProcessPoolExecutor(max_workers=workers, mp_context=context, initializer=exit_with_parent,
+                             initargs=(os.getpid(),)) as pool:
         futures = {pool.submit(_train_one_thread, configs[i]): i for i in order}
         bar = tqdm(total=len(configs), desc=f"toy sweep ({workers} processes)", disable=not progress,
                    dynamic_ncols=True)
