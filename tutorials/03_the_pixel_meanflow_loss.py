@@ -265,7 +265,7 @@ train_generator = torch.Generator().manual_seed(2)
 data_stream = np.random.RandomState(2)
 for step in range(num_steps):
     for group in optimizer.param_groups:
-        group["lr"] = learning_rate(recipe, step)         # the recipe's schedule (constant by default)
+        group["lr"] = learning_rate(recipe, step)         # the recipe's schedule (warm-up, then constant)
     x = sample_2d("swiss_roll", recipe.batch_size, seed=data_stream)
     e = torch.randn(x.shape, generator=train_generator)
     r, t = sample_times(recipe, x.shape[0], generator=train_generator)

@@ -62,9 +62,10 @@ for name, target in [("x", x), ("v = e - x", P.conditional_velocity(x, e))]:
 # ## 2. One training run, written out
 #
 # The recipe is the toy's default (`ToyConfig()`: pMF's 7-layer, width-256 ReLU MLP on `[z, t, h]`,
-# Adam at the recipe's lr `learning_rate` (constant), the toy's time sampler `sample_times` with half the
-# rows at r = t, its matmul precision `training_precision`, an EMA of the weights with a short warm-up
-# for sampling), imported rather than copied, with half of the demo's steps to fit the tutorial's budget.
+# Adam at the recipe's lr `learning_rate` (a short warm-up, then constant), the toy's time sampler
+# `sample_times` with half the rows at r = t, its matmul precision `training_precision`, an EMA of the
+# weights with a short warm-up for sampling), imported rather than copied, with half of the demo's steps
+# to fit the tutorial's budget.
 # The loss is pMF's Alg. 1 (`P.velocity_loss`: tangent `sg(u(z_t, t, t))`, compound velocity,
 # adaptive weight). **The parametrisation enters in two lines only** (marked `# <-`, in `as_u_fn`):
 # how the network's output becomes u. The flag `has_aux` they return tells the loss and the sampler
