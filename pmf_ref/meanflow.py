@@ -25,12 +25,15 @@ class AverageVelocityJVP(NamedTuple):
     aux: Any             # the aux output of u_fn (None without has_aux)
 
 
-JVP_MODES = ("func", "forward_ad")
-"""Routes of :func:`average_velocity_jvp`: ``torch.func.jvp`` (the readable reference) or dual tensors
-of ``torch.autograd.forward_ad`` (the fast one: same numbers, cheaper with the ops of ``pmf_ref.fast_jvp``)."""
+JVP_MODES = ("func", "forward_ad", "double_backward")
+"""Routes of :func:`average_velocity_jvp`: ``torch.func.jvp`` (the readable reference), dual tensors
+of ``torch.autograd.forward_ad`` (the fast one: same numbers, cheaper with the ops of ``pmf_ref.fast_jvp``),
+or reverse mode twice (for ops without forward-mode AD; never the default)."""
 JVP_MODE_DESCRIPTIONS = {"func": "torch.func.jvp through plain torch ops (the readable reference)",
                          "forward_ad": "torch.autograd.forward_ad dual tensors through pmf_ref.fast_jvp's ops, "
-                                       "~2 forwards"}
+                                       "~2 forwards",
+                         "double_backward": "torch.autograd.functional.jvp (reverse mode twice) plus a separate "
+                                            "forward for u"}
 """One line per route of :data:`JVP_MODES`, for programs that report which one they run."""
 
 
@@ -76,12 +79,15 @@ def average_velocity_jvp(u_fn: UFn, z: torch.Tensor, r: torch.Tensor, t: torch.T
     back-propagates into the parameters ``u_fn`` closes over; callers stop the gradient of the
     tangent (:func:`compound_velocity`).
 
-    Two routes, equal to rounding (tested on u, du/dt and every gradient), and a default:
+    Three routes, equal to rounding (tested on u, du/dt and every gradient), and a default:
 
     * ``mode="func"``: ``torch.func.jvp`` -- the readable reference; du/dt comes with its graph.
     * ``mode="forward_ad"``: the same JVP through ``torch.autograd.forward_ad`` dual tensors; with the
       ops of ``pmf_ref.fast_jvp`` it costs about two forwards (``torch.func.jvp`` takes a slower path
       through custom ``autograd.Function``s). du/dt is returned detached. Not inside ``vmap``.
+    * ``mode="double_backward"``: du/dt by ``torch.autograd.functional.jvp`` (the double-vjp trick,
+      for ops that have no forward-mode rule), detached, and u from a second, differentiable forward;
+      the slowest route, kept as the reference for frameworks without forward-mode AD.
     * ``mode=None``: :func:`default_jvp_mode` -- "forward_ad", or "func" inside ``reference_ops()``
       and inside ``torch.func`` transforms.
 
@@ -106,6 +112,14 @@ def average_velocity_jvp(u_fn: UFn, z: torch.Tensor, r: torch.Tensor, t: torch.T
     tangent_t = torch.ones_like(t)
     if mode == "forward_ad":
         return AverageVelocityJVP(*_jvp_forward_ad(u_fn, (z, r, t), (tangent_z, tangent_r, tangent_t), has_aux))
+    if mode == "double_backward":
+        def u_only(*inputs):
+            return u_fn(*inputs)[0] if has_aux else u_fn(*inputs)
+        with torch.enable_grad():
+            _, dudt = torch.autograd.functional.jvp(u_only, (z, r, t), (tangent_z, tangent_r, tangent_t))
+        out = u_fn(z, r, t)
+        u, aux = out if has_aux else (out, None)
+        return AverageVelocityJVP(u, dudt.detach(), aux)
     if has_aux:
         u, dudt, aux = torch.func.jvp(u_fn, (z, r, t), (tangent_z, tangent_r, tangent_t), has_aux=True)
     else:

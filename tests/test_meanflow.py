@@ -86,7 +86,7 @@ def test_average_velocity_jvp_matches_oracle_derivative(kind, seed, pair):
 @example(kind="gaussian", seed=0, pair=EDGE_ONE_STEP)
 @example(kind="point", seed=0, pair=EDGE_CLIP)
 def test_average_velocity_jvp_routes_match_oracle_derivative(mode, kind, seed, pair):
-    """Both routes of the switch (torch.func.jvp, forward_ad dual tensors) give the analytic du/dt."""
+    """Every route of the switch (func, forward_ad, double_backward) gives the analytic du/dt."""
     oracle = _oracle(kind, seed)
     z = gaussian((4, 3), seed + 1)
     r, t = _batch_times(pair, 4)

@@ -264,9 +264,8 @@ def _run(cfg: BenchConfig, device: torch.device, progress: bool) -> dict:
                   targets={k: f"{op} {v}" for k, (op, v) in TARGETS.items()},
                   machine=info, memory_method=memory_method(device),
                   config={**dataclasses.asdict(cfg), "paths": {
-                      "old": "torch.func.jvp through plain torch ops (pmf_ref.reference_ops())",
-                      "new": f"pmf_ref.average_velocity_jvp's default route ({P.default_jvp_mode()}) through "
-                             "the pmf_ref.fast_jvp ops"}},
+                      "old": f"pmf_ref.reference_ops(): {P.JVP_MODE_DESCRIPTIONS['func']}",
+                      "new": f"the default route: {P.JVP_MODE_DESCRIPTIONS[P.default_jvp_mode()]}"}},
                   timing_method=("median over interleaved repetitions (rotating order) after warm-up; "
                                  "a repetition averages `inner` calls; step = zero grads + loss.mean() + backward, "
                                  "no optimizer update; old and new paths interleaved in the same run"),

@@ -2,9 +2,9 @@
 
 Every variant runs on one of two paths (:data:`PATHS`, :func:`on_path`):
 
-* ``old``: today's reference -- ``torch.func.jvp`` through plain torch ops (``pmf_ref.reference_ops()``);
-* ``new``: the core's default -- ``torch.autograd.forward_ad`` dual tensors through the ops of
-  ``pmf_ref.fast_jvp`` (one-GEMM linear tangents, no tangent graph, no tangent kept by saved tensors).
+* ``old``: the core's reference route inside ``pmf_ref.reference_ops()`` (``JVP_MODE_DESCRIPTIONS["func"]``);
+* ``new``: the core's default route (``JVP_MODE_DESCRIPTIONS["forward_ad"]``: one-GEMM linear tangents,
+  no tangent graph, no tangent kept by saved tensors).
 
 A variant is a zero-argument callable over fixed tensors, so repeated calls do identical work:
 
@@ -21,12 +21,12 @@ A variant is a zero-argument callable over fixed tensors, so repeated calls do i
 JVP strategies for the same Alg. 1 loss (benchmark-only alternatives, identical value and gradient):
 
 * ``jvp_primal_grad``: the core's way, one forward-mode JVP whose primal output is differentiated;
-* ``jvp_func_route``: the same with the core's JVP forced to ``torch.func.jvp`` (``mode="func"``), which
-  takes functorch's slower path through the custom ops;
+* ``jvp_func_route``: the same with the core's JVP forced to ``mode="func"``, which takes functorch's
+  slower path through the custom ops;
 * ``jvp_nograd_plus_forward``: the core's JVP under ``torch.no_grad()`` (tangent only, nothing
   saved for backward), then a separate differentiable forward for u;
-* ``double_backward``: du/dt by ``torch.autograd.functional.jvp`` (reverse mode twice), then a
-  separate differentiable forward -- the reference for frameworks without forward-mode AD.
+* ``double_backward``: the core's JVP forced to ``mode="double_backward"`` (reverse mode twice, then a
+  separate differentiable forward) -- the reference for frameworks without forward-mode AD.
 """
 from __future__ import annotations
 
@@ -48,7 +48,7 @@ class Batch(NamedTuple):
 
 
 PATHS = ("old", "new")
-"""``old``: ``torch.func.jvp`` through plain torch ops (``pmf_ref.reference_ops()``); ``new``: the default."""
+"""``old``: inside ``pmf_ref.reference_ops()`` (the core's reference route); ``new``: the core's default."""
 
 
 def on_path(fn: Callable, path: str) -> Callable:
@@ -109,35 +109,24 @@ def alg1_loss_nograd_jvp(x_fn: XFn, batch: Batch) -> torch.Tensor:
     return _alg1_from_dudt(u_fn, z_t, v_t, batch, dudt)
 
 
-def alg1_loss_func_route(x_fn: XFn, batch: Batch) -> torch.Tensor:
-    """Alg. 1 as ``pmf_ref.pmf_loss`` computes it, with the JVP forced to ``mode="func"``, (B,)."""
-    u_fn = P.u_fn_from_x_fn(x_fn)
-    z_t = P.interpolate(batch.x, batch.e, batch.t)
-    v_t = P.target_velocity(z_t, batch.x, batch.t)
-    v_tangent = P.tangent_from_model(u_fn, z_t, batch.t, has_aux=True)
-    jvp = P.average_velocity_jvp(u_fn, z_t, batch.r, batch.t, v_tangent=v_tangent, has_aux=True, mode="func")
-    compound = P.compound_velocity(jvp.u, jvp.dudt, batch.r, batch.t)
-    return P.adaptively_weighted(P.squared_error(compound, v_t))
-
-
-def alg1_loss_double_backward(x_fn: XFn, batch: Batch) -> torch.Tensor:
-    """Alg. 1 with du/dt from ``torch.autograd.functional.jvp`` (double-vjp trick; tangents
-    dz = v, dr = 0, dt = 1 as in the core) plus a separate forward with gradient, (B,)."""
-    u_fn = P.u_fn_from_x_fn(x_fn)
-    z_t = P.interpolate(batch.x, batch.e, batch.t)
-    v_t = P.target_velocity(z_t, batch.x, batch.t)
-    v_tangent = P.tangent_from_model(u_fn, z_t, batch.t, has_aux=True)
-    _, dudt = torch.autograd.functional.jvp(
-        lambda z, r, t: u_fn(z, r, t)[0], (z_t, batch.r, batch.t),
-        (v_tangent, torch.zeros_like(batch.r), torch.ones_like(batch.t)))
-    return _alg1_from_dudt(u_fn, z_t, v_t, batch, dudt.detach())
+def alg1_loss_with_jvp_mode(mode: str) -> Callable[[XFn, Batch], torch.Tensor]:
+    """Alg. 1 as ``pmf_ref.pmf_loss`` computes it, with the core's JVP forced to ``mode``, (B,)."""
+    def loss(x_fn: XFn, batch: Batch) -> torch.Tensor:
+        u_fn = P.u_fn_from_x_fn(x_fn)
+        z_t = P.interpolate(batch.x, batch.e, batch.t)
+        v_t = P.target_velocity(z_t, batch.x, batch.t)
+        v_tangent = P.tangent_from_model(u_fn, z_t, batch.t, has_aux=True)
+        jvp = P.average_velocity_jvp(u_fn, z_t, batch.r, batch.t, v_tangent=v_tangent, has_aux=True, mode=mode)
+        compound = P.compound_velocity(jvp.u, jvp.dudt, batch.r, batch.t)
+        return P.adaptively_weighted(P.squared_error(compound, v_t))
+    return loss
 
 
 ALG1_STRATEGIES: dict[str, Callable[[XFn, Batch], torch.Tensor]] = {
     "jvp_primal_grad": alg1_loss,
-    "jvp_func_route": alg1_loss_func_route,
+    "jvp_func_route": alg1_loss_with_jvp_mode("func"),
     "jvp_nograd_plus_forward": alg1_loss_nograd_jvp,
-    "double_backward": alg1_loss_double_backward,
+    "double_backward": alg1_loss_with_jvp_mode("double_backward"),
 }
 
 
