@@ -178,28 +178,29 @@ def test_every_command_block_pastes_into_bash(readme):
 
 # ----------------------------------------------------------------------------- paths and names
 
-def missing_paths(text: str, folder: Path) -> list[str]:
-    """Repository paths in ``text`` (relative to the root or to ``folder``) that do not exist."""
+def missing_paths(text: str, folder: Path | None) -> list[str]:
+    """Repository paths in ``text`` that do not exist: markdown links relative to ``folder``, and paths
+    starting with an entry of the root or of ``folder`` (None: the root only), relative to either."""
     missing = []
     for target in LINK.findall(text):
         if re.match(r"^[a-z]+:", target) or target.startswith("#"):
             continue
-        if not (folder / target.split("#")[0]).exists():
+        if not ((folder or ROOT) / target.split("#")[0]).exists():
             missing.append(target)
-    for path in PATH.findall(text):
-        path = path.rstrip(".,:;")
-        if any(mark in path for mark in ("...", "*", "<", "{")) or not path:
-            continue
+    local = {entry.name for entry in folder.iterdir()} if folder is not None else set()
+    for match in PATH.finditer(text):
+        path = match[1].rstrip(".,:;")
+        if "..." in path or text[match.end():match.end() + 1] in ("*", "{", "<") or not path:
+            continue   # a pattern such as tests/test_toy_*.py, not a file name
         first = path.split("/")[0]
-        roots = [root for root in (ROOT, folder) if first in {p.name for p in root.iterdir()}]
-        if first in TOP_ENTRIES or roots:
-            if not any((root / path).exists() for root in (ROOT, folder)):
+        if first in TOP_ENTRIES or first in local:
+            if not any((root / path).exists() for root in (ROOT, folder) if root is not None):
                 missing.append(path)
     for path, name in TEST_REF.findall(text):
         file = ROOT / path
         if not file.is_file() or not re.search(rf"^\s*def {name}\b", file.read_text(), re.M):
             missing.append(f"{path}::{name}")
-    return missing
+    return sorted(set(missing))
 
 
 def missing_names(text: str) -> list[str]:
@@ -245,7 +246,7 @@ SOURCES = sorted(path for folder in SOURCE_FOLDERS for path in (ROOT / folder).r
 
 @pytest.mark.parametrize("source", SOURCES, ids=_rel)
 def test_every_path_a_docstring_or_comment_names_exists(source):
-    missing = missing_paths(docstrings_and_comments(source), source.parent)
+    missing = missing_paths(docstrings_and_comments(source), None)   # code names paths from the root
     assert not missing, f"{_rel(source)} names files that do not exist: {missing}"
 
 
@@ -266,7 +267,8 @@ def test_an_unknown_flag_and_a_missing_module_are_caught():
 
 def test_a_missing_path_and_a_stale_name_are_caught():
     assert missing_paths("see `tests/test_no_such_file.py` and [x](toy/nope.png)", ROOT) == [
-        "toy/nope.png", "tests/test_no_such_file.py"]
+        "tests/test_no_such_file.py", "toy/nope.png"]
+    assert missing_paths("`tests/test_toy_*.py` and `tests/test_{path,loss}.py`", ROOT) == []
     assert missing_paths("`tests/test_docs.py::test_no_such_test`", ROOT) == ["tests/test_docs.py::test_no_such_test"]
     assert missing_paths("runs/toy/metrics.json and https://github.com/toy/x and ~/full/y", ROOT) == []
     assert missing_names("`pmf_ref.interpolate` `pmf_ref.no_such_function`") == ["pmf_ref.no_such_function"]
