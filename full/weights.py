@@ -64,10 +64,8 @@ def check_convnext(path: Path) -> str | None:
     if path.suffix == ".safetensors":
         from safetensors import safe_open
 
-        with safe_open(str(path), "pt") as handle:
-            state = {key: handle.get_slice(key) for key in handle.keys()}
-            shapes = {key: tuple(value.get_shape()) for key, value in state.items()}
-        state = {key: torch.empty(shape, device="meta") for key, shape in shapes.items()}
+        with safe_open(str(path), "pt") as handle:   # shapes from the header; no tensor is read
+            state = {key: torch.empty(handle.get_slice(key).get_shape(), device="meta") for key in handle.keys()}
     else:
         state = _read_torch(path)
     state = {key: value for key, value in checkpoint_filter_fn(state, network).items() if not key.startswith("head.fc.")}
