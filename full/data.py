@@ -205,7 +205,7 @@ class GlobalBatchSampler(Sampler[int]):
     # Deviation: torch's DistributedSampler deals indices round-robin (rank k gets k, k+W, ...),
     # so a rank's rows are not a contiguous slice of the single-process batch. Contiguous slices
     # let the per-step randomness be drawn for the global batch and sliced per rank, which makes a
-    # run on N processes reproduce the 1-process run (tests/test_full_ddp.py).
+    # run on N processes reproduce the 1-process run (tests/test_full_distributed.py).
 
     Args:
         dataset_size: N.  global_batch: rows per step over all ranks.  rank, world_size: this shard.

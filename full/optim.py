@@ -10,7 +10,7 @@ rule never sends it anything else.
 Learning-rate scaling. The released code scales Muon's orthogonalised update by
 ``sqrt(max(1, fan_out / fan_in))``. For an ``nn.Linear`` weight of shape (fan_out, fan_in) torch's
 ``adjust_lr_fn="original"`` computes ``sqrt(max(1, A / B))`` with ``(A, B) = weight.shape`` -- the same
-number (checked in tests/test_full_optim_ema.py); ``"match_rms_adamw"`` (``0.2 sqrt(max(A, B))``) does not.
+number (checked in tests/test_full_optim.py); ``"match_rms_adamw"`` (``0.2 sqrt(max(A, B))``) does not.
 
 Adam group. The released code uses Nesterov Adam (optax ``nadam``):
 ``m_t = b1 m + (1 - b1) g``, update ``= lr [b1 m_t / (1 - b1^(t+1)) + (1 - b1) g / (1 - b1^t)] /

@@ -4,7 +4,7 @@ Why a module: the core's JVP (``pmf_ref.average_velocity_jvp``) cannot take a DD
 calling the inner network directly bypasses DDP's gradient hooks set up in ``DDP.forward`` (gradients
 would silently not be averaged across ranks). Wrapping :class:`PMFObjective` -- whose ``forward`` runs
 the whole loss, the JVP included -- puts every use of the parameters inside one ``DDP.forward``, so
-DDP's all-reduce covers them (checked by tests/test_full_ddp.py against a 1-process run).
+DDP's all-reduce covers them (checked by tests/test_full_distributed.py against a 1-process run).
 
 Every equation comes from ``pmf_ref``: the loss is ``pmf_guided_loss`` (the released
 ``pixelMeanFlow.forward``: one no-grad v-head pass for the guided target and the tangent, one JVP pass

@@ -36,7 +36,7 @@ HALF_LIVES = (0.002, 1.0)     # kimg: the first EMA moves visibly in 4 steps of 
 LR = 1e-3
 # Adam, not Muon, where 1 and 2 processes are compared: Muon's Newton-Schulz runs in bf16 and turns the
 # ~1e-7 reduction-order differences of the gradients into ~5% differences of some updates (see
-# tests/test_full_ddp.py). Muon itself is checked on identical gradients (GatheredMuon test).
+# tests/test_full_distributed.py). Muon itself is checked on identical gradients (GatheredMuon test).
 OPTIMIZER = "adam"
 
 

@@ -92,7 +92,7 @@ def test_resume_reproduces_uninterrupted_run_bit_for_bit(tmp_path):
 def test_gradient_accumulation_matches_full_batch(tmp_path):
     """accum_steps=2 (two micro-batches of 4, rows sliced from the same global randomness) == one batch of 8."""
     dataset = _dataset(16)
-    # Adam, not Muon: bf16 Newton-Schulz would magnify float summation-order differences (see test_full_ddp).
+    # Adam, not Muon: bf16 Newton-Schulz would magnify float summation-order differences (see tests/test_full_distributed.py).
     whole = train(_config(tmp_path / "whole", steps=2, optimizer="adam"), dataset, progress=False)
     accumulated = train(_config(tmp_path / "accum", steps=2, accum_steps=2, optimizer="adam"), dataset,
                         progress=False)
