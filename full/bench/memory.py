@@ -7,7 +7,8 @@ the released step (float32, perceptual nets off) at batch 1 and 2; the differenc
 slope**, what one more image costs in activations. A preset too large for the machine is measured with
 fewer blocks (3 and 6: trunk + u-head + v-head of 1+1+1 and 2+2+2) and extrapolated along the block count,
 which the activations grow with linearly (every block keeps the same tensors per image); the presets
-measured whole (:data:`MEASURE_WHOLE_MAX_PARAMS`) are measured both ways, which checks the extrapolation.
+measured whole (:data:`MEASURE_WHOLE`, and those no deeper than 6 blocks) are measured both ways, which checks
+the extrapolation.
 
 The fit adds what does not grow with the batch, counted from the parameter count (:func:`static_bytes`):
 float32 weights, gradients, DDP's gradient buckets, Muon's momentum (2-D matrices) and NAdam's two moments
@@ -32,7 +33,7 @@ GPUS = 8                       # one node
 USABLE_FRACTION = 0.9          # CUDA context, the allocator's fragmentation, kernel workspaces
 NUM_EMAS = 3                   # half-lives 500, 1000, 2000 kimg (full.train's default)
 REDUCED_DEPTHS = ((2, 1), (4, 2))   # (depth = trunk + u-head, head_depth): 3 and 6 blocks with the v-head
-MEASURE_WHOLE_MAX_PARAMS = 200e6    # measure the whole network up to this many parameters (B/16, B/32)
+MEASURE_WHOLE = ("pMF-B/16",)       # measured whole too (checks the extrapolation); the rest: minutes to hours
 MIB, GIB = 2 ** 20, 2 ** 30
 FLOAT32 = 4
 
@@ -92,25 +93,26 @@ def fit(static: int, slope_bytes: float, gpu_gib: float, *, gpus: int = GPUS,
     return {"max_images": max_images, "micro_batch": micro, "accum_steps": per_gpu // micro}
 
 
-def memory_rows(presets: tuple[str, ...], *, device: torch.device, progress=None) -> list[dict]:
+def memory_rows(presets: tuple[str, ...], *, device: torch.device, measure_whole: tuple[str, ...] = MEASURE_WHOLE,
+                checkpointing: tuple[bool, ...] = (False, True), progress=None) -> list[dict]:
     """Per preset and checkpointing setting: the measured peaks, the per-image slope and the fits."""
     rows = []
     for preset in presets:
         arch = ARCHITECTURES[preset]
         full_blocks = blocks(arch.depth, arch.head_depth)
         static = static_bytes(preset)
-        whole = static["weights"] / FLOAT32 <= MEASURE_WHOLE_MAX_PARAMS
-        for checkpointing in (False, True):
-            reduced = {blocks(d, h): per_image(preset, device=device, activation_checkpointing=checkpointing,
+        whole = preset in measure_whole or arch.depth + arch.head_depth <= max(map(sum, REDUCED_DEPTHS))
+        for recompute in checkpointing:
+            reduced = {blocks(d, h): per_image(preset, device=device, activation_checkpointing=recompute,
                                                depth=d, head_depth=h) for d, h in REDUCED_DEPTHS}
             (b_low, low), (b_high, high) = sorted(reduced.items())
             extrapolated = None
             if low["slope_mib"] is not None:
                 per_block = (high["slope_mib"] - low["slope_mib"]) / (b_high - b_low)
                 extrapolated = low["slope_mib"] + (full_blocks - b_low) * per_block
-            measured = per_image(preset, device=device, activation_checkpointing=checkpointing) if whole else None
+            measured = per_image(preset, device=device, activation_checkpointing=recompute) if whole else None
             slope = measured["slope_mib"] if measured is not None else extrapolated
-            row = {"preset": preset, "resolution": arch.resolution, "activation_checkpointing": checkpointing,
+            row = {"preset": preset, "resolution": arch.resolution, "activation_checkpointing": recompute,
                    "blocks": full_blocks, "device": str(device),
                    "reduced": {str(b): value for b, value in reduced.items()},
                    "slope_mib_extrapolated": extrapolated,
