@@ -42,6 +42,7 @@ from torch.utils.data import DataLoader
 from . import cli
 from .data import IMAGE_EXTENSIONS, ImageFolderDataset, UnreadableImageError, open_rgb
 from .io import write_json
+from .sample import SATURATED_FRACTION as SAMPLE_SATURATED_FRACTION
 from .fid import (IS_SPLITS, POOL_DIM, InceptionWeightsError, build_inception, extract_features,
                   feature_statistics, frechet_distance_from_features, inception_score, kernel_inception_distance,
                   load_reference_features, load_reference_images, load_statistics, open_npz, precision_recall,
@@ -51,7 +52,7 @@ METRICS_NAME = "metrics.json"      # python -m full.evaluate --out DIR
 REF_STATS_NAME = "ref_stats.npz"   # python -m full.evaluate ref-stats --out DIR
 UNBIASED_FID_SAMPLES = 10_000
 """Below this many samples FID is noticeably biased upwards (its bias falls like 1/N); a warning says so."""
-SATURATED_FRACTION = 0.99
+SATURATED_FRACTION = SAMPLE_SATURATED_FRACTION
 """A sample set with more than this share of its pixel values at 0 or 255 is refused as saturated: what a
 diverged network gives (its outputs, far outside [-1, 1], are clipped to the two ends). Real images, digits
 upsampled bilinearly included, keep intermediate values at every edge."""
@@ -266,12 +267,15 @@ def pr_kid_metrics(pool: np.ndarray, reference: np.ndarray | None, device: str =
 def evaluate(cfg: EvalConfig, extractor=None) -> dict:
     """FID against ``cfg.ref``, the Inception Score, and precision / recall and KID of ``cfg.samples``.
 
+    ``extractor``: the feature network (default: the Inception of ``cfg.inception_weights``).
+
     Raises:
         ValueError: an unusable ``--ref`` (wrong keys, dimension, NaN).
         SampleSetError: an unreadable, constant or saturated set, or one of another resolution than the reference.
     """
     # Cheap checks first: a bad --ref or a resolution mismatch fails before the Inception.
-    ref_mu, ref_sigma = load_statistics(cfg.ref, dim=POOL_DIM)
+    ref_mu, ref_sigma = load_statistics(cfg.ref, dim=POOL_DIM if extractor is None else None)   # a given
+    # extractor (tests) may have other features than the Inception's 2048
     mismatch = resolution_mismatch(cfg.samples, cfg.ref)
     if mismatch:
         raise SampleSetError(mismatch)

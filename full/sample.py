@@ -46,6 +46,8 @@ from .model import make_cond, x_hat_from_output
 from .presets import PRESETS, SAMPLING
 
 PIXEL_HALF_RANGE = 127.5  # uint8 = round((x + 1) * 127.5), x in [-1, 1]
+SATURATED_FRACTION = 0.99
+"""Samples whose pixel values are more than this share 0 or 255 are refused (full.evaluate refuses them too)."""
 GRID_PADDING = 2
 FORMATS = ("png", "npz")
 
@@ -116,6 +118,11 @@ def generate(model: torch.nn.Module, y: torch.Tensor, z_1: torch.Tensor, *, omeg
 
 class NonFiniteSamplesError(ValueError):
     """The network produced NaN / inf images (a diverged run); nothing is written for them."""
+
+
+class SaturatedSamplesError(NonFiniteSamplesError):
+    """Nearly every pixel value of the samples so far is 0 or 255 (a diverged run whose outputs lie far
+    outside [-1, 1]); nothing more is written. Threshold: ``full.evaluate.SATURATED_FRACTION``."""
 
 
 def to_uint8(x: torch.Tensor) -> torch.Tensor:
@@ -253,10 +260,18 @@ def sample_to_folder(model: torch.nn.Module, cfg: SampleConfig, *, rank: int = 0
     barrier()
     rows = np.lib.format.open_memmap(images_npy, mode="r+") if "npz" in cfg.formats else None
     grid_images = []
+    saturated, values = 0, 0
     for indices, _, images in iter_samples(model, shard(cfg.num, rank, world_size), omega=cfg.omega,
                                            t_min=cfg.t_min, t_max=cfg.t_max, seed=cfg.seed,
                                            batch_size=cfg.batch_size, progress=cfg.progress and rank == 0,
                                            classes=cfg.classes):
+        saturated += int(((images == 0) | (images == 255)).sum())
+        values += images.numel()
+        if saturated > SATURATED_FRACTION * values:   # checked before this batch is written
+            raise SaturatedSamplesError(
+                f"{100 * saturated / values:.1f}% of the pixel values of samples 0..{int(indices[-1])} are 0 or 255: "
+                f"the network's outputs lie far outside [-1, 1] (a diverged run); nothing more was written -- "
+                f"use an earlier checkpoint")
         if "png" in cfg.formats:
             for index, image in zip(indices.tolist(), images):
                 save_png(image, out / "images" / f"{index:06d}.png", fsync=False)   # renamed whole, not synced

@@ -462,3 +462,28 @@ def test_official_checkpoint_samples_equal_the_network_in_process(tmp_path, caps
     assert (info["omega"], info["t_min"], info["t_max"], info["ema"]) == (defaults["omega"], defaults["t_min"],
                                                                           defaults["t_max"], None)
     assert info["noise_scale"] == model.noise_scale
+
+
+def _diverged_model():
+    """The tiny model with its u-head output layer scaled by 1e6: finite outputs far outside [-1, 1]."""
+    model = _tiny_model()
+    with torch.no_grad():
+        model.u_head.out.weight.mul_(1e6)
+        model.u_head.out.bias.mul_(1e6)
+    return model
+
+
+def test_saturated_samples_are_refused_before_writing(tmp_path, capsys):
+    """A diverged network's images are pure 0 / 255 pixels: full.sample stops with one line, no PNG written."""
+    model = _diverged_model()
+    images = _all_images(model, 4, 4)
+    assert ((images == 0) | (images == 255)).double().mean() > S.SATURATED_FRACTION   # the premise
+    state = {"model": model.state_dict(), "ema": {"2000": model.state_dict()},
+             "config": {"model": {"preset": PRESET, "num_classes": NUM_CLASSES}}}
+    save_checkpoint(tmp_path / "ckpt.pt", state)
+    with pytest.raises(SystemExit) as exit_info:
+        S.main(["--ckpt", str(tmp_path / "ckpt.pt"), "--num", "8", "--out", str(tmp_path / "out"), "--device", "cpu",
+                "--no-progress"])
+    error = capsys.readouterr().err.strip().splitlines()
+    assert exit_info.value.code == 2 and len(error) == 1 and "are 0 or 255" in error[0], error
+    assert not list((tmp_path / "out").glob("images/*.png"))
