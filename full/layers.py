@@ -238,7 +238,7 @@ def recompute_in_backward(block: Callable[..., torch.Tensor], x: torch.Tensor, *
 
     ``torch.utils.checkpoint`` fails under forward-mode AD (the recomputation saves a different number of
     tensors). It is not needed: the backward needs only the primal path (du/dt enters every pMF loss under
-    a stop-gradient, and the tangents of ``pmf_ref.fast_jvp``'s ops carry no graph). So the block runs once
+    a stop-gradient, and the tangents of ``full.fast_jvp``'s ops carry no graph). So the block runs once
     without autograd history -- primal and, inside the JVP, tangent -- and :class:`_RecomputeInBackward`
     gives the primal a backward that reruns the block's primal from the saved input. The activations
     between blocks are the only ones kept; the backward pays one more block forward. Gradients equal the
