@@ -53,9 +53,21 @@ def write_text(path: str | os.PathLike, text: str) -> Path:
     return atomic_write(path, lambda file: file.write(text.encode("utf-8")))
 
 
+def finite_or_null(payload: Any) -> Any:
+    """``payload`` with every NaN / inf float replaced by None: JSON has no such numbers (Python's ``json``
+    would write bare ``NaN`` / ``Infinity`` tokens, which other JSON readers reject)."""
+    if isinstance(payload, float):
+        return payload if payload == payload and payload not in (float("inf"), float("-inf")) else None
+    if isinstance(payload, dict):
+        return {key: finite_or_null(value) for key, value in payload.items()}
+    if isinstance(payload, (list, tuple)):
+        return [finite_or_null(value) for value in payload]
+    return payload
+
+
 def write_json(path: str | os.PathLike, payload: Any) -> Path:
-    """Write ``payload`` as indented JSON (with a final newline) to ``path`` atomically."""
-    return write_text(path, json.dumps(payload, indent=2) + "\n")
+    """Write ``payload`` as indented, valid JSON (NaN / inf as ``null``, with a final newline) to ``path`` atomically."""
+    return write_text(path, json.dumps(finite_or_null(payload), indent=2, allow_nan=False) + "\n")
 
 
 def save_figure(figure, path: str | os.PathLike, **savefig_kwargs) -> Path:

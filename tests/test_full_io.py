@@ -29,6 +29,15 @@ def test_failed_write_keeps_the_old_file_and_removes_the_temp(tmp_path):
     assert path.read_text() == "old" and [p.name for p in tmp_path.iterdir()] == ["t.txt"]
 
 
+def test_json_is_valid_with_non_finite_numbers_as_null(tmp_path):
+    def refuse(token):
+        raise ValueError(f"{token} is not JSON")
+
+    io.write_json(tmp_path / "a.json", {"fid": float("nan"), "rows": [1.5, float("inf"), (float("-inf"), 2)]})
+    assert json.loads((tmp_path / "a.json").read_text(), parse_constant=refuse) == {
+        "fid": None, "rows": [1.5, None, [None, 2]]}
+
+
 def test_unwritable_reason_names_the_blocking_file(tmp_path):
     (tmp_path / "f").write_text("x")
     assert "is a file, not a folder" in io.unwritable_reason(tmp_path / "f" / "out", folder=True)
