@@ -587,9 +587,14 @@ def main(argv: list[str] | None = None) -> None:
 
     if args.preset not in PRESETS:
         parser.error(f"--preset: unknown preset {args.preset!r}; choose one of {sorted(PRESETS)}")
+    if args.processes < 1:
+        memory.error(f"--processes must be >= 1, got {args.processes}")
     overrides = {"resolution": args.resolution, "patch": ARCHITECTURES[args.preset].patch}
-    with torch.device("meta"):
-        muon = sum(p.numel() for p in split_parameters(build_model(args.preset, **overrides))[0])
+    try:
+        with torch.device("meta"):
+            muon = sum(p.numel() for p in split_parameters(build_model(args.preset, **overrides))[0])
+    except ValueError as error:   # e.g. a resolution that the preset's patch does not divide
+        memory.error(f"--resolution: {error}")
     print(f"| {args.preset} at {args.resolution} px, {args.processes} gloo processes | peak RSS added per "
           f"process (GiB) | model states, busiest rank (GiB) |\n|---|---|---|")
     for sharded in (False, True):

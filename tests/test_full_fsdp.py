@@ -382,3 +382,15 @@ def test_sigkill_during_save_leaves_the_last_checkpoint_loadable(tmp_path):
     link = tmp_path / fsdp.SHARDED_NAME
     tensors, meta = fsdp.load_sharded_whole(link)
     assert meta["step"] == 1 and set(tensors) == {"model", "ema", "optimizer"}
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--processes", "0"], "--processes must be >= 1, got 0"),
+    (["--resolution", "7"], "--resolution: resolution 7 must be divisible by patch 16"),
+    (["--resolution", "-32"], "--resolution: resolution must be a positive integer"),
+])
+def test_memory_cli_bad_input_is_one_line_exit_2(argv, message, capsys):
+    with pytest.raises(SystemExit) as raised:
+        fsdp.main(["memory", *argv])
+    error = capsys.readouterr().err
+    assert raised.value.code == 2 and error.count("\n") == 1 and message in error, error
