@@ -3,7 +3,7 @@
 Every op here is written with plain tensor arithmetic (matmul, softmax, elementwise), so that
 forward-mode AD (the core's JVP) goes through it on CPU and GPU. Where an operand carries no tangent
 -- a weight, a norm gain, a residual gate, the RoPE tables, a Python number -- the op goes through
-``pmf_ref.fast_jvp`` (``linear``, ``scale``, ``rotate_pairs``, ``rms_normalize``, ``softmax_attention``,
+``full/fast_jvp.py`` (``linear``, ``scale``, ``rotate_pairs``, ``rms_normalize``, ``softmax_attention``,
 ``silu_mul``): the plain op in a plain forward; inside the JVP an op whose tangent costs one application
 of its derivative, records no autograd history and is not kept alive by the saved activations
 (PyTorch's own formulas pay for zero tangents there: a third GEMM per linear, a slow path per
@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from pmf_ref import fast_jvp
+from . import fast_jvp
 
 RMS_EPS = 1e-6             # pMF (and JiT) RMSNorm epsilon
 ROPE_THETA = 1e4           # RoPE base frequency
@@ -62,7 +62,7 @@ class Linear(nn.Linear):
 class RMSNorm(nn.Module):
     """``y = x / sqrt(mean(x^2, -1) + eps) * g`` with a learned per-channel gain g (init 1).
 
-    Written out rather than ``nn.RMSNorm`` so that the JVP goes through ``pmf_ref.fast_jvp``'s ops;
+    Written out rather than ``nn.RMSNorm`` so that the JVP goes through ``full/fast_jvp.py``'s ops;
     the statistic is taken in float32 (or float64) even under bf16 autocast.
     """
 
@@ -123,7 +123,7 @@ wins at 276 tokens, 4.1 vs 10.8 ms) and ``FlopCounterMode`` does not count it.""
 
 def fused_attention_allowed(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
     """Whether :func:`attention` may run the fused SDPA kernel: on a :data:`FUSED_ATTENTION_DEVICES`
-    device, under ``no_grad``, no operand with a tangent, outside ``pmf_ref.fast_jvp.reference_ops()``."""
+    device, under ``no_grad``, no operand with a tangent, outside ``full.fast_jvp.reference_ops()``."""
     return (q.device.type in FUSED_ATTENTION_DEVICES and not torch.is_grad_enabled()
             and not fast_jvp.reference_ops_active()
             and not (fast_jvp.has_tangent(q) or fast_jvp.has_tangent(k) or fast_jvp.has_tangent(v)))
@@ -135,7 +135,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, use_sdpa_math: 
     Where :func:`fused_attention_allowed` (GPU, ``no_grad``, no tangent: sampling and the recipe's
     guidance passes): the fused ``F.scaled_dot_product_attention`` (equal to rounding; its kernels keep
     the softmax in float32 under bf16 too). Otherwise explicit matmul + softmax
-    (``pmf_ref.fast_jvp.softmax_attention``): forward-mode AD is not implemented by the fused kernels
+    (``full.fast_jvp.softmax_attention``): forward-mode AD is not implemented by the fused kernels
     (flash / memory-efficient / cuDNN, and the default CPU path), and with gradient the explicit form
     gives a plain forward the JVP primal's kernels.
     ``use_sdpa_math=True`` instead always calls ``F.scaled_dot_product_attention`` pinned to the MATH
@@ -238,7 +238,7 @@ def recompute_in_backward(block: Callable[..., torch.Tensor], x: torch.Tensor, *
 
     ``torch.utils.checkpoint`` fails under forward-mode AD (the recomputation saves a different number of
     tensors). It is not needed: the backward needs only the primal path (du/dt enters every pMF loss under
-    a stop-gradient, and the tangents of ``pmf_ref.fast_jvp``'s ops carry no graph). So the block runs once
+    a stop-gradient, and the tangents of ``full.fast_jvp``'s ops carry no graph). So the block runs once
     without autograd history -- primal and, inside the JVP, tangent -- and :class:`_RecomputeInBackward`
     gives the primal a backward that reruns the block's primal from the saved input. The activations
     between blocks are the only ones kept; the backward pays one more block forward. Gradients equal the

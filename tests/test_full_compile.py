@@ -15,7 +15,7 @@ import torch
 import pmf_ref as P
 from full.bench.precision import randomize_zero_init_
 from full.model import build_model
-from full.recipe import GuidanceSampler, PMFObjective, draw_step_randomness
+from full.step import TrainingStep
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -36,11 +36,10 @@ def test_compiled_objective_equals_eager_loss_and_every_gradient(backend):
     torch.manual_seed(0)
     generator = torch.Generator().manual_seed(0)
     model = randomize_zero_init_(build_model("pMF-T/4", num_classes=10), generator)
-    objective = PMFObjective(model, t_thr=0.8)
+    objective = TrainingStep.from_preset(model, "pMF-T/4", noise_scale=1.0, t_thr=0.8, omega_beta=1.0)
     n = 4
-    randomness = draw_step_randomness(n, (3, 32, 32), generator=generator, noise_scale=1.0,
-                                      sample_time_pair=P.sample_time_pair_released,
-                                      sample_guidance=GuidanceSampler(beta=1.0), device=torch.device("cpu"))
+    randomness = TrainingStep.from_preset(model, "pMF-T/4", noise_scale=1.0, omega_beta=1.0).draw_randomness(
+        torch.zeros(n, 3, 32, 32), generator=generator)
     x = torch.rand(n, 3, 32, 32, generator=generator) * 2 - 1
     y = torch.randint(0, 10, (n,), generator=generator)
     torch._dynamo.reset()

@@ -13,18 +13,17 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _released_step_grads(model, seed=0, n=6):
-    """Loss and every gradient of the released step (PMFObjective: guidance pass, JVP through both heads)."""
-    from full.recipe import GuidanceSampler, PMFObjective, draw_step_randomness
+    """Loss and every gradient of the released step (TrainingStep: guidance pass, JVP through both heads)."""
+    from full.step import TrainingStep
 
     generator = torch.Generator().manual_seed(seed)
-    randomness = draw_step_randomness(n, (3, 32, 32), generator=generator, noise_scale=1.0,
-                                      sample_time_pair=P.sample_time_pair_released,
-                                      sample_guidance=GuidanceSampler(beta=1.0), device=torch.device("cpu"))
+    randomness = TrainingStep.from_preset(model, "pMF-T/4", noise_scale=1.0, omega_beta=1.0).draw_randomness(
+        torch.zeros(n, 3, 32, 32), generator=generator)
     randomness = type(randomness)(*(f.double() if f.is_floating_point() else f for f in randomness))
     x = torch.rand(n, 3, 32, 32, generator=generator, dtype=torch.float64) * 2 - 1
     y = torch.randint(0, 10, (n,), generator=generator)
     model.zero_grad(set_to_none=True)
-    terms = PMFObjective(model, t_thr=0.8)(x, y, randomness)
+    terms = TrainingStep.from_preset(model, "pMF-T/4", noise_scale=1.0, t_thr=0.8, omega_beta=1.0)(x, y, randomness)
     terms["loss"].backward()
     return terms, {name: p.grad for name, p in model.named_parameters()}
 

@@ -76,18 +76,17 @@ def test_training_gmacs_match_flop_counter_on_a_released_step():
     from torch.utils.flop_counter import FlopCounterMode
 
     import pmf_ref as P
-    from full.recipe import GuidanceSampler, PMFObjective, draw_step_randomness
+    from full.step import TrainingStep
 
     generator = torch.Generator().manual_seed(0)
     model = build_model("pMF-T/4", num_classes=10)
     n = 4
-    randomness = draw_step_randomness(n, (3, 32, 32), generator=generator, noise_scale=1.0,
-                                      sample_time_pair=P.sample_time_pair_released,
-                                      sample_guidance=GuidanceSampler(beta=1.0), device=torch.device("cpu"))
+    randomness = TrainingStep.from_preset(model, "pMF-T/4", noise_scale=1.0, omega_beta=1.0).draw_randomness(
+        torch.zeros(n, 3, 32, 32), generator=generator)
     x = torch.rand(n, 3, 32, 32, generator=generator) * 2 - 1
     y = torch.randint(0, 10, (n,), generator=generator)
     counter = FlopCounterMode(display=False)
     with counter:
-        PMFObjective(model, t_thr=0.8)(x, y, randomness)["loss"].backward()
+        TrainingStep.from_preset(model, "pMF-T/4", noise_scale=1.0, t_thr=0.8, omega_beta=1.0)(x, y, randomness)["loss"].backward()
     measured = counter.get_total_flops() / 2 / n / 1e9
     assert measured == pytest.approx(training_gmacs("pMF-T/4", tangent_free_v_head=False)["total"], rel=1e-3)

@@ -71,16 +71,15 @@ def test_dudt_error_of_each_policy_against_float64():
 def test_bf16_step_gradients_close_to_fp32():
     """The released step on pMF-T/4 under bf16 autocast (every pass, the JVP's included): the loss and every
     parameter's gradient within a few bf16 roundings of the float32 step's (float64 as the yardstick)."""
-    from full.recipe import GuidanceSampler, PMFObjective, draw_step_randomness
+    from full.step import TrainingStep
 
     generator = torch.Generator().manual_seed(0)
     torch.manual_seed(0)
     model = randomize_zero_init_(build_model("pMF-T/4", num_classes=10).double(), generator)
-    objective = PMFObjective(model, t_thr=0.8)
+    objective = TrainingStep.from_preset(model, "pMF-T/4", noise_scale=1.0, t_thr=0.8, omega_beta=1.0)
     n = 8
-    randomness = draw_step_randomness(n, (3, 32, 32), generator=generator, noise_scale=1.0,
-                                      sample_time_pair=P.sample_time_pair_released,
-                                      sample_guidance=GuidanceSampler(beta=1.0), device=torch.device("cpu"))
+    randomness = TrainingStep.from_preset(model, "pMF-T/4", noise_scale=1.0, omega_beta=1.0).draw_randomness(
+        torch.zeros(n, 3, 32, 32), generator=generator)
     x = torch.rand(n, 3, 32, 32, generator=generator) * 2 - 1
     y = torch.randint(0, 10, (n,), generator=generator)
 
