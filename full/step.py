@@ -99,8 +99,9 @@ class TrainingStep(nn.Module):
         t_thr: perceptual terms only on rows with t < t_thr (pMF: 0.8 for B/L-16, B/32; 0.6 for L/32, H).
         lpips_weight, convnext_weight: the perceptual terms' weights (pMF: 0.4, 0.1).
         c, p: the adaptive weight's constant and power (pMF: 0.01, 1).
-        autocast_dtype: e.g. torch.bfloat16 to run the no-grad guidance pass and the perceptual nets under
-            autocast; the JVP pass stays in fp32. None: no autocast.
+        autocast_dtype: e.g. torch.bfloat16 (``full.precision``'s bf16) to run every pass under autocast: the
+            guidance pass, the JVP pass (primal and tangent) and the perceptual nets; the network outputs come
+            back in z's dtype, so the tangent combination and the losses stay fp32. None: no autocast.
         jvp: the JVP engine handed to ``pmf_ref.average_velocity_jvp`` (``full.fast_jvp.jvp``, or
             ``torch.func.jvp``, the reference).
     """
@@ -182,10 +183,8 @@ class TrainingStep(nn.Module):
         return x_hat_from_output(self.model, z, output, t)   # x- or u-prediction: the model says which
 
     def denoise_uv(self, z, r, t, cond):
-        """Both heads of one fp32 forward at h = t - r: ``(x_hat_u, x_hat_v)``, each (B, C, H, W)."""
-        # No autocast: this is the function the core's JVP differentiates, and bf16 rounding in
-        # du/dt would enter the target through (t - r) du/dt.
-        x_hat_u, x_hat_v = self.model.forward_uv(z, r, t, cond)
+        """Both heads of one forward at h = t - r: ``(x_hat_u, x_hat_v)``, each (B, C, H, W) in z's dtype."""
+        x_hat_u, x_hat_v = (x_hat.to(z.dtype) for x_hat in self.model.forward_uv(z, r, t, cond))
         return self._as_image(z, x_hat_u, t), self._as_image(z, x_hat_v, t)
 
     def guidance_denoise(self, z, t, omega_target, y):
@@ -239,8 +238,9 @@ class TrainingStep(nn.Module):
             return (P.average_velocity_from_x(z, x_hat_u, t_, **unchecked),
                     P.average_velocity_from_x(z, x_hat_v, t_, **unchecked))
 
-        u, dudt, v_theta = P.average_velocity_jvp(u_fn, z_t, r, t, v_tangent=P.tangent_from_v_head(v_c),
-                                                  has_aux=True, jvp=self.jvp, **unchecked)
+        with self._autocast(x.device):   # bf16: the JVP pass too (its du/dt error: python -m full.bench.precision)
+            u, dudt, v_theta = P.average_velocity_jvp(u_fn, z_t, r, t, v_tangent=P.tangent_from_v_head(v_c),
+                                                      has_aux=True, jvp=self.jvp, **unchecked)
 
         # 5. L_u = adp(||u + (t - r) sg(du/dt) - v_g||^2), L_v = adp(||v_theta - v_g||^2)  (pMF Eq. 12)
         raw_u = P.squared_error(P.compound_velocity(u, dudt, r, t, **unchecked), v_g.detach())
