@@ -109,13 +109,15 @@ def estimate_slope(preset: str, reduced: dict, recompute: bool) -> float | None:
     block (the line through 3 and 6 blocks is the wrong model there: measured on B/16, 32 blocks took less
     than 6, within the probe's noise of tens of MiB).
     """
-    (b_low, low), (b_high, high) = sorted((int(b), value) for b, value in reduced.items())
-    if low["slope_mib"] is None or high["slope_mib"] is None:
-        return None
+    points = sorted((int(b), value) for b, value in reduced.items())
     arch = ARCHITECTURES[preset]
     full_blocks = blocks(arch.depth, arch.head_depth)
     if recompute:
-        return high["slope_mib"] + (full_blocks - b_high) * block_input_mib(preset)
+        b_high, high = points[-1]
+        return None if high["slope_mib"] is None else high["slope_mib"] + (full_blocks - b_high) * block_input_mib(preset)
+    (b_low, low), (b_high, high) = points
+    if low["slope_mib"] is None or high["slope_mib"] is None:
+        return None
     per_block = (high["slope_mib"] - low["slope_mib"]) / (b_high - b_low)
     return low["slope_mib"] + (full_blocks - b_low) * per_block
 
@@ -143,8 +145,9 @@ def memory_rows(presets: tuple[str, ...], *, device: torch.device, measure_whole
         arch = ARCHITECTURES[preset]
         whole = preset in measure_whole or blocks(arch.depth, arch.head_depth) <= max(map(sum, REDUCED_DEPTHS))
         for recompute in checkpointing:
+            depths = REDUCED_DEPTHS if whole or not recompute else REDUCED_DEPTHS[-1:]   # estimate_slope's needs
             reduced = {blocks(d, h): per_image(preset, device=device, activation_checkpointing=recompute,
-                                               depth=d, head_depth=h) for d, h in REDUCED_DEPTHS}
+                                               depth=d, head_depth=h) for d, h in depths}
             measured = per_image(preset, device=device, activation_checkpointing=recompute) if whole else None
             rows.append(summarise(preset, recompute, reduced, measured, str(device)))
             if progress is not None:
