@@ -200,7 +200,7 @@ def test_arguments_that_do_not_fit_the_model(tmp_path):
 def test_a_few_training_steps_from_a_released_file(tmp_path):
     """A tiny fine-tuning run: 3 classes from a 12-class file, the trainer's objective and optimiser."""
     from full.optim import build_optimizer
-    from full.recipe import GuidanceSampler, PMFObjective, draw_step_randomness
+    from full.step import TrainingStep
     import pmf_ref as P
 
     path, _ = _released_file(tmp_path)
@@ -208,15 +208,14 @@ def test_a_few_training_steps_from_a_released_file(tmp_path):
     model = build_model(PRESET, num_classes=3)
     init_from_official(model, path, num_classes=3, class_rows=[4, 5, 6])
     start = {name: value.clone() for name, value in model.state_dict().items()}
-    objective = PMFObjective(model)
+    objective = TrainingStep.from_preset(model, PRESET)
     optimizer = build_optimizer(model, kind="muon", lr=1e-3)
     generator = torch.Generator().manual_seed(0)
     x = torch.rand(4, 3, 32, 32, generator=generator) * 2 - 1
     y = torch.tensor([0, 1, 2, 0])
     for _ in range(2):
-        randomness = draw_step_randomness(4, (3, 32, 32), generator=generator, noise_scale=1.0,
-                                          sample_time_pair=P.sample_time_pair_released,
-                                          sample_guidance=GuidanceSampler(), device=torch.device("cpu"))
+        randomness = TrainingStep.from_preset(model, "pMF-T/4", noise_scale=1.0, omega_beta=1.0).draw_randomness(
+        torch.zeros(4, 3, 32, 32), generator=generator)
         optimizer.zero_grad(set_to_none=True)
         terms = objective(x, y, randomness)
         terms["loss"].backward()

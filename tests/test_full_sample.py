@@ -290,7 +290,7 @@ def test_sample_cli_reads_a_u_prediction_checkpoint_as_u(tmp_path, capsys):
     """A checkpoint trained with prediction='u' is sampled as u: the CLI's images equal the one-step
     samples computed from the training objective's own denoiser (and differ from reading it as x)."""
     import pmf_ref as P
-    from full.recipe import PMFObjective
+    from full.step import TrainingStep
     from full.train import TrainConfig, train
 
     cfg = TrainConfig(preset=PRESET, num_classes=NUM_CLASSES, batch_size=4, steps=3, perceptual="none",
@@ -307,7 +307,7 @@ def test_sample_cli_reads_a_u_prediction_checkpoint_as_u(tmp_path, capsys):
     indices = torch.arange(4)
     y = S.class_labels(indices, NUM_CLASSES)
     z_1 = S.sample_noise(indices, (3, 16, 16), seed=0, noise_scale=model.noise_scale)
-    objective = PMFObjective(model)          # the training code's reading of the output
+    objective = TrainingStep.from_preset(model, "pMF-T/2")   # the training code's reading of the output
     cond = make_cond(y, 2.0, 0.1, 0.7)
     u_fn = P.u_fn_from_x_fn(lambda z, r, t: objective._as_image(z, model.forward_u(z, r, t, cond), t))
     expected = S.to_uint8(P.sample_one_step(u_fn, z_1, has_aux=True)).int()
