@@ -28,7 +28,7 @@ from .evaluate import metrics_from_features
 from .checkpoint import CheckpointError, first_non_finite, load_checkpoint
 from .export import choose_ema
 from . import cli
-from .io import write_json
+from .io import finite_or_null, write_json
 from .fid import (IS_SPLITS, POOL_DIM, InceptionWeightsError, build_inception, extract_features,
                   load_statistics)
 from .sample import (NonFiniteSamplesError, checkpoint_info, iter_samples, load_for_sampling,
@@ -176,7 +176,7 @@ def main(argv: list[str] | None = None) -> None:
     try:
         extractor = build_inception(args.inception_weights, device)
     except FileNotFoundError as error:   # the message names the weights file and where to put it
-        sys.exit(f"error: {error}")
+        parser.error(f"--inception-weights: {error}")
     except InceptionWeightsError as error:
         parser.error(str(error))
 
@@ -202,10 +202,13 @@ def main(argv: list[str] | None = None) -> None:
     except (CheckpointError, NonFiniteSamplesError) as error:   # finished rows are saved already
         parser.error(f"--ckpt: {error}")
     except OSError as error:   # writing --out failed (a full disk): the printed rows above are the record
-        sys.exit(f"error: writing --out {args.out} failed: {error}")
+        where = error.filename or (Path(args.out) / RESULT_NAME if args.out else "a file")
+        print(f"{parser.prog}: error: writing {str(where)!r} failed: {error.strerror or error}; the rows printed "
+              f"above are the record", file=sys.stderr)
+        sys.exit(1)
     print("\n" + format_table(rows), file=table)
-    if args.json:
-        print(json.dumps(record(), indent=2))
+    if args.json:   # strict JSON: a NaN metric is null, never a bare NaN token
+        print(json.dumps(finite_or_null(record()), indent=2, allow_nan=False))
 
 
 if __name__ == "__main__":
