@@ -15,6 +15,7 @@
 # `runs/tutorials/01/`.
 
 # %%
+import copy
 import sys
 from pathlib import Path
 
@@ -25,8 +26,10 @@ import torch
 import pmf_ref as P
 
 sys.path.insert(0, str(Path(P.__file__).resolve().parents[1] / "tutorials"))  # _common, from any folder
-from _common import MLP, report, save_figure, setup, steps  # noqa: E402
+import toy  # noqa: E402
+from _common import ema_step, report, save_figure, setup, steps  # noqa: E402
 from toy import sample_2d, sliced_wasserstein  # noqa: E402
+from toy.train import ToyConfig, learning_rate, sample_times, training_precision  # noqa: E402
 
 out = setup("01")
 generator = torch.Generator().manual_seed(0)
@@ -104,42 +107,56 @@ report("v from the true x vs e - x (t >= t_eps)",
 # $$ \mathcal L = \big\| \hat v(z_t, t) - v_t \big\|^2, \qquad v_t = \frac{z_t - x}{\max(t, t_\epsilon)}. $$
 #
 # `P.flow_matching_loss(x_fn, x, e, t)` takes an x-prediction network. A v-prediction network
-# becomes one by the conversion above, so the two models below differ only in what the MLP's last
-# layer means. Times come from the logit-normal sampler `P.sample_logit_normal`.
+# becomes one by the conversion above, so the two models below differ only in what the network's last
+# layer means. They are trained exactly like pMF's model in tutorial 03 — the toy's recipe
+# (`ToyConfig()`: pMF's 7 x 256 ReLU MLP on `[z, t, h]`, here with h = 0; Adam with warm-up, batch
+# 1,024, 1,200 steps; the toy's times; an EMA of the weights for sampling), so that tutorial 03 can put
+# N-step flow matching and one-step pMF side by side on equal footing.
 
 # %%
-x_net = MLP(d_in=3, d_out=2)       # inputs: z (2) and t (1)
-v_net = MLP(d_in=3, d_out=2)
+recipe = ToyConfig()
+torch.manual_seed(0)
+x_net = toy.ToyMLP(2, depth=recipe.depth, width=recipe.width)    # inputs: z (2), t, h = t - r
+torch.manual_seed(0)
+v_net = toy.ToyMLP(2, depth=recipe.depth, width=recipe.width)
 
 
 def x_fn_x_pred(z, r, t):
-    return x_net(z, t)                                               # the MLP outputs x_hat
+    return x_net(z, t, t)                                            # the network outputs x_hat (h = 0)
 
 
 def x_fn_v_pred(z, r, t):
-    return P.x_from_average_velocity(z, v_net(z, t), t)              # the MLP outputs v_hat
+    return P.x_from_average_velocity(z, v_net(z, t, t), t)           # the network outputs v_hat
 
 
-def train(x_fn, parameters, num_steps: int, seed: int) -> list[float]:
-    optimizer = torch.optim.Adam(parameters, lr=2e-3)
+def train(x_fn, network, num_steps: int, seed: int) -> tuple[list[float], torch.nn.Module]:
+    """The toy's recipe with the flow-matching loss; returns the losses and the EMA of the weights."""
+    optimizer = torch.optim.Adam(network.parameters(), lr=recipe.lr)
+    ema = copy.deepcopy(network).requires_grad_(False)
     g = torch.Generator().manual_seed(seed)
     data_stream = np.random.RandomState(seed)
     losses = []
-    for _ in range(num_steps):
-        x = sample_2d("swiss_roll", 512, seed=data_stream)
+    for step in range(num_steps):
+        for group in optimizer.param_groups:
+            group["lr"] = learning_rate(recipe, step)
+        x = sample_2d("swiss_roll", recipe.batch_size, seed=data_stream)
         e = torch.randn(x.shape, generator=g)
-        t = P.sample_logit_normal(x.shape[0], mean=0.0, std=1.0, generator=g)
-        loss = P.flow_matching_loss(x_fn, x, e, t).mean()            # batch mean last
+        _, t = sample_times(recipe, x.shape[0], generator=g)          # the toy's times (t only: r = t)
+        with training_precision(recipe):
+            loss = P.flow_matching_loss(x_fn, x, e, t).mean()        # batch mean last
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
+        ema_step(ema, network, step, recipe.ema_decay)
         losses.append(loss.item())
-    return losses
+    return losses, ema
 
 
-num_steps = steps(3000, 150)
-losses_x = train(x_fn_x_pred, x_net.parameters(), num_steps, seed=1)
-losses_v = train(x_fn_v_pred, v_net.parameters(), num_steps, seed=1)
+num_steps = steps(recipe.steps, 100)
+losses_x, x_ema = train(x_fn_x_pred, x_net, num_steps, seed=1)
+losses_v, v_ema = train(x_fn_v_pred, v_net, num_steps, seed=1)
+x_net.load_state_dict(x_ema.state_dict())                           # sample from the averaged weights
+v_net.load_state_dict(v_ema.state_dict())
 report("final flow-matching loss, x-prediction", sum(losses_x[-100:]) / len(losses_x[-100:]))
 report("final flow-matching loss, v-prediction", sum(losses_v[-100:]) / len(losses_v[-100:]))
 
@@ -206,8 +223,8 @@ for i in range(len(e_shown)):
 axes[1].scatter(*data_mean.tolist(), marker="x", s=80, c="red", zorder=3, label="E[x]")
 axes[1].legend(loc="lower left")
 axes[2].semilogx(step_counts, curve, "o-", base=2)
-axes[2].axhline(sliced_wasserstein(sample_2d("swiss_roll", num_samples, seed=5), x_data), color="gray", ls="--",
-                label="data vs data")
+floor = report("sliced W2, data vs data (the floor)", sliced_wasserstein(sample_2d("swiss_roll", num_samples, seed=5), x_data))
+axes[2].axhline(floor, color="gray", ls="--", label="data vs data")
 axes[2].set(xlabel="Euler steps (network calls)", ylabel="sliced W2 to data", title="distance to the data")
 axes[2].legend()
 save_figure(fig, out / "why_one_step_fails.png", trained=True)
@@ -224,14 +241,16 @@ fig, axes = plt.subplots(2, len(step_counts), figsize=(3 * len(step_counts), 6.2
 for row, (name, x_fn) in enumerate([("x-pred", x_fn_x_pred), ("v-pred", x_fn_v_pred)]):
     for col, n in enumerate(step_counts):
         x_gen = P.sample_multi_step(u_fn_of(x_fn), e_sample, steps=n)
-        distance = sliced_wasserstein(x_gen, x_data)
-        report(f"sliced W2 to data, {name}, {n} steps", distance)
+        distance = report(f"sliced W2 to data, {name}, {n} steps", sliced_wasserstein(x_gen, x_data))
+        report(f"precision distance to data, {name}, {n} steps", toy.precision_distance(x_gen, x_data))
         ax = axes[row, col]
         ax.scatter(x_data[:, 0], x_data[:, 1], s=1, c="lightgray")
         ax.scatter(x_gen[:, 0], x_gen[:, 1], s=1)
         ax.set(title=f"{name}, {n} step{'s' * (n > 1)}\nSW2 = {distance:.3f}", xlim=(-3, 3),
                ylim=(-3, 3), aspect="equal", xticks=[], yticks=[])
 save_figure(fig, out / "multi_step_samples.png", trained=True)
+report("precision distance, data vs data (the floor)",
+       toy.precision_distance(sample_2d("swiss_roll", num_samples, seed=5), x_data))
 
 # %% [markdown]
 # The distance to the data falls steeply with the number of steps and levels off from about 16 on

@@ -33,8 +33,8 @@ import pmf_ref as P
 
 sys.path.insert(0, str(Path(P.__file__).resolve().parents[1] / "tutorials"))  # _common, from any folder
 import toy  # noqa: E402
-from _common import FAST, MLP, report, save_figure, setup, steps  # noqa: E402
-from toy.train import EMA_WARMUP, ToyConfig, sample_times, update_ema  # noqa: E402
+from _common import FAST, MLP, GaussianFlow, ema_step, report, rk4, save_figure, setup, steps  # noqa: E402
+from toy.train import ToyConfig, sample_times  # noqa: E402
 
 out = setup("07")
 F64 = torch.float64
@@ -50,34 +50,13 @@ generator = torch.Generator().manual_seed(0)
 # %%
 D, sigma = 4, 0.3
 mu = torch.tensor([1.0, -0.5, 2.0, 0.0], dtype=F64)
-
-
-def m(t):
-    return (1 - t)[..., None] * mu
-
-
-def s(t):
-    return torch.sqrt((1 - t) ** 2 * sigma**2 + t**2)
-
-
-def v_true(z, t):
-    """Marginal velocity of the Gaussian flow, m'(t) + s'(t)/s(t) (z - m(t))."""
-    ds_dt = (t - (1 - t) * sigma**2) / s(t)
-    return -mu + P.expand_like(ds_dt / s(t), z) * (z - m(t))
-
-
-def u_true(z, r, t):
-    """Average velocity (z_t - z_r) / (t - r) along the exact trajectory through z at time t."""
-    z_r = m(r) + P.expand_like(s(r) / s(t), z) * (z - m(t))
-    return (z - z_r) / P.expand_like(t - r, z)
+flow = GaussianFlow(mu, sigma)                   # tutorial 02's reference, from tutorials/_common.py
+v_true, u_true = flow.velocity, flow.average_velocity
 
 
 def sample_posterior(z, t, k: int):
     """k draws of x | z_t = z (Gaussian: mean and variance from Bayes' rule), (k, B, D)."""
-    precision = (1 - t) ** 2 / t**2 + 1 / sigma**2                       # of x given z_t
-    mean = ((1 - t)[:, None] * z / (t**2)[:, None] + mu / sigma**2) / precision[:, None]
-    draws = torch.randn(k, *z.shape, generator=generator, dtype=F64)
-    return mean + draws / precision.sqrt()[:, None]
+    return flow.sample_posterior(z, t, k, generator)
 
 
 B = 512
@@ -99,7 +78,7 @@ report("identity residual, tangent = e - x of one pair", identity_residual(P.con
 
 # %% [markdown]
 # With the marginal velocity the identity holds to rounding; with one pair's `e - x` it does not.
-# But the right-hand side `v - (t - r)(v · ∂_z u + ∂_t u)` is *linear* in the velocity, so averaged
+# But the right-hand side `v - (t - r)((∂_z u) v + ∂_t u)` is *affine* in the velocity, so averaged
 # over the pairs (x, e) that could have produced the same `z_t` — the posterior — it becomes the
 # marginal one. The average over K posterior pairs converges like `1/sqrt(K)`: `e - x` is an
 # **unbiased but noisy** tangent.
@@ -165,17 +144,10 @@ def mixture_velocity(z, t):
 
 
 def exact_one_step(e: torch.Tensor, n_steps: int = 400) -> torch.Tensor:
-    """Φ(e): RK4 integration of dz/dt = v(z, t) from t = 1 down to t = 0, float64."""
-    z, dt = e.double(), -1.0 / n_steps
-    for k in range(n_steps):
-        t0 = 1.0 - k / n_steps
-        def v_at(zz, tt): return mixture_velocity(zz, torch.full((zz.shape[0],), tt, dtype=F64))
-        k1 = v_at(z, t0)
-        k2 = v_at(z + dt / 2 * k1, t0 + dt / 2)
-        k3 = v_at(z + dt / 2 * k2, t0 + dt / 2)
-        k4 = v_at(z + dt * k3, t0 + dt)
-        z = z + dt / 6 * (k1 + 2 * k2 + 2 * k3 + k4)
-    return z.float()
+    """Φ(e): RK4 integration of dz/dt = v(z, t) from t = 1 down to t = 0, float64 (``_common.rk4``)."""
+    def velocity(z, t):
+        return mixture_velocity(z, torch.full((z.shape[0],), t, dtype=F64))
+    return rk4(velocity, e.double(), 1.0, 0.0, n_steps).float()
 
 
 probe_g = torch.Generator().manual_seed(1)
@@ -278,7 +250,7 @@ for tangent in history:
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
-        update_ema(ema, network, min(recipe.ema_decay, (1 + step) / (EMA_WARMUP + step)))
+        ema_step(ema, network, step, recipe.ema_decay)
     networks[tangent] = ema
     final = history[tangent][-1]
     report(f"{tangent}: tangent error (t-weighted, relative to e - x)", final["tangent_error"])

@@ -246,7 +246,7 @@ def train_digits(model: nn.Module, num_steps: int, *, loss_fn=None, seed: int = 
         loss.backward()
         optimizer.step()
         emas.update(model, batch=DIGITS_BATCH, images_seen=step * DIGITS_BATCH)
-        raw_u.append(float(raw))
+        raw_u.append(float(raw.detach()))
     return next(iter(emas.models.values())), np.array(raw_u)
 
 
