@@ -89,7 +89,7 @@ def printed_numbers(log: str) -> dict[str, float]:
 def matching(numbers: dict[str, float], pattern: str) -> dict[str, float]:
     if pattern in numbers:
         return {pattern: numbers[pattern]}
-    return {name: value for name, value in numbers.items() if "*" in pattern and fnmatch.fnmatchcase(name, pattern)}
+    return {name: value for name, value in numbers.items() if ("*" in pattern or "?" in pattern) and fnmatch.fnmatchcase(name, pattern)}
 
 
 def within(printed: float, quoted: float, unit: float) -> bool:
