@@ -212,3 +212,19 @@ save_figure(fig, out / "loss_curves.png", trained=True)
 # <!-- check: swd, x-prediction, D = 512 = 0.22 -->
 # `make demo` runs the full sweep (D = 2, 8, 16, 512, the full step count) — the repository's
 # version of the paper's Fig. 2.
+
+# %% [markdown]
+# ## What to take away
+#
+# * On data near a low-dimensional manifold, the denoised image x is low-dimensional and u (like
+#   e - x) is noise-like in all D directions.
+# * A network of fixed width learns the first at every D and not the second: u-prediction's samples
+#   keep the noise as D grows, x-prediction's stay on the plane — pMF's Fig. 2 in miniature.
+# * Read each metric against its floor and against pure noise: a diffuse cloud scores deceptively well
+#   on coverage and sliced W2.
+#
+# ## Try it
+#
+# 1. Give u-prediction a 4x wider network at D = 512 (`ToyConfig(width=1024)`): does capacity fix it,
+#    or does it only remove more of the noise?
+# 2. Add D = 64 to `DIMS`: where between 16 and 512 does u-prediction break down?

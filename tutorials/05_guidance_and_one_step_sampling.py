@@ -434,3 +434,20 @@ save_figure(fig, out / "one_vs_few_steps.png", trained=True)
 # sampler run, and a guided model learns a fixed point of its own guided targets, least accurate
 # where it was trained least. (Its one step is worse too, 0.33 against 0.18 unguided: the reason
 # the toy draws its times uniformly, tutorial 03.) pMF is trained for, and reports, one step.
+
+# %% [markdown]
+# ## What to take away
+#
+# * Guidance is trained in: the target `v_t + (1 - 1/omega')(v_c - v_u)` makes the network's output at
+#   scale omega a CFG-guided velocity, sampled with one call at any omega.
+# * The agreement with explicit two-call CFG is learned, not exact (the network chases a target made
+#   of its own outputs).
+# * A guidance interval matters even for a step that starts at t = 1, outside it: u is an average over
+#   the whole trajectory, guided only where the interval switches guidance on.
+#
+# ## Try it
+#
+# 1. Retrain with ImageNet's sampler (`r, t = P.sample_time_pair_released(B, mean=0.8, std=0.8,
+#    generator=generator)` in the training cell) and redo section 8: does the guided model still gain
+#    from a second step?
+# 2. Draw omega with `beta=2.0` (pMF-L's setting) in `P.sample_omega`: what happens at omega = 4?

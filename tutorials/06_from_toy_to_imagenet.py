@@ -446,3 +446,21 @@ save_figure(fig, out / "official_layout_samples.png")
 # 8 GPUs, is the paper's setting (FID 3.12 at one step after 320 epochs): `python -m full.train`;
 # `python -m full.sample` draws FID-50K sets from a checkpoint, `python -m full.params` prints the
 # table of section 1, and `python -m full.digits` runs the paper's ablations on these digits.
+
+# %% [markdown]
+# ## What to take away
+#
+# * At ImageNet scale the method is unchanged (the same `pmf_ref` loss); the network, the optimiser and
+#   the EMA change. The ViT is not told t: an image's noise level is written in its pixels.
+# * The written-out released step and the library's `TrainingStep` give the same loss and gradients
+#   on the same draws; `full.train` runs the latter.
+# * With a patch dimension above the bottleneck, a u-network's one step keeps the noise it cannot see;
+#   an x-network does not — the paper's B/16 x- vs u-prediction result.
+# * The authors' released weights load by name into the same network (`full.official`).
+#
+# ## Try it
+#
+# 1. Train at pMF's lr: `import _common; _common.DIGITS_LR = 1e-3` before the training cell. How far
+#    does the FD at omega = 4 get in 500 steps?
+# 2. Sample the trained model at pMF-B/16's best omega, 8.5: does the FD keep falling past omega = 4,
+#    and what happens to the class accuracy?

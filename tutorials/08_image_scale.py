@@ -363,3 +363,22 @@ save_figure(fig, out / "perceptual_cutoff.png")
 # sampler. How long an image "remembers" itself depends on resolution and noise scale (section 3),
 # which is why the recipe moves them together: L/32 and the H models, with noise scale 2–4, use
 # t_thr = 0.6 and a logit-normal mean of 0 (B/32 keeps 0.8 with noise scale 2).
+
+# %% [markdown]
+# ## What to take away
+#
+# * What a patch embedding cannot see grows with the patch dimension; a u-network's one step keeps
+#   that part of the noise, an x-network's does not.
+# * The denoised field runs from a blurry average (r = t) to one clean image (r = 0); the one-step
+#   sampler uses the corner (0, 1).
+# * Upsampling raises the signal-to-noise ratio at every t; scaling the noise with the resolution
+#   restores it. How long z_t "remembers" an image — and so where a perceptual loss can help — depends
+#   on both, which is why the recipe moves t_thr with them.
+#
+# ## Try it
+#
+# 1. Compute the Bayes accuracy curve for 64 px with noise scale 2 (`bayes_accuracy(64, 2.0, t_grid)`):
+#    where does it fall below 0.5, between the s = 1 and s = 4 curves?
+# 2. Train the bottleneck-4 u-network twice as long: does its FD keep improving while its
+#    off-subspace noise stays?
+# <!-- given: 0.5 -->
