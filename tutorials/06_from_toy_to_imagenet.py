@@ -181,7 +181,7 @@ report("EMA decay in steady state, batch 1024, half-life 2000 kimg (0.5^(1024/2e
 # (the u-prediction ablation): the only line that changes between the two.
 #
 # `full.train` does not run this function: it runs the library's training-step object,
-# `TrainingStep.from_preset(model, "pMF-T/4")` (`full/step.py`), which adds what a real run needs
+# `TrainingStep.from_preset(model, "pMF-T/4")`, which adds what a real run needs
 # (DDP/FSDP wrapping, bf16 autocast of the no-grad pass, the perceptual terms). Its
 # `draw_randomness(x, generator=...)` draws the step's randomness in one fixed order; given the same
 # draws, the two must give the same loss.
