@@ -11,7 +11,7 @@
 # facebookresearch/flow_matching run time the other way).
 #
 # Run: `python tutorials/01_flow_matching_and_x_prediction.py`, or cell by cell in Jupyter / VS Code
-# (about 1 CPU-minute; `PMF_TUTORIAL_FAST=1` for a quick, under-trained pass). Figures go to
+# (a CPU-minute or two, timed in `tutorials/README.md`; `PMF_TUTORIAL_FAST=1` for a quick, under-trained pass). Figures go to
 # `runs/tutorials/01/`.
 
 # %%

@@ -9,7 +9,7 @@
 # and samples in one step.
 #
 # Run: `python tutorials/03_the_pixel_meanflow_loss.py`, or cell by cell in Jupyter / VS Code
-# (about 1 CPU-minute; `PMF_TUTORIAL_FAST=1` for a quick, under-trained pass). Figures go to
+# (a CPU-minute or two, timed in `tutorials/README.md`; `PMF_TUTORIAL_FAST=1` for a quick, under-trained pass). Figures go to
 # `runs/tutorials/03/`.
 
 # %%

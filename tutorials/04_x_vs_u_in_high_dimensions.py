@@ -15,7 +15,7 @@
 # below; two lines of it depend on the parametrisation.
 #
 # Run: `python tutorials/04_x_vs_u_in_high_dimensions.py`, or cell by cell in Jupyter / VS Code
-# (about 2 CPU-minutes; `PMF_TUTORIAL_FAST=1` for a quick, under-trained pass). Figures go to
+# (a few CPU-minutes, timed in `tutorials/README.md`; `PMF_TUTORIAL_FAST=1` for a quick, under-trained pass). Figures go to
 # `runs/tutorials/04/`; `make demo` runs the full sweep.
 
 # %%

@@ -16,7 +16,7 @@
 # each one learns them.
 #
 # Run: `python tutorials/07_which_tangent_and_why_a_v_head.py`, or cell by cell in Jupyter / VS Code
-# (about 3 CPU-minutes; `PMF_TUTORIAL_FAST=1` for a quick, under-trained pass). Figures go to
+# (a few CPU-minutes, timed in `tutorials/README.md`; `PMF_TUTORIAL_FAST=1` for a quick, under-trained pass). Figures go to
 # `runs/tutorials/07/`.
 
 # %%
