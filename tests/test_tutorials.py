@@ -212,8 +212,8 @@ def test_tutorial06_preset_counts_and_the_bottleneck(tutorial_runs):
     assert numbers["ViT: relative |JVP - finite difference| of du/dt"] < 1e-4
     assert numbers["one ViT block: |written out - full.layers.Block| (max)"] < 1e-5
     # the written-out released step and the library's training-step object: same loss, same gradients
-    assert numbers["written-out step vs the library's TrainingStep: |loss difference| on the same draws"] < 1e-5
-    assert numbers["written-out step vs TrainingStep: max |gradient difference|"] < 1e-5
+    assert numbers["written-out step vs the library's TrainingStep: relative loss difference on the same draws"] < 1e-5
+    assert numbers["written-out step vs TrainingStep: max gradient difference / max gradient"] < 1e-4
     assert numbers["released-layout file, loaded vs the network it came from: max |sample difference|"] == 0.0
     # 192 noise-only directions of 256 pixels give t to a few percent (chi-square with 192 dof)
     assert numbers["noise level read off a 16 x 16 digit's pixels: RMS error of t"] < 0.06
