@@ -231,10 +231,10 @@ report("written-out step vs TrainingStep: max gradient difference / max gradient
 
 # %% [markdown]
 # Same loss, same gradients (to float32 rounding: the library computes the JVP with its own faster
-# JVP engine, where the function above uses `torch.func.jvp` through `pmf_ref`): the
-# function above *is* what `full.train` optimises, minus the perceptual terms. Training below uses it, with the library's draws, Muon + Nesterov Adam and one
-# EDM EMA (the loop is `train_digits` in `tutorials/_common.py`, shared with tutorial 08, which trains
-# with the library object directly).
+# JVP engine, where the function above uses `torch.func.jvp` through `pmf_ref`): the function above
+# *is* what `full.train` optimises, minus the perceptual terms. Training below uses it, with the
+# library's draws, Muon + Nesterov Adam and one EDM EMA (the loop is `train_digits` in
+# `tutorials/_common.py`, shared with tutorial 08, which trains with the library object directly).
 #
 # Deviations for a short CPU run: the shortened network above; batch 64; lr 3e-3 instead of pMF's
 # 1e-3 (at 1e-3 the first few hundred steps learn much less: try it); no perceptual loss (its
