@@ -237,7 +237,7 @@ report("written-out step vs TrainingStep: max gradient difference / max gradient
 # `tutorials/_common.py`, shared with tutorial 08, which trains with the library object directly).
 #
 # Deviations for a short CPU run: the shortened network above; batch 64; lr 3e-3 instead of pMF's
-# 1e-3 (at 1e-3 the first few hundred steps learn much less: try it); no perceptual loss (its
+# 1e-3 (chosen for a 500-step run; try pMF's in the exercises below); no perceptual loss (its
 # pretrained nets need RGB and weights; the paper's optimiser and sampler ablations are MSE-only too).
 # <!-- given: 3e-3 1e-3 -->
 
