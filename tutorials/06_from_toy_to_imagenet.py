@@ -24,6 +24,7 @@
 # Run: `python tutorials/06_from_toy_to_imagenet.py`, or cell by cell in Jupyter / VS Code (about
 # 4 CPU-minutes; `PMF_TUTORIAL_FAST=1` for a quick, under-trained pass). Figures go to
 # `runs/tutorials/06/`.
+# <!-- given: 0.4 0.1 0.8 -->
 
 # %%
 import sys
@@ -158,6 +159,7 @@ report("noise level read off a 16 x 16 digit's pixels: RMS error of t", (t_read 
 # **EMA**: samples come from exponential moving averages with half-lives given in images (EDM):
 # `decay = 0.5 ** (batch / min(hl_kimg * 1000, 0.05 * images_seen))` — short while few images have
 # been seen, so early averages do not freeze the random init in.
+# <!-- given: 18.88 9.56 -->
 
 # %%
 muon, adam = split_parameters(model)
@@ -185,6 +187,7 @@ report("EMA decay in steady state, batch 1024, half-life 2000 kimg (0.5^(1024/2e
 # (DDP/FSDP wrapping, bf16 autocast of the no-grad pass, the perceptual terms). Its
 # `draw_randomness(x, generator=...)` draws the step's randomness in one fixed order; given the same
 # draws, the two must give the same loss.
+# <!-- given: 0.8 -->
 
 # %%
 def written_out_step(model, x, y, rnd):
@@ -231,7 +234,7 @@ report("written-out step vs TrainingStep: max gradient difference / max gradient
 
 # %% [markdown]
 # Same loss, same gradients (to float32 rounding: the library computes the JVP with its own faster
-# JVP engine, where the function above uses `torch.func.jvp` through `pmf_ref`): the function above
+# JVP engine, where the function above uses torch's reference JVP through `pmf_ref`): the function above
 # *is* what `full.train` optimises, minus the perceptual terms. Training below uses it, with the
 # library's draws, Muon + Nesterov Adam and one EDM EMA (the loop is `train_digits` in
 # `tutorials/_common.py`, shared with tutorial 08, which trains with the library object directly).
@@ -292,6 +295,7 @@ report("ViT: relative |JVP - finite difference| of du/dt", (jvp.dudt - fd).abs()
 # noise; panels: omega. Scores: Fréchet distance of a small digits classifier's features to the
 # training digits (the "FID" of `python -m full.digits`; lower is better) and its accuracy on the
 # class each sample was asked for (both from `full.digits.metrics`).
+# <!-- given: 0.1 0.7 -->
 
 # %%
 evaluator = DigitsEvaluator(load_or_train_classifier(out))
@@ -313,7 +317,7 @@ for ax, omega in zip(axes, omegas):
     ax.set(title=f"omega = {omega}\nFD {scores['fd']:.0f}, accuracy {scores['accuracy']:.2f}", xticks=[], yticks=[])
 difference = samples[4.0] - samples[1.0]                                     # same classes, same noise
 report("mean |x(omega = 4) - x(omega = 1)| per pixel", difference.abs().mean())
-axes[-1].imshow(tile(difference.clamp(-1, 1), NUM_CLASSES, shown), cmap="RdBu_r", vmin=-1, vmax=1,
+axes[-1].imshow(tile(difference, NUM_CLASSES, shown, gap=0.0), cmap="RdBu_r", vmin=-1, vmax=1,
                 interpolation="nearest")
 axes[-1].set(title="omega = 4 minus omega = 1\n(red: brighter with guidance)", xticks=[], yticks=[])
 save_figure(fig, out / "one_step_digits.png", trained=True)
@@ -324,19 +328,22 @@ report("the paper's B/16 run sees this many times more images", images_paper / i
 report("... and takes this many times more optimiser steps (batch 1024)", images_paper / 1024 / steps_here)
 
 # %% [markdown]
-# In full mode every row shows its class (accuracy 1.00 at every omega), and guidance shows in the
-# numbers: the FD falls from 88 at omega = 1 to 29 at omega = 4, and the digits get more contrast
-# (pixel std 0.52 -> 0.60). In the picture the change is subtle at this size — the right panel shows
-# it: guidance brightens the strokes and darkens the background around them (mean change 0.07 per
-# pixel, on a -1..1 scale). The samples of a row still look alike: after 500 steps the one-step map
-# uses its noise input only a little; diversity comes with training. The paper's B/16 run sees about
-# 12,800 times more images and takes about 800 times more optimiser steps.
+# In full mode every row shows its class (accuracy 1.00 at every omega), and guidance shows: the
+# digits get sharper and more contrasted (pixel std 0.55 at omega = 1, 0.59 at 2, 0.70 at 4); the
+# right panel is the change from omega = 1 to 4, 0.18 per pixel on average on the -1..1 scale. The
+# FD, which compares feature statistics with the real digits, is lowest at omega = 2 (31, against 97
+# unguided) and rises again at omega = 4 (95): too much guidance overshoots the data, as in tutorial
+# 05. The samples of a row still look alike: after 500 steps the one-step map uses its noise input
+# only a little; diversity comes with training. The paper's B/16 run sees about 12,800 times more
+# images and takes about 800 times more optimiser steps.
 # <!-- check: one-step class accuracy, omega = * in [1.00, 1.00] -->
-# <!-- check: one-step FD, omega = 1.0 = 88 -->
-# <!-- check: one-step FD, omega = 4.0 = 29 -->
-# <!-- check: one-step mean pixel contrast (std per image), omega = 1.0 = 0.52 -->
-# <!-- check: one-step mean pixel contrast (std per image), omega = 4.0 = 0.60 -->
-# <!-- check: mean |x(omega = 4) - x(omega = 1)| per pixel = 0.07 -->
+# <!-- check: one-step FD, omega = 1.0 = 97 -->
+# <!-- check: one-step FD, omega = 2.0 = 31 -->
+# <!-- check: one-step FD, omega = 4.0 = 95 -->
+# <!-- check: one-step mean pixel contrast (std per image), omega = 1.0 = 0.55 -->
+# <!-- check: one-step mean pixel contrast (std per image), omega = 2.0 = 0.59 -->
+# <!-- check: one-step mean pixel contrast (std per image), omega = 4.0 = 0.70 -->
+# <!-- check: mean |x(omega = 4) - x(omega = 1)| per pixel = 0.18 -->
 # <!-- check: the paper's B/16 run sees this many times more images = 12800 -->
 # <!-- check: ... and takes this many times more optimiser steps (batch 1024) = 800 -->
 
@@ -407,6 +414,7 @@ save_figure(fig, out / "x_vs_u_at_image_scale.png")
 # `full/official.py` maps each of our parameter names to theirs, one rule per kind of parameter, with
 # no reshapes or transposes (the layouts agree). Nothing is downloaded here: we write *random* weights
 # of the small `pMF-T/4` in their layout, load that file the way a released one is loaded, and sample.
+# <!-- given: 9.56 -->
 
 # %%
 from full.official import load_official_checkpoint, to_official_state_dict  # noqa: E402
@@ -447,6 +455,7 @@ save_figure(fig, out / "official_layout_samples.png")
 # 8 GPUs, is the paper's setting (FID 3.12 at one step after 320 epochs): `python -m full.train`;
 # `python -m full.sample` draws FID-50K sets from a checkpoint, `python -m full.params` prints the
 # table of section 1, and `python -m full.digits` runs the paper's ablations on these digits.
+# <!-- given: 8.5 0.1 0.7 3.12 -->
 
 # %% [markdown]
 # ## What to take away
@@ -465,3 +474,4 @@ save_figure(fig, out / "official_layout_samples.png")
 #    does the FD at omega = 4 get in 500 steps?
 # 2. Sample the trained model at pMF-B/16's best omega, 8.5: does the FD keep falling past omega = 4,
 #    and what happens to the class accuracy?
+# <!-- given: 8.5 -->

@@ -260,9 +260,10 @@ def sample_digits(network: nn.Module, y: torch.Tensor, z_1: torch.Tensor, omega:
     return P.sample_one_step(u_fn, z_1, has_aux=True)
 
 
-def tile(images: torch.Tensor, rows: int, columns: int) -> torch.Tensor:
-    """(rows * k, 1, H, W) images in row-major order -> one (rows (H + 1), columns (W + 1)) picture, 1-px gaps."""
-    grid = torch.nn.functional.pad(images.clamp(-1, 1), (0, 1, 0, 1), value=1.0)   # white gap right and below
+def tile(images: torch.Tensor, rows: int, columns: int, gap: float = 1.0) -> torch.Tensor:
+    """(rows * k, 1, H, W) images in row-major order -> one (rows (H + 1), columns (W + 1)) picture, 1-px gaps
+    of value ``gap`` (1: white in a grey colour map)."""
+    grid = torch.nn.functional.pad(images.clamp(-1, 1), (0, 1, 0, 1), value=gap)   # gap right and below
     grid = grid.reshape(rows, -1, *grid.shape[-2:])[:, :columns]                      # (rows, columns, H + 1, W + 1)
     return grid.permute(0, 2, 1, 3).reshape(rows * grid.shape[2], columns * grid.shape[3])
 
