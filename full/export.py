@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 from pathlib import Path
 
 import torch
@@ -71,13 +72,53 @@ def export_config(checkpoint: dict, *, ema: str, layout: str, source: str, param
             "source": source}
 
 
+class MissingEMAError(KeyError):
+    """``--ema`` names an EMA the run did not keep; ``args[0]`` is a one-line message naming the flag."""
+
+
+def choose_ema(preset: str, kept: list[str], asked: str | None = None) -> str:
+    """The EMA to read from a checkpoint that kept the EMAs ``kept`` (keys such as "1000"; "raw" = raw weights).
+
+    ``asked`` (the ``--ema`` value: a half-life in kimg or "raw") must be kept. Without it: the preset's
+    best half-life (pMF App. A; B/16: 2000) when the run kept it, else the kept half-life nearest to it
+    (in log scale; the longer on a tie), else the raw weights (a run that kept no EMA).
+
+    Raises:
+        MissingEMAError: ``asked`` is not among ``kept`` (the message lists them as ``--ema`` values).
+        ValueError: ``asked`` is neither "raw" nor a positive number.
+    """
+    if asked is not None:
+        if asked == "raw":
+            return "raw"
+        try:
+            value = float(asked)
+        except ValueError:
+            raise ValueError(f"--ema must be a half-life in kimg or 'raw', got {asked!r}") from None
+        if not (math.isfinite(value) and value > 0):
+            raise ValueError(f"--ema must be a positive half-life in kimg or 'raw', got {asked!r}")
+        key = format_half_life(value)
+        if key not in kept:
+            choices = ", ".join(f"--ema {name}" for name in kept) or "none (the run kept no EMA)"
+            raise MissingEMAError(f"--ema {asked}: the checkpoint has no EMA {key!r}; it kept {choices}, "
+                                  f"or pass --ema raw for the raw weights")
+        return key
+    best = SAMPLING[preset].ema_kimg
+    if format_half_life(best) in kept:
+        return format_half_life(best)
+    if not kept:
+        return "raw"
+    return min(kept, key=lambda name: (abs(math.log(float(name) / best)), -float(name)))
+
+
 def export(ckpt: str | Path, out: str | Path, *, ema: str | None = None, layout: str = "ours") -> dict:
     """Write the inference weights of ``ckpt`` (EMA ``ema``; "raw" for the raw weights; None: the preset's
     best) to ``out`` (``.safetensors`` or ``.pt``) and its JSON config beside it; returns the config.
 
+    ``ema`` None picks with :func:`choose_ema` (the preset's best if the run kept it, else the nearest kept).
+
     Raises:
         CheckpointError: an unusable checkpoint, or weights holding NaN / inf.
-        KeyError: ``ema`` is not among the checkpoint's EMAs (the message lists them).
+        MissingEMAError: ``ema`` is not among the checkpoint's EMAs (the message lists them as --ema values).
     """
     out = Path(out)
     if out.suffix not in SUFFIXES:
@@ -86,8 +127,7 @@ def export(ckpt: str | Path, out: str | Path, *, ema: str | None = None, layout:
         raise ValueError(f"{str(out)!r}: our layout is written as .safetensors (.pt is for --format official)")
     checkpoint = load_checkpoint(ckpt, mmap=True)   # the config and counters; tensors stay on disk
     preset = checkpoint["config"]["model"]["preset"]
-    ema = format_half_life(SAMPLING[preset].ema_kimg) if ema is None else (
-        ema if ema == "raw" else format_half_life(float(ema)))
+    ema = choose_ema(preset, sorted(checkpoint.get("ema", {}), key=float), ema)
     model = load_model(ckpt, None if ema == "raw" else ema)   # drops the v-head, refuses NaN / inf
     state = export_state_dict(model, layout)
     parameters = sum(tensor.numel() for tensor in model.parameters())
@@ -184,7 +224,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("ckpt", metavar="CKPT", help="checkpoint written by full.train")
     parser.add_argument("--ema", default=None,
                         help="EMA half-life in kimg (a key of the checkpoint's EMAs, e.g. 2000) or 'raw'; "
-                             "default: the preset's best (B/16: 2000)")
+                             "default: the preset's best (B/16: 2000) if the run kept it, else the kept EMA "
+                             "nearest to it")
     cli.add_out(parser, None, f"{EXPORT_NAME}.safetensors (our layout) or {EXPORT_NAME}.pt (the authors'), "
                               f"and {EXPORT_NAME}.json")
     parser.add_argument("--format", choices=LAYOUTS, default="ours",
@@ -205,10 +246,15 @@ def main(argv: list[str] | None = None) -> None:
             parser.error(f"--ema must be a positive number (kimg) or 'raw', got {args.ema!r}")
     try:
         config = export(args.ckpt, out, ema=args.ema, layout=args.format)
-    except KeyError as error:                 # an absent EMA; the message lists those present
-        parser.error(f"--ema: {error.args[0]}")
+    except MissingEMAError as error:          # an absent EMA; the message lists those kept, as --ema values
+        parser.error(error.args[0])
     except CheckpointError as error:
         parser.error(f"CKPT: {error}")
+    best = format_half_life(SAMPLING[config["model"]["preset"]].ema_kimg)
+    if args.ema is None and config["ema"] != best:
+        print(f"note: the run did not keep EMA {best} (the preset's best); exported "
+              f"{'the raw weights' if config['ema'] == 'raw' else 'EMA ' + config['ema']} (choose with --ema)",
+              file=sys.stderr)
     print(f"wrote {out} ({config['parameters']:,} parameters, {config['model']['preset']}, EMA {config['ema']}, "
           f"step {config['step']}, layout {config['layout']}) and {config_path(out)}")
 

@@ -27,7 +27,7 @@ from .evaluate import metrics_from_features
 from .checkpoint import CheckpointError, first_non_finite, load_checkpoint
 from . import cli
 from .io import write_json
-from .fid import (IS_SPLITS, InceptionWeightsError, build_inception, extract_features,
+from .fid import (IS_SPLITS, POOL_DIM, InceptionWeightsError, build_inception, extract_features,
                   load_statistics)
 from .sample import (NonFiniteSamplesError, checkpoint_info, iter_samples, load_for_sampling,
                      normalize_ema, sampling_defaults)
@@ -161,7 +161,7 @@ def main(argv: list[str] | None = None) -> None:
     del checkpoint
     intervals = tuple(args.intervals) if args.intervals else ((defaults["t_min"], defaults["t_max"]),)
     try:
-        ref_mu, ref_sigma = load_statistics(args.ref)
+        ref_mu, ref_sigma = load_statistics(args.ref, dim=POOL_DIM)
     except ValueError as error:
         parser.error(f"--ref: {error}")
     try:

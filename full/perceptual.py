@@ -7,7 +7,7 @@ random resized crop of both (area 0.08-1, aspect 3/4-4/3, resized to 224x224):
     d_convnext(x_hat, x) = || f(crop(x_hat)) - f(crop(x)) ||^2  (sum over 1024 dims)   (B,)
 
 with f the globally pooled, layer-normed feature of ConvNeXt-V2-Base (images fed in [-1, 1], no
-ImageNet normalisation, as in the released code). The recipe (``full/recipe.py``) weights them
+ImageNet normalisation, as in the released code). The training step (``full/step.py``) weights them
 ``0.4 adp(d_lpips) + 0.1 adp(d_convnext)`` on rows with t < t_thr.
 
 Pretrained weights are read only from local files -- nothing is downloaded:

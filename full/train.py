@@ -5,7 +5,7 @@
     python -m full.train --preset pMF-T/4 --data synthetic --steps 50          # CPU smoke run
 
 setup -> model + EMAs -> data -> objective (+ DDP) -> optimiser -> loop (randomness, loss, step,
-EMA, log, checkpoint). The loss of a step is :class:`full.recipe.PMFObjective`; every equation in
+EMA, log, checkpoint). The loss of a step is :class:`full.step.TrainingStep`; every equation in
 it comes from ``pmf_ref``. In-process API: ``train(TrainConfig(...), dataset)``.
 
 Failure behaviour (a run loses nothing and never fails silently):
@@ -24,7 +24,6 @@ import argparse
 import contextlib
 import copy
 import dataclasses
-import functools
 import json
 import math
 import random
@@ -54,15 +53,13 @@ from .fsdp import (SHARDED_NAME, ShardedEMA, ensure_process_group, is_sharded_ch
                    read_sharded_meta, remove_sharded, remove_stale_sharded, resume_target, save_sharded_checkpoint,
                    shard_objective, use_gathered_muon, whole)
 from .model import build_model
-from .presets import PRESETS, RECIPES
+from .presets import PRESETS
 from .monitor import (FID_LOG, TensorBoard, append_jsonl, broadcast_weights, default_fid_ema, in_training_fid,
                       load_or_make_grid_inputs, prepare_fid, sampling_settings, write_sample_grids)
 from .optim import build_optimizer
 from .perceptual import CROP_SIZE, PerceptualDistances, build_convnext_v2, build_lpips_vgg
-from .recipe import GuidanceSampler, PMFObjective, draw_step_randomness, no_guidance
-
-TIME_SAMPLERS = {"full": P.sample_time_pair_released, "diagonal": P.sample_time_pair_diagonal,
-                 "endpoint": P.sample_time_pair_endpoint, "two_lines": P.sample_time_pair_two_lines}
+from .step import TIME_SAMPLERS, TrainingStep
+from . import fast_jvp
 PERCEPTUAL_CHOICES = ("none", "lpips", "lpips+convnext")
 MODEL_OVERRIDE_FIELDS = ("num_classes", "channels", "resolution", "patch", "noise_scale")
 LOGGED_TERMS = ("loss", "loss_u", "loss_v", "raw_u", "raw_v", "lpips", "convnext")
@@ -256,7 +253,6 @@ def train(cfg: TrainConfig, dataset=None, progress: bool = True) -> TrainResult:
     random.seed(cfg.seed)
     np.random.seed(cfg.seed)
     torch.manual_seed(cfg.seed)                       # same initial weights on every rank
-    recipe = RECIPES[cfg.preset]
 
     # ---- model, EMAs
     model = build_model(cfg.preset, **cfg.model_overrides(), prediction=cfg.prediction).to(device)
@@ -276,10 +272,10 @@ def train(cfg: TrainConfig, dataset=None, progress: bool = True) -> TrainResult:
                          f"{cfg.batch_size}); lower --batch-size")
     image_shape = (model.channels, model.resolution, model.resolution)
 
-    # ---- objective: the ablations are pmf_ref functions chosen here, not switches inside the math
-    objective = PMFObjective(
-        model, perceptual=build_perceptual(cfg), t_thr=recipe.t_thr,
-        autocast_dtype=torch.bfloat16 if cfg.bf16 else None).to(device)
+    # ---- the training step, built from the preset (the ablations are its overrides)
+    objective = TrainingStep.from_preset(
+        model, cfg.preset, perceptual=build_perceptual(cfg), autocast_dtype=torch.bfloat16 if cfg.bf16 else None,
+        time_sampler=cfg.time_sampler, guidance=cfg.guidance).to(device)
     # DDP wraps the whole objective: the JVP runs inside DDP.forward, so gradients are all-reduced.
     # --fsdp: FSDP2 per block, rooted at the objective for the same reason (full.fsdp); EMAs sharded alike.
     step_objective = (shard_objective(objective, mixed_precision=cfg.fsdp_mixed_precision) if cfg.fsdp else
@@ -289,11 +285,6 @@ def train(cfg: TrainConfig, dataset=None, progress: bool = True) -> TrainResult:
         emas = ShardedEMA(model, cfg.ema_half_lives_kimg)
     if cfg.compile:   # Dynamo + AOTAutograd: forward, JVP and backward; the first step pays the compilation
         step_objective = torch.compile(step_objective)
-    sampler_kwargs = {"mean": recipe.P_mean, "std": recipe.P_std}
-    if cfg.time_sampler == "full":
-        sampler_kwargs["uniform_fraction"] = recipe.uniform_fraction
-    sample_time_pair = functools.partial(TIME_SAMPLERS[cfg.time_sampler], **sampler_kwargs)
-    sample_guidance = GuidanceSampler(beta=recipe.omega_beta) if cfg.guidance else no_guidance
 
     # ---- optimiser, state
     optimizer = build_optimizer(model, kind=cfg.optimizer, lr=cfg.lr)
@@ -356,7 +347,7 @@ def train(cfg: TrainConfig, dataset=None, progress: bool = True) -> TrainResult:
     last_saved = f"{cfg.resume} (step {step})" if cfg.resume else "none yet"
     history, stopped_by = [], 0
     if rank == 0 and progress:   # which of pmf_ref.average_velocity_jvp's routes the JVP takes
-        print(f"jvp: {P.default_jvp_mode()} ({P.JVP_MODE_DESCRIPTIONS[P.default_jvp_mode()]})", file=sys.stderr)
+        print(f"jvp: {fast_jvp.ENGINE_DESCRIPTIONS['forward_ad']}", file=sys.stderr)
     bar = tqdm(total=cfg.steps, initial=step, disable=not progress or rank != 0, desc="pMF", dynamic_ncols=True)
     tick = time.perf_counter()
     objective.train()
@@ -364,9 +355,7 @@ def train(cfg: TrainConfig, dataset=None, progress: bool = True) -> TrainResult:
         while step < cfg.steps:
             epoch, batch_in_epoch, (x, y) = next(batches)
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-            randomness = draw_step_randomness(cfg.batch_size, image_shape, generator=step_generator,
-                                              noise_scale=model.noise_scale, sample_time_pair=sample_time_pair,
-                                              sample_guidance=sample_guidance, device=device)
+            randomness = objective.draw_randomness(x, generator=step_generator, batch_size=cfg.batch_size)
 
             optimizer.zero_grad(set_to_none=True)
             micro_means = []
@@ -435,7 +424,7 @@ def train(cfg: TrainConfig, dataset=None, progress: bool = True) -> TrainResult:
                         "config": {"model": {"preset": cfg.preset, **cfg.model_overrides(), "prediction": cfg.prediction},
                                    "noise_scale": model.noise_scale, "num_classes": model.num_classes,
                                    "resolution": model.resolution, "train": dataclasses.asdict(cfg),
-                                   "jvp": P.default_jvp_mode()}}
+                                   "jvp": "forward_ad"}}
                 if cfg.fsdp:   # every rank writes its shards; the link checkpoint.dcp moves when all are written
                     checkpoint_path = out / SHARDED_NAME
                     save_sharded_checkpoint(checkpoint_path, model=model, optimizer=optimizer, emas=emas, meta=meta)

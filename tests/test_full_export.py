@@ -117,8 +117,8 @@ def nan_checkpoint(checkpoint, tmp_path):
 
 @pytest.mark.parametrize("argv_tail, message", [
     (["--out", "a_file"], "--out"),
-    (["--out", "export"], "EMA"),                  # the preset's 2000 is not in this short run
-    (["--out", "export", "--ema", "7"], "['0.5', '1']"),
+    (["--out", "export", "--ema", "7"], "it kept --ema 0.5, --ema 1, or pass --ema raw"),   # flags, not ema=None
+    (["--out", "export", "--ema", "2000"], "--ema 2000: the checkpoint has no EMA '2000'"),
     (["--out", "export", "--ema", "abc"], "--ema"),
     (["--out", "exists", "--ema", EMA], "--force"),
 ])
@@ -170,3 +170,31 @@ def test_full_sample_reads_an_export_like_its_checkpoint(checkpoint, tmp_path, l
     with pytest.raises(SystemExit) as exit_info:        # the export holds one EMA only
         S.main(["--ckpt", str(out), "--ema", "0.5", "--out", str(tmp_path / "other"), *common])
     assert exit_info.value.code == 2
+
+
+def test_default_ema_is_the_one_the_run_kept(checkpoint, tmp_path, capsys):
+    """The preset's best (2000) was not kept by this run (0.5 and 1): the nearest kept one is exported, and said."""
+    X.main([str(checkpoint), "--out", str(tmp_path)])
+    captured = capsys.readouterr()
+    assert json.loads((tmp_path / "model.json").read_text())["ema"] == "1"
+    assert "did not keep EMA 2000" in captured.err and "--ema" in captured.err
+
+
+@pytest.mark.parametrize("kept, asked, expected", [
+    (["500", "1000", "2000"], None, "2000"),       # the preset's best, kept
+    (["0.5", "1"], None, "1"),                     # nearest to 2000 in log scale
+    (["1000", "4000"], None, "4000"),              # a tie (a factor 2 each way): the longer half-life
+    ([], None, "raw"),                             # no EMA kept: the raw weights
+    (["1000"], "1000.0", "1000"), (["1000"], "raw", "raw"),
+])
+def test_choose_ema(kept, asked, expected):
+    assert X.choose_ema("pMF-B/16", kept, asked) == expected
+
+
+def test_choose_ema_names_the_flag():
+    with pytest.raises(X.MissingEMAError) as error:
+        X.choose_ema("pMF-B/16", ["500"], "2000")
+    assert "--ema 2000" in error.value.args[0] and "--ema 500" in error.value.args[0]
+    assert "ema=None" not in error.value.args[0]
+    with pytest.raises(ValueError, match="--ema"):
+        X.choose_ema("pMF-B/16", ["500"], "abc")

@@ -20,13 +20,12 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch.nn.parallel import DistributedDataParallel
 
-import pmf_ref as P
 from full import fsdp
 from full.data import SyntheticDataset
 from full.ema import EMASet
 from full.model import build_model
 from full.optim import build_optimizer
-from full.recipe import GuidanceSampler, PMFObjective, draw_step_randomness
+from full.step import TrainingStep
 from full.train import TrainConfig, train
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -38,6 +37,7 @@ LR = 1e-3
 # ~1e-7 reduction-order differences of the gradients into ~5% differences of some updates (see
 # tests/test_full_distributed.py). Muon itself is checked on identical gradients (GatheredMuon test).
 OPTIMIZER = "adam"
+PRESET = "pMF-T/2"   # the recipe numbers of the step (the model is a 3-block variant of it)
 
 
 def _model(perturbed: bool = False) -> torch.nn.Module:
@@ -63,17 +63,15 @@ def _step_inputs(step: int):
     rows = range(step * GLOBAL_BATCH, (step + 1) * GLOBAL_BATCH)
     x = torch.stack([data[i][0] for i in rows])
     y = torch.tensor([data[i][1] for i in rows])
-    sampler = lambda n, generator, device: P.sample_time_pair_released(  # noqa: E731
-        n, generator=generator, device=device, mean=0.8, std=0.8, uniform_fraction=0.0)
-    randomness = draw_step_randomness(GLOBAL_BATCH, (3, 16, 16), generator=torch.Generator().manual_seed(100 + step),
-                                      noise_scale=1.0, sample_time_pair=sampler, sample_guidance=GuidanceSampler(),
-                                      device=torch.device("cpu"))
+    with torch.device("meta"):   # the step only draws here: a weightless model, no global RNG consumed
+        training_step = TrainingStep.from_preset(build_model(PRESET, num_classes=10), PRESET)
+    randomness = training_step.draw_randomness(x, generator=torch.Generator().manual_seed(100 + step))
     return x, y, randomness
 
 
 def _setup(sharded: bool, *, optimizer: str = OPTIMIZER, mixed_precision=None, perturbed: bool = False):
     model = _model(perturbed)
-    objective = PMFObjective(model)
+    objective = TrainingStep.from_preset(model, PRESET)
     if sharded:
         fsdp.shard_objective(objective, mixed_precision=mixed_precision)
     opt = build_optimizer(model, kind=optimizer, lr=LR)
@@ -231,7 +229,7 @@ def _mixed_precision_against_rounded_weights(rank: int, world: int) -> dict:
             with torch.no_grad():
                 for param in reference.parameters():
                     param.copy_(param.bfloat16().float())
-        reference_objective = PMFObjective(reference)
+        reference_objective = TrainingStep.from_preset(reference, PRESET)
         reference_loss = reference_objective(x[rows], y[rows], randomness.rows(rank * local, (rank + 1) * local))
         reference_objective(x, y, randomness)["loss"].backward()     # the mean over ranks = the whole batch
         result[f"loss_{name}"] = abs(raw - reference_loss["raw_u"].sum().item()) / abs(raw)

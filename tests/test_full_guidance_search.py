@@ -56,6 +56,11 @@ def _nan_checkpoint(tmp_path):
     return tmp_path / "nan.pt"
 
 
+def _npz64(path):
+    np.savez(path, mu=np.zeros(64), sigma=np.eye(64))
+    return path
+
+
 BAD_INPUTS = [   # (name, flags builder (tmp), text of the one error line)
     ("empty --ckpt", lambda t: ["--ckpt", _write(t / "e.pt", b"")], "is empty (0 bytes)"),
     ("truncated --ckpt", lambda t: ["--ckpt", _write(t / "t.pt", (t / "ckpt.pt").read_bytes()[:2000])],
@@ -66,6 +71,7 @@ BAD_INPUTS = [   # (name, flags builder (tmp), text of the one error line)
     ("planted pickle", lambda t: ["--ckpt", _planted(t)], "refused: it holds Python objects"),
     ("NaN EMA", lambda t: ["--ckpt", _nan_checkpoint(t)], "EMA 500 hold NaN or inf"),
     ("garbage --ref", lambda t: ["--ref", _write(t / "r.npz", b"nonsense" * 10)], "not a readable .npz"),
+    ("--ref of 64-d features", lambda t: ["--ref", _npz64(t / "r64.npz")], "64-d features"),   # at start-up
     ("--out under a file", lambda t: ["--out", _write(t / "f", b"x") / "search.json"], "is a file, not a folder"),
     ("empty --inception-weights", lambda t: ["--inception-weights", t / "weights.pth"], "is empty (0 bytes)"),
 ]

@@ -17,7 +17,7 @@ from full.model import build_model
 from full.perceptual import (CONVNEXT_V2_BASE_FILE, CROP_RATIO, CROP_SCALE, VGG16_FILE, PerceptualDistances,
                              build_convnext_v2, build_lpips_vgg, convnext_feature, paired_resized_crop,
                              sample_crop_boxes)
-from full.recipe import PMFObjective, StepRandomness
+from full.step import StepRandomness, TrainingStep
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -126,7 +126,7 @@ def test_objective_adds_weighted_terms_only_below_t_thr(distances):
     with torch.no_grad():
         for parameter in model.parameters():
             parameter.add_(0.05 * torch.randn_like(parameter))
-    objective = PMFObjective(model, perceptual=distances, t_thr=0.6)
+    objective = TrainingStep.from_preset(model, "pMF-T/4", perceptual=distances, t_thr=0.6)
     n = 4
     x = torch.rand(n, 3, 16, 16) * 2 - 1
     t = torch.tensor([0.3, 0.59, 0.6, 0.9])
