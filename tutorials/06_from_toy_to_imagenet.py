@@ -183,7 +183,7 @@ report("EMA decay in steady state, batch 1024, half-life 2000 kimg (0.5^(1024/2e
 # (the u-prediction ablation): the only line that changes between the two.
 #
 # `full.train` does not run this function: it runs the library's training-step object,
-# `TrainingStep.from_preset(model, "pMF-T/4")`, which adds what a real run needs
+# `TrainingStep.from_preset(model, "pMF-T/4")` (`full/step.py`), which adds what a real run needs
 # (DDP/FSDP wrapping, bf16 autocast of the no-grad pass, the perceptual terms). Its
 # `draw_randomness(x, generator=...)` draws the step's randomness in one fixed order; given the same
 # draws, the two must give the same loss.
@@ -234,9 +234,9 @@ report("written-out step vs TrainingStep: max gradient difference / max gradient
 
 # %% [markdown]
 # Same loss, same gradients (to float32 rounding: the library computes the JVP with its own faster
-# JVP engine, where the function above uses torch's reference JVP through `pmf_ref`): the function above
-# *is* what `full.train` optimises, minus the perceptual terms. Training below uses it, with the
-# library's draws, Muon + Nesterov Adam and one EDM EMA (the loop is `train_digits` in
+# engine, `full.fast_jvp`, where the function above uses torch's reference JVP through `pmf_ref`): the
+# function above *is* what `full.train` optimises, minus the perceptual terms. Training below uses
+# it, with the library's draws, Muon + Nesterov Adam and one EDM EMA (the loop is `train_digits` in
 # `tutorials/_common.py`, shared with tutorial 08, which trains with the library object directly).
 #
 # Deviations for a short CPU run: the shortened network above; batch 64; lr 3e-3 instead of pMF's

@@ -203,17 +203,8 @@ def digits_model(resolution: int, patch: int, *, prediction: str = "x", bottlene
 
 def library_step(model: nn.Module):
     """The library's training-step object for ``model`` with ``pMF-T/4``'s recipe (no perceptual loss)."""
-    # Interim (until full.step.TrainingStep lands): PMFObjective plus the recipe's draws.
-    import functools
-    from full.presets import RECIPES
-    from full.recipe import GuidanceSampler, PMFObjective, draw_step_randomness
-    recipe = RECIPES["pMF-T/4"]
-    step = PMFObjective(model, t_thr=recipe.t_thr)
-    sample_time_pair = functools.partial(P.sample_time_pair_released, mean=recipe.P_mean, std=recipe.P_std)
-    step.draw_randomness = lambda x, *, generator: draw_step_randomness(
-        x.shape[0], tuple(x.shape[1:]), generator=generator, noise_scale=model.noise_scale,
-        sample_time_pair=sample_time_pair, sample_guidance=GuidanceSampler(beta=recipe.omega_beta), device=x.device)
-    return step
+    from full.step import TrainingStep
+    return TrainingStep.from_preset(model, "pMF-T/4")
 
 
 def train_digits(model: nn.Module, num_steps: int, *, loss_fn=None, seed: int = 0):
