@@ -257,6 +257,7 @@ for tangent in history:
     report(f"{tangent}: one-step error, mean |x_theta(e, 0, 1) - Φ(e)|", final["one_step_error"])
     report(f"{tangent}: one-step sliced W2 to the exact one-step samples",
            toy.sliced_wasserstein(final["samples"], one_step_exact))
+    report(f"{tangent}: tangent error at step {EVAL_EVERY}", history[tangent][1]["tangent_error"])
 
 # %%
 fig, axes = plt.subplots(1, 2, figsize=(12, 4))
@@ -279,6 +280,12 @@ for ax, (title, samples) in zip(axes, panels):
     ax.set(title=title, xlim=(-2.5, 2.5), ylim=(-2.5, 2.5), aspect="equal", xticks=[], yticks=[])
 save_figure(fig, out / "one_step_samples_by_tangent.png", trained=True)
 
+# The panels differ in *kind*: where do the samples sit relative to the 8 mode centres?
+for title, samples in panels:
+    nearest = torch.cdist(samples.double(), centres).min(dim=1).values           # distance to the nearest centre
+    report(f"{title}: median distance to the nearest mode centre", nearest.median())
+    report(f"{title}: share of samples farther than 3 sigma from every centre", (nearest > 3 * MIX_SIGMA).double().mean())
+
 # %% [markdown]
 # ## 3. What the measurements say
 #
@@ -286,28 +293,40 @@ save_figure(fig, out / "one_step_samples_by_tangent.png", trained=True)
 #
 # | run | tangent error (vs `e - x` = 1) | one-step error, mean \|x_theta(e, 0, 1) - Φ(e)\| |
 # |---|---:|---:|
-# | Alg. 1 | 0.36 | 0.15 |
+# | Alg. 1 | 0.36 | 0.16 |
 # | MeanFlow `e - x` | 1 | 0.16 |
 # | released v-head | 0.34 | 0.21 |
 # | Alg. 1, p = 0 (control) | 0.005 | 0.19 |
 #
+# <!-- check: Alg. 1: sg(u(z, t, t)): tangent error (t-weighted, relative to e - x) = 0.36 -->
+# <!-- check: Alg. 1: sg(u(z, t, t)): one-step error, mean |x_theta(e, 0, 1) - Φ(e)| = 0.16 -->
+# <!-- check: MeanFlow: e - x: one-step error, mean |x_theta(e, 0, 1) - Φ(e)| = 0.16 -->
+# <!-- check: released: v-head: tangent error (t-weighted, relative to e - x) = 0.34 -->
+# <!-- check: released: v-head: one-step error, mean |x_theta(e, 0, 1) - Φ(e)| = 0.21 -->
+# <!-- check: Alg. 1, no adaptive weight (p = 0): tangent error (t-weighted, relative to e - x) = 0.005 -->
+# <!-- check: Alg. 1, no adaptive weight (p = 0): one-step error, mean |x_theta(e, 0, 1) - Φ(e)| = 0.19 -->
+#
 # * **The network tangents are much less noisy than `e - x`**, but not the marginal v: about a
-#   third of the line velocity's error, and it stops improving after a few hundred steps (it even
-#   creeps up, 0.32 at step 250 to 0.36 at 3,000).
+#   third of the line velocity's error, and it stops improving early (Alg. 1: TANGENT250 at step 250,
+#   0.36 at 3,000).
 # * **The one-step map does not follow the tangent's quality**: `e - x`, with the worst tangent,
-#   gives the same one-step error as Alg. 1 (0.16 vs 0.15), and the v-head run is a little behind
+#   gives the same one-step error as Alg. 1 (0.16 both), and the v-head run is a little behind
 #   (0.21). On this toy, within this budget, what limits a one-step model is how well the u-head fits
-#   the long jumps (all runs draw bridges between the modes), not the tangent.
+#   the long jumps, not the tangent.
 # * **The control explains the tangent error: it is the adaptive weight.** With `adp`, each row's
 #   gradient is divided by its own loss, so training minimises `E[log(L + c)]`, and the minimiser of
 #   that is not the conditional mean of the target: where the posterior of `x` given `z_t` has
 #   several modes (here, between Gaussians), it is pulled towards a mode. Without the weight
-#   (p = 0) the u-head's velocity at h = 0 is the marginal v to 0.5%. The one step does not gain
-#   from that here (0.19 against 0.15; with a logit-normal(0, 1) time sampler instead of the toy's
-#   uniform one the same comparison gave 0.18 against 0.20): its effect on the generator is small
-#   and of either sign. In 2-D a row's loss is a noisy two-degree-of-freedom number, so `adp`
-#   reweights individual draws (tutorial 03, section 7); on images the loss is a sum over thousands
-#   of pixels, it concentrates, and the weight acts mostly between noise levels.
+#   (p = 0) the u-head's velocity at h = 0 is the marginal v to 0.5%.
+# * **What the weight does to the samples is visible, and not small**, although the mean distance to
+#   Φ(e) barely separates the runs (0.16 against 0.19). The sample panels show two different kinds of
+#   error. With `adp`, samples are pulled onto the mode centres and onto thin bridges between them
+#   (mode-seeking: median distance to the nearest centre ALGMED, against EXACTMED for the exact map).
+#   Without it they spread over and between the modes, filling the inside of the ring (mean-seeking:
+#   CTRLSHARE of the samples lie more than 3 sigma from every centre, against EXACTSHARE for the exact
+#   map and ALGSHARE with `adp`). In 2-D a row's loss is a noisy two-degree-of-freedom number, so
+#   `adp` reweights individual draws (tutorial 03, section 7); on images the loss is a sum over
+#   thousands of pixels, it concentrates, and the weight acts mostly between noise levels.
 #
 # ## 4. Why a v-head, then?
 #
