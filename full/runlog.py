@@ -70,22 +70,15 @@ class RunLock:
                 self.handle = open(self.path, "a+")
             except OSError:   # an unwritable --out: check_run_folder names the problem
                 self.handle = None
-            if self.handle is not None:
+            if self.handle is not None:   # opened, never written: a refused run leaves the folder untouched
                 try:
                     fcntl.flock(self.handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
                 except BlockingIOError:
-                    self.handle.seek(0)
-                    holder = self.handle.read().strip() or "another process"
                     self.handle.close()
-                    self.handle = None
-                else:
-                    self.handle.seek(0)
-                    self.handle.truncate()
-                    self.handle.write(f"pid {os.getpid()} on {os.uname().nodename}\n")
-                    self.handle.flush()
+                    self.handle, holder = None, True
         if _any_rank(holder is not None):
-            raise RunFolderLocked(f"--out {str(self.path.parent)!r} is in use by another full.train run "
-                                  f"({holder or 'see rank 0'}); wait for it to finish or choose another --out")
+            raise RunFolderLocked(f"--out {str(self.path.parent)!r} is in use by another full.train run (it holds "
+                                  f"{LOCK_NAME} there); wait for it to finish or choose another --out")
         return self
 
     def __exit__(self, *exc_info) -> None:

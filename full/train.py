@@ -123,8 +123,7 @@ def train(cfg: TrainConfig, dataset=None, progress: bool = True) -> TrainResult:
                      progress=progress, enabled=rank == 0)
         monitor = RunMonitor(cfg, out, model, emas, rank=rank, world_size=world_size, fid_reference=fid_reference,
                              start_step=step if cfg.resume else 0, sharded=cfg.fsdp,
-                             make_scratch=lambda: copy.deepcopy(model) if not cfg.fsdp else build_model(
-                                 cfg.preset, **cfg.model_overrides(), prediction=cfg.prediction).to(device))
+                             make_scratch=lambda: scratch_model(cfg, model, device))
         guard, pending, checkpoint, history, stopped_by = DivergenceGuard(), None, None, [], 0
         last_saved = f"{cfg.resume} (step {step})" if cfg.resume else "none yet"
         local_batch = cfg.batch_size // world_size
@@ -236,6 +235,16 @@ def build_step(cfg: TrainConfig, model: torch.nn.Module, device: torch.device):
         sample_guidance=guidance, device=device)
 
 
+def scratch_model(cfg: TrainConfig, model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
+    """A whole copy of ``model`` to sample with (its weights are overwritten before each use); with --fsdp a
+    new unsharded network, built without touching the RNG a checkpoint records."""
+    if not cfg.fsdp:
+        return copy.deepcopy(model).eval().requires_grad_(False)
+    with torch.random.fork_rng(devices=[]):
+        scratch = build_model(cfg.preset, **cfg.model_overrides(), prediction=cfg.prediction)
+    return scratch.to(device).eval().requires_grad_(False)
+
+
 def apply_lr(optimizer, state: dict, lr: float, *, announce: bool) -> list:
     """The lr history of a resumed run, with ``lr`` applied from its step when it differs from the last."""
     lr_history = [list(entry) for entry in state.get("lr_history", [[0, state["config"]["train"]["lr"]]])]
@@ -307,9 +316,10 @@ def reduce_logged(model, micro_means: list, signum: int) -> tuple[dict, bool]:
 
 def checkpoint_meta(cfg: TrainConfig, model, step: int, images_seen: int, generator, epoch: int, batch: int,
                     lr_history: list) -> dict:
-    """Everything but the tensors of a checkpoint at the end of ``step`` (RNG and data position now)."""
+    """Everything but the tensors of a checkpoint at the end of ``step``: the RNG states now, and the data
+    position of the next batch (``batch`` is the index of this step's batch in ``epoch``)."""
     return {"format": CHECKPOINT_FORMAT, "step": step, "images_seen": images_seen, "rng": capture_rng_state(generator),
-            "data": {"epoch": epoch, "batch": batch}, "lr_history": [list(entry) for entry in lr_history],
+            "data": {"epoch": epoch, "batch": batch + 1}, "lr_history": [list(entry) for entry in lr_history],
             "config": {"model": {"preset": cfg.preset, **cfg.model_overrides(), "prediction": cfg.prediction},
                        "noise_scale": model.noise_scale, "num_classes": model.num_classes,
                        "resolution": model.resolution, "jvp": P.default_jvp_mode(),
