@@ -29,6 +29,7 @@ from pathlib import Path
 
 import torch
 
+from .ema import EMA_RAMPUP_RATIO
 from .io import write_json
 
 LOCK_NAME = ".lock"
@@ -147,6 +148,40 @@ def peak_memory_gib(device: torch.device) -> tuple[float | None, float]:
     """(device peak allocated, host peak RSS) in GiB; the device's is None off CUDA."""
     gpu = torch.cuda.max_memory_allocated(device) / GIB if device.type == "cuda" else None
     return gpu, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / GIB   # Linux: KiB
+
+
+def summary_rows(cfg, model, dataset, world_size: int, start_step: int) -> dict:
+    """The start-up summary: what is trained, where, how fast it can be compared."""
+    total = sum(p.numel() for p in model.parameters())
+    heads = sum(p.numel() for name, p in model.named_parameters() if name.startswith("v_head."))
+    # EDM ramp: hl_imgs = min(hl * 1000, 0.05 * images seen); every EMA is equal until the shortest departs.
+    split = int(min(cfg.ema_half_lives_kimg) * 1000 / EMA_RAMPUP_RATIO) // cfg.batch_size + 1
+    emas = " ".join(f"{hl:g}" for hl in cfg.ema_half_lives_kimg)
+    if len(cfg.ema_half_lives_kimg) > 1:
+        emas += (f" kimg (all equal for this whole run: the EDM ramp caps each half-life at 5% of the images "
+                 f"seen; they differ from step {split})" if split > cfg.steps else f" kimg (equal until step {split}: "
+                 f"EDM ramp)")
+    precision = ("fp32 + bf16 autocast of the no-grad and perceptual passes" if cfg.bf16 else "fp32") + (
+        ", bf16 FSDP all-gather" if cfg.fsdp_mixed_precision else "")
+    return {"preset": cfg.preset + (f" ({', '.join(f'{k}={v}' for k, v in cfg.model_overrides().items())})"
+                                    if cfg.model_overrides() else ""),
+            "parameters": f"{total:,} ({total - heads:,} without the v-head)",
+            "processes": f"{world_size} ({'FSDP' if cfg.fsdp else 'DDP' if world_size > 1 else 'single'}), "
+                         f"device {next(model.parameters()).device}",
+            "batch": f"{cfg.batch_size} global, {cfg.batch_size // world_size} per process, "
+                     f"{cfg.accum_steps} micro-batch(es) of {cfg.batch_size // world_size // cfg.accum_steps}",
+            "precision": precision, "jvp": jvp_route(),
+            "data": f"{cfg.data}: {len(dataset)} images, {getattr(dataset, 'num_classes', '?')} classes "
+                    f"(model: {model.num_classes})",
+            "steps": f"{start_step} -> {cfg.steps}, lr {cfg.lr:g} ({cfg.optimizer})",
+            "EMAs": emas, "out": str(cfg.out)}
+
+
+def jvp_route() -> str:
+    """Which of pmf_ref.average_velocity_jvp's routes the training step's JVP takes, in words."""
+    import pmf_ref as P
+
+    return f"{P.default_jvp_mode()} ({P.JVP_MODE_DESCRIPTIONS[P.default_jvp_mode()]})"
 
 
 class RunLog:

@@ -46,7 +46,7 @@ from .checkpoint import (CHECKPOINT_FORMAT, LOG_NAME, CheckpointError, RunFolder
 from .config import TrainConfig, UsageError, check_config, check_resume, config_from_argv
 from .data import ImageFolderDataset, SyntheticDataset, UnreadableImageError, infinite_batches
 from .distributed import barrier, init_distributed, mean_over_ranks, no_sync, parallelize, world_size_from_env
-from .ema import EMA_RAMPUP_RATIO, EMASet
+from .ema import EMASet
 from .fsdp import SHARDED_NAME, ShardedEMA, ensure_process_group, remove_sharded, remove_stale_sharded, \
     use_gathered_muon, whole
 from .model import build_model
@@ -56,7 +56,7 @@ from .perceptual import PerceptualDistances, build_convnext_v2, build_lpips_vgg
 from .presets import ARCHITECTURES, RECIPES
 from .recipe import GuidanceSampler, PMFObjective, draw_step_randomness, no_guidance
 from .runlog import (DivergenceError, DivergenceGuard, LogWriteError, RunFolderLocked, RunLock, RunLog, RunMonitor,
-                     changed_settings_note, read_config, say, summary, write_config)
+                     changed_settings_note, read_config, say, summary, summary_rows, write_config)
 
 __all__ = ["TrainConfig", "TrainResult", "UsageError", "DivergenceError", "train", "main"]
 TIME_SAMPLERS = {"full": P.sample_time_pair_released, "diagonal": P.sample_time_pair_diagonal,
@@ -117,7 +117,7 @@ def train(cfg: TrainConfig, dataset=None, progress: bool = True) -> TrainResult:
                                    num_workers=cfg.num_workers if device.type == "cuda" else 0)
         if rank == 0:
             prepare_run_folder(cfg, out, step, images_seen, in_place)
-            say(summary(summary_rows(cfg, model, dataset, world_size, state)))
+            say(summary(summary_rows(cfg, model, dataset, world_size, step)))
         barrier()
         log = RunLog(out / LOG_NAME, device=device, total_steps=cfg.steps, start_step=step, batch_size=cfg.batch_size,
                      progress=progress, enabled=rank == 0)
@@ -273,33 +273,6 @@ def prepare_run_folder(cfg: TrainConfig, out: Path, step: int, images_seen: int,
         if note:
             say(note)
     write_config(out, settings)
-
-
-def summary_rows(cfg: TrainConfig, model, dataset, world_size: int, state: dict | None) -> dict:
-    """The start-up summary: what is trained, where, how fast it can be compared."""
-    total = sum(p.numel() for p in model.parameters())
-    heads = sum(p.numel() for name, p in model.named_parameters() if name.startswith("v_head."))
-    # EDM ramp: hl_imgs = min(hl * 1000, 0.05 * images seen); every EMA is equal until the shortest departs.
-    split = int(min(cfg.ema_half_lives_kimg) * 1000 / EMA_RAMPUP_RATIO) // cfg.batch_size + 1
-    emas = " ".join(f"{hl:g}" for hl in cfg.ema_half_lives_kimg)
-    if len(cfg.ema_half_lives_kimg) > 1:
-        emas += (f" kimg (all equal for this whole run: the EDM ramp caps each half-life at 5% of the images "
-                 f"seen; they differ from step {split})" if split > cfg.steps else f" kimg (equal until step {split}: "
-                 f"EDM ramp)")
-    precision = ("fp32 + bf16 autocast of the no-grad and perceptual passes" if cfg.bf16 else "fp32") + (
-        ", bf16 FSDP all-gather" if cfg.fsdp_mixed_precision else "")
-    return {"preset": cfg.preset + (f" ({', '.join(f'{k}={v}' for k, v in cfg.model_overrides().items())})"
-                                    if cfg.model_overrides() else ""),
-            "parameters": f"{total:,} ({total - heads:,} without the v-head)",
-            "processes": f"{world_size} ({'FSDP' if cfg.fsdp else 'DDP' if world_size > 1 else 'single'}), "
-                         f"device {next(model.parameters()).device}",
-            "batch": f"{cfg.batch_size} global, {cfg.batch_size // world_size} per process, "
-                     f"{cfg.accum_steps} micro-batch(es) of {cfg.batch_size // world_size // cfg.accum_steps}",
-            "precision": precision, "jvp": f"{P.default_jvp_mode()} ({P.JVP_MODE_DESCRIPTIONS[P.default_jvp_mode()]})",
-            "data": f"{cfg.data}: {len(dataset)} images, {getattr(dataset, 'num_classes', '?')} classes "
-                    f"(model: {model.num_classes})",
-            "steps": f"{state['step'] if state else 0} -> {cfg.steps}, lr {cfg.lr:g} ({cfg.optimizer})",
-            "EMAs": emas, "out": str(cfg.out)}
 
 
 # ----------------------------------------------------------------------------- the loop's helpers

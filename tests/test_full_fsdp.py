@@ -432,6 +432,9 @@ def test_fsdp_run_writes_grids_fid_and_numbered_snapshots_and_resumes_on_one_pro
     for key, value in runs["watched_resumed"]["model"].items():
         assert torch.equal(state["model"][key], value), key
     assert isinstance(load_model(run / fsdp.SHARDED_NAME, ema="1"), torch.nn.Module)
+    from full import export
+    export.main([str(run / fsdp.SHARDED_NAME), "--out", str(run / "export"), "--ema", "1"])
+    assert any((run / "export").iterdir())
 
 
 def test_dcp_metadata_is_read_without_running_code_and_a_corrupt_one_is_one_line(runs, tmp_path):
