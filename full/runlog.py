@@ -225,7 +225,10 @@ class RunLog:
                 say(f"step {step}: FID {record['fid']:.3f}, IS {record['is_mean']:.2f}")
         return record
 
-    def close(self) -> None:
+    def __enter__(self) -> "RunLog":
+        return self
+
+    def __exit__(self, *exc_info) -> None:
         if self.bar is not None:
             self.bar.close()
 
@@ -358,6 +361,9 @@ class RunMonitor:
         if self.board is not None:
             self.board.scalars("train", {**record, "lr": lr}, record["step"])
 
-    def close(self) -> None:
+    def __enter__(self) -> "RunMonitor":
+        return self
+
+    def __exit__(self, *exc_info) -> None:
         if self.board is not None:
             self.board.close()

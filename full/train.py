@@ -131,7 +131,7 @@ def train(cfg: TrainConfig, dataset=None, progress: bool = True) -> TrainResult:
 
         # ---- the loop: one more forward-backward than steps, so the last state is checked before it is saved
         objective.train()
-        with StopOnSignal(announce=rank == 0) as stop:
+        with StopOnSignal(announce=rank == 0) as stop, log, monitor:
             while True:
                 epoch, batch_in_epoch, (x, y) = next(batches)
                 x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
@@ -169,11 +169,9 @@ def train(cfg: TrainConfig, dataset=None, progress: bool = True) -> TrainResult:
                 if step % cfg.ckpt_every == 0 or step == cfg.steps or stopped_by:
                     pending = checkpoint_meta(cfg, model, step, images_seen, generator, epoch, batch_in_epoch,
                                               lr_history)
-        barrier()                                        # the checkpoint is complete before any rank exits
 
         # ---- the end
-        log.close()
-        monitor.close()
+        barrier()                                        # the checkpoint is complete before any rank exits
     return TrainResult(model, dict(emas.models) if isinstance(emas, EMASet) else {}, history, checkpoint, stopped_by)
 
 

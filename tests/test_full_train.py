@@ -233,7 +233,7 @@ def _watched(tmp_path, ref, **overrides) -> TrainConfig:
                                               keep_last=2, ckpt_every=1), **overrides})
 
 
-def test_watched_run_writes_grids_fid_tensorboard_and_numbered_checkpoints(tmp_path, tiny_fid):
+def test_watched_run_writes_grids_fid_tensorboard_and_numbered_checkpoints(tmp_path, tiny_fid, capsys):
     import json
 
     from tensorboard.backend.event_processing import event_accumulator
@@ -242,6 +242,8 @@ def test_watched_run_writes_grids_fid_tensorboard_and_numbered_checkpoints(tmp_p
 
     reference, ref = tiny_fid
     result = train(_watched(tmp_path, ref), _dataset(), progress=False)
+    printed = [line for line in capsys.readouterr().err.splitlines() if "FID" in line]
+    assert [line.split(":")[0] for line in printed] == ["step 2", "step 4"]      # FID printed when computed
     run = tmp_path / "run"
     names = sorted(path.name for path in (run / monitor.SAMPLES_DIR).iterdir())
     assert names == [f"step00000000{step}-{name}.png" for step in (2, 4) for name in ("ema0.5", "ema1", "raw")]
