@@ -554,11 +554,13 @@ def save_run_checkpoint(out: str | os.PathLike, meta: dict, *, model, optimizer,
 
 def read_run_checkpoint(path: str | os.PathLike, *, sharded: bool) -> dict:
     """The parts of a checkpoint a resumed run needs before it builds anything (a sharded one's ``meta.pt``)."""
-    from .fsdp import is_sharded_checkpoint, read_sharded_meta
+    from .fsdp import is_sharded_checkpoint, read_dcp_metadata, read_sharded_meta
 
     if not sharded and is_sharded_checkpoint(path):
         raise CheckpointError(f"{str(path)!r} is a sharded checkpoint: pass --fsdp, or write one file with "
                               f"python -m full.fsdp export {path} --out DIR (DIR/checkpoint.pt)")
+    if sharded:
+        read_dcp_metadata(path)   # a corrupt or unsafe .metadata fails here, before anything is built
     state = read_sharded_meta(path) if sharded else load_checkpoint(path, map_location="cpu")
     require_keys(state, path, ("step", "images_seen", "rng", "data") if sharded else
                  ("ema", "optimizer", "step", "images_seen", "rng", "data"), "resume")

@@ -37,6 +37,7 @@ checkpointing flags, ``--device``, ``--num-workers``, ``--fsdp``)."""
 NOT_INHERITED = ("out", "resume", "overwrite", "device", "num_workers")
 """Fields a CLI resume does not take from the checkpoint: the machine's, and the run folder (a moved
 folder resumes where it now is)."""
+DESCRIPTION = "Train a pMF ViT on ImageNet (or any class-folder dataset): the released-code recipe, flat."
 FLAG_OF = {"ema_half_lives_kimg": "--ema-kimg", "guidance": "--no-guidance", "fid_ref": "--ref"}
 
 
@@ -170,10 +171,8 @@ def check_resume(cfg: TrainConfig, saved: dict, step: int) -> None:
 # ----------------------------------------------------------------------------- command line
 
 def build_parser() -> argparse.ArgumentParser:
-    from .train import __doc__ as train_doc
-
     defaults = TrainConfig()
-    parser = cli.Parser("python -m full.train", train_doc.split("\n\n")[0])
+    parser = cli.Parser("python -m full.train", DESCRIPTION)
     add = parser.add_argument
     add("--preset", default=defaults.preset, help=f"model preset, one of {' '.join(sorted(PRESETS))}")
     add("--data", default=None, help="ImageNet-style folder root/<class>/<image> (ADM center crop, no flip), or "

@@ -282,7 +282,8 @@ class RunMonitor:
 
     Sampling needs whole networks: unsharded, rank 0 samples its EMAs directly and the other ranks get
     the FID's EMA broadcast into a scratch copy; sharded (``--fsdp``), every rank gathers the network in
-    turn (a collective) into a scratch copy. Nothing here changes what is trained.
+    turn (a collective) into a scratch copy -- with ``--fsdp`` watching costs one whole unsharded network per
+    process. Nothing here changes what is trained.
     """
 
     def __init__(self, cfg, out: Path, model: torch.nn.Module, emas, *, rank: int, world_size: int,
