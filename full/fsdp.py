@@ -677,7 +677,12 @@ def main(argv: list[str] | None = None) -> None:
 
     if args.preset not in PRESETS:
         parser.error(f"--preset: unknown preset {args.preset!r}; choose one of {sorted(PRESETS)}")
-    overrides = {"resolution": args.resolution, "patch": ARCHITECTURES[args.preset].patch}
+    patch = ARCHITECTURES[args.preset].patch
+    if args.processes < 1:
+        parser.error(f"--processes must be >= 1, got {args.processes}")
+    if args.resolution < patch or args.resolution % patch:
+        parser.error(f"--resolution must be a positive multiple of {args.preset}'s patch {patch}, got {args.resolution}")
+    overrides = {"resolution": args.resolution, "patch": patch}
     with torch.device("meta"):
         muon = sum(p.numel() for p in split_parameters(build_model(args.preset, **overrides))[0])
     print(f"| {args.preset} at {args.resolution} px, {args.processes} gloo processes | peak RSS added per "

@@ -464,3 +464,15 @@ def test_dcp_metadata_is_read_without_running_code_and_a_corrupt_one_is_one_line
         with pytest.raises(CheckpointError, match=message):
             fsdp.read_dcp_metadata(folder)
     assert not marker.exists()
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["memory", "--processes", "0"], "--processes must be >= 1"),
+    (["memory", "--resolution", "7"], "--resolution must be a positive multiple"),
+    (["export", "/no/such/checkpoint.dcp", "--out", "{tmp}"], "is not a complete sharded checkpoint folder"),
+])
+def test_fsdp_cli_bad_input_is_one_error_line(argv, message, tmp_path, capsys):
+    with pytest.raises(SystemExit) as raised:
+        fsdp.main([arg.format(tmp=tmp_path) for arg in argv])
+    errors = [line for line in capsys.readouterr().err.splitlines() if "error:" in line]
+    assert raised.value.code == 2 and len(errors) == 1 and message in errors[0], errors
