@@ -5,15 +5,16 @@ meets it:
 
 One training batch, from ``train.py`` to ``loss.backward()`` (six files of ``full/`` plus ``pmf_ref``):
 
-1. ``train.py``      -- ``train(TrainConfig)``: the loop; draws the step's randomness, calls the objective,
+1. ``train.py``      -- ``train(TrainConfig)``: the loop; builds the step from the preset, calls it,
                         backward, optimiser, EMAs, checkpoint (``python -m full.train``)
 2. ``data.py``       -- the ImageNet-style folder (ADM centre crop) or synthetic data; the batch (x, y)
-3. ``recipe.py``     -- ``PMFObjective``: (r, t), omega, interval, label drop for the batch
-                        (``draw_step_randomness``), then ``pmf_ref.pmf_guided_loss`` with the network's two heads
+3. ``step.py``       -- ``TrainingStep.from_preset``: ``draw_randomness`` ((r, t), omega, interval, label drop,
+                        crops, noise), then ``forward``: the released loss top to bottom, every equation a
+                        ``pmf_ref`` call, the JVP through the engine of ``fast_jvp.py``
 4. ``model.py``      -- ``PMFViT`` (trunk, u-head, v-head; ``forward_uv``), ``x_hat_from_output`` (x or u
                         prediction, one owner), ``build_model(preset)``
 5. ``layers.py``     -- blocks, attention, RoPE, the bottleneck patch embedding (cheap-JVP ops of
-                        ``pmf_ref.fast_jvp``)
+                        ``fast_jvp.py``, which also holds the JVP engine ``fast_jvp.jvp``)
 6. ``perceptual.py`` -- LPIPS and ConvNeXt distances; the gating and weighting are ``pmf_ref.perceptual_term``
 
 Around it:
@@ -35,3 +36,6 @@ Subpackages: ``digits/`` -- the paper's ablations on 8x8 digits on a CPU (``pyth
 ``bench/`` -- the performance benchmarks (``python -m full.bench``, ``python -m full.bench.compile``), the
 only part of ``full`` that imports ``toy``.
 """
+from .cli import quiet_interrupt
+
+quiet_interrupt()   # under `python -m full.<tool>` only: Ctrl-C is one line and exit 130, even during imports

@@ -33,7 +33,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .io import TEMP_PREFIX, atomic_write, unwritable_reason
+from .io import TEMP_PREFIX, atomic_write, refused_pickle_global, unwritable_reason
 
 CHECKPOINT_FORMAT = 2
 """2: weights-only safe (RNG states as tensors). Files of format 1 held numpy arrays and are refused."""
@@ -124,10 +124,10 @@ def read_checkpoint_file(path: str | os.PathLike, map_location: str | torch.devi
     try:
         return torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as error:
-        unsafe = re.search(r"Unsupported global: GLOBAL (\S+)", str(error))
+        unsafe = refused_pickle_global(path, str(error))   # read statically: nothing in the file runs
         if unsafe:
-            raise CheckpointError(f"{str(path)!r} refused: it holds Python objects other than tensors and plain "
-                                  f"containers (it asks for {unsafe.group(1)}); loading it could run code. Files "
+            raise CheckpointError(f"{str(path)!r} holds code and was refused: it holds Python objects other than "
+                                  f"tensors and plain containers (it asks for {unsafe}); loading it would run that. Files "
                                   f"written by this project never do (full.train checkpoints of format 1 held "
                                   f"numpy RNG states)") from None
         raise CheckpointError(f"{str(path)!r} is not a torch file, or is corrupt ("

@@ -1,14 +1,14 @@
 """Sharded training of the pMF objective (FSDP2): the sharding plan, Muon on shards, sharded EMAs, and
 sharded checkpoints that are atomic, exactly resumable and readable on any number of processes.
 
-    objective = shard_objective(PMFObjective(model, ...), mixed_precision=None)   # after .to(device)
+    objective = shard_objective(TrainingStep.from_preset(model, preset), mixed_precision=None)   # after .to(device)
     optimizer = use_gathered_muon(build_optimizer(model, kind="muon", lr=1e-3))  # after sharding
     emas = ShardedEMA(model, (500, 1000, 2000))                                   # every rank
     save_sharded_checkpoint(out / "checkpoint.dcp", model=model, optimizer=optimizer, emas=emas, meta=meta)
     python -m full.fsdp export runs/pmf/checkpoint.dcp            # runs/pmf/checkpoint.pt, for full.sample
 
 Sharding plan. ``fully_shard`` on every transformer ``Block`` (each is all-gathered just before it runs
-and freed after) and on :class:`full.recipe.PMFObjective` as the root, which holds the rest (embedders,
+and freed after) and on :class:`full.step.TrainingStep` as the root, which holds the rest (embedders,
 tokens, heads' norms and output layers). The root must be the objective, not the ViT: the objective's
 ``forward`` runs the whole loss (the no-grad guidance pass and the JVP pass), while the ViT's
 ``__call__`` is never used (its ``forward_uv`` / ``forward_v`` are), so FSDP's hooks on it would never fire.
@@ -103,7 +103,7 @@ def shard_objective(objective: nn.Module, *, mixed_precision: str | None = None)
     """Apply the plan in place: ``fully_shard`` every ``Block``, then the objective as the root.
 
     Args:
-        objective: a :class:`full.recipe.PMFObjective` on its device; a process group must exist.
+        objective: a :class:`full.step.TrainingStep` on its device; a process group must exist.
         mixed_precision: None (fp32 everywhere) or "bf16" (bf16 all-gather, fp32 reduce and compute).
     Returns:
         the same objective, now an FSDP module whose parameters are DTensor shards.
@@ -565,10 +565,8 @@ def _memory_worker(rank: int, world: int, init_file: str, preset: str, overrides
 
     from .ema import EMASet
     from .model import build_model
-    from .presets import RECIPES
     from .optim import build_optimizer
-    from .recipe import GuidanceSampler, PMFObjective, draw_step_randomness
-    import pmf_ref as P
+    from .step import TrainingStep
 
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
@@ -576,7 +574,7 @@ def _memory_worker(rank: int, world: int, init_file: str, preset: str, overrides
         baseline = _rss_bytes()
         torch.manual_seed(0)
         model = build_model(preset, **overrides)
-        objective = PMFObjective(model)
+        objective = TrainingStep.from_preset(model, preset)
         if sharded:
             shard_objective(objective)
             emas = ShardedEMA(model, half_lives)
@@ -587,14 +585,9 @@ def _memory_worker(rank: int, world: int, init_file: str, preset: str, overrides
         if sharded:
             use_gathered_muon(optimizer)
         shape = (model.channels, model.resolution, model.resolution)
-        sampler = lambda n, generator, device: P.sample_time_pair_released(  # noqa: E731
-            n, generator=generator, device=device, mean=RECIPES[preset].P_mean, std=RECIPES[preset].P_std,
-            uniform_fraction=RECIPES[preset].uniform_fraction)
         for step in range(2):            # the second step runs with every state allocated
-            randomness = draw_step_randomness(world, shape, generator=torch.Generator().manual_seed(step),
-                                              noise_scale=model.noise_scale, sample_time_pair=sampler,
-                                              sample_guidance=GuidanceSampler(), device=torch.device("cpu"))
             x = torch.zeros(world, *shape)
+            randomness = objective.draw_randomness(x, generator=torch.Generator().manual_seed(step))
             y = torch.zeros(world, dtype=torch.long)
             rows = slice(rank, rank + 1)
             terms = (objective if sharded else step_objective)(x[rows], y[rows], randomness.rows(rank, rank + 1))
@@ -677,14 +670,14 @@ def main(argv: list[str] | None = None) -> None:
 
     if args.preset not in PRESETS:
         parser.error(f"--preset: unknown preset {args.preset!r}; choose one of {sorted(PRESETS)}")
-    patch = ARCHITECTURES[args.preset].patch
     if args.processes < 1:
-        parser.error(f"--processes must be >= 1, got {args.processes}")
-    if args.resolution < patch or args.resolution % patch:
-        parser.error(f"--resolution must be a positive multiple of {args.preset}'s patch {patch}, got {args.resolution}")
-    overrides = {"resolution": args.resolution, "patch": patch}
-    with torch.device("meta"):
-        muon = sum(p.numel() for p in split_parameters(build_model(args.preset, **overrides))[0])
+        memory.error(f"--processes must be >= 1, got {args.processes}")
+    overrides = {"resolution": args.resolution, "patch": ARCHITECTURES[args.preset].patch}
+    try:
+        with torch.device("meta"):
+            muon = sum(p.numel() for p in split_parameters(build_model(args.preset, **overrides))[0])
+    except ValueError as error:   # e.g. a resolution that the preset's patch does not divide
+        memory.error(f"--resolution: {error}")
     print(f"| {args.preset} at {args.resolution} px, {args.processes} gloo processes | peak RSS added per "
           f"process (GiB) | model states, busiest rank (GiB) |\n|---|---|---|")
     for sharded in (False, True):

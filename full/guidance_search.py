@@ -8,7 +8,8 @@ App. A), so choosing them is a pure sampling-time search; the paper reports the 
 (omega, interval, EMA) per model (B/16: 8.5, [0.1, 0.7], 2000). Every setting samples the same
 noise and labels (per-sample seeds of full.sample), so differences between rows come from the
 setting, not from the draw. Prints a table (FID, IS per combination; best FID marked) and writes
-JSON after every row, so an interrupted search keeps what it finished. Runs in one process.
+JSON after every row, so an interrupted search keeps what it finished. An ``--out`` holding an earlier
+search's JSON is refused unless ``--overwrite``. Runs in one process.
 """
 from __future__ import annotations
 
@@ -27,7 +28,7 @@ from .evaluate import metrics_from_features
 from .checkpoint import CheckpointError, first_non_finite, load_checkpoint
 from . import cli
 from .io import write_json
-from .fid import (IS_SPLITS, InceptionWeightsError, build_inception, extract_features,
+from .fid import (IS_SPLITS, POOL_DIM, InceptionWeightsError, build_inception, extract_features,
                   load_statistics)
 from .sample import (NonFiniteSamplesError, checkpoint_info, iter_samples, load_for_sampling,
                      normalize_ema, sampling_defaults)
@@ -104,6 +105,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--num", type=int, default=10000, help="samples per setting (class-balanced)")
     parser.add_argument("--out", default=None, metavar="DIR",
                         help=f"output folder: {RESULT_NAME}, every row so far (rewritten after each row)")
+    parser.add_argument("--overwrite", action="store_true",
+                        help=f"replace an earlier {RESULT_NAME} in --out (without it, such a folder is refused)")
     cli.add_json(parser, "all rows")
     parser.add_argument("--seed", type=int, default=0, help="noise seed shared by every setting")
     parser.add_argument("--batch-size", type=int, default=64, help="images per network and Inception call")
@@ -139,6 +142,9 @@ def main(argv: list[str] | None = None) -> None:
     device = cli.resolve_device(parser, args.device)
     if args.out is not None:
         cli.check_out(parser, args.out)
+        if (Path(args.out) / RESULT_NAME).exists() and not args.overwrite:   # an earlier search's rows
+            parser.error(f"--out: {str(Path(args.out) / RESULT_NAME)!r} holds an earlier search; pass --overwrite "
+                         f"to replace it, or choose another --out")
 
     try:
         preset, available = checkpoint_info(args.ckpt)
@@ -161,7 +167,7 @@ def main(argv: list[str] | None = None) -> None:
     del checkpoint
     intervals = tuple(args.intervals) if args.intervals else ((defaults["t_min"], defaults["t_max"]),)
     try:
-        ref_mu, ref_sigma = load_statistics(args.ref)
+        ref_mu, ref_sigma = load_statistics(args.ref, dim=POOL_DIM)
     except ValueError as error:
         parser.error(f"--ref: {error}")
     try:

@@ -37,7 +37,7 @@ POS_EMBED_STD = 0.02  # learned absolute position embedding init (released code)
 # What configures the network: the preset's Architecture and its recipe's noise scale; extra switches.
 ARCH_KEYS = ("resolution", "patch", "depth", "width", "heads", "bottleneck", "head_depth", "channels",
              "num_classes", "noise_scale")
-SWITCH_KEYS = ("v_head", "use_sdpa_math", "prediction")
+SWITCH_KEYS = ("v_head", "use_sdpa_math", "prediction", "activation_checkpointing")
 PREDICTIONS = ("x", "u")   # what the network's output is: a denoised image (pMF) or u itself (the ablation)
 
 
@@ -105,11 +105,14 @@ class PMFViT(nn.Module):
             instead of explicit matmul + softmax (both support forward-mode AD).
         prediction: "x" (pMF: the output is a denoised image) or "u" (ablation: the output is read as the
             average velocity). Only :func:`x_hat_from_output` reads it; checkpoints record it.
+        activation_checkpointing: every block keeps only its input for the backward and recomputes the
+            rest there (``full.layers.recompute_in_backward``; JVP included): less memory, one more forward.
     """
 
     def __init__(self, *, resolution: int, patch: int, depth: int, width: int, heads: int, bottleneck: int,
                  head_depth: int, channels: int = 3, num_classes: int = 1000, noise_scale: float = 1.0,
-                 v_head: bool = True, use_sdpa_math: bool = False, prediction: str = "x"):
+                 v_head: bool = True, use_sdpa_math: bool = False, prediction: str = "x",
+                 activation_checkpointing: bool = False):
         super().__init__()
         if prediction not in PREDICTIONS:
             raise ValueError(f"prediction must be one of {PREDICTIONS}, got {prediction!r}")
@@ -145,6 +148,10 @@ class PMFViT(nn.Module):
         patch_dim = patch * patch * channels
         self.u_head = Head(head_depth, width, heads, patch_dim, use_sdpa_math)
         self.v_head = Head(head_depth, width, heads, patch_dim, use_sdpa_math) if v_head else None
+        self.activation_checkpointing = activation_checkpointing
+        for block in self.modules():
+            if isinstance(block, Block):
+                block.recompute = activation_checkpointing
 
     def reset_rope_(self) -> None:
         """(Re)compute the RoPE buffers (e.g. after ``to_empty`` from the meta device)."""
@@ -277,7 +284,8 @@ def build_model(preset: str, **overrides) -> PMFViT:
     Args:
         preset: one of :data:`PRESETS`.
         overrides: any architecture key (resolution, patch, depth, width, heads, bottleneck,
-            head_depth, channels, num_classes, noise_scale) or switch (v_head, use_sdpa_math).
+            head_depth, channels, num_classes, noise_scale) or switch (v_head, use_sdpa_math, prediction,
+            activation_checkpointing).
     Returns:
         PMFViT, on the current default device (use ``with torch.device("meta"):`` to count).
     """

@@ -30,7 +30,7 @@ import pmf_ref as P
 from .checkpoint import FID_LOG_NAME
 from .evaluate import metrics_from_features
 from .io import atomic_write
-from .fid import IS_SPLITS, build_inception, extract_features, load_statistics
+from .fid import IS_SPLITS, POOL_DIM, build_inception, extract_features, load_statistics
 from .ema import format_half_life
 from .model import make_cond
 from .presets import SAMPLING
@@ -199,13 +199,15 @@ def prepare_fid(ref: str | Path, inception_weights: str | None, device: torch.de
 
     Raises:
         FileNotFoundError: the Inception weights or ``ref`` are missing (the run refuses to start).
-        ValueError: ``ref`` lacks ``mu`` / ``sigma``.
+        ValueError: ``ref`` lacks ``mu`` / ``sigma``, or holds statistics of other than 2048-d features.
     """
     if not Path(ref).is_file():
         raise FileNotFoundError(f"reference statistics {str(ref)!r} not found "
                                 f"(make them with `python -m full.evaluate ref-stats`)")
     mu, sigma = load_statistics(ref)
-    return FIDReference(build_inception(inception_weights, device).eval(), mu, sigma)
+    extractor = build_inception(inception_weights, device).eval()   # its file checked before the dimension
+    load_statistics(ref, dim=POOL_DIM)   # statistics of other features would fail only at the first FID
+    return FIDReference(extractor, mu, sigma)
 
 
 def gather_rows(rows: torch.Tensor, counts: list[int], *, rank: int, world_size: int) -> torch.Tensor | None:

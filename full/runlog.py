@@ -178,10 +178,10 @@ def summary_rows(cfg, model, dataset, world_size: int, start_step: int) -> dict:
 
 
 def jvp_route() -> str:
-    """Which of pmf_ref.average_velocity_jvp's routes the training step's JVP takes, in words."""
-    import pmf_ref as P
+    """The JVP engine the training step hands to pmf_ref.average_velocity_jvp, in words."""
+    from .fast_jvp import ENGINE_DESCRIPTIONS
 
-    return f"{P.default_jvp_mode()} ({P.JVP_MODE_DESCRIPTIONS[P.default_jvp_mode()]})"
+    return f"forward_ad ({ENGINE_DESCRIPTIONS['forward_ad']})"
 
 
 class RunLog:

@@ -6,7 +6,7 @@
 
 ``train()`` reads top to bottom: set-up (settings, processes, run folder, model, step, EMAs, optimiser,
 resume), the loop (randomness, loss, guard, step, EMA, log, watch, checkpoint), the end. The loss of a
-step is :class:`full.recipe.PMFObjective`; every equation in it comes from ``pmf_ref``. Settings and their
+step is :class:`full.step.TrainingStep`, built from the preset; every equation in it comes from ``pmf_ref``. Settings and their
 checks: :mod:`full.config`; the log, the lock, the guard and the monitor: :mod:`full.runlog`. In-process
 API: ``train(TrainConfig(...), dataset)``.
 
@@ -38,7 +38,6 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
-import pmf_ref as P
 
 from .checkpoint import (CHECKPOINT_FORMAT, LOG_NAME, CheckpointError, RunFolderError, StopOnSignal, capture_rng_state,
                          check_run_folder, continues_in_place, portable_settings, read_run_checkpoint,
@@ -53,14 +52,12 @@ from .model import build_model
 from .monitor import prepare_fid
 from .optim import build_optimizer
 from .perceptual import PerceptualDistances, build_convnext_v2, build_lpips_vgg
-from .presets import ARCHITECTURES, RECIPES
-from .recipe import GuidanceSampler, PMFObjective, draw_step_randomness, no_guidance
+from .presets import ARCHITECTURES
+from .step import TrainingStep
 from .runlog import (DivergenceError, DivergenceGuard, LogWriteError, RunFolderLocked, RunLock, RunLog, RunMonitor,
                      changed_settings_note, read_config, say, summary, summary_rows, write_config)
 
 __all__ = ["TrainConfig", "TrainResult", "UsageError", "DivergenceError", "train", "main"]
-TIME_SAMPLERS = {"full": P.sample_time_pair_released, "diagonal": P.sample_time_pair_diagonal,
-                 "endpoint": P.sample_time_pair_endpoint, "two_lines": P.sample_time_pair_two_lines}
 LOGGED_TERMS = ("loss", "loss_u", "loss_v", "raw_u", "raw_v", "lpips", "convnext")
 SYNTHETIC_SIZE = 1024   # images in ``--data synthetic``
 EXIT_USAGE, EXIT_FAILED, EXIT_DIVERGED, EXIT_INTERRUPTED = 2, 1, 3, 130
@@ -96,7 +93,7 @@ def train(cfg: TrainConfig, dataset=None, progress: bool = True) -> TrainResult:
 
         # ---- model, training step (+ DDP / FSDP / compile), EMAs, optimiser
         model = build_model(cfg.preset, **cfg.model_overrides(), prediction=cfg.prediction).to(device)
-        objective, draw = build_step(cfg, model, device)
+        objective = build_step(cfg, model, device)
         step_fn = parallelize(objective, world_size=world_size, device=device, fsdp=cfg.fsdp,
                               fsdp_mixed_precision=cfg.fsdp_mixed_precision, compile=cfg.compile)
         emas = (ShardedEMA(model, cfg.ema_half_lives_kimg) if cfg.fsdp else     # after sharding: shards alike
@@ -135,7 +132,7 @@ def train(cfg: TrainConfig, dataset=None, progress: bool = True) -> TrainResult:
             while True:
                 epoch, batch_in_epoch, (x, y) = next(batches)
                 x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-                randomness = draw(cfg.batch_size, generator)
+                randomness = objective.draw_randomness(x, generator=generator, batch_size=cfg.batch_size)
                 optimizer.zero_grad(set_to_none=True)
                 micro_means = []
                 for micro in range(cfg.accum_steps):     # rows [first, first + micro_batch) of the global batch
@@ -209,28 +206,18 @@ def settle(cfg: TrainConfig, dataset, world_size: int) -> tuple[TrainConfig, obj
     return cfg, dataset, state
 
 
-def build_step(cfg: TrainConfig, model: torch.nn.Module, device: torch.device):
-    """The training step of ``cfg.preset`` around ``model`` and its randomness: ``(step, draw)``, where
-    ``draw(n, generator)`` draws one step's :class:`full.recipe.StepRandomness` for ``n`` rows."""
-    recipe = RECIPES[cfg.preset]
+def build_step(cfg: TrainConfig, model: torch.nn.Module, device: torch.device) -> TrainingStep:
+    """The training step of ``cfg.preset`` around ``model``: the preset's recipe numbers, the run's ablations
+    (time sampler, guidance off) and perceptual networks."""
     perceptual = None
     if cfg.perceptual != "none":
         convnext = (build_convnext_v2(arch=cfg.convnext_arch, weights=cfg.convnext_weights,
                                       pretrained=cfg.perceptual_pretrained) if cfg.perceptual == "lpips+convnext" else None)
         perceptual = PerceptualDistances(build_lpips_vgg(pretrained_backbone=cfg.perceptual_pretrained), convnext,
                                          crop_size=cfg.perceptual_crop)
-    objective = PMFObjective(model, perceptual=perceptual, t_thr=recipe.t_thr,
-                             autocast_dtype=torch.bfloat16 if cfg.bf16 else None).to(device)
-    sampler_kwargs = {"mean": recipe.P_mean, "std": recipe.P_std}
-    if cfg.time_sampler == "full":
-        sampler_kwargs["uniform_fraction"] = recipe.uniform_fraction
-    time_pair = lambda n, generator, device: TIME_SAMPLERS[cfg.time_sampler](  # noqa: E731
-        n, generator=generator, device=device, **sampler_kwargs)
-    guidance = GuidanceSampler(beta=recipe.omega_beta) if cfg.guidance else no_guidance
-    shape = (model.channels, model.resolution, model.resolution)
-    return objective, lambda n, generator: draw_step_randomness(
-        n, shape, generator=generator, noise_scale=model.noise_scale, sample_time_pair=time_pair,
-        sample_guidance=guidance, device=device)
+    return TrainingStep.from_preset(model, cfg.preset, perceptual=perceptual, time_sampler=cfg.time_sampler,
+                                    guidance=cfg.guidance,
+                                    autocast_dtype=torch.bfloat16 if cfg.bf16 else None).to(device)
 
 
 def scratch_model(cfg: TrainConfig, model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
@@ -293,7 +280,7 @@ def checkpoint_meta(cfg: TrainConfig, model, step: int, images_seen: int, genera
             "data": {"epoch": epoch, "batch": batch + 1}, "lr_history": [list(entry) for entry in lr_history],
             "config": {"model": {"preset": cfg.preset, **cfg.model_overrides(), "prediction": cfg.prediction},
                        "noise_scale": model.noise_scale, "num_classes": model.num_classes,
-                       "resolution": model.resolution, "jvp": P.default_jvp_mode(),
+                       "resolution": model.resolution, "jvp": "forward_ad",
                        "train": portable_settings(dataclasses.asdict(cfg), cfg.out)}}
 
 

@@ -13,6 +13,8 @@ Notation, used by every function here and stated only once:
   bind labels and parameters by closure or ``torch.func.functional_call``.
 
 Nothing here draws random numbers except the samplers, which take a ``torch.Generator``.
+The JVP is ``torch.func.jvp`` unless a caller passes another engine (``jvp=``); value checks (host
+syncs) can be skipped with ``check_values=False`` where the values were checked on entry.
 """
 from .guidance import (LABEL_DROP_PROB, OMEGA_S_MAX, drop_labels, effective_guidance_scale,
                        guidance_scale_for_target, guided_velocity, label_drop_mask, label_drop_mask_diagonal,
@@ -20,11 +22,8 @@ from .guidance import (LABEL_DROP_PROB, OMEGA_S_MAX, drop_labels, effective_guid
 from .loss import (ADAPTIVE_C, ADAPTIVE_P, GuidedLossTerms, MeanFlowLossTerms, adaptively_weighted,
                    flow_matching_loss, meanflow_loss, perceptual_term, pmf_guided_loss, pmf_loss, squared_error,
                    velocity_loss)
-from . import fast_jvp
-from .fast_jvp import reference_ops
-from .meanflow import (JVP_MODE_DESCRIPTIONS, JVP_MODES, AverageVelocityJVP, average_velocity_jvp, compound_velocity,
-                       default_jvp_mode, meanflow_target, tangent_conditional, tangent_from_model, tangent_from_v_head,
-                       u_fn_from_x_fn)
+from .meanflow import (AverageVelocityJVP, JVPFn, average_velocity_jvp, compound_velocity, meanflow_target,
+                       tangent_conditional, tangent_from_model, tangent_from_v_head, u_fn_from_x_fn)
 from .path import (T_EPS, average_velocity_from_x, conditional_velocity, denoised_image, interpolate,
                    target_velocity, x_from_average_velocity)
 from ._checks import expand_like

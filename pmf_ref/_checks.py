@@ -1,22 +1,25 @@
 """Input validation shared by every ``pmf_ref`` function.
 
 Shape and dtype checks always run (they are static, so ``vmap`` and ``torch.compile`` see them
-as constants). Value checks (t in [0, 1], r <= t) look at the data, so they are skipped inside a
-``torch.func`` transform, where the tensors are wrapped and data-dependent Python control flow
-is not allowed; the outermost call still checks the real values.
+as constants). Value checks (t in [0, 1], r <= t) look at the data: each costs a device-to-host sync,
+so they run only where values enter -- a public function called directly checks them; a training step
+passes ``check_values=False`` and validates its inputs where they are drawn or loaded. They are also
+skipped where the values cannot be read: while ``torch.compile`` traces, and inside ``torch.func.vmap``
+(data-dependent control flow is not allowed there; the outermost call still checks the real values).
 """
 from __future__ import annotations
 
 import torch
-from torch._C._functorch import is_functorch_wrapped_tensor
 
 
-def _is_transformed(tensor: torch.Tensor) -> bool:
-    """True inside a torch.func transform or while torch.compile traces: skip data-dependent checks.
-
-    (Under Dynamo a ``bool(tensor)`` is a graph break; on a GPU each one is a host sync.)
-    """
-    return torch.compiler.is_compiling() or is_functorch_wrapped_tensor(tensor)
+def _all(condition: torch.Tensor) -> bool:
+    """``bool(condition.all())``, or True where the values cannot be read (``vmap``, ``torch.compile``)."""
+    if torch.compiler.is_compiling():   # under Dynamo a bool(tensor) is a graph break
+        return True
+    try:
+        return bool(condition.all())    # one host sync
+    except RuntimeError:                # torch.func.vmap: "data-dependent control flow" is refused
+        return True
 
 
 def check_float(name: str, tensor: torch.Tensor) -> None:
@@ -33,8 +36,9 @@ def check_same_shape(name_a: str, a: torch.Tensor, name_b: str, b: torch.Tensor)
         raise ValueError(f"{name_a} and {name_b} must have the same shape, got {tuple(a.shape)} and {tuple(b.shape)}")
 
 
-def check_time(name: str, t: torch.Tensor, like: torch.Tensor | None = None) -> None:
-    """Check a per-example time: float, shape () or (B,) matching ``like``'s batch, values in [0, 1]."""
+def check_time(name: str, t: torch.Tensor, like: torch.Tensor | None = None, *, check_values: bool = True) -> None:
+    """Check a per-example time: float, shape () or (B,) matching ``like``'s batch, values in [0, 1]
+    (the values only with ``check_values``)."""
     check_float(name, t)
     if t.ndim > 1:
         raise ValueError(f"{name} must be a scalar or a (B,) vector of times, got shape {tuple(t.shape)}")
@@ -43,8 +47,8 @@ def check_time(name: str, t: torch.Tensor, like: torch.Tensor | None = None) -> 
             raise ValueError(
                 f"{name} has batch size {t.shape[0]} but the data has shape {tuple(like.shape)}; "
                 f"they must share the batch dimension")
-    if not _is_transformed(t) and t.numel() > 0:
-        if not bool(((t >= 0) & (t <= 1)).all()):  # one host sync; NaN fails both comparisons
+    if check_values and t.numel() > 0:
+        if not _all((t >= 0) & (t <= 1)):  # NaN fails both comparisons
             if bool(torch.isnan(t).any()):
                 raise ValueError(f"{name} must lie in [0, 1] (0 = data, 1 = noise), got NaN")
             raise ValueError(
@@ -67,14 +71,15 @@ def check_float_dtype(name: str, dtype: torch.dtype) -> None:
         raise ValueError(f"{name} must be a floating dtype (float16/bfloat16/float32/float64), got {dtype}")
 
 
-def check_r_le_t(r: torch.Tensor, t: torch.Tensor, like: torch.Tensor | None = None) -> None:
-    """Check 0 <= r <= t <= 1 elementwise (the average velocity integrates from r up to t);
-    with ``like``, also that r and t share its batch dimension."""
-    check_time("r", r, like=like)
-    check_time("t", t, like=like)
+def check_r_le_t(r: torch.Tensor, t: torch.Tensor, like: torch.Tensor | None = None, *,
+                 check_values: bool = True) -> None:
+    """Check 0 <= r <= t <= 1 elementwise (the average velocity integrates from r up to t; the values
+    only with ``check_values``); with ``like``, also that r and t share its batch dimension."""
+    check_time("r", r, like=like, check_values=check_values)
+    check_time("t", t, like=like, check_values=check_values)
     if r.shape != t.shape:
         raise ValueError(f"r and t must have the same shape, got {tuple(r.shape)} and {tuple(t.shape)}")
-    if not (_is_transformed(r) or _is_transformed(t)) and bool((r > t).any()):
+    if check_values and not _all(r <= t):
         worst = (r - t).max().item()
         raise ValueError(f"r must satisfy 0 <= r <= t, but r exceeds t by up to {worst:.4g}")
 

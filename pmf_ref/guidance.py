@@ -2,12 +2,13 @@
 
 The network is conditioned on a guidance scale omega and an interval [t_min, t_max]; the target
 is the guided velocity, so one network call at sampling time already applies CFG.
+``check_values=False`` skips the value checks (host syncs) for a training step (``pmf_ref/_checks.py``).
 """
 from __future__ import annotations
 
 import torch
 
-from ._checks import (_is_transformed, check_float, check_float_dtype, check_per_example, check_r_le_t,
+from ._checks import (_all, check_float, check_float_dtype, check_per_example, check_r_le_t,
                       check_same_shape, check_time, expand_like)
 
 OMEGA_S_MAX = 7.0
@@ -21,9 +22,9 @@ def _check_n(n: int) -> None:
         raise ValueError(f"n must be a non-negative int, got {n!r}")
 
 
-def _check_omega(omega: torch.Tensor) -> None:
-    # A value check: skipped inside torch.func transforms, like the time checks.
-    if not _is_transformed(omega) and omega.numel() > 0 and not bool((omega >= 1).all()):
+def _check_omega(omega: torch.Tensor, check_values: bool = True) -> None:
+    # A value check (a host sync): skipped with check_values=False and inside vmap, like the time checks.
+    if check_values and omega.numel() > 0 and not _all(omega >= 1):   # NaN fails the comparison
         raise ValueError(f"omega must be >= 1 (1 = no guidance), got min {omega.min().item():.4g}")
 
 
@@ -57,8 +58,8 @@ def sample_omega(n: int, *, s_max: float = OMEGA_S_MAX, beta: float = 1.0,
     return omega.clamp(1.0, m).to(dtype)
 
 
-def sample_guidance_interval(r: torch.Tensor, t: torch.Tensor, *, generator: torch.Generator | None = None
-                             ) -> tuple[torch.Tensor, torch.Tensor]:
+def sample_guidance_interval(r: torch.Tensor, t: torch.Tensor, *, generator: torch.Generator | None = None,
+                             check_values: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
     """Guidance intervals ``t_min ~ U(0, 0.5)``, ``t_max ~ U(0.5, 1)``; rows with r = t get [0, 1].
 
     (pMF App. A: on the r = t line the target is the instantaneous guided velocity everywhere.)
@@ -68,7 +69,7 @@ def sample_guidance_interval(r: torch.Tensor, t: torch.Tensor, *, generator: tor
     Returns:
         (t_min, t_max), each (B,), with 0 <= t_min <= 0.5 <= t_max <= 1.
     """
-    check_r_le_t(r, t)
+    check_r_le_t(r, t, check_values=check_values)
     n = t.shape[0] if t.ndim else 1
     t_min = 0.5 * torch.rand(n, generator=generator, device=t.device, dtype=torch.float32).to(t.dtype)
     t_max = 0.5 + 0.5 * torch.rand(n, generator=generator, device=t.device, dtype=torch.float32).to(t.dtype)
@@ -79,7 +80,8 @@ def sample_guidance_interval(r: torch.Tensor, t: torch.Tensor, *, generator: tor
 
 
 def effective_guidance_scale(omega: torch.Tensor, t: torch.Tensor, *, t_min: torch.Tensor,
-                             t_max: torch.Tensor, dropped: torch.Tensor | None = None) -> torch.Tensor:
+                             t_max: torch.Tensor, dropped: torch.Tensor | None = None,
+                             check_values: bool = True) -> torch.Tensor:
     """Interval gating ``omega' = omega if t_min <= t <= t_max (and the row is not label-dropped) else 1``.
 
     Args:
@@ -90,11 +92,11 @@ def effective_guidance_scale(omega: torch.Tensor, t: torch.Tensor, *, t_min: tor
     """
     check_float("omega", omega)
     check_same_shape("omega", omega, "t", t)
-    _check_omega(omega)
-    check_time("t", t)
+    _check_omega(omega, check_values)
+    check_time("t", t, check_values=check_values)
     for name, bound in (("t_min", t_min), ("t_max", t_max)):
         if isinstance(bound, torch.Tensor):  # a Python float is one interval for every row
-            check_time(name, bound)
+            check_time(name, bound, check_values=check_values)
             if bound.ndim != 0:
                 check_same_shape(name, bound, "t", t)
         elif not 0.0 <= bound <= 1.0:
@@ -108,7 +110,8 @@ def effective_guidance_scale(omega: torch.Tensor, t: torch.Tensor, *, t_min: tor
     return torch.where(inside, omega, torch.ones_like(omega))
 
 
-def guided_velocity(v_t: torch.Tensor, v_c: torch.Tensor, v_u: torch.Tensor, omega: torch.Tensor) -> torch.Tensor:
+def guided_velocity(v_t: torch.Tensor, v_c: torch.Tensor, v_u: torch.Tensor, omega: torch.Tensor, *,
+                    check_values: bool = True) -> torch.Tensor:
     """Guided target ``v_g = v_t + (1 - 1/omega) (v_c - v_u)``  (iMF Eq. 13; pMF App. A).
 
     omega = 1 gives v_t exactly. v_c, v_u are the model's conditional and unconditional
@@ -124,7 +127,7 @@ def guided_velocity(v_t: torch.Tensor, v_c: torch.Tensor, v_u: torch.Tensor, ome
     check_float("omega", omega)
     if omega.ndim != 0:  # a scalar omega applies to every row
         check_per_example("omega", omega, v_t)
-    _check_omega(omega)
+    _check_omega(omega, check_values)
     return v_t + expand_like(1.0 - 1.0 / omega, v_t) * (v_c - v_u)
 
 
@@ -145,7 +148,8 @@ def label_drop_mask(n: int, *, p: float = LABEL_DROP_PROB, generator: torch.Gene
 
 
 def label_drop_mask_diagonal(r: torch.Tensor, t: torch.Tensor, *, p: float = LABEL_DROP_PROB,
-                             equal_fraction: float = 0.5, generator: torch.Generator | None = None) -> torch.Tensor:
+                             equal_fraction: float = 0.5, generator: torch.Generator | None = None,
+                             check_values: bool = True) -> torch.Tensor:
     """Label drop of the released code: only rows with r = t lose their label, a share p of all rows.
 
     The released code drops the first k ~ Binomial(B, p) rows of each device batch, and those are
@@ -161,7 +165,7 @@ def label_drop_mask_diagonal(r: torch.Tensor, t: torch.Tensor, *, p: float = LAB
     Returns:
         bool mask, (B,), True only on rows with r = t.
     """
-    check_r_le_t(r, t)
+    check_r_le_t(r, t, check_values=check_values)
     if not 0.0 <= p <= 1.0 or not 0.0 < equal_fraction <= 1.0:
         raise ValueError(f"p must lie in [0, 1] and equal_fraction in (0, 1], got {p}, {equal_fraction}")
     drop = torch.rand(t.shape[0], generator=generator, device=t.device) < min(1.0, p / equal_fraction)
@@ -169,7 +173,7 @@ def label_drop_mask_diagonal(r: torch.Tensor, t: torch.Tensor, *, p: float = LAB
 
 
 def guidance_scale_for_target(omega: torch.Tensor, r: torch.Tensor, t: torch.Tensor, *,
-                              t_min: torch.Tensor, t_max: torch.Tensor) -> torch.Tensor:
+                              t_min: torch.Tensor, t_max: torch.Tensor, check_values: bool = True) -> torch.Tensor:
     """The omega of the guided target (released code): ungated on rows with r = t, else gated by the
     row's interval (:func:`effective_guidance_scale`, omega' = omega inside [t_min, t_max], else 1).
 
@@ -181,8 +185,8 @@ def guidance_scale_for_target(omega: torch.Tensor, r: torch.Tensor, t: torch.Ten
     Returns:
         omega for the target and for the JVP tangent's v-head pass, (B,).
     """
-    check_r_le_t(r, t)
-    gated = effective_guidance_scale(omega, t, t_min=t_min, t_max=t_max)
+    check_r_le_t(r, t, check_values=check_values)
+    gated = effective_guidance_scale(omega, t, t_min=t_min, t_max=t_max, check_values=check_values)
     return torch.where(r == t, omega, gated)
 
 

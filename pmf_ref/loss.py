@@ -1,16 +1,19 @@
 """Per-sample losses: squared error, adaptive weighting, and the assembled pMF / flow-matching losses.
 
 Every function returns one value per example, shape (B,); the caller takes the batch mean last.
+The losses with a JVP pass ``jvp=`` (the engine, default ``torch.func.jvp``) through to
+:func:`pmf_ref.average_velocity_jvp`.
 """
 from __future__ import annotations
 
 from typing import Any, Callable, NamedTuple
 
 import torch
+import torch.func
 
 from ._checks import check_float, check_r_le_t, check_same_shape, check_time, expand_like
 from .guidance import guidance_scale_for_target, guided_velocity
-from .meanflow import (average_velocity_jvp, compound_velocity, tangent_from_model,
+from .meanflow import (JVPFn, average_velocity_jvp, compound_velocity, tangent_from_model,
                        tangent_from_v_head, u_fn_from_x_fn)
 from .path import average_velocity_from_x, denoised_image, interpolate, target_velocity
 
@@ -66,25 +69,26 @@ class MeanFlowLossTerms(NamedTuple):
 
 def meanflow_loss(u_fn: Callable, z_t: torch.Tensor, r: torch.Tensor, t: torch.Tensor, *,
                   v_target: torch.Tensor, v_tangent: torch.Tensor, has_aux: bool = False,
-                  c: float = ADAPTIVE_C, p: float = ADAPTIVE_P) -> MeanFlowLossTerms:
+                  c: float = ADAPTIVE_C, p: float = ADAPTIVE_P, jvp: JVPFn = torch.func.jvp) -> MeanFlowLossTerms:
     """iMF velocity loss ``adp(|| u + (t - r) sg(du/dt) - sg(v_target) ||^2)``  (pMF Eq. 12).
 
     Args:
         u_fn: ``(z, r, t) -> u`` (or ``(u, aux)`` with has_aux).
         z_t: (B, ...).  r, t: (B,).  v_target: regression target, (B, ...), detached here.
         v_tangent: JVP tangent for z (see the ``tangent_*`` functions), (B, ...).
+        jvp: the JVP engine (:func:`pmf_ref.average_velocity_jvp`).
     Returns:
         ``MeanFlowLossTerms``.
     """
     check_same_shape("z_t", z_t, "v_target", v_target)
-    jvp = average_velocity_jvp(u_fn, z_t, r, t, v_tangent=v_tangent, has_aux=has_aux)
-    V = compound_velocity(jvp.u, jvp.dudt, r, t)
+    result = average_velocity_jvp(u_fn, z_t, r, t, v_tangent=v_tangent, has_aux=has_aux, jvp=jvp)
+    V = compound_velocity(result.u, result.dudt, r, t)
     raw = squared_error(V, v_target.detach())
-    return MeanFlowLossTerms(adaptively_weighted(raw, c=c, p=p), raw, jvp.u, jvp.dudt, jvp.aux)
+    return MeanFlowLossTerms(adaptively_weighted(raw, c=c, p=p), raw, result.u, result.dudt, result.aux)
 
 
 def pmf_loss(x_fn: Callable, x: torch.Tensor, e: torch.Tensor, r: torch.Tensor, t: torch.Tensor, *,
-             c: float = ADAPTIVE_C, p: float = ADAPTIVE_P) -> MeanFlowLossTerms:
+             c: float = ADAPTIVE_C, p: float = ADAPTIVE_P, jvp: JVPFn = torch.func.jvp) -> MeanFlowLossTerms:
     """pMF loss of the paper's Alg. 1 for an x-prediction network ``x_fn(z, r, t) -> x_hat``.
 
     ``z_t = (1-t) x + t e``; ``u = (z_t - x_hat) / max(t, t_eps)``; tangent ``sg(u(z_t, t, t))``;
@@ -96,11 +100,12 @@ def pmf_loss(x_fn: Callable, x: torch.Tensor, e: torch.Tensor, r: torch.Tensor, 
     Returns:
         ``MeanFlowLossTerms`` with per-sample terms.
     """
-    return velocity_loss(u_fn_from_x_fn(x_fn), x, e, r, t, has_aux=True, c=c, p=p)
+    return velocity_loss(u_fn_from_x_fn(x_fn), x, e, r, t, has_aux=True, c=c, p=p, jvp=jvp)
 
 
 def velocity_loss(u_fn: Callable, x: torch.Tensor, e: torch.Tensor, r: torch.Tensor, t: torch.Tensor, *,
-                  has_aux: bool = False, c: float = ADAPTIVE_C, p: float = ADAPTIVE_P) -> MeanFlowLossTerms:
+                  has_aux: bool = False, c: float = ADAPTIVE_C, p: float = ADAPTIVE_P,
+                  jvp: JVPFn = torch.func.jvp) -> MeanFlowLossTerms:
     """Alg. 1 loss for any parametrisation given as ``u_fn`` (x-prediction via
     :func:`u_fn_from_x_fn`, or a network that outputs u directly, as in iMF).
 
@@ -110,7 +115,7 @@ def velocity_loss(u_fn: Callable, x: torch.Tensor, e: torch.Tensor, r: torch.Ten
     z_t = interpolate(x, e, t)
     v_t = target_velocity(z_t, x, t)
     v_tangent = tangent_from_model(u_fn, z_t, t, has_aux=has_aux)
-    return meanflow_loss(u_fn, z_t, r, t, v_target=v_t, v_tangent=v_tangent, has_aux=has_aux, c=c, p=p)
+    return meanflow_loss(u_fn, z_t, r, t, v_target=v_t, v_tangent=v_tangent, has_aux=has_aux, c=c, p=p, jvp=jvp)
 
 
 class GuidedLossTerms(NamedTuple):
@@ -125,7 +130,7 @@ class GuidedLossTerms(NamedTuple):
 def pmf_guided_loss(denoise_uv: Callable, guidance_denoise: Callable, x: torch.Tensor, e: torch.Tensor,
                     r: torch.Tensor, t: torch.Tensor, *, omega: torch.Tensor, t_min: torch.Tensor,
                     t_max: torch.Tensor, dropped: torch.Tensor,
-                    c: float = ADAPTIVE_C, p: float = ADAPTIVE_P) -> GuidedLossTerms:
+                    c: float = ADAPTIVE_C, p: float = ADAPTIVE_P, jvp: JVPFn = torch.func.jvp) -> GuidedLossTerms:
     """The pMF ImageNet loss exactly as the authors' released code computes it (``pixelMeanFlow.forward``).
 
     Network callables (the caller binds labels and conditioning; both return denoised *images*):
@@ -168,14 +173,14 @@ def pmf_guided_loss(denoise_uv: Callable, guidance_denoise: Callable, x: torch.T
         return average_velocity_from_x(z, x_hat_u, t_), average_velocity_from_x(z, x_hat_v, t_)
 
     terms = meanflow_loss(u_fn, z_t, r, t, v_target=v_g, v_tangent=tangent_from_v_head(v_c),
-                          has_aux=True, c=c, p=p)
+                          has_aux=True, c=c, p=p, jvp=jvp)
     raw_v = squared_error(terms.aux, v_g)
     return GuidedLossTerms(terms.loss, adaptively_weighted(raw_v, c=c, p=p), terms.raw, raw_v,
                            denoised_image(z_t, terms.u, t), v_g)
 
 
 def perceptual_term(distance: torch.Tensor, t: torch.Tensor, *, t_thr: float, weight: float,
-                    c: float = ADAPTIVE_C, p: float = ADAPTIVE_P) -> torch.Tensor:
+                    c: float = ADAPTIVE_C, p: float = ADAPTIVE_P, check_values: bool = True) -> torch.Tensor:
     """One perceptual term of pMF, ``lambda * adp(d)`` on rows with t < t_thr and 0 elsewhere (pMF Sec. 4).
 
     pMF: ``0.4 adp(LPIPS)`` + ``0.1 adp(ConvNeXt feature distance)``, t_thr = 0.8 (B/16, B/32, L/16)
@@ -189,7 +194,7 @@ def perceptual_term(distance: torch.Tensor, t: torch.Tensor, *, t_thr: float, we
         per-sample term, (B,).
     """
     check_float("distance", distance)
-    check_time("t", t, like=distance)
+    check_time("t", t, like=distance, check_values=check_values)
     check_same_shape("distance", distance, "t", t)
     masked = torch.where(t < t_thr, distance, torch.zeros_like(distance))
     return weight * adaptively_weighted(masked, c=c, p=p)

@@ -1,6 +1,8 @@
 """The linear noising path and the conversions between velocity and denoised image.
 
 Convention (see the package docstring): ``z_t = (1 - t) x + t e``, t = 0 data, t = 1 noise.
+Every function takes ``check_values`` (default True): False skips the check that t lies in [0, 1]
+(a host sync), for a training step whose times were checked where they were drawn.
 """
 from __future__ import annotations
 
@@ -13,7 +15,7 @@ T_EPS = 0.05
 Without it ``1 / t`` amplifies the network's error without bound as t -> 0."""
 
 
-def interpolate(x: torch.Tensor, e: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+def interpolate(x: torch.Tensor, e: torch.Tensor, t: torch.Tensor, *, check_values: bool = True) -> torch.Tensor:
     """Point on the noising path, ``z_t = (1 - t) x + t e``  (pMF Sec. 3, MeanFlow Eq. 1).
 
     Args:
@@ -26,7 +28,7 @@ def interpolate(x: torch.Tensor, e: torch.Tensor, t: torch.Tensor) -> torch.Tens
     check_float("x", x)
     check_float("e", e)
     check_same_shape("x", x, "e", e)
-    check_time("t", t, like=x)
+    check_time("t", t, like=x, check_values=check_values)
     t_ = expand_like(t, x)
     return (1 - t_) * x + t_ * e
 
@@ -49,7 +51,8 @@ def _clipped(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     return expand_like(t.clamp(min=T_EPS), like)
 
 
-def average_velocity_from_x(z_t: torch.Tensor, x_hat: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+def average_velocity_from_x(z_t: torch.Tensor, x_hat: torch.Tensor, t: torch.Tensor, *,
+                            check_values: bool = True) -> torch.Tensor:
     """pMF parametrisation ``u = (z_t - x_hat) / max(t, t_eps)``  (pMF Eq. 11, inverting Eq. 8).
 
     Args:
@@ -62,11 +65,12 @@ def average_velocity_from_x(z_t: torch.Tensor, x_hat: torch.Tensor, t: torch.Ten
     check_float("z_t", z_t)
     check_float("x_hat", x_hat)
     check_same_shape("z_t", z_t, "x_hat", x_hat)
-    check_time("t", t, like=z_t)
+    check_time("t", t, like=z_t, check_values=check_values)
     return (z_t - x_hat) / _clipped(t, z_t)
 
 
-def x_from_average_velocity(z_t: torch.Tensor, u: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+def x_from_average_velocity(z_t: torch.Tensor, u: torch.Tensor, t: torch.Tensor, *,
+                            check_values: bool = True) -> torch.Tensor:
     """Denoised-image field ``x = z_t - max(t, t_eps) u``  (pMF Eq. 8, with the clip of Eq. 11).
 
     Equals Eq. 8's ``z_t - t u`` for t >= t_eps and is the exact inverse of
@@ -81,11 +85,11 @@ def x_from_average_velocity(z_t: torch.Tensor, u: torch.Tensor, t: torch.Tensor)
     check_float("z_t", z_t)
     check_float("u", u)
     check_same_shape("z_t", z_t, "u", u)
-    check_time("t", t, like=z_t)
+    check_time("t", t, like=z_t, check_values=check_values)
     return z_t - _clipped(t, z_t) * u
 
 
-def denoised_image(z_t: torch.Tensor, u: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+def denoised_image(z_t: torch.Tensor, u: torch.Tensor, t: torch.Tensor, *, check_values: bool = True) -> torch.Tensor:
     """Denoised-image field as written in pMF Eq. 8, ``x = z_t - t u``, with the **unclipped** t.
 
     The released code feeds this to the perceptual loss. It equals :func:`x_from_average_velocity`
@@ -99,11 +103,11 @@ def denoised_image(z_t: torch.Tensor, u: torch.Tensor, t: torch.Tensor) -> torch
     check_float("z_t", z_t)
     check_float("u", u)
     check_same_shape("z_t", z_t, "u", u)
-    check_time("t", t, like=z_t)
+    check_time("t", t, like=z_t, check_values=check_values)
     return z_t - expand_like(t, z_t) * u
 
 
-def target_velocity(z_t: torch.Tensor, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+def target_velocity(z_t: torch.Tensor, x: torch.Tensor, t: torch.Tensor, *, check_values: bool = True) -> torch.Tensor:
     """Clipped regression target of the released code, ``v_t = (z_t - x) / max(t, t_eps)``.
 
     Equals ``e - x`` for t >= t_eps; below the clip it is scaled by t / t_eps, consistent with the
@@ -114,4 +118,4 @@ def target_velocity(z_t: torch.Tensor, x: torch.Tensor, t: torch.Tensor) -> torc
     Returns:
         v_t, same shape as ``z_t``.
     """
-    return average_velocity_from_x(z_t, x, t)
+    return average_velocity_from_x(z_t, x, t, check_values=check_values)

@@ -14,7 +14,7 @@ from full.bench import harness as bench
 from full.bench.steps import ALG1_STRATEGIES, Batch, alg1_loss
 from full.bench.timing import interleaved_medians, peak_memory_bytes
 from full.io import write_json
-from full.recipe import PMFObjective
+from full.step import TrainingStep
 from toy.model import ToyMLP
 
 TINY = bench.BenchConfig(warmup=0, repeats=1, min_sample_s=0.0, toy_dim=4, toy_batch=8,
@@ -124,7 +124,7 @@ def test_compile_row_compiles_the_trainers_objective():
         return module
 
     row = BC.compile_row("pMF-T/2", 2, device=torch.device("cpu"), warmup=1, repeats=2, compiler=identity_compiler)
-    assert len(given) == 1 and isinstance(given[0], PMFObjective) and given[0].training
+    assert len(given) == 1 and isinstance(given[0], TrainingStep) and given[0].training
     assert row["eager_ms"] > 0 and row["compiled_ms"] > 0
     assert row["speedup"] == pytest.approx(row["eager_ms"] / row["compiled_ms"])
     expected = BC.break_even_steps(row["compile_s"], row["eager_ms"] / 1e3, row["compiled_ms"] / 1e3)

@@ -157,12 +157,12 @@ def _budget(steps: int = 10):
 def test_snr_arm_trains_at_its_noise_scale_and_leaves_the_data_alone(evaluator, tmp_path, monkeypatch):
     from full.checkpoint import load_model
     from full.digits import runs
-    from full.recipe import PMFObjective
+    from full.step import TrainingStep
 
     label, spec = experiment_arms("snr")[0]
     assert spec.noise_scale == 4.0 and "noise scale 4" in label
     seen = {"datasets": [], "x_max": [], "e_std": []}
-    real_train, real_forward = runs.train, PMFObjective.forward
+    real_train, real_forward = runs.train, TrainingStep.forward
 
     def spy_train(cfg, dataset, progress):
         seen["datasets"].append(dataset)
@@ -174,7 +174,7 @@ def test_snr_arm_trains_at_its_noise_scale_and_leaves_the_data_alone(evaluator, 
         return real_forward(self, x, y, randomness)
 
     monkeypatch.setattr(runs, "train", spy_train)
-    monkeypatch.setattr(PMFObjective, "forward", spy_forward)
+    monkeypatch.setattr(TrainingStep, "forward", spy_forward)
     result = runs.run_arm(spec, _budget(steps=2), evaluator, out=tmp_path, sample_interval=(0.1, 0.7), progress=False)
     # the trainer saw the digits themselves: the dataset is the untouched 64 px split (|x| reaches 1)
     (dataset,) = seen["datasets"]

@@ -1,4 +1,4 @@
-"""DDP around PMFObjective: 2 gloo processes on CPU reproduce a 1-process run on the same global batch.
+"""DDP around TrainingStep: 2 gloo processes on CPU reproduce a 1-process run on the same global batch.
 
 Each rank also accumulates two micro-batches (``no_sync`` on the first). The JVP runs inside ``DDP.forward`` (the objective computes the whole loss), so DDP's gradient
 all-reduce covers it; a wrong set-up (calling the inner network, so gradients are not synced)

@@ -21,13 +21,12 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch.nn.parallel import DistributedDataParallel
 
-import pmf_ref as P
 from full import fsdp
 from full.data import SyntheticDataset
 from full.ema import EMASet
 from full.model import build_model
 from full.optim import build_optimizer
-from full.recipe import GuidanceSampler, PMFObjective, draw_step_randomness
+from full.step import TrainingStep
 from full.train import TrainConfig, train
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -39,6 +38,7 @@ LR = 1e-3
 # ~1e-7 reduction-order differences of the gradients into ~5% differences of some updates (see
 # tests/test_full_distributed.py). Muon itself is checked on identical gradients (GatheredMuon test).
 OPTIMIZER = "adam"
+PRESET = "pMF-T/2"   # the recipe numbers of the step (the model is a 3-block variant of it)
 
 
 def _model(perturbed: bool = False) -> torch.nn.Module:
@@ -64,17 +64,15 @@ def _step_inputs(step: int):
     rows = range(step * GLOBAL_BATCH, (step + 1) * GLOBAL_BATCH)
     x = torch.stack([data[i][0] for i in rows])
     y = torch.tensor([data[i][1] for i in rows])
-    sampler = lambda n, generator, device: P.sample_time_pair_released(  # noqa: E731
-        n, generator=generator, device=device, mean=0.8, std=0.8, uniform_fraction=0.0)
-    randomness = draw_step_randomness(GLOBAL_BATCH, (3, 16, 16), generator=torch.Generator().manual_seed(100 + step),
-                                      noise_scale=1.0, sample_time_pair=sampler, sample_guidance=GuidanceSampler(),
-                                      device=torch.device("cpu"))
+    with torch.device("meta"):   # the step only draws here: a weightless model, no global RNG consumed
+        training_step = TrainingStep.from_preset(build_model(PRESET, num_classes=10), PRESET)
+    randomness = training_step.draw_randomness(x, generator=torch.Generator().manual_seed(100 + step))
     return x, y, randomness
 
 
 def _setup(sharded: bool, *, optimizer: str = OPTIMIZER, mixed_precision=None, perturbed: bool = False):
     model = _model(perturbed)
-    objective = PMFObjective(model)
+    objective = TrainingStep.from_preset(model, PRESET)
     if sharded:
         fsdp.shard_objective(objective, mixed_precision=mixed_precision)
     opt = build_optimizer(model, kind=optimizer, lr=LR)
@@ -241,7 +239,7 @@ def _mixed_precision_against_rounded_weights(rank: int, world: int) -> dict:
             with torch.no_grad():
                 for param in reference.parameters():
                     param.copy_(param.bfloat16().float())
-        reference_objective = PMFObjective(reference)
+        reference_objective = TrainingStep.from_preset(reference, PRESET)
         reference_loss = reference_objective(x[rows], y[rows], randomness.rows(rank * local, (rank + 1) * local))
         reference_objective(x, y, randomness)["loss"].backward()     # the mean over ranks = the whole batch
         result[f"loss_{name}"] = abs(raw - reference_loss["raw_u"].sum().item()) / abs(raw)
@@ -466,13 +464,19 @@ def test_dcp_metadata_is_read_without_running_code_and_a_corrupt_one_is_one_line
     assert not marker.exists()
 
 
-@pytest.mark.parametrize("argv, message", [
-    (["memory", "--processes", "0"], "--processes must be >= 1"),
-    (["memory", "--resolution", "7"], "--resolution must be a positive multiple"),
-    (["export", "/no/such/checkpoint.dcp", "--out", "{tmp}"], "is not a complete sharded checkpoint folder"),
-])
-def test_fsdp_cli_bad_input_is_one_error_line(argv, message, tmp_path, capsys):
+def test_export_of_a_missing_folder_is_one_error_line(tmp_path, capsys):
     with pytest.raises(SystemExit) as raised:
-        fsdp.main([arg.format(tmp=tmp_path) for arg in argv])
+        fsdp.main(["export", str(tmp_path / "absent.dcp"), "--out", str(tmp_path)])
     errors = [line for line in capsys.readouterr().err.splitlines() if "error:" in line]
-    assert raised.value.code == 2 and len(errors) == 1 and message in errors[0], errors
+    assert raised.value.code == 2 and len(errors) == 1 and "is not a complete sharded checkpoint" in errors[0], errors
+
+@pytest.mark.parametrize("argv, message", [
+    (["--processes", "0"], "--processes must be >= 1, got 0"),
+    (["--resolution", "7"], "--resolution: resolution 7 must be divisible by patch 16"),
+    (["--resolution", "-32"], "--resolution: resolution must be a positive integer"),
+])
+def test_memory_cli_bad_input_is_one_line_exit_2(argv, message, capsys):
+    with pytest.raises(SystemExit) as raised:
+        fsdp.main(["memory", *argv])
+    error = capsys.readouterr().err
+    assert raised.value.code == 2 and error.count("\n") == 1 and message in error, error

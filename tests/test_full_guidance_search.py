@@ -56,6 +56,11 @@ def _nan_checkpoint(tmp_path):
     return tmp_path / "nan.pt"
 
 
+def _npz64(path):
+    np.savez(path, mu=np.zeros(64), sigma=np.eye(64))
+    return path
+
+
 BAD_INPUTS = [   # (name, flags builder (tmp), text of the one error line)
     ("empty --ckpt", lambda t: ["--ckpt", _write(t / "e.pt", b"")], "is empty (0 bytes)"),
     ("truncated --ckpt", lambda t: ["--ckpt", _write(t / "t.pt", (t / "ckpt.pt").read_bytes()[:2000])],
@@ -66,9 +71,19 @@ BAD_INPUTS = [   # (name, flags builder (tmp), text of the one error line)
     ("planted pickle", lambda t: ["--ckpt", _planted(t)], "refused: it holds Python objects"),
     ("NaN EMA", lambda t: ["--ckpt", _nan_checkpoint(t)], "EMA 500 hold NaN or inf"),
     ("garbage --ref", lambda t: ["--ref", _write(t / "r.npz", b"nonsense" * 10)], "not a readable .npz"),
+    ("--ref of 64-d features", lambda t: ["--ref", _npz64(t / "r64.npz")], "64-d features"),   # at start-up
     ("--out under a file", lambda t: ["--out", _write(t / "f", b"x") / "search.json"], "is a file, not a folder"),
     ("empty --inception-weights", lambda t: ["--inception-weights", t / "weights.pth"], "is empty (0 bytes)"),
+    ("--out holds an earlier search", lambda t: ["--out", _earlier_search(t)], "pass --overwrite"),
+    ("--overwrite passes that check", lambda t: ["--out", _earlier_search(t), "--overwrite", "--inception-weights",
+                                                 t / "weights.pth"], "is empty (0 bytes)"),
 ]
+
+
+def _earlier_search(tmp_path):
+    (tmp_path / "search").mkdir()
+    (tmp_path / "search" / G.RESULT_NAME).write_text('{"rows": ["an earlier search"]}')
+    return tmp_path / "search"
 
 
 def _torch(path, obj):
@@ -85,6 +100,8 @@ def test_bad_input_is_one_error_line_and_exit_2(name, flags, message, files, cap
     errors = [line for line in capsys.readouterr().err.splitlines() if "error:" in line]
     assert stop.value.code == 2 and len(errors) == 1 and message in errors[0], (stop.value.code, errors)
     assert not (files / "payload-ran").exists()
+    if (files / "search" / G.RESULT_NAME).exists():                          # an earlier result is never touched
+        assert "an earlier search" in (files / "search" / G.RESULT_NAME).read_text()
 @pytest.fixture(scope="module")
 def tiny_checkpoint(tmp_path_factory):
     """The contract's checkpoint layout holding a randomised pMF-T/2 under EMA key "500"."""

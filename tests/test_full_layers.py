@@ -6,7 +6,7 @@ import torch.autograd.forward_ad as fwAD
 from torch import nn
 
 import pmf_ref as P
-from full import layers
+from full import fast_jvp, layers
 from full.model import build_model, make_cond
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -35,7 +35,7 @@ def test_fused_attention_equals_explicit_math(fused_on_cpu, dtype):
     q, k, v = _qkv(dtype)
     with torch.no_grad():
         fused = layers.attention(q, k, v)
-        with P.reference_ops():
+        with fast_jvp.reference_ops():
             explicit = layers.attention(q, k, v)
     assert len(fused_on_cpu) == 1   # the fused kernel ran once, the reference did not call it
     torch.testing.assert_close(fused, explicit, rtol=0, atol=TOL[dtype] * explicit.abs().max().item())
@@ -57,7 +57,7 @@ def test_default_cpu_attention_is_explicit():
     q, k, v = _qkv(torch.float32)
     with torch.no_grad():
         plain = layers.attention(q, k, v)
-        with P.reference_ops():
+        with fast_jvp.reference_ops():
             assert torch.equal(plain, layers.attention(q, k, v))
 
 
@@ -72,7 +72,7 @@ def test_vit_no_grad_forward_with_fused_attention_matches_math(fused_on_cpu):
     t, cond = torch.tensor([1.0, 0.5, 0.2]), make_cond(torch.tensor([1, 2, 1000]), 3.0, 0.1, 0.7)
     with torch.no_grad():
         fused = model.forward_u(z, torch.zeros(3), t, cond)
-        with P.reference_ops():
+        with fast_jvp.reference_ops():
             explicit = model.forward_u(z, torch.zeros(3), t, cond)
     assert len(fused_on_cpu) == len(model.trunk) + len(model.u_head.blocks)
     torch.testing.assert_close(fused, explicit, rtol=0, atol=1e-5 * explicit.abs().max().item())

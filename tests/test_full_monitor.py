@@ -256,3 +256,10 @@ def test_tensorboard_scalars_and_images_read_back(tmp_path):
     assert tags["images"] == ["samples/ema500"]
     image = events.Images("samples/ema500")[0]
     assert image.step == 3 and (image.height, image.width) == tuple(grid.shape[1:])
+
+
+def test_prepare_fid_refuses_statistics_of_another_dimension_at_start(tmp_path, random_weights):
+    """A reference of 16-d features would pass every check and fail only at the first in-training FID."""
+    _reference(tmp_path / "ref16.npz")                                    # TinyFeatures: 16-d statistics
+    with pytest.raises(ValueError, match="16-d features.*2048-d"):
+        M.prepare_fid(tmp_path / "ref16.npz", str(random_weights), "cpu")

@@ -1,4 +1,4 @@
-"""The authors' checkpoint layout (full.official) and the released loss (full.recipe) against an
+"""The authors' checkpoint layout (full.official) and the released loss (full.step) against an
 independent transcription of their code (tests/official_reference.py), in float64."""
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from full.model import build_model, PRESETS
 from full.official import (OfficialCheckpointError, load_official_checkpoint, load_official_state_dict,
                            official_name, to_official_state_dict)
 from full.params import RELEASED_PARAMS
-from full.recipe import PMFObjective, StepRandomness
+from full.step import StepRandomness, TrainingStep
 
 from official_reference import pixel_mean_flow_loss, pmfdit, precompute_rope_freqs_2d
 
@@ -193,7 +193,7 @@ def test_objective_equals_transcription_of_their_forward_in_value_and_gradient(p
     rnd = _draws()
     distances = _Distances() if perceptual else None
     t_thr = 0.65
-    objective = PMFObjective(model, perceptual=distances, t_thr=t_thr)
+    objective = TrainingStep.from_preset(model, "pMF-T/4", perceptual=distances, t_thr=t_thr)
     ours = objective(x, y, rnd)
     params = dict(model.named_parameters())
     our_grads = torch.autograd.grad(ours["loss"], list(params.values()))

@@ -26,7 +26,7 @@ from full import checkpoint as checkpoint_lib
 from full.checkpoint import load_checkpoint, load_model, read_checkpoint_file, save_checkpoint
 from full.data import SyntheticDataset
 from full.model import build_model, make_cond
-from full.recipe import PMFObjective
+from full.step import TrainingStep
 from full.train import DivergenceError, TrainConfig, UsageError, main, train
 
 
@@ -55,7 +55,7 @@ def _fixed_raw_loss(model, dataset, seed: int = 123) -> float:
     e = torch.randn(x.shape, generator=generator)
     ones, zeros = torch.ones_like(t), torch.zeros_like(t)
     cond = make_cond(y, ones, zeros, ones)
-    objective = PMFObjective(model)
+    objective = TrainingStep.from_preset(model, "pMF-T/2")
     terms = P.pmf_guided_loss(lambda z, r_, t_: objective.denoise_uv(z, r_, t_, cond),
                               lambda z, t_, w: objective.guidance_denoise(z, t_, w, y), x, e, r, t,
                               omega=ones, t_min=zeros, t_max=ones, dropped=torch.zeros_like(t, dtype=torch.bool))
@@ -146,7 +146,7 @@ def test_u_prediction_reads_output_as_average_velocity():
     """prediction='u': x_hat = z - max(t, t_eps) * output (pmf_ref.x_from_average_velocity)."""
     torch.manual_seed(0)
     model = build_model("pMF-T/2", num_classes=10, prediction="u")
-    objective = PMFObjective(model)
+    objective = TrainingStep.from_preset(model, "pMF-T/2")
     z, t = torch.randn(3, 3, 16, 16), torch.tensor([0.01, 0.5, 1.0])
     cond = make_cond(torch.tensor([1, 2, 3]), 2.0, 0.1, 0.7)
     output_u, output_v = model.forward_uv(z, t * 0.5, t, cond)
@@ -165,8 +165,8 @@ def test_bf16_autocast_close_to_fp32():
     e = torch.randn(4, 3, 16, 16)
     t = torch.tensor([0.2, 0.5, 0.7, 0.9])
     y, omega = torch.tensor([0, 1, 2, 3]), torch.tensor([1.0, 2.0, 4.0, 8.0])
-    fp32 = torch.cat(PMFObjective(model).guidance_denoise(e, t, omega, y))
-    bf16 = torch.cat(PMFObjective(model, autocast_dtype=torch.bfloat16).guidance_denoise(e, t, omega, y))
+    fp32 = torch.cat(TrainingStep.from_preset(model, "pMF-T/2").guidance_denoise(e, t, omega, y))
+    bf16 = torch.cat(TrainingStep.from_preset(model, "pMF-T/2", autocast_dtype=torch.bfloat16).guidance_denoise(e, t, omega, y))
     assert bf16.dtype == torch.float32
     assert not torch.equal(fp32, bf16)                                # autocast really ran
     torch.testing.assert_close(bf16, fp32, rtol=0.05, atol=0.05)
@@ -328,7 +328,7 @@ def test_compile_flag_compiles_the_objective_and_trains_the_same(tmp_path, monke
     eager = train(_config(tmp_path / "eager", steps=2), _dataset(), progress=False)
     assert not compiled
     with_flag = train(_config(tmp_path / "compiled", steps=2, compile=True), _dataset(), progress=False)
-    assert len(compiled) == 1 and isinstance(compiled[0], PMFObjective)
+    assert len(compiled) == 1 and isinstance(compiled[0], TrainingStep)
     assert [r["loss"] for r in with_flag.history] == [r["loss"] for r in eager.history]
 
 

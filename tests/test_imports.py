@@ -53,3 +53,26 @@ def test_every_full_module_has_its_test_file_and_only_the_benchmarks_import_toy(
     importers = sorted(str(p.relative_to(root)) for p in (root / "full").rglob("*.py")
                        if "import toy" in p.read_text() or "from toy" in p.read_text())
     assert all(path.startswith("full/bench/") for path in importers), importers
+
+
+def test_pmf_ref_uses_no_private_torch_api():
+    """The core is the torch.func reference: no ``torch._C``, ``torch._foo`` or ``fwAD._bar`` (the cheap-JVP
+    engine and its private calls live in full/fast_jvp.py)."""
+    import re
+    private = re.compile(r"\btorch(\.\w+)*\._\w+|\bfwAD\._\w+|\bforward_ad\._\w+")
+    for path in sorted(PACKAGE_DIR.glob("*.py")):
+        for number, line in enumerate(path.read_text().splitlines(), 1):
+            code = line.split("#")[0]
+            assert not private.search(code), f"{path.name}:{number}: {line.strip()}"
+
+
+CORE_TESTS = ("test_path.py", "test_meanflow.py", "test_loss.py", "test_guidance.py", "test_time.py",
+              "test_sampling.py", "test_checks.py", "test_imports.py", "oracles.py", "strategies.py", "conftest.py")
+"""The core's tests and their helpers: they run without ``full`` or ``toy``."""
+
+
+def test_core_tests_import_neither_toy_nor_full():
+    tests = pathlib.Path(__file__).resolve().parent
+    for name in CORE_TESTS:
+        imported = _imported_modules(tests / name)
+        assert not imported & set(FORBIDDEN), (name, imported & set(FORBIDDEN))

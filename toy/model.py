@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from pmf_ref import fast_jvp
+from full import fast_jvp
 
 PREDICTIONS = ("x", "u")
 """What the network's output means: the denoised point (pMF) or the average velocity (iMF)."""
@@ -22,7 +22,7 @@ TIME_FEATURES = 2  # (t, h = t - r), appended raw: both already lie in [0, 1]
 
 class Linear(nn.Linear):
     """``nn.Linear`` (same parameters and state-dict keys) whose JVP tangent costs one GEMM
-    (``pmf_ref.fast_jvp.linear``; PyTorch's own forward-mode ``addmm`` also multiplies by a zero
+    (``full.fast_jvp.linear``; PyTorch's own forward-mode ``addmm`` also multiplies by a zero
     weight tangent)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -3,7 +3,7 @@
     python -m full.bench.compile --preset pMF-T/4 --batch 16                 # CPU, ~10 min (compilation)
     python -m full.bench.compile --preset pMF-B/16 --batch 64 --device cuda --out bench_gpu/     # bench_gpu/compile.json
 
-The step is the trainer's: :class:`full.recipe.PMFObjective` (released recipe, perceptual loss off)
+The step is the trainer's: :class:`full.step.TrainingStep` (released recipe, perceptual loss off)
 forward, JVP included, and backward, compiled the way ``--compile`` does it (``torch.compile`` of the
 objective module, so Dynamo / AOTAutograd compile forward and backward). The optimiser update, the
 same in both, is left out. Eager and compiled steps are timed interleaved in one process
@@ -16,21 +16,18 @@ same in both, is left out. Eager and compiled steps are timed interleaved in one
 from __future__ import annotations
 
 import json
-import functools
 import time
 from pathlib import Path
 from typing import Callable
 
 import torch
 
-import pmf_ref as P
-
 from .timing import interleaved_medians, machine_info, synchronize
 from .. import cli
 from ..io import write_json
 from ..model import build_model
-from ..presets import PRESETS, RECIPES
-from ..recipe import GuidanceSampler, PMFObjective, draw_step_randomness
+from ..presets import PRESETS
+from ..step import TrainingStep
 
 NUM_CLASSES = 10   # the label count does not change the step's cost beyond one embedding row
 
@@ -55,18 +52,13 @@ def compile_row(preset: str, batch: int, *, device: torch.device, warmup: int = 
                 clock: str = "wall", compiler: Callable = torch.compile, seed: int = 0) -> dict:
     """Time one preset's training step eager and compiled (``compiler(objective)``); one result row."""
     torch.manual_seed(seed)
-    recipe = RECIPES[preset]
     model = build_model(preset, num_classes=NUM_CLASSES).to(device)
-    objective = PMFObjective(model, t_thr=recipe.t_thr).to(device).train()
+    objective = TrainingStep.from_preset(model, preset).to(device).train()
     generator = torch.Generator(device).manual_seed(seed)
     shape = (model.channels, model.resolution, model.resolution)
-    sample_time_pair = functools.partial(P.sample_time_pair_released, mean=recipe.P_mean, std=recipe.P_std,
-                                         uniform_fraction=recipe.uniform_fraction)
-    randomness = draw_step_randomness(batch, shape, generator=generator, noise_scale=model.noise_scale,
-                                      sample_time_pair=sample_time_pair,
-                                      sample_guidance=GuidanceSampler(beta=recipe.omega_beta), device=device)
     x = torch.rand(batch, *shape, generator=generator, device=device) * 2 - 1
     y = torch.randint(0, NUM_CLASSES, (batch,), generator=generator, device=device)
+    randomness = objective.draw_randomness(x, generator=generator)
     parameters = list(model.parameters())
     steps = {"eager": training_step(objective, parameters, x, y, randomness),
              "compiled": training_step(compiler(objective), parameters, x, y, randomness)}

@@ -4,8 +4,8 @@
     python -m full.bench --device cuda --out bench_gpu/
 
 Every comparison runs the old and the new path side by side, interleaved in one process
-(``full.bench.steps.PATHS``: old = the core's reference route, inside ``pmf_ref.reference_ops()``; new =
-the core's default route, ``pmf_ref.default_jvp_mode()``; both described by ``pmf_ref.JVP_MODE_DESCRIPTIONS``). Three sections, each on the same networks (toy MLP, tiny
+(``full.bench.steps.PATHS``: old = the reference route, inside ``full.fast_jvp.reference_ops()``; new =
+the trainers' engine, ``full.fast_jvp.jvp``; both described by ``full.fast_jvp.ENGINE_DESCRIPTIONS``). Three sections, each on the same networks (toy MLP, tiny
 ViT pMF-T/4, a small ViT: B/16 at 64 px, at one or more batch sizes):
 
 1. steps -- the no-grad forward of the u path, the no-grad JVP (primal + tangent), forward + backward
@@ -36,9 +36,8 @@ import time
 import torch
 from tqdm.auto import tqdm
 
-import pmf_ref as P
 
-from .. import cli
+from .. import cli, fast_jvp
 from ..io import write_json
 from .nets import Workload, toy_workload, vit_workload
 from .steps import (ALG1_STRATEGIES, PATHS, alg1_loss, flow_matching_loss, on_path, sampling_calls,
@@ -264,8 +263,8 @@ def _run(cfg: BenchConfig, device: torch.device, progress: bool) -> dict:
                   targets={k: f"{op} {v}" for k, (op, v) in TARGETS.items()},
                   machine=info, memory_method=memory_method(device),
                   config={**dataclasses.asdict(cfg), "paths": {
-                      "old": f"pmf_ref.reference_ops(): {P.JVP_MODE_DESCRIPTIONS['func']}",
-                      "new": f"the default route: {P.JVP_MODE_DESCRIPTIONS[P.default_jvp_mode()]}"}},
+                      "old": f"full.fast_jvp.reference_ops(): {fast_jvp.ENGINE_DESCRIPTIONS['func']}",
+                      "new": f"the trainers' engine: {fast_jvp.ENGINE_DESCRIPTIONS['forward_ad']}"}},
                   timing_method=("median over interleaved repetitions (rotating order) after warm-up; "
                                  "a repetition averages `inner` calls; step = zero grads + loss.mean() + backward, "
                                  "no optimizer update; old and new paths interleaved in the same run"),

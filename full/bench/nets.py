@@ -18,7 +18,7 @@ from toy.model import ToyMLP
 from .steps import Batch
 from ..model import build_model, make_cond
 from ..presets import RECIPES, SAMPLING, Recipe
-from ..recipe import GuidanceSampler, PMFObjective, StepRandomness
+from ..step import StepRandomness, TrainingStep
 
 SEED_INIT, SEED_BATCH = 0, 1  # the network's init and the batch never share draws
 
@@ -58,17 +58,17 @@ def toy_workload(*, dim: int, batch_size: int, sample_batch: int, device: torch.
 
 
 def released_loss_fn(model, batch: Batch, y: torch.Tensor, recipe: Recipe, seed: int):
-    """The trainer's own objective, ``full.recipe.PMFObjective`` (MSE-only: no perceptual nets),
-    on the fixed batch; guidance draws from the recipe's ``GuidanceSampler``."""
-    objective = PMFObjective(model)
+    """The trainer's own step, ``full.step.TrainingStep`` (MSE-only: no perceptual nets), on the fixed
+    batch; guidance draws from the recipe's guidance sampler."""
+    objective = TrainingStep.from_preset(model, recipe)
     generator = torch.Generator(device=batch.x.device).manual_seed(seed)
-    omega, t_min, t_max, dropped = GuidanceSampler(beta=recipe.omega_beta)(batch.r, batch.t, generator)
+    omega, t_min, t_max, dropped = objective.sample_guidance(batch.r, batch.t, generator)
     no_crops = torch.zeros(batch.x.shape[0], 4, dtype=torch.long, device=batch.x.device)  # perceptual off
     randomness = StepRandomness(batch.e, batch.r, batch.t, omega, t_min, t_max, dropped, no_crops)
 
     def loss() -> torch.Tensor:
         return objective(batch.x, y, randomness)["total"]
-    return loss, "full.recipe.PMFObjective (perceptual=None)"
+    return loss, "full.step.TrainingStep (perceptual=None)"
 
 
 def vit_workload(preset_name: str, *, batch_size: int, sample_batch: int, device: torch.device,

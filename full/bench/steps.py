@@ -2,9 +2,9 @@
 
 Every variant runs on one of two paths (:data:`PATHS`, :func:`on_path`):
 
-* ``old``: the core's reference route inside ``pmf_ref.reference_ops()`` (``JVP_MODE_DESCRIPTIONS["func"]``);
-* ``new``: the core's default route (``JVP_MODE_DESCRIPTIONS["forward_ad"]``: one-GEMM linear tangents,
-  no tangent graph, no tangent kept by saved tensors).
+* ``old``: the reference route inside ``full.fast_jvp.reference_ops()`` (``ENGINE_DESCRIPTIONS["func"]``);
+* ``new``: the trainers' engine, ``full.fast_jvp.jvp`` (``ENGINE_DESCRIPTIONS["forward_ad"]``: one-GEMM
+  linear tangents, no tangent graph, no tangent kept by saved tensors).
 
 A variant is a zero-argument callable over fixed tensors, so repeated calls do identical work:
 
@@ -15,17 +15,17 @@ A variant is a zero-argument callable over fixed tensors, so repeated calls do i
 * ``alg1``: pMF Alg. 1, ``pmf_ref.pmf_loss`` (no-grad tangent pass + the core's forward-mode JVP,
   ``pmf_ref.average_velocity_jvp``, whose primal keeps its graph) + backward.
 * ``released``: the released recipe (two v-head passes, JVP of the u-head, v-head loss) + backward,
-  through ``full.recipe.PMFObjective`` (perceptual loss off: its frozen LPIPS / ConvNeXt nets are
+  through ``full.step.TrainingStep`` (perceptual loss off: its frozen LPIPS / ConvNeXt nets are
   an extra cost that does not depend on the method).
 
 JVP strategies for the same Alg. 1 loss (benchmark-only alternatives, identical value and gradient):
 
 * ``jvp_primal_grad``: the core's way, one forward-mode JVP whose primal output is differentiated;
-* ``jvp_func_route``: the same with the core's JVP forced to ``mode="func"``, which takes functorch's
-  slower path through the custom ops;
+* ``jvp_func_route``: the same with the engine ``torch.func.jvp`` (the core's default), which takes
+  functorch's slower path through the custom ops;
 * ``jvp_nograd_plus_forward``: the core's JVP under ``torch.no_grad()`` (tangent only, nothing
   saved for backward), then a separate differentiable forward for u;
-* ``double_backward``: the core's JVP forced to ``mode="double_backward"`` (reverse mode twice, then a
+* ``double_backward``: the engine ``full.fast_jvp.double_backward_jvp`` (reverse mode twice, then a
   separate differentiable forward) -- the reference for frameworks without forward-mode AD.
 """
 from __future__ import annotations
@@ -36,6 +36,8 @@ from typing import Callable, NamedTuple
 import torch
 
 import pmf_ref as P
+
+from .. import fast_jvp
 
 XFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -48,16 +50,16 @@ class Batch(NamedTuple):
 
 
 PATHS = ("old", "new")
-"""``old``: inside ``pmf_ref.reference_ops()`` (the core's reference route); ``new``: the core's default."""
+"""``old``: inside ``full.fast_jvp.reference_ops()`` (the reference route); ``new``: the fast engine."""
 
 
 def on_path(fn: Callable, path: str) -> Callable:
-    """``fn`` run on ``path``: inside ``pmf_ref.reference_ops()`` for "old", as is for "new"."""
+    """``fn`` run on ``path``: inside ``full.fast_jvp.reference_ops()`` for "old", as is for "new"."""
     if path not in PATHS:
         raise ValueError(f"path must be one of {PATHS}, got {path!r}")
 
     def call():
-        with P.reference_ops() if path == "old" else contextlib.nullcontext():
+        with fast_jvp.reference_ops() if path == "old" else contextlib.nullcontext():
             return fn()
     return call
 
@@ -75,7 +77,8 @@ def u_jvp(x_fn: XFn, batch: Batch) -> torch.Tensor:
     with torch.no_grad():
         z_t = P.interpolate(batch.x, batch.e, batch.t)
         v = P.tangent_conditional(batch.x, batch.e)
-        return P.average_velocity_jvp(P.u_fn_from_x_fn(x_fn), z_t, batch.r, batch.t, v_tangent=v, has_aux=True).dudt
+        return P.average_velocity_jvp(P.u_fn_from_x_fn(x_fn), z_t, batch.r, batch.t, v_tangent=v, has_aux=True,
+                                      jvp=fast_jvp.jvp).dudt
 
 
 # ----------------------------------------------------------------------------- per-sample losses
@@ -87,7 +90,7 @@ def flow_matching_loss(x_fn: XFn, batch: Batch) -> torch.Tensor:
 
 def alg1_loss(x_fn: XFn, batch: Batch) -> torch.Tensor:
     """pMF Alg. 1 as the core computes it (``pmf_ref.pmf_loss``), (B,)."""
-    return P.pmf_loss(x_fn, batch.x, batch.e, batch.r, batch.t).loss
+    return P.pmf_loss(x_fn, batch.x, batch.e, batch.r, batch.t, jvp=fast_jvp.jvp).loss
 
 
 def _alg1_from_dudt(u_fn: Callable, z_t, v_t, batch: Batch, dudt: torch.Tensor) -> torch.Tensor:
@@ -105,18 +108,20 @@ def alg1_loss_nograd_jvp(x_fn: XFn, batch: Batch) -> torch.Tensor:
     v_t = P.target_velocity(z_t, batch.x, batch.t)
     v_tangent = P.tangent_from_model(u_fn, z_t, batch.t, has_aux=True)
     with torch.no_grad():
-        dudt = P.average_velocity_jvp(u_fn, z_t, batch.r, batch.t, v_tangent=v_tangent, has_aux=True).dudt
+        dudt = P.average_velocity_jvp(u_fn, z_t, batch.r, batch.t, v_tangent=v_tangent, has_aux=True,
+                                      jvp=fast_jvp.jvp).dudt
     return _alg1_from_dudt(u_fn, z_t, v_t, batch, dudt)
 
 
-def alg1_loss_with_jvp_mode(mode: str) -> Callable[[XFn, Batch], torch.Tensor]:
-    """Alg. 1 as ``pmf_ref.pmf_loss`` computes it, with the core's JVP forced to ``mode``, (B,)."""
+def alg1_loss_with_jvp_engine(engine: str) -> Callable[[XFn, Batch], torch.Tensor]:
+    """Alg. 1 as ``pmf_ref.pmf_loss`` computes it, with the JVP engine ``full.fast_jvp.ENGINES[engine]``, (B,)."""
     def loss(x_fn: XFn, batch: Batch) -> torch.Tensor:
         u_fn = P.u_fn_from_x_fn(x_fn)
         z_t = P.interpolate(batch.x, batch.e, batch.t)
         v_t = P.target_velocity(z_t, batch.x, batch.t)
         v_tangent = P.tangent_from_model(u_fn, z_t, batch.t, has_aux=True)
-        jvp = P.average_velocity_jvp(u_fn, z_t, batch.r, batch.t, v_tangent=v_tangent, has_aux=True, mode=mode)
+        jvp = P.average_velocity_jvp(u_fn, z_t, batch.r, batch.t, v_tangent=v_tangent, has_aux=True,
+                                     jvp=fast_jvp.ENGINES[engine])
         compound = P.compound_velocity(jvp.u, jvp.dudt, batch.r, batch.t)
         return P.adaptively_weighted(P.squared_error(compound, v_t))
     return loss
@@ -124,9 +129,9 @@ def alg1_loss_with_jvp_mode(mode: str) -> Callable[[XFn, Batch], torch.Tensor]:
 
 ALG1_STRATEGIES: dict[str, Callable[[XFn, Batch], torch.Tensor]] = {
     "jvp_primal_grad": alg1_loss,
-    "jvp_func_route": alg1_loss_with_jvp_mode("func"),
+    "jvp_func_route": alg1_loss_with_jvp_engine("func"),
     "jvp_nograd_plus_forward": alg1_loss_nograd_jvp,
-    "double_backward": alg1_loss_with_jvp_mode("double_backward"),
+    "double_backward": alg1_loss_with_jvp_engine("double_backward"),
 }
 
 

@@ -19,8 +19,15 @@ the op's derivative applied once, computed without autograd history, and it save
 (detached) tensors. Between them, the ops of the pMF ViT and the toy MLP leave nothing to the
 generic formulas but views, concatenations and residual additions.
 
-:func:`reference_ops` turns all of this off (plain torch everywhere, explicit attention, and the JVP
-through ``torch.func.jvp``): today's readable path, kept for tests and benchmarks.
+:func:`jvp` is the engine the trainers, the toy and the digits benchmark hand to the core
+(``pmf_ref.average_velocity_jvp(..., jvp=fast_jvp.jvp)``): ``torch.func.jvp``'s signature and results,
+computed with ``torch.autograd.forward_ad`` dual tensors, where these ops cost about two forwards
+(``torch.func.jvp`` takes a slower path through custom ``autograd.Function``s). :data:`ENGINES` lists it
+with the reference (``torch.func.jvp``) and the double-backward engine, for the benchmarks.
+
+:func:`reference_ops` turns all of this off (plain torch everywhere, explicit attention, and :func:`jvp`
+through ``torch.func.jvp``): the readable path, kept for tests and benchmarks. This module, not the
+core, is where the private torch APIs live (``fwAD._current_level``, the functorch interpreter stack).
 """
 from __future__ import annotations
 
@@ -33,8 +40,7 @@ _reference_ops = False
 
 class reference_ops:  # noqa: N801 -- a context manager, named like torch.no_grad
     """``with reference_ops():`` every op here is the plain torch op even when a tangent is present,
-    attention is explicit matmul + softmax, and ``average_velocity_jvp`` defaults to ``torch.func.jvp``:
-    the reference path. Nests; restores the previous setting on exit."""
+    attention is explicit matmul + softmax, and :func:`jvp` is ``torch.func.jvp``: the reference path. Nests; restores the previous setting on exit."""
 
     def __enter__(self) -> None:
         global _reference_ops
@@ -414,5 +420,67 @@ def silu_mul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return F.silu(a) * b
 
 
-__all__ = ["reference_ops", "reference_ops_active", "has_tangent", "custom_jvp", "linear", "scale",
+# ----------------------------------------------------------------------------- JVP engines
+
+def _primal(value):
+    """Strip the tangents of the current dual level from a (nested tuple / list / dict of) tensor(s)."""
+    if isinstance(value, torch.Tensor):
+        return fwAD.unpack_dual(value).primal
+    if isinstance(value, (tuple, list)):
+        return type(value)(_primal(item) for item in value)
+    if isinstance(value, dict):
+        return {key: _primal(item) for key, item in value.items()}
+    return value
+
+
+def _in_functorch_transform() -> bool:
+    # torch.func offers no public "am I inside a transform" query; this is what its own code reads.
+    return torch._C._functorch.peek_interpreter_stack() is not None
+
+
+def jvp(fn, primals: tuple, tangents: tuple, *, has_aux: bool = False):
+    """``torch.func.jvp(fn, primals, tangents, has_aux=...)``'s results, the cheap way: forward_ad dual
+    tensors through this module's ops (about two forwards). The output tangent comes back detached (every
+    pMF loss stops its gradient); ``aux`` as primals. Inside :func:`reference_ops` and inside a ``torch.func``
+    transform (``vmap``, ``grad``: dual tensors cannot be made there) it is ``torch.func.jvp`` itself.
+
+    Returns:
+        ``(output, output_tangent)``, or ``(output, output_tangent, aux)`` with ``has_aux``.
+    """
+    if _reference_ops or _in_functorch_transform():
+        return torch.func.jvp(fn, primals, tangents, has_aux=has_aux)
+    with fwAD.dual_level():
+        result = fn(*(fwAD.make_dual(p, d) for p, d in zip(primals, tangents)))
+        output, aux = result if has_aux else (result, None)
+        output, tangent = fwAD.unpack_dual(output)
+        aux = _primal(aux)
+    # No tangent means the output does not depend on the primals: 0, as torch.func.jvp returns.
+    tangent = torch.zeros_like(output) if tangent is None else tangent.detach()
+    return (output, tangent, aux) if has_aux else (output, tangent)
+
+
+def double_backward_jvp(fn, primals: tuple, tangents: tuple, *, has_aux: bool = False):
+    """``torch.func.jvp``'s results by reverse mode twice (``torch.autograd.functional.jvp``, for ops
+    without forward-mode rules) plus a second, differentiable forward for the output: the slowest engine,
+    kept as the reference for frameworks without forward-mode AD. The tangent comes back detached."""
+    def output_only(*inputs):
+        return fn(*inputs)[0] if has_aux else fn(*inputs)
+    with torch.enable_grad():
+        _, tangent = torch.autograd.functional.jvp(output_only, primals, tangents)
+    result = fn(*primals)
+    output, aux = result if has_aux else (result, None)
+    return (output, tangent.detach(), aux) if has_aux else (output, tangent.detach())
+
+
+ENGINES = {"func": torch.func.jvp, "forward_ad": jvp, "double_backward": double_backward_jvp}
+"""The JVP engines a benchmark can hand to ``pmf_ref.average_velocity_jvp(jvp=...)``, by name."""
+ENGINE_DESCRIPTIONS = {"func": "torch.func.jvp (the core's default; the readable reference)",
+                       "forward_ad": "full.fast_jvp.jvp: torch.autograd.forward_ad dual tensors through "
+                                     "full.fast_jvp's ops, ~2 forwards",
+                       "double_backward": "torch.autograd.functional.jvp (reverse mode twice) plus a separate "
+                                          "forward for u"}
+"""One line per engine of :data:`ENGINES`, for programs that report which one they run."""
+
+
+__all__ = ["jvp", "double_backward_jvp", "ENGINES", "ENGINE_DESCRIPTIONS", "reference_ops", "reference_ops_active", "has_tangent", "custom_jvp", "linear", "scale",
            "rotate_pairs", "rms_normalize", "softmax_attention", "silu_mul"]

@@ -1,6 +1,6 @@
-"""Tests of ``pmf_ref.fast_jvp`` and the ``forward_ad`` route of ``pmf_ref.average_velocity_jvp``.
+"""Tests of ``full.fast_jvp``: its ops and its engine ``jvp`` handed to ``pmf_ref.average_velocity_jvp``.
 
-Oracle: today's path -- ``torch.func.jvp`` through plain torch ops, ``pmf_ref.reference_ops()`` -- on the
+Oracle: the reference path -- ``torch.func.jvp`` through plain torch ops, ``full.fast_jvp.reference_ops()`` -- on the
 same inputs. Values, tangents and gradients agree bit for bit where the same kernels run, and to
 ``TOL`` relative to the largest entry where a sum is ordered differently; float32 and float64; with
 and without ``torch.func.vmap`` (per-example references). Memory is counted from the profiler's
@@ -15,8 +15,8 @@ from torch.profiler import ProfilerActivity, profile
 
 import pmf_ref as P
 from full.model import build_model, make_cond
-from full.recipe import GuidanceSampler, PMFObjective, draw_step_randomness
-from pmf_ref import fast_jvp as FJ
+from full import fast_jvp as FJ
+from full.step import TrainingStep
 from toy.model import ToyMLP
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -34,7 +34,7 @@ NEW, REFERENCE = "new", "reference"
 
 
 def _route(route: str):
-    return P.reference_ops() if route == REFERENCE else contextlib.nullcontext()
+    return FJ.reference_ops() if route == REFERENCE else contextlib.nullcontext()
 
 
 def _close(actual: torch.Tensor, expected: torch.Tensor, dtype=None, msg: str = "") -> None:
@@ -128,8 +128,8 @@ def test_has_tangent_sees_both_jvp_routes():
 
 def test_reference_ops_nests_and_restores():
     assert not FJ.reference_ops_active()
-    with P.reference_ops():
-        with P.reference_ops():
+    with FJ.reference_ops():
+        with FJ.reference_ops():
             assert FJ.reference_ops_active()
         assert FJ.reference_ops_active()
     assert not FJ.reference_ops_active()
@@ -137,26 +137,41 @@ def test_reference_ops_nests_and_restores():
 
 # ----------------------------------------------------------------------------- the route switch
 
-def test_default_jvp_mode_is_forward_ad_except_reference_and_transforms():
-    assert P.default_jvp_mode() == "forward_ad"
-    with P.reference_ops():
-        assert P.default_jvp_mode() == "func"
-    inside = []
-    torch.func.vmap(lambda x: inside.append(P.default_jvp_mode()) or x)(torch.ones(2, 3))
-    assert inside == ["func"]
+def test_engine_is_func_jvp_inside_reference_ops_and_transforms():
+    """Outside: forward_ad dual tensors (the tangent comes back detached); inside reference_ops() and
+    inside vmap: torch.func.jvp itself (its tangent keeps a graph when the input requires grad)."""
+    x = torch.ones(3, requires_grad=True)
+    _, tangent = FJ.jvp(lambda y: y * y, (x,), (torch.ones(3),))
+    assert not tangent.requires_grad
+    with FJ.reference_ops():
+        _, tangent = FJ.jvp(lambda y: y * y, (x,), (torch.ones(3),))
+    assert tangent.requires_grad
+    seen = []
+    torch.func.vmap(lambda y: seen.append(FJ._in_functorch_transform()) or y)(torch.ones(2, 3))
+    assert seen == [True] and not FJ._in_functorch_transform()
 
 
-def test_unknown_jvp_mode_is_rejected():
-    z = torch.zeros(2, 3)
-    with pytest.raises(ValueError, match="mode"):
-        P.average_velocity_jvp(lambda z, r, t: z, z, torch.zeros(2), torch.ones(2), v_tangent=z, mode="reverse")
+@pytest.mark.parametrize("engine", list(FJ.ENGINES))
+def test_every_engine_matches_torch_func_jvp(engine):
+    """Each engine returns torch.func.jvp's (output, tangent, aux) for a smooth field (float64)."""
+    z = _randn(3, 4, seed=0, dtype=torch.float64)
+    r, t = torch.tensor([0.1, 0.2, 0.5], dtype=torch.float64), torch.tensor([0.4, 0.2, 0.9], dtype=torch.float64)
+
+    def u_fn(z_, r_, t_):
+        u = torch.sin(z_) * (t_ - r_ + 1)[:, None] + t_[:, None] ** 2
+        return u, u.cos()
+    expected = P.average_velocity_jvp(u_fn, z, r, t, v_tangent=z, has_aux=True)
+    actual = P.average_velocity_jvp(u_fn, z, r, t, v_tangent=z, has_aux=True, jvp=FJ.ENGINES[engine])
+    for a, b in zip(actual, expected):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+    assert set(FJ.ENGINE_DESCRIPTIONS) == set(FJ.ENGINES)
 
 
 def test_forward_ad_returns_zero_dudt_for_a_constant_field():
     """u independent of (z, r, t): no tangent comes out, du/dt = 0 as torch.func.jvp returns."""
     z, r, t = torch.ones(2, 3), torch.zeros(2), torch.ones(2)
     constant = torch.full((2, 3), 4.0)
-    jvp = P.average_velocity_jvp(lambda z, r, t: constant, z, r, t, v_tangent=z, mode="forward_ad")
+    jvp = P.average_velocity_jvp(lambda z, r, t: constant, z, r, t, v_tangent=z, jvp=FJ.jvp)
     assert torch.equal(jvp.u, constant) and torch.equal(jvp.dudt, torch.zeros(2, 3))
 
 
@@ -197,7 +212,7 @@ def _alg1(model, x_fn, x, e, r, t, route):
     for p in model.parameters():
         p.grad = None
     with _route(route):
-        terms = P.pmf_loss(x_fn, x, e, r, t)
+        terms = P.pmf_loss(x_fn, x, e, r, t, jvp=FJ.jvp)
         terms.loss.mean().backward()
     return terms, {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
 
@@ -214,7 +229,7 @@ def test_average_velocity_jvp_matches_reference_on_network(network, dtype):
     for route in (NEW, REFERENCE):
         model.zero_grad(set_to_none=True)
         with _route(route):
-            jvp = P.average_velocity_jvp(P.u_fn_from_x_fn(x_fn), z, r, t, v_tangent=v, has_aux=True)
+            jvp = P.average_velocity_jvp(P.u_fn_from_x_fn(x_fn), z, r, t, v_tangent=v, has_aux=True, jvp=FJ.jvp)
             (weights * jvp.u).sum().backward()
         results[route] = jvp, {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
     (new, grads), (reference, grads_ref) = results[NEW], results[REFERENCE]
@@ -267,7 +282,7 @@ def test_alg1_under_bf16_autocast_matches_reference(network):
     for route in (NEW, REFERENCE):
         model.zero_grad(set_to_none=True)
         with _route(route), torch.autocast("cpu", dtype=torch.bfloat16):
-            loss = P.pmf_loss(x_fn, x, e, r, t).loss.mean()
+            loss = P.pmf_loss(x_fn, x, e, r, t, jvp=FJ.jvp).loss.mean()
         loss.backward()
         results[route] = loss.detach(), {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
     (loss, grads), (loss_ref, grads_ref) = results[NEW], results[REFERENCE]
@@ -281,17 +296,15 @@ def test_alg1_under_bf16_autocast_matches_reference(network):
 
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_released_objective_matches_reference(dtype):
-    """full.recipe.PMFObjective (guidance passes, JVP through both heads, v-loss) on both routes."""
+    """full.step.TrainingStep (guidance passes, JVP through both heads, v-loss) on both routes."""
     model = _vit(dtype, seed=7)
     generator = torch.Generator().manual_seed(8)
     n, shape = 4, (model.channels, model.resolution, model.resolution)
-    randomness = draw_step_randomness(n, shape, generator=generator, noise_scale=1.0,
-                                      sample_time_pair=P.sample_time_pair_released,
-                                      sample_guidance=GuidanceSampler(), device=torch.device("cpu"))
+    objective = TrainingStep.from_preset(model, "pMF-T/2")
+    randomness = objective.draw_randomness(torch.empty(n, *shape), generator=generator)
     randomness = type(randomness)(*(f.to(dtype) if f.is_floating_point() else f for f in randomness))
     x = _randn(n, *shape, seed=9, dtype=dtype).clamp(-1, 1)
     y = torch.tensor([1, 2, 3, 4])
-    objective = PMFObjective(model)
     results = {}
     for route in (NEW, REFERENCE):
         model.zero_grad(set_to_none=True)
@@ -318,11 +331,12 @@ def test_vmapped_per_example_jvp_matches_batched(network, route):
 
     def per_example(z1, r1, t1, v1, y1):
         fn = P.u_fn_from_x_fn(model if network == "toy" else _vit_x_fn(model, y1[None]))
-        return P.average_velocity_jvp(fn, z1[None], r1[None], t1[None], v_tangent=v1[None], has_aux=True).dudt[0]
+        return P.average_velocity_jvp(fn, z1[None], r1[None], t1[None], v_tangent=v1[None], has_aux=True,
+                                      jvp=FJ.jvp).dudt[0]
 
     with _route(route):
         vmapped = torch.func.vmap(per_example)(z, r, t, v, labels)
-    batched = P.average_velocity_jvp(P.u_fn_from_x_fn(x_fn), z, r, t, v_tangent=v, has_aux=True)
+    batched = P.average_velocity_jvp(P.u_fn_from_x_fn(x_fn), z, r, t, v_tangent=v, has_aux=True, jvp=FJ.jvp)
     _close(vmapped, batched.dudt)
 
 
@@ -351,7 +365,7 @@ def test_jvp_keeps_no_second_copy_of_the_activations():
     def jvp(route):
         def run():
             with _route(route):
-                P.average_velocity_jvp(u_fn, z, r, t, v_tangent=v, has_aux=True)
+                P.average_velocity_jvp(u_fn, z, r, t, v_tangent=v, has_aux=True, jvp=FJ.jvp)
         return run
 
     new, reference = _peak_allocated_bytes(jvp(NEW)), _peak_allocated_bytes(jvp(REFERENCE))
