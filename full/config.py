@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from . import cli
+from .precision import PRECISIONS
 from .presets import PRESETS, SAMPLING
 
 TIME_SAMPLERS = ("full", "diagonal", "endpoint", "two_lines")
@@ -92,6 +93,10 @@ class TrainConfig:
     # Sharded training (full.fsdp): FSDP2 instead of DDP; checkpoints are folders (checkpoint.dcp).
     fsdp: bool = False
     fsdp_mixed_precision: str | None = None  # None | "bf16": bf16 all-gather, fp32 reduce and compute
+    # Precision, memory, first weights.
+    precision: str | None = None             # "fp32" | "tf32" | "bf16" (full.precision; None: tf32 on CUDA, else fp32)
+    activation_checkpointing: bool = False   # blocks keep only their input and recompute in the backward
+    init_official: str | None = None         # start from the authors' released pMF-*.pt (full.finetune)
 
     def model_overrides(self) -> dict:
         return {name: getattr(self, name) for name in MODEL_OVERRIDE_FIELDS if getattr(self, name) is not None}
@@ -140,6 +145,12 @@ def check_config(cfg: TrainConfig, world_size: int = 1) -> None:
         (cfg.fsdp_mixed_precision in (None, "bf16"),
          f"--fsdp-mixed-precision must be 'bf16', got {cfg.fsdp_mixed_precision!r}"),
         (cfg.fsdp or cfg.fsdp_mixed_precision is None, "--fsdp-mixed-precision needs --fsdp"),
+        (cfg.precision is None or cfg.precision in PRECISIONS,
+         f"--precision must be one of {', '.join(PRECISIONS)}, got {cfg.precision!r}"),
+        (cfg.init_official is None or cfg.resume is not None or Path(cfg.init_official).is_file(),
+         f"--init-official: {cfg.init_official!r} is not a file (the authors' pMF-*.pt)"),
+        (cfg.init_official is None or cfg.prediction == "x",
+         "--init-official needs --prediction x (the released networks predict x)"),
     ]
     for ok, message in checks:
         if not ok:
@@ -220,6 +231,15 @@ def build_parser() -> argparse.ArgumentParser:
     add("--fsdp-mixed-precision", choices=("bf16",), default=None,
         help="with --fsdp: all-gather the weights in bf16 (half the traffic), reduce gradients in fp32; every "
              "forward, the JVP included, still computes in fp32")
+    add("--precision", choices=PRECISIONS, default=None,
+        help="fp32; tf32 (CUDA matmuls round inputs to TF32); bf16 (every pass of the step under bf16 autocast, "
+             "the JVP's included; losses and optimiser in fp32); default: tf32 on CUDA, fp32 on CPU (full.precision)")
+    add("--activation-checkpointing", action="store_true",
+        help="each block keeps only its input and recomputes the rest in the backward (less memory, ~1 more "
+             "forward); the JVP's tangent included")
+    add("--init-official", default=None, metavar="PATH",
+        help="start from the authors' released weights pMF-*.pt (the v-head starts as a copy of the u-head; with "
+             "fewer classes the label table keeps the first K rows and the null row; full.finetune)")
     watch = parser.add_argument_group("watching the run (full.monitor; none of these changes what is trained)")
     watch.add_argument("--sample-every", type=int, default=0, metavar="N",
                        help="steps between sample grids (fixed noise and classes) of every EMA and the raw "

@@ -161,8 +161,9 @@ def summary_rows(cfg, model, dataset, world_size: int, start_step: int) -> dict:
         emas += (f" kimg (all equal for this whole run: the EDM ramp caps each half-life at 5% of the images "
                  f"seen; they differ from step {split})" if split > cfg.steps else f" kimg (equal until step {split}: "
                  f"EDM ramp)")
-    precision = ("fp32 + bf16 autocast of the no-grad and perceptual passes" if cfg.bf16 else "fp32") + (
-        ", bf16 FSDP all-gather" if cfg.fsdp_mixed_precision else "")
+    precision = cfg.precision + (" + bf16 autocast of the no-grad and perceptual passes (--bf16)" if cfg.bf16
+                                 else "") + (", bf16 FSDP all-gather" if cfg.fsdp_mixed_precision else "") + (
+        ", activation checkpointing" if cfg.activation_checkpointing else "")
     return {"preset": cfg.preset + (f" ({', '.join(f'{k}={v}' for k, v in cfg.model_overrides().items())})"
                                     if cfg.model_overrides() else ""),
             "parameters": f"{total:,} ({total - heads:,} without the v-head)",
@@ -174,7 +175,9 @@ def summary_rows(cfg, model, dataset, world_size: int, start_step: int) -> dict:
             "data": f"{cfg.data}: {len(dataset)} images, {getattr(dataset, 'num_classes', '?')} classes "
                     f"(model: {model.num_classes})",
             "steps": f"{start_step} -> {cfg.steps}, lr {cfg.lr:g} ({cfg.optimizer})",
-            "EMAs": emas, "out": str(cfg.out)}
+            "EMAs": emas, "weights": ("the checkpoint's" if start_step else f"the authors' {cfg.init_official} "
+                                      f"(v-head: copy of the u-head)" if cfg.init_official else
+                                      f"random (seed {cfg.seed})"), "out": str(cfg.out)}
 
 
 def jvp_route() -> str:

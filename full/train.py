@@ -46,11 +46,13 @@ from .config import TrainConfig, UsageError, check_config, check_resume, config_
 from .data import ImageFolderDataset, SyntheticDataset, UnreadableImageError, infinite_batches
 from .distributed import barrier, init_distributed, mean_over_ranks, no_sync, parallelize, world_size_from_env
 from .ema import EMASet
+from .finetune import InitFromOfficialError, init_from_official
 from .fsdp import SHARDED_NAME, ShardedEMA, ensure_process_group, remove_sharded, remove_stale_sharded, \
     use_gathered_muon, whole
 from .model import build_model
 from .monitor import prepare_fid
 from .optim import build_optimizer
+from .precision import apply_precision, autocast, default_precision
 from .perceptual import PerceptualDistances, build_convnext_v2, build_lpips_vgg
 from .presets import ARCHITECTURES
 from .step import TrainingStep
@@ -76,6 +78,8 @@ def train(cfg: TrainConfig, dataset=None, progress: bool = True) -> TrainResult:
     # ---- set-up: settings (checked before anything starts), processes, run folder
     cfg, dataset, state = settle(cfg, dataset, world_size_from_env())
     rank, world_size, _, device = init_distributed(cfg.device)
+    cfg = dataclasses.replace(cfg, precision=cfg.precision or default_precision(device))
+    apply_precision(cfg.precision, device)            # the TF32 switches (full.precision)
     if cfg.fsdp:   # FSDP needs a process group, of one process too
         ensure_process_group(device)
     out = Path(cfg.out)
@@ -92,7 +96,10 @@ def train(cfg: TrainConfig, dataset=None, progress: bool = True) -> TrainResult:
         torch.manual_seed(cfg.seed)                       # same initial weights on every rank
 
         # ---- model, training step (+ DDP / FSDP / compile), EMAs, optimiser
-        model = build_model(cfg.preset, **cfg.model_overrides(), prediction=cfg.prediction).to(device)
+        model = build_model(cfg.preset, **cfg.model_overrides(), prediction=cfg.prediction,
+                            activation_checkpointing=cfg.activation_checkpointing).to(device)
+        if cfg.init_official and state is None:   # fine-tuning: before the EMAs, the optimiser and the wrapping
+            init_from_official(model, cfg.init_official, num_classes=model.num_classes)
         objective = build_step(cfg, model, device)
         step_fn = parallelize(objective, world_size=world_size, device=device, fsdp=cfg.fsdp,
                               fsdp_mixed_precision=cfg.fsdp_mixed_precision, compile=cfg.compile)
@@ -139,7 +146,8 @@ def train(cfg: TrainConfig, dataset=None, progress: bool = True) -> TrainResult:
                     first, rows = rank * local_batch + micro * micro_batch, slice(micro * micro_batch,
                                                                                   (micro + 1) * micro_batch)
                     with no_sync(step_fn, last_micro_batch=micro == cfg.accum_steps - 1):
-                        terms = step_fn(x[rows], y[rows], randomness.rows(first, first + micro_batch))
+                        with autocast(cfg.precision, device):     # bf16: every pass of the step, the JVP's too
+                            terms = step_fn(x[rows], y[rows], randomness.rows(first, first + micro_batch))
                         (terms["loss"] / cfg.accum_steps).backward()
                     micro_means.append(torch.stack([terms[name].detach().mean() for name in LOGGED_TERMS]))
                 values, stop_requested = reduce_logged(model, micro_means, stop.signum)   # same on every rank
@@ -298,6 +306,8 @@ def main(argv: list[str] | None = None) -> None:
         result = train(cfg, progress=progress)
     except CheckpointError as error:
         fail(f"--resume: {error}", EXIT_USAGE)
+    except InitFromOfficialError as error:
+        fail(f"--init-official: {error}", EXIT_USAGE)
     except (UsageError, RunFolderError, RunFolderLocked, UnreadableImageError, FileNotFoundError) as error:
         fail(str(error), EXIT_USAGE)        # a setting, file or folder to fix: one line, nothing trained
     except DivergenceError as error:

@@ -888,3 +888,52 @@ def test_num_classes_defaults_to_the_folders_classes_and_a_resume_must_agree(tmp
     with pytest.raises(UsageError, match="--num-classes cannot change on resume"):
         train(TrainConfig(**{**settings, "steps": 2}, num_classes=5, out=str(tmp_path / "run"),
                           resume=str(first.checkpoint)), progress=False)
+
+
+# ---------------------------------------------------------------------------- precision, memory, first weights
+
+def test_precision_is_checked_resolved_and_bf16_autocasts_the_step(tmp_path):
+    with pytest.raises(UsageError, match="--precision must be one of fp32, tf32, bf16, got 'fp64'"):
+        train(_cli_config(tmp_path / "bad", precision="fp64"), _dataset(), progress=False)
+    fp32 = train(_cli_config(tmp_path / "fp32", steps=2), _dataset(), progress=False)
+    assert json.loads((tmp_path / "fp32" / "config.json").read_text())["precision"] == "fp32"   # the CPU default
+    bf16 = train(_cli_config(tmp_path / "bf16", steps=2, precision="bf16"), _dataset(), progress=False)
+    # Step 1 runs zero-initialised output layers (exact in any precision); step 2 does not.
+    assert bf16.history[1]["raw_u"] != fp32.history[1]["raw_u"]                 # autocast really ran ...
+    assert bf16.history[1]["raw_u"] == pytest.approx(fp32.history[1]["raw_u"], rel=0.05)   # ... on the same step
+
+
+def test_activation_checkpointing_trains_the_same_steps(tmp_path):
+    plain = train(_cli_config(tmp_path / "plain", steps=2), _dataset(), progress=False)
+    recomputed = train(_cli_config(tmp_path / "ac", steps=2, activation_checkpointing=True), _dataset(), progress=False)
+    assert recomputed.model.activation_checkpointing and not plain.model.activation_checkpointing
+    for name in ("loss", "raw_u", "raw_v", "grad_norm"):
+        assert [r[name] for r in recomputed.history] == pytest.approx([r[name] for r in plain.history], rel=1e-5)
+
+
+def test_init_official_fine_tunes_from_a_file_in_the_authors_layout(tmp_path, capsys):
+    """A 12-class released-layout file (no v-head) starts a 3-class run: u-head and trunk as in the file, the
+    v-head a copy of the u-head, the first 3 label rows and the null row (lr ~0: the weights after step 1)."""
+    from full.official import to_official_state_dict
+
+    torch.manual_seed(7)
+    source = build_model("pMF-T/2", v_head=False, num_classes=12)
+    with torch.no_grad():
+        for parameter in source.parameters():
+            parameter.add_(0.3 * torch.randn_like(parameter))
+    torch.save(to_official_state_dict(source), tmp_path / "pMF-T-2.pt")
+    result = train(_cli_config(tmp_path / "run", steps=1, lr=1e-12, num_classes=3,
+                               init_official=str(tmp_path / "pMF-T-2.pt")),
+                   SyntheticDataset(16, 16, num_classes=3, seed=1), progress=False)
+    assert "the authors'" in capsys.readouterr().err
+    trained, released = result.model.state_dict(), source.state_dict()
+    table = [name for name in released if released[name].shape[0] == 13][0]          # the label table (12 + null)
+    torch.testing.assert_close(trained[table], released[table][[0, 1, 2, 12]], atol=1e-6, rtol=0)
+    for name, value in released.items():
+        if name != table:
+            torch.testing.assert_close(trained[name], value, atol=1e-6, rtol=0, msg=name)
+    v_head = [name for name in trained if name.startswith("v_head.")]
+    assert v_head and all(torch.allclose(trained[name], released["u_head." + name[len("v_head."):]], atol=1e-6)
+                          for name in v_head)
+    code, errors = run_cli([*TINY, "--init-official", tmp_path / "absent.pt", "--out", tmp_path / "o"], capsys)
+    assert code == 2 and len(errors) == 1 and "--init-official" in errors[0]
