@@ -441,8 +441,8 @@ def check_sampling_args(parser: argparse.ArgumentParser, args: argparse.Namespac
         parser.error(f"--batch-size must be >= 1, got {args.batch_size}")
     if args.seed < 0 or args.seed >= 2 ** 31:
         parser.error(f"--seed must lie in [0, 2^31), got {args.seed}")
-    if args.ckpt is not None and not Path(args.ckpt).is_file():
-        parser.error(f"--ckpt {args.ckpt} is not a file")
+    if args.ckpt is not None and not (Path(args.ckpt).is_file() or (Path(args.ckpt) / "meta.pt").is_file()):
+        parser.error(f"--ckpt {args.ckpt} is not a file (or a sharded checkpoint folder)")
 
 
 def main(argv: list[str] | None = None) -> None:
