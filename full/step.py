@@ -110,6 +110,8 @@ class TrainingStep(nn.Module):
                  lpips_weight: float, convnext_weight: float, c: float, p: float,
                  autocast_dtype: torch.dtype | None, jvp: P.JVPFn):
         super().__init__()
+        if not 0.0 <= t_thr <= 1.0:   # NaN fails too: it would turn the perceptual terms off without a word
+            raise ValueError(f"t_thr must lie in [0, 1] (perceptual terms where t < t_thr), got {t_thr}")
         self.model, self.perceptual = model, perceptual
         self.sample_time_pair, self.sample_guidance = sample_time_pair, sample_guidance
         self.noise_scale, self.t_thr, self.autocast_dtype, self.jvp = noise_scale, t_thr, autocast_dtype, jvp

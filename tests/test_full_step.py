@@ -70,6 +70,8 @@ def test_from_preset_overrides_and_ablations():
         _step(t_threshold=0.5)
     with pytest.raises(ValueError, match="time_sampler"):
         _step(time_sampler="uniform")
+    with pytest.raises(ValueError, match=r"t_thr must lie in \[0, 1\].*nan"):
+        _step(t_thr=float("nan"))
 
 
 def test_constructor_has_no_recipe_defaults():
