@@ -413,7 +413,7 @@ def train(cfg: TrainConfig, dataset=None, progress: bool = True) -> TrainResult:
                     board.scalars("train", {**record, "lr": optimizer.param_groups[0]["lr"]}, step)
             if grid_inputs is not None and (step % cfg.sample_every == 0 or step == cfg.steps):
                 tiles = write_sample_grids(out, step, {**emas.models, "raw": model}, grid_inputs, omega=omega,
-                                           t_min=t_min, t_max=t_max, prediction=cfg.prediction)
+                                           t_min=t_min, t_max=t_max)
                 for name, tile in tiles.items() if board is not None else ():
                     board.image(f"samples/{name if name == 'raw' else 'ema' + name}", tile, step)
             if step % cfg.ckpt_every == 0 or step == cfg.steps or stop_requested:
