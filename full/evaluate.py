@@ -5,11 +5,23 @@
     python -m full.evaluate --samples samples/images --ref ref/ref_stats.npz --out samples/   # + metrics.json
 
 Samples: an .npz with ``arr_0`` uint8 (N, H, W, C) (what full.sample writes; the ADM evaluation
-suite's layout) or a folder of image files. Reference statistics: an .npz with ``mu`` (2048,) and
-``sigma`` (2048, 2048) of the Inception pool features -- written by ``ref-stats`` from an
-ImageFolder with the trainer's ADM center crop (full.data.center_crop_arr), or an ADM reference
-batch (its ``mu``/``sigma`` come from the same TF-Inception graph). The paper reports FID-50K
-against ImageNet-train statistics (pMF §5).
+suite's layout) or a folder of image files. Reference statistics: an .npz with the mean (2048,) and
+covariance (2048, 2048) of the Inception pool features, as published (full.fid.STATISTICS_KEYS):
+
+* ours, from ``ref-stats`` (an ImageFolder with the trainer's ADM center crop,
+  full.data.center_crop_arr): ``mu``, ``sigma``, ``num``, ``resolution`` and ``features`` (a random
+  subset of the reference images' pool features, for precision / recall and KID);
+* JiT's ``jit_in256_stats.npz`` / ``jit_in512_stats.npz`` (what the authors' torch evaluate.py uses):
+  ``mu``, ``sigma``;
+* the authors' JAX ``imagenet_<size>_fid_stats.npz``: ``ref_mu``, ``ref_sigma``;
+* an ADM reference batch (``VIRTUAL_imagenet256_labeled.npz``): ``mu``, ``sigma`` and the images ``arr_0``
+  (their features give precision / recall and KID).
+
+``metrics.json`` holds FID, IS, precision, recall, KID (null when the reference holds neither features
+nor images) and which reference was used (its path, keys, resolution, size). The paper reports
+FID-50K against ImageNet-train statistics (pMF §5); below 10,000 samples FID is biased upwards (a
+warning says so). Refused: a sample set whose resolution differs from the reference's (when the file
+records it), statistics of another feature dimension, one sample, a constant or saturated set.
 
 The Inception-v3 weights (torch-fidelity's TF port) are read from --inception-weights or the torch
 hub cache, never downloaded; see full/fid.py.
@@ -30,12 +42,23 @@ from torch.utils.data import DataLoader
 from . import cli
 from .data import IMAGE_EXTENSIONS, ImageFolderDataset, UnreadableImageError, open_rgb
 from .io import write_json
-from .fid import (IS_SPLITS, InceptionWeightsError, build_inception, extract_features,
-                  feature_statistics, frechet_distance_from_features, inception_score, load_statistics, open_npz,
-                  save_statistics)
+from .sample import SATURATED_FRACTION as SAMPLE_SATURATED_FRACTION
+from .fid import (IS_SPLITS, POOL_DIM, InceptionWeightsError, build_inception, extract_features,
+                  feature_statistics, frechet_distance_from_features, inception_score, kernel_inception_distance,
+                  load_reference_features, load_reference_images, load_statistics, open_npz, precision_recall,
+                  reference_info, save_statistics)
 
 METRICS_NAME = "metrics.json"      # python -m full.evaluate --out DIR
 REF_STATS_NAME = "ref_stats.npz"   # python -m full.evaluate ref-stats --out DIR
+UNBIASED_FID_SAMPLES = 10_000
+"""Below this many samples FID is noticeably biased upwards (its bias falls like 1/N); a warning says so."""
+SATURATED_FRACTION = SAMPLE_SATURATED_FRACTION
+"""A sample set with more than this share of its pixel values at 0 or 255 is refused as saturated: what a
+diverged network gives (its outputs, far outside [-1, 1], are clipped to the two ends). Real images, digits
+upsampled bilinearly included, keep intermediate values at every edge."""
+REF_FEATURES = 10_000
+"""Pool features ``ref-stats`` keeps (a random subset) for precision / recall and KID (ADM's reference
+batches hold 10,000 images)."""
 
 
 @dataclass(frozen=True)
@@ -47,6 +70,7 @@ class EvalConfig:
     is_splits: int = IS_SPLITS
     device: str = "cpu"
     progress: bool = True
+    pr_kid: bool = True                    # precision / recall and KID, when the reference allows them
 
 
 @dataclass(frozen=True)
@@ -58,6 +82,7 @@ class RefStatsConfig:
     batch_size: int = 100
     num_workers: int = 4
     max_images: int | None = None         # None: every image of the folder
+    keep_features: int = REF_FEATURES     # pool features stored for precision / recall and KID (0: none)
     device: str = "cpu"
     progress: bool = True
 
@@ -95,6 +120,32 @@ def count_samples(path: str | Path) -> int:
     return _npz_images(path).shape[0]
 
 
+def sample_resolution(path: str | Path) -> tuple[int, int]:
+    """(height, width) of a sample set: arr_0's, or the first image's of a folder."""
+    path = Path(path)
+    if path.is_dir():
+        try:
+            width, height = open_rgb(_image_files(path)[0]).size
+        except UnreadableImageError as error:
+            raise SampleSetError(str(error)) from None
+        return height, width
+    return tuple(_npz_images(path).shape[1:3])
+
+
+def resolution_mismatch(samples: str | Path, ref: str | Path) -> str | None:
+    """Why ``samples`` cannot be scored against ``ref`` because of their image sizes, or None (also when
+    the reference file does not record its resolution: JiT's and the authors' files do not)."""
+    expected = reference_info(ref).resolution
+    if expected is None:
+        return None
+    height, width = sample_resolution(samples)
+    if (height, width) != (expected, expected):
+        return (f"the samples are {height}x{width} px but the reference statistics {str(ref)!r} are of "
+                f"{expected}x{expected} px images: FID across resolutions is meaningless; sample at {expected} px "
+                f"or make reference statistics at {height} px (python -m full.evaluate ref-stats --resolution {height})")
+    return None
+
+
 def iter_sample_batches(path: str | Path, batch_size: int) -> Iterator[torch.Tensor]:
     """uint8 (B, C, H, W) batches from an .npz (``arr_0``, NHWC) or a folder of images (any mode, as RGB).
 
@@ -125,20 +176,32 @@ def iter_sample_batches(path: str | Path, batch_size: int) -> Iterator[torch.Ten
         yield torch.from_numpy(np.ascontiguousarray(images[start:start + batch_size])).permute(0, 3, 1, 2)
 
 
-def refuse_constant_set(batches: Iterator[torch.Tensor], source: str) -> Iterator[torch.Tensor]:
-    """Pass the batches through; at the end raise SampleSetError if every image equals the first.
+def saturated_fraction(images: torch.Tensor) -> float:
+    """The share of uint8 pixel values of ``images`` that are 0 or 255."""
+    return float(((images == 0) | (images == 255)).double().mean())
 
-    A diverged network writes one blank image over and over, and FID still gives a finite number.
+
+def refuse_constant_set(batches: Iterator[torch.Tensor], source: str) -> Iterator[torch.Tensor]:
+    """Pass the batches through; at the end raise SampleSetError if every image equals the first, or if more
+    than :data:`SATURATED_FRACTION` of all pixel values are 0 or 255.
+
+    A diverged network writes one blank image over and over, or images of pure 0 / 255 pixels, and FID
+    still gives a finite number.
     """
-    first, varied = None, False
+    first, varied, saturated, values = None, False, 0, 0
     for images in batches:
         if first is None:
             first = images[:1].clone()
         varied = varied or not bool((images == first).all())
+        saturated += int(((images == 0) | (images == 255)).sum())
+        values += images.numel()
         yield images
     if first is not None and not varied:
         raise SampleSetError(f"{source}: every image is identical (a constant sample set, e.g. from a diverged "
                              f"network); refusing to score it")
+    if values and saturated > SATURATED_FRACTION * values:
+        raise SampleSetError(f"{source}: {100 * saturated / values:.1f}% of the pixel values are 0 or 255 (a "
+                             f"saturated sample set, e.g. from a diverged network); refusing to score it")
 
 
 def check_samples_path(path: str) -> str | None:
@@ -163,16 +226,69 @@ def metrics_from_features(pool: np.ndarray, logits: np.ndarray, ref_mu: np.ndarr
             "num": int(pool.shape[0])}
 
 
+def reference_record(ref: str | Path) -> dict:
+    """What ``metrics.json`` says about the reference: path, keys used, resolution, size, what gave PR/KID."""
+    info = reference_info(ref)
+    return {"path": str(ref), "keys": list(info.keys), "resolution": info.resolution, "num": info.num,
+            "pr_kid_from": ("features" if info.features else "arr_0 images" if info.images else None)}
+
+
+def reference_features(ref: str | Path, extractor, *, batch_size: int, progress: bool) -> np.ndarray | None:
+    """Pool features of the reference for precision / recall and KID: stored ``features``, else those of its
+    ``arr_0`` images (an ADM batch), else None (mu and sigma alone, e.g. JiT's and the authors' files)."""
+    info = reference_info(ref)
+    if info.features:
+        return load_reference_features(ref)
+    if info.images:
+        images = load_reference_images(ref)
+        batches = (torch.from_numpy(np.ascontiguousarray(images[start:start + batch_size])).permute(0, 3, 1, 2)
+                   for start in range(0, len(images), batch_size))
+        return extract_features(extractor, batches, total=len(images), progress=progress).pool
+    return None
+
+
+def pr_kid_metrics(pool: np.ndarray, reference: np.ndarray | None, device: str = "cpu") -> dict:
+    """{"precision", "recall", "kid_mean", "kid_std"} of pool features (N, 2048); None each without a reference
+    or with too few samples (precision / recall need more than 3 on each side, KID 2)."""
+    scores = dict.fromkeys(("precision", "recall", "kid_mean", "kid_std"))
+    if reference is None:
+        return scores
+    try:
+        scores["precision"], scores["recall"] = precision_recall(pool, reference, device=device)
+    except ValueError:
+        pass
+    try:
+        scores["kid_mean"], scores["kid_std"] = kernel_inception_distance(pool, reference)
+    except ValueError:
+        pass
+    return scores
+
+
 def evaluate(cfg: EvalConfig, extractor=None) -> dict:
-    """FID against ``cfg.ref`` and the Inception Score of the sample set ``cfg.samples``."""
-    ref_mu, ref_sigma = load_statistics(cfg.ref)     # cheap checks first: a bad --ref fails before the Inception
+    """FID against ``cfg.ref``, the Inception Score, and precision / recall and KID of ``cfg.samples``.
+
+    ``extractor``: the feature network (default: the Inception of ``cfg.inception_weights``).
+
+    Raises:
+        ValueError: an unusable ``--ref`` (wrong keys, dimension, NaN).
+        SampleSetError: an unreadable, constant or saturated set, or one of another resolution than the reference.
+    """
+    # Cheap checks first: a bad --ref or a resolution mismatch fails before the Inception.
+    ref_mu, ref_sigma = load_statistics(cfg.ref, dim=POOL_DIM if extractor is None else None)   # a given
+    # extractor (tests) may have other features than the Inception's 2048
+    mismatch = resolution_mismatch(cfg.samples, cfg.ref)
+    if mismatch:
+        raise SampleSetError(mismatch)
     total = count_samples(cfg.samples)
     extractor = extractor if extractor is not None else build_inception(cfg.inception_weights, cfg.device)
     batches = refuse_constant_set(iter_sample_batches(cfg.samples, cfg.batch_size), str(cfg.samples))
     features = extract_features(extractor, batches, total=total, progress=cfg.progress)
     if not (np.all(np.isfinite(features.pool)) and np.all(np.isfinite(features.logits))):
         raise SampleSetError(f"{cfg.samples}: the Inception features hold NaN or inf (corrupt --inception-weights?)")
-    return metrics_from_features(features.pool, features.logits, ref_mu, ref_sigma, is_splits=cfg.is_splits)
+    metrics = metrics_from_features(features.pool, features.logits, ref_mu, ref_sigma, is_splits=cfg.is_splits)
+    reference = (reference_features(cfg.ref, extractor, batch_size=cfg.batch_size, progress=cfg.progress)
+                 if cfg.pr_kid else None)
+    return {**metrics, **pr_kid_metrics(features.pool, reference, cfg.device)}
 
 
 class CenterCroppedImages(ImageFolderDataset):
@@ -183,8 +299,8 @@ class CenterCroppedImages(ImageFolderDataset):
         return torch.from_numpy(np.array(image)).permute(2, 0, 1)   # a writable copy
 
 
-def reference_statistics(cfg: RefStatsConfig, extractor=None) -> tuple[np.ndarray, np.ndarray, int]:
-    """(mu, sigma, number of images) of the Inception pool features of an ImageFolder."""
+def reference_statistics(cfg: RefStatsConfig, extractor=None) -> tuple[np.ndarray, np.ndarray, int, np.ndarray]:
+    """(mu, sigma, number of images, kept pool features (min(N, keep_features), 2048)) of an ImageFolder."""
     # The weights first: a missing file should fail before listing a million images.
     extractor = extractor if extractor is not None else build_inception(cfg.inception_weights, cfg.device)
     dataset = CenterCroppedImages(cfg.data, cfg.resolution)
@@ -193,7 +309,15 @@ def reference_statistics(cfg: RefStatsConfig, extractor=None) -> tuple[np.ndarra
     loader = DataLoader(dataset, batch_size=cfg.batch_size, shuffle=False, num_workers=cfg.num_workers)
     features = extract_features(extractor, loader, total=len(dataset), progress=cfg.progress)
     mu, sigma = feature_statistics(features.pool)
-    return mu, sigma, len(dataset)
+    return mu, sigma, len(dataset), kept_features(features.pool, cfg.keep_features)
+
+
+def kept_features(pool: np.ndarray, keep: int, seed: int = 0) -> np.ndarray:
+    """A random subset of ``keep`` rows of ``pool`` (all of them if fewer), float32, in their original order."""
+    if keep >= len(pool):
+        return pool.astype(np.float32)
+    rows = np.sort(np.random.default_rng(seed).choice(len(pool), size=keep, replace=False))
+    return pool[rows].astype(np.float32)
 
 
 # --------------------------------------------------------------------------------------------
@@ -214,8 +338,13 @@ def build_eval_parser() -> argparse.ArgumentParser:
                         "Reference statistics: `python -m full.evaluate ref-stats --help`.")
     parser.add_argument("--samples", required=True,
                         help="samples.npz (arr_0 uint8 N x H x W x C) or a folder of images")
-    parser.add_argument("--ref", required=True, help="reference statistics .npz with mu and sigma")
+    parser.add_argument("--ref", required=True,
+                        help="reference statistics .npz: ours (ref-stats), JiT's jit_in256_stats.npz (mu, sigma), "
+                             "the authors' JAX file (ref_mu, ref_sigma) or an ADM reference batch")
     parser.add_argument("--is-splits", type=int, default=IS_SPLITS, help="Inception Score splits (<= N)")
+    parser.add_argument("--fid-only", action="store_true",
+                        help="skip precision / recall and KID (default: computed when --ref holds reference "
+                             "features or images)")
     parser.add_argument("--out", default=None, metavar="DIR", help=f"output folder: {METRICS_NAME}")
     cli.add_json(parser, "the metrics")
     _add_common(parser)
@@ -232,6 +361,11 @@ def build_ref_stats_parser() -> argparse.ArgumentParser:
     parser.add_argument("--num-workers", type=int, default=4, help="image-decoding worker processes")
     parser.add_argument("--max-images", type=int, default=None,
                         help="use only the first N images in folder order (a quick check; default all)")
+    parser.add_argument("--keep-features", type=int, default=REF_FEATURES,
+                        help="pool features of a random subset of this many images stored beside mu and sigma, "
+                             "for precision / recall and KID (0: none)")
+    parser.add_argument("--overwrite", action="store_true",
+                        help=f"replace an existing {REF_STATS_NAME} in --out (default: refuse)")
     _add_common(parser)
     return parser
 
@@ -253,22 +387,28 @@ def main_ref_stats(argv: list[str]) -> None:
         parser.error(f"--num-workers must be >= 0, got {args.num_workers}")
     if args.max_images is not None and args.max_images < 2:
         parser.error(f"--max-images must be >= 2 (a covariance needs two images), got {args.max_images}")
+    if args.keep_features < 0:
+        parser.error(f"--keep-features must be >= 0, got {args.keep_features}")
     if not Path(args.data).is_dir():
         parser.error(f"--data {args.data} is not a folder")
     device = str(cli.resolve_device(parser, args.device))
     cli.check_out(parser, args.out)
-    cfg = RefStatsConfig(data=args.data, resolution=args.resolution, out=str(Path(args.out) / REF_STATS_NAME),
+    target = Path(args.out) / REF_STATS_NAME
+    if target.exists() and not args.overwrite:   # checked before hours of Inception passes, not after
+        parser.error(f"--out: {str(target)!r} exists; pass --overwrite to replace it, or use another --out")
+    cfg = RefStatsConfig(data=args.data, resolution=args.resolution, out=str(target),
                          inception_weights=args.inception_weights, batch_size=args.batch_size,
                          num_workers=args.num_workers, max_images=args.max_images,
-                         device=device, progress=not args.no_progress)
+                         keep_features=args.keep_features, device=device, progress=not args.no_progress)
     try:
-        mu, sigma, num = reference_statistics(cfg)
+        mu, sigma, num, features = reference_statistics(cfg)
     except FileNotFoundError as error:   # missing Inception weights or an empty image folder
         sys.exit(f"error: {error}")
     except (InceptionWeightsError, UnreadableImageError) as error:
         parser.error(str(error))
     try:
-        save_statistics(cfg.out, mu, sigma, num=np.array(num), resolution=np.array(cfg.resolution))
+        save_statistics(cfg.out, mu, sigma, num=np.array(num), resolution=np.array(cfg.resolution),
+                        **({"features": features} if cfg.keep_features else {}))
     except OSError as error:
         sys.exit(f"error: writing --out {cfg.out} failed: {error}")
     print(f"wrote mu, sigma of {num} images ({cfg.resolution} px) to {cfg.out}")
@@ -290,20 +430,26 @@ def main(argv: list[str] | None = None) -> None:
     if args.out is not None:
         cli.check_out(parser, args.out)
     try:
-        load_statistics(args.ref)
+        load_statistics(args.ref, dim=POOL_DIM)
     except ValueError as error:
         parser.error(f"--ref: {error}")
     try:
         num = count_samples(args.samples)
+        mismatch = resolution_mismatch(args.samples, args.ref)
     except ValueError as error:
         parser.error(f"--samples: {error}")
+    if num < 2:   # before --is-splits: its default 10 would otherwise be the complaint
+        parser.error(f"--samples holds {num} image(s); FID needs at least 2 samples")
+    if mismatch:
+        parser.error(f"--samples: {mismatch}")
     if not 1 <= args.is_splits <= num:
         parser.error(f"--is-splits must lie in [1, number of samples = {num}], got {args.is_splits}")
-    if num < 2:
-        parser.error(f"--samples holds {num} image(s); FID needs at least 2")
+    if num < UNBIASED_FID_SAMPLES:
+        print(f"warning: {num} samples: FID is biased upwards below {UNBIASED_FID_SAMPLES:,} samples (the paper's "
+              f"FID-50K uses 50,000); compare only FIDs of equally many samples", file=sys.stderr)
     cfg = EvalConfig(samples=args.samples, ref=args.ref, inception_weights=args.inception_weights,
                      batch_size=args.batch_size, is_splits=args.is_splits, device=device,
-                     progress=not args.no_progress)
+                     progress=not args.no_progress, pr_kid=not args.fid_only)
     try:
         metrics = evaluate(cfg)
     except FileNotFoundError as error:   # the Inception weights are missing: the message says where to put them
@@ -312,9 +458,16 @@ def main(argv: list[str] | None = None) -> None:
         parser.error(str(error))
     except SampleSetError as error:      # an unreadable, mixed-size or constant sample set
         parser.error(f"--samples: {error}")
-    record = {**metrics, "samples": args.samples, "ref": args.ref}
-    print(json.dumps(record, indent=2) if args.json else
-          f"samples {metrics['num']}  FID {metrics['fid']:.3f}  IS {metrics['is_mean']:.2f} ± {metrics['is_std']:.2f}")
+    record = {**metrics, "samples": args.samples, "ref": args.ref, "reference": reference_record(args.ref)}
+    line = f"samples {metrics['num']}  FID {metrics['fid']:.3f}  IS {metrics['is_mean']:.2f} ± {metrics['is_std']:.2f}"
+    if metrics["precision"] is not None:
+        line += f"  precision {metrics['precision']:.3f}  recall {metrics['recall']:.3f}"
+    if metrics["kid_mean"] is not None:
+        line += f"  KID {metrics['kid_mean']:.5f} ± {metrics['kid_std']:.5f}"
+    print(json.dumps(record, indent=2) if args.json else line)
+    if not args.fid_only and record["reference"]["pr_kid_from"] is None:
+        print(f"note: --ref {args.ref} holds mu and sigma only: no precision / recall or KID (make reference "
+              f"statistics with `python -m full.evaluate ref-stats`, which keeps features for them)", file=sys.stderr)
     if args.out is not None:
         try:
             write_json(Path(args.out) / METRICS_NAME, record)

@@ -22,6 +22,8 @@ import numpy as np
 import torch
 from torch_fidelity.feature_extractor_inceptionv3 import URL_INCEPTION_V3, FeatureExtractorInceptionV3
 from torch_fidelity.metric_isc import KEY_METRIC_ISC_MEAN, KEY_METRIC_ISC_STD, isc_features_to_metric
+from torch_fidelity.metric_kid import KEY_METRIC_KID_MEAN, KEY_METRIC_KID_STD, kid_features_to_metric
+from torch_fidelity.metric_prc import KEY_METRIC_PRECISION, KEY_METRIC_RECALL, prc_features_to_metric
 from tqdm import tqdm
 
 from .io import atomic_write
@@ -32,6 +34,10 @@ POOL_FEATURE = "2048"              # pool_3 features, the FID space
 LOGITS_FEATURE = "logits_unbiased"  # 1008-way logits without bias, torch-fidelity's IS default
 IS_SPLITS = 10                     # the Inception Score's customary number of splits
 IS_SHUFFLE_SEED = 2020             # torch-fidelity's default shuffle seed before splitting
+POOL_DIM = 2048                    # dimension of the pool features: reference statistics must match it
+PRC_NEIGHBORHOOD = 3               # k of precision / recall (Kynkäänniemi et al. 2019; torch-fidelity, ADM: 3)
+KID_SUBSETS = 100                  # torch-fidelity's KID defaults: 100 subsets of 1000 samples each
+KID_SUBSET_SIZE = 1000
 
 
 # --------------------------------------------------------------------------------------------
@@ -253,21 +259,146 @@ def _read_array(data, key: str, path) -> np.ndarray:
                          f"{str(error).splitlines()[0] if str(error) else 'no detail'})") from None
 
 
-def load_statistics(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray]:
-    """Read ``mu`` (D,) and ``sigma`` (D, D) from an .npz (ours, torch-fidelity's or ADM's reference batch).
+STATISTICS_KEYS = (("mu", "sigma"), ("ref_mu", "ref_sigma"))
+"""Key pairs of mean and covariance, in the order tried. ``mu``/``sigma``: ours (``full.evaluate ref-stats``),
+ADM's reference batches (``VIRTUAL_imagenet256_labeled.npz``: also ``arr_0`` images, ``mu_s``/``sigma_s``),
+JiT's ``fid_stats/jit_in256_stats.npz`` / ``jit_in512_stats.npz`` (read by JiT's torch-fidelity fork as
+``fid_statistics_file``; the authors' torch evaluate.py uses them too). ``ref_mu``/``ref_sigma``: the
+authors' JAX code (utils/fid_util.py writes ``imagenet_<size>_fid_stats.npz`` with these two keys)."""
 
+
+def load_statistics(path: str | os.PathLike, *, dim: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Read the mean (D,) and covariance (D, D) from an .npz in any layout of :data:`STATISTICS_KEYS`.
+
+    Args:
+        dim: the feature dimension they must have (:data:`POOL_DIM` for the Inception pool features), or
+            None for any D.
     Raises:
-        ValueError: naming the file, for a garbage file, missing keys, wrong shapes or NaN / inf.
+        ValueError: naming the file, for a garbage file, missing keys, wrong shapes or dimension, NaN / inf.
     """
     with open_npz(path) as data:
-        missing = {"mu", "sigma"} - set(data.files)
-        if missing:
-            raise ValueError(f"{str(path)!r} lacks {sorted(missing)}; it holds {data.files}")
-        mu, sigma = _read_array(data, "mu", path), _read_array(data, "sigma", path)
+        keys = next((pair for pair in STATISTICS_KEYS if set(pair) <= set(data.files)), None)
+        if keys is None:
+            present = [name for pair in STATISTICS_KEYS for name in pair if name in data.files]
+            missing = sorted({"mu", "sigma"} - set(data.files)) if "mu" in present or "sigma" in present or not present \
+                else sorted({"ref_mu", "ref_sigma"} - set(data.files))
+            raise ValueError(f"{str(path)!r} lacks {missing}; it holds {data.files} (expected mu and sigma, or "
+                             f"the authors' ref_mu and ref_sigma)")
+        mu, sigma = _read_array(data, keys[0], path), _read_array(data, keys[1], path)
     if not (np.issubdtype(mu.dtype, np.number) and np.issubdtype(sigma.dtype, np.number)):
         raise ValueError(f"{str(path)!r}: mu and sigma must be numbers, got {mu.dtype} and {sigma.dtype}")
     if mu.ndim != 1 or sigma.shape != (mu.shape[0], mu.shape[0]):
         raise ValueError(f"{str(path)!r}: expected mu (D,) and sigma (D, D), got {mu.shape} and {sigma.shape}")
     if not (np.all(np.isfinite(mu)) and np.all(np.isfinite(sigma))):
         raise ValueError(f"{str(path)!r}: mu or sigma contains NaN or inf")
+    if dim is not None and mu.shape[0] != dim:
+        raise ValueError(f"{str(path)!r} holds statistics of {mu.shape[0]}-d features, but the Inception pool "
+                         f"features FID compares are {dim}-d: not reference statistics of this FID")
     return mu.astype(np.float64), sigma.astype(np.float64)
+
+
+def _member_shape(path: str | os.PathLike, key: str) -> tuple[int, ...] | None:
+    """The shape of array ``key`` of an .npz, read from its header alone (None if absent or unreadable)."""
+    try:
+        with zipfile.ZipFile(path) as archive, archive.open(f"{key}.npy") as member:
+            version = np.lib.format.read_magic(member)
+            shape, _, _ = (np.lib.format.read_array_header_1_0(member) if version == (1, 0)
+                           else np.lib.format.read_array_header_2_0(member))
+        return tuple(shape)
+    except (KeyError, OSError, ValueError, zipfile.BadZipFile):
+        return None
+
+
+class ReferenceInfo(NamedTuple):
+    """What a reference-statistics file holds besides mu and sigma (recorded in ``metrics.json``)."""
+    keys: tuple[str, str]        # the mean / covariance keys used ("mu", "sigma") or ("ref_mu", "ref_sigma")
+    resolution: int | None       # image side of the reference images: ``resolution``, else arr_0's; None: unknown
+    num: int | None              # number of reference images, when recorded
+    features: int | None         # rows of stored pool features (precision / recall / KID), if any
+    images: int | None           # rows of stored uint8 reference images ``arr_0`` (ADM batches), if any
+
+
+def reference_info(path: str | os.PathLike) -> ReferenceInfo:
+    """Describe a reference file without reading its large arrays (call :func:`load_statistics` first)."""
+    with open_npz(path) as data:
+        files = set(data.files)
+        keys = next(pair for pair in STATISTICS_KEYS if set(pair) <= files)
+
+        def scalar(name):
+            if name not in files:
+                return None
+            value = _read_array(data, name, path)
+            return int(value) if value.ndim == 0 and np.issubdtype(value.dtype, np.integer) else None
+        resolution, num = scalar("resolution"), scalar("num")
+    features_shape = _member_shape(path, "features") if "features" in files else None
+    images_shape = _member_shape(path, "arr_0") if "arr_0" in files else None
+    if resolution is None and images_shape is not None and len(images_shape) == 4:
+        resolution = int(images_shape[1])
+    return ReferenceInfo(keys, resolution, num, features_shape[0] if features_shape else None,
+                         images_shape[0] if images_shape else None)
+
+
+def load_reference_features(path: str | os.PathLike, *, dim: int = POOL_DIM) -> np.ndarray:
+    """The stored pool features (N, dim) of a reference file (``features``, written by ``ref-stats``)."""
+    with open_npz(path) as data:
+        features = _read_array(data, "features", path)
+    if features.ndim != 2 or features.shape[1] != dim or features.shape[0] < PRC_NEIGHBORHOOD + 1:
+        raise ValueError(f"{str(path)!r}: 'features' must be (N > {PRC_NEIGHBORHOOD}, {dim}), got {features.shape}")
+    if not np.all(np.isfinite(features)):
+        raise ValueError(f"{str(path)!r}: 'features' contains NaN or inf")
+    return features
+
+
+def load_reference_images(path: str | os.PathLike) -> np.ndarray:
+    """The uint8 reference images ``arr_0`` (N, H, W, C) of an ADM reference batch."""
+    with open_npz(path) as data:
+        images = _read_array(data, "arr_0", path)
+    if images.dtype != np.uint8 or images.ndim != 4 or images.shape[3] not in (1, 3):
+        raise ValueError(f"{str(path)!r}: arr_0 must be uint8 (N, H, W, 1 or 3), got {images.dtype} {images.shape}")
+    return images
+
+
+# --------------------------------------------------------------------------------------------
+# Precision / recall and KID (torch-fidelity's implementations, on the FID features)
+# --------------------------------------------------------------------------------------------
+
+def precision_recall(features: np.ndarray, reference: np.ndarray, *, neighborhood: int = PRC_NEIGHBORHOOD,
+                     device: str | torch.device = "cpu") -> tuple[float, float]:
+    """Improved precision and recall (Kynkäänniemi et al. 2019) of samples against reference features.
+
+    Precision: the share of samples inside the union of the reference points' k-NN balls; recall: the
+    share of reference points inside the samples' k-NN balls (k = ``neighborhood``). torch-fidelity's
+    implementation, on the Inception pool features (as the ADM evaluation suite; torch-fidelity's own
+    default for this metric is VGG16 features).
+
+    Args:
+        features: (N, D) samples, N > k.  reference: (M, D), M > k.
+    Returns:
+        (precision, recall), each in [0, 1].
+    """
+    if len(features) <= neighborhood or len(reference) <= neighborhood:
+        raise ValueError(f"precision / recall need more than {neighborhood} samples and reference points, "
+                         f"got {len(features)} and {len(reference)}")
+    scores = prc_features_to_metric(torch.as_tensor(features, dtype=torch.float32, device=device),
+                                    torch.as_tensor(reference, dtype=torch.float32, device=device),
+                                    prc_neighborhood=neighborhood, prc_batch_size=10000, save_cpu_ram=True,
+                                    verbose=False)
+    return float(scores[KEY_METRIC_PRECISION]), float(scores[KEY_METRIC_RECALL])
+
+
+def kernel_inception_distance(features: np.ndarray, reference: np.ndarray, *, subsets: int = KID_SUBSETS,
+                              subset_size: int = KID_SUBSET_SIZE, seed: int = IS_SHUFFLE_SEED) -> tuple[float, float]:
+    """KID (Binkowski et al. 2018): the unbiased MMD^2 with the cubic polynomial kernel
+    ``k(a, b) = (a.b / D + 1)^3``, mean and std over ``subsets`` random subsets (torch-fidelity's).
+
+    The subset size is capped at the smaller set (torch-fidelity refuses otherwise), >= 2.
+    Returns:
+        (kid_mean, kid_std).
+    """
+    size = min(subset_size, len(features), len(reference))
+    if size < 2:
+        raise ValueError(f"KID needs at least 2 samples and 2 reference points, got {len(features)} and {len(reference)}")
+    scores = kid_features_to_metric(torch.as_tensor(features, dtype=torch.float64),
+                                    torch.as_tensor(reference, dtype=torch.float64),
+                                    kid_subsets=subsets, kid_subset_size=size, rng_seed=seed, verbose=False)
+    return float(scores[KEY_METRIC_KID_MEAN]), float(scores[KEY_METRIC_KID_STD])

@@ -15,7 +15,10 @@ Token layout everywhere: ``(B, L, W)`` with L tokens of width W; per-head tensor
 from __future__ import annotations
 
 import math
+from typing import Callable
+
 import torch
+import torch.autograd.forward_ad as fwAD
 import torch.nn.functional as F
 from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -203,16 +206,70 @@ class SwiGLU(nn.Module):
         return self.out(fast_jvp.silu_mul(self.gate(x), self.value(x)))
 
 
+class _RecomputeInBackward(torch.autograd.Function):
+    """Attach a backward to a block output ``y`` computed without autograd history: the backward recomputes
+    the block's *primal* from its saved input (no tangent) and differentiates that. Outputs ``y`` itself."""
+
+    @staticmethod
+    def forward(ctx, run, x, y, *parameters):
+        ctx.run, ctx.parameters = run, parameters
+        ctx.save_for_backward(x)
+        ctx.autocast = (x.device.type, torch.is_autocast_enabled(x.device.type),
+                        torch.get_autocast_dtype(x.device.type))
+        return y.view_as(y)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (x,) = ctx.saved_tensors
+        device_type, enabled, dtype = ctx.autocast
+        inputs = (x.detach().requires_grad_(ctx.needs_input_grad[1]),)
+        parameters = tuple(p for p, needed in zip(ctx.parameters, ctx.needs_input_grad[3:]) if needed)
+        with torch.enable_grad(), torch.autocast(device_type, dtype=dtype, enabled=enabled):
+            y = ctx.run(inputs[0])
+        wanted = inputs[:1] if ctx.needs_input_grad[1] else ()
+        grads = iter(torch.autograd.grad(y, wanted + parameters, grad, allow_unused=True))
+        grad_x = next(grads) if ctx.needs_input_grad[1] else None
+        return (None, grad_x, None, *(next(grads) if needed else None for needed in ctx.needs_input_grad[3:]))
+
+
+def recompute_in_backward(block: Callable[..., torch.Tensor], x: torch.Tensor, *args,
+                          parameters: tuple[torch.Tensor, ...]) -> torch.Tensor:
+    """``block(x, *args)`` -- a function of ``x``, ``args`` (no gradient) and ``parameters`` -- keeping only ``x`` for the backward (activation checkpointing), JVP included.
+
+    ``torch.utils.checkpoint`` fails under forward-mode AD (the recomputation saves a different number of
+    tensors). It is not needed: the backward needs only the primal path (du/dt enters every pMF loss under
+    a stop-gradient, and the tangents of ``full.fast_jvp``'s ops carry no graph). So the block runs once
+    without autograd history -- primal and, inside the JVP, tangent -- and :class:`_RecomputeInBackward`
+    gives the primal a backward that reruns the block's primal from the saved input. The activations
+    between blocks are the only ones kept; the backward pays one more block forward. Gradients equal the
+    plain block's (tests/test_full_layers_checkpointing.py). Under ``torch.func`` transforms or ``reference_ops()`` (whose
+    tangents carry a graph) and without gradient it is the plain call.
+    """
+    needs_grad = torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in parameters))
+    if (not needs_grad or fast_jvp.reference_ops_active()
+            or torch._C._functorch.peek_interpreter_stack() is not None):   # as fast_jvp: functorch's duals
+        return block(x, *args)
+    with torch.no_grad():
+        y = block(x, *args)
+    primal_x = fwAD.unpack_dual(x).primal
+    primal_y, tangent_y = fwAD.unpack_dual(y)
+    primal_y = _RecomputeInBackward.apply(lambda inputs: block(inputs, *args), primal_x, primal_y, *parameters)
+    return primal_y if tangent_y is None else fwAD.make_dual(primal_y, tangent_y)
+
+
 class Block(nn.Module):
     """Pre-norm transformer block with per-channel residual gates initialised to zero:
 
         x <- x + g_attn * Attn(RMSNorm(x));   x <- x + g_mlp * SwiGLU(RMSNorm(x))
 
-    With g = 0 every block starts as the identity map.
+    With g = 0 every block starts as the identity map. ``recompute`` (set by
+    ``PMFViT(activation_checkpointing=True)``): calls through ``Block.__call__`` keep only the block's input
+    for the backward and recompute the rest there (:func:`recompute_in_backward`).
     """
 
     def __init__(self, width: int, heads: int, use_sdpa_math: bool = False):
         super().__init__()
+        self.recompute = False
         self.norm1 = RMSNorm(width)
         self.attn = Attention(width, heads, use_sdpa_math)
         self.norm2 = RMSNorm(width)
@@ -222,6 +279,11 @@ class Block(nn.Module):
         for layer in self.modules():
             if isinstance(layer, nn.Linear):
                 init_linear_(layer, BLOCK_INIT_STD ** 2)
+
+    def __call__(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        if self.recompute:
+            return recompute_in_backward(super().__call__, x, cos, sin, parameters=tuple(self.parameters()))
+        return super().__call__(x, cos, sin)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         x = x + fast_jvp.scale(self.attn(self.norm1(x), cos, sin), self.gate_attn)
@@ -295,5 +357,5 @@ class LabelEmbedder(nn.Module):
 
 
 __all__ = ["FUSED_ATTENTION_DEVICES", "fused_attention_allowed", "Linear", "RMSNorm", "rope_angles_2d", "apply_rope",
-           "attention", "Attention", "SwiGLU", "Block", "BottleneckPatchEmbed", "sinusoidal_features",
+           "attention", "Attention", "SwiGLU", "Block", "recompute_in_backward", "BottleneckPatchEmbed", "sinusoidal_features",
            "ScalarEmbedder", "LabelEmbedder", "swiglu_hidden", "init_linear_", "init_xavier_"]

@@ -38,7 +38,7 @@ POS_EMBED_STD = 0.02  # learned absolute position embedding init (released code)
 # What configures the network: the preset's Architecture and its recipe's noise scale; extra switches.
 ARCH_KEYS = ("resolution", "patch", "depth", "width", "heads", "bottleneck", "head_depth", "channels",
              "num_classes", "noise_scale")
-SWITCH_KEYS = ("v_head", "use_sdpa_math", "prediction")
+SWITCH_KEYS = ("v_head", "use_sdpa_math", "prediction", "activation_checkpointing")
 PREDICTIONS = ("x", "u")   # what the network's output is: a denoised image (pMF) or u itself (the ablation)
 
 
@@ -107,11 +107,14 @@ class PMFViT(nn.Module):
         prediction: "x" (pMF: the output is a denoised image) or "u" (ablation: the output is read as the
             average velocity). Only :func:`velocity_from_output` (the adapter :func:`core_fns`) reads it;
             checkpoints record it.
+        activation_checkpointing: every block keeps only its input for the backward and recomputes the
+            rest there (``full.layers.recompute_in_backward``; JVP included): less memory, one more forward.
     """
 
     def __init__(self, *, resolution: int, patch: int, depth: int, width: int, heads: int, bottleneck: int,
                  head_depth: int, channels: int = 3, num_classes: int = 1000, noise_scale: float = 1.0,
-                 v_head: bool = True, use_sdpa_math: bool = False, prediction: str = "x"):
+                 v_head: bool = True, use_sdpa_math: bool = False, prediction: str = "x",
+                 activation_checkpointing: bool = False):
         super().__init__()
         if prediction not in PREDICTIONS:
             raise ValueError(f"prediction must be one of {PREDICTIONS}, got {prediction!r}")
@@ -147,6 +150,10 @@ class PMFViT(nn.Module):
         patch_dim = patch * patch * channels
         self.u_head = Head(head_depth, width, heads, patch_dim, use_sdpa_math)
         self.v_head = Head(head_depth, width, heads, patch_dim, use_sdpa_math) if v_head else None
+        self.activation_checkpointing = activation_checkpointing
+        for block in self.modules():
+            if isinstance(block, Block):
+                block.recompute = activation_checkpointing
 
     def reset_rope_(self) -> None:
         """(Re)compute the RoPE buffers (e.g. after ``to_empty`` from the meta device)."""
@@ -290,6 +297,12 @@ def velocity_from_output(model: PMFViT, z: torch.Tensor, output: torch.Tensor, t
     return output
 
 
+def x_hat_from_output(model: PMFViT, z: torch.Tensor, output: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """The denoised image a network output stands for, ``x_hat = z - max(t, t_eps) u`` with u from
+    :func:`velocity_from_output` (for x-prediction: the output itself, to rounding).  Shapes as there."""
+    return P.x_from_average_velocity(z, velocity_from_output(model, z, output, t), t, check_values=False)
+
+
 def core_fns(model: PMFViT, cond: dict[str, torch.Tensor]) -> CoreFns:
     """The one adapter between a PMFViT and the core: the network, conditioned on ``cond``, as velocity
     callables in the core's signature (:class:`CoreFns`). It alone (through :func:`velocity_from_output`)
@@ -333,7 +346,8 @@ def build_model(preset: str, **overrides) -> PMFViT:
     Args:
         preset: one of :data:`PRESETS`.
         overrides: any architecture key (resolution, patch, depth, width, heads, bottleneck,
-            head_depth, channels, num_classes, noise_scale) or switch (v_head, use_sdpa_math).
+            head_depth, channels, num_classes, noise_scale) or switch (v_head, use_sdpa_math, prediction,
+            activation_checkpointing).
     Returns:
         PMFViT, on the current default device (use ``with torch.device("meta"):`` to count).
     """
@@ -346,4 +360,4 @@ def build_model(preset: str, **overrides) -> PMFViT:
 
 
 __all__ = ["PRESETS", "ARCH_KEYS", "NUM_PREFIX_TOKENS", "PMFViT", "Head", "build_model", "make_cond",
-           "CoreFns", "core_fns", "velocity_from_output", "PREDICTIONS"]
+           "CoreFns", "core_fns", "velocity_from_output", "x_hat_from_output", "PREDICTIONS"]

@@ -28,7 +28,7 @@ import torchvision
 from .checkpoint import FID_LOG_NAME
 from .evaluate import metrics_from_features
 from .io import atomic_write
-from .fid import IS_SPLITS, build_inception, extract_features, load_statistics
+from .fid import IS_SPLITS, POOL_DIM, build_inception, extract_features, load_statistics, reference_info
 from .ema import format_half_life
 from .presets import SAMPLING
 from .sample import GRID_PADDING, generate, iter_samples, sample_noise, save_png, shard, to_uint8
@@ -182,18 +182,29 @@ class FIDReference(NamedTuple):
     sigma: np.ndarray            # (2048, 2048)
 
 
-def prepare_fid(ref: str | Path, inception_weights: str | None, device: torch.device | str) -> FIDReference:
+def prepare_fid(ref: str | Path, inception_weights: str | None, device: torch.device | str, *,
+                resolution: int | None = None) -> FIDReference:
     """Load the Inception network and the reference statistics once, at the start of the run.
+
+    ``resolution``: the model's image side; refused (ValueError) when the reference file records another
+    (``full.fid.reference_info``; JiT's and the authors' files record none).
 
     Raises:
         FileNotFoundError: the Inception weights or ``ref`` are missing (the run refuses to start).
-        ValueError: ``ref`` lacks ``mu`` / ``sigma``.
+        ValueError: ``ref`` lacks ``mu`` / ``sigma``, or holds statistics of other than 2048-d features.
     """
     if not Path(ref).is_file():
         raise FileNotFoundError(f"reference statistics {str(ref)!r} not found "
                                 f"(make them with `python -m full.evaluate ref-stats`)")
     mu, sigma = load_statistics(ref)
-    return FIDReference(build_inception(inception_weights, device).eval(), mu, sigma)
+    extractor = build_inception(inception_weights, device).eval()   # its file checked before the dimension
+    load_statistics(ref, dim=POOL_DIM)   # statistics of other features would fail only at the first FID
+    expected = reference_info(ref).resolution
+    if resolution is not None and expected is not None and expected != resolution:
+        raise ValueError(f"{str(ref)!r} holds statistics of {expected} px images but the model makes {resolution} px "
+                         f"samples: FID across resolutions is meaningless (python -m full.evaluate ref-stats "
+                         f"--resolution {resolution})")
+    return FIDReference(extractor, mu, sigma)
 
 
 def gather_rows(rows: torch.Tensor, counts: list[int], *, rank: int, world_size: int) -> torch.Tensor | None:

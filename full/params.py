@@ -2,7 +2,7 @@
 
     python -m full.params                 # table: params (inference / with v-head), GMACs, paper, deviation,
                                           # and whether the count equals the authors' released network
-    python -m full.params --json          # {preset: {"params", "params_with_v_head", "gmacs"}}
+    python -m full.params --json          # {preset: {"params", "params_with_v_head", "gmacs", "training_gmacs"}}
     python -m full.params --flop-counter  # also measure GMACs with torch.utils.flop_counter (slower)
 
 Parameters are counted on a model built on the ``meta`` device (shapes only, no memory). GMACs
@@ -10,7 +10,8 @@ are computed **analytically** (:func:`analytic_gmacs`): multiply-accumulates of 
 convolution in one forward of the inference network (trunk + u-head) for one image, i.e. the patch
 embedding, the four scalar-embedder MLPs, per block the q/k/v/out and SwiGLU projections on all
 20 + N tokens plus q k^T and (attention) v, and the output Linear on the N patch tokens.
-Norms, RoPE, softmax, SiLU and additions are not counted (the usual convention).
+Norms, RoPE, softmax, SiLU and additions are not counted (the usual convention). :func:`training_gmacs`
+counts one released training step the same way, pass by pass (``full.bench``'s model FLOP utilisation).
 ``--flop-counter`` cross-checks with ``FlopCounterMode`` on meta tensors (FLOPs / 2); the test suite
 asserts the two agree exactly, and :func:`analytic_params` agrees with ``sum(p.numel())``.
 """
@@ -85,6 +86,53 @@ def analytic_gmacs(preset: str, **overrides) -> float:
     return macs / 1e9
 
 
+def _gmacs_parts(preset: str, **overrides) -> dict[str, float]:
+    """MACs per image of the pieces the forward and training counts are built from (see the docstrings)."""
+    a = _arch(preset, overrides)
+    width, patch_dim = a["width"], a["patch"] ** 2 * a["channels"]
+    num_patches = (a["resolution"] // a["patch"]) ** 2
+    num_tokens = NUM_PREFIX_TOKENS + num_patches
+    block_linear = num_tokens * (4 * width * width + 3 * width * swiglu_hidden(width))
+    block_attention = 2 * num_tokens * num_tokens * width        # q k^T and (attention) v, all heads
+    conv_first = num_patches * a["channels"] * a["patch"] ** 2 * a["bottleneck"]
+    return {"block_linear": block_linear, "block_attention": block_attention,
+            "trunk_blocks": a["depth"] - a["head_depth"], "head_blocks": a["head_depth"],
+            "patch_embed": conv_first + num_patches * a["bottleneck"] * width, "patch_embed_first": conv_first,
+            "scalar_embedder": SINUSOID_DIM * width + width * width, "scalar_embedder_input": SINUSOID_DIM * width,
+            "output": num_patches * width * patch_dim}
+
+
+def training_gmacs(preset: str, *, tangent_free_v_head: bool = True, **overrides) -> dict[str, float]:
+    """GMACs per image of one released training step (perceptual nets off), by pass, and their total.
+
+    * ``guidance`` -- the no-grad v-head pass at h = 0 on 2B rows (conditional and unconditional):
+      2 x (trunk + v-head) = 2 inference forwards.
+    * ``jvp_primal`` -- the JVP pass's primal: trunk, u-head and v-head (one inference forward + a head).
+    * ``jvp_tangent`` -- its tangent: every linear once more (one GEMM on the tangent rows); attention
+      twice (``dq k^T + q dk^T`` and ``dP v + P dv``); the patch embedding (dz) and the h embedder (dh = 1);
+      the v-head only when ``tangent_free_v_head`` is False (the authors' JAX drops that dead tangent).
+    * ``backward`` -- twice the differentiated primal (gradients of the activations and of the weights),
+      less the input gradients nobody needs (the image into the first convolution, the sinusoidal
+      features into the four scalar embedders).
+
+    ``total / forward`` is the released step in forwards; 2 FLOPs per MAC. tests/test_full_params.py checks
+    the pieces against a hand count and the whole against ``FlopCounterMode`` on a real step.
+    """
+    parts = _gmacs_parts(preset, **overrides)
+    block = parts["block_linear"] + parts["block_attention"]
+    block_tangent = parts["block_linear"] + 2 * parts["block_attention"]
+    forward = analytic_gmacs(preset, **overrides) * 1e9
+    primal = forward + parts["head_blocks"] * block + parts["output"]
+    tangent_blocks = parts["trunk_blocks"] + parts["head_blocks"] * (1 if tangent_free_v_head else 2)
+    tangent = (tangent_blocks * block_tangent + parts["patch_embed"] + parts["scalar_embedder"]
+               + parts["output"] * (1 if tangent_free_v_head else 2))
+    backward = 2 * primal - parts["patch_embed_first"] - NUM_SCALAR_EMBEDDERS * parts["scalar_embedder_input"]
+    macs = {"forward": forward, "guidance": 2 * forward, "jvp_primal": primal, "jvp_tangent": tangent,
+            "backward": backward}
+    macs["total"] = macs["guidance"] + primal + tangent + backward
+    return {key: value / 1e9 for key, value in macs.items()}
+
+
 def meta_model(preset: str, **overrides) -> PMFViT:
     """The preset built on the ``meta`` device: real shapes, no storage, no init cost."""
     with torch.device("meta"):
@@ -105,10 +153,11 @@ def measured_gmacs(model: PMFViT) -> float:
 
 
 def count_preset(preset: str, flop_counter: bool = False) -> dict:
-    """``{"params", "params_with_v_head", "gmacs"[, "gmacs_flop_counter"]}`` of one preset."""
+    """``{"params", "params_with_v_head", "gmacs", "training_gmacs"[, "gmacs_flop_counter"]}`` of one preset
+    (``training_gmacs``: one released training step per image, :func:`training_gmacs`)."""
     model = meta_model(preset)
     row = {"params": model.param_count(with_v_head=False), "params_with_v_head": model.param_count(True),
-           "gmacs": analytic_gmacs(preset)}
+           "gmacs": analytic_gmacs(preset), "training_gmacs": training_gmacs(preset)["total"]}
     if flop_counter:
         row["gmacs_flop_counter"] = measured_gmacs(model)
     return row
@@ -137,7 +186,7 @@ def main(argv: list[str] | None = None) -> None:
         print(json.dumps(rows, indent=2))
         return
     header = (f"{'preset':<10} {'params':>13} {'+v-head':>15} {'GMACs':>8} {'paper':>14} {'d params':>9} "
-              f"{'d GMACs':>8} {'released':>9}")
+              f"{'d GMACs':>8} {'released':>9} {'train GMACs':>12}")
     if args.flop_counter:
         header += f" {'GMACs(fc)':>10}"
     print(header)
@@ -151,6 +200,7 @@ def main(argv: list[str] | None = None) -> None:
             line += f" {'-':>14} {'-':>9} {'-':>8}"
         released = RELEASED_PARAMS.get(name)
         line += f" {('equal' if released == (row['params'], row['params_with_v_head']) else 'DIFFERS') if released else '-':>9}"
+        line += f" {_gmacs_str(row['training_gmacs']):>12}"
         if args.flop_counter:
             line += f" {_gmacs_str(row['gmacs_flop_counter']):>10}"
         print(line)

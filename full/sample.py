@@ -4,13 +4,16 @@
     torchrun --nproc_per_node 8 -m full.sample --ckpt run/ckpt.pt --num 50000 --out samples/
     python -m full.sample --official-ckpt pMF-B-16.pt --preset pMF-B/16 --out samples/   # the authors' weights
     python -m full.sample --ckpt model.safetensors --out samples/     # inference weights of python -m full.export
+    python -m full.sample --ckpt run/ckpt.pt --class 207 360 387 --per-class 8 --out samples/   # chosen classes
 
 Every image costs one network call (pMF Alg. 2):  ``x = z_1 - u(z_1, 0, 1) = x_theta(z_1, 0, 1 | c)``,
 z_1 = s * eps with the preset's noise scale s, c = (y, omega, t_min, t_max). Sample i has label
-``y_i = i mod K`` (any prefix is class-balanced; ``--per-class k`` gives exactly k per class) and
+``y_i = i mod K`` (any prefix is class-balanced; ``--per-class k`` gives exactly k per class; with
+``--class Y_0 ... Y_n-1`` it is ``Y_(i mod n)``) and
 noise from a generator seeded by the pair (seed, i), so the images depend on neither the batch size nor the
-number of processes. Defaults for omega, the interval and the EMA are the preset's best settings
-(pMF §4 and App. A).
+number of processes. Defaults for omega and the interval are the preset's best settings (pMF §4 and
+App. A); the EMA is the preset's best too when the run kept it, else the kept one nearest to it (a note
+says so). Samples whose pixels are nearly all 0 or 255 (a diverged network) are refused.
 
 Output folder: ``images/000000.png ...``, ``samples.npz`` (``arr_0`` uint8 (N, H, W, C) and
 ``labels`` (N,), the layout of the ADM evaluation suite), ``grid.png`` and ``sample_config.json``.
@@ -46,6 +49,8 @@ from .model import core_fns, make_cond
 from .presets import PRESETS, SAMPLING
 
 PIXEL_HALF_RANGE = 127.5  # uint8 = round((x + 1) * 127.5), x in [-1, 1]
+SATURATED_FRACTION = 0.99
+"""Samples whose pixel values are more than this share 0 or 255 are refused (full.evaluate refuses them too)."""
 GRID_PADDING = 2
 FORMATS = ("png", "npz")
 
@@ -62,6 +67,7 @@ class SampleConfig:
     batch_size: int = 64                  # per process; the images do not depend on it
     formats: tuple[str, ...] = FORMATS    # "png" folder and/or "npz"
     grid: int = 64                        # images in grid.png (0: no grid)
+    classes: tuple[int, ...] | None = None  # sample only these classes (None: all, y_i = i mod K)
     progress: bool = True
     overwrite: bool = False               # delete earlier outputs in ``out`` instead of refusing
 
@@ -70,9 +76,13 @@ class SampleConfig:
 # Labels, noise, one network call
 # --------------------------------------------------------------------------------------------
 
-def class_labels(indices: torch.Tensor, num_classes: int) -> torch.Tensor:
-    """Class-balanced labels ``y_i = i mod K`` for global sample indices (B,) -> (B,) long."""
-    return indices.long() % num_classes
+def class_labels(indices: torch.Tensor, num_classes: int, classes: tuple[int, ...] | None = None) -> torch.Tensor:
+    """Class-balanced labels for global sample indices (B,) -> (B,) long: ``y_i = i mod K``, or with
+    ``classes`` (``--class 207 360 ...``) ``y_i = classes[i mod len(classes)]``."""
+    if classes is None:
+        return indices.long() % num_classes
+    table = torch.tensor(classes, dtype=torch.long)
+    return table[indices.long() % len(classes)]
 
 
 def sample_noise(indices: torch.Tensor, shape: tuple[int, ...], *, seed: int, noise_scale: float) -> torch.Tensor:
@@ -117,15 +127,20 @@ class NonFiniteSamplesError(ValueError):
     """The network produced NaN / inf images (a diverged run); nothing is written for them."""
 
 
+class SaturatedSamplesError(NonFiniteSamplesError):
+    """Nearly every pixel value of the samples so far is 0 or 255 (a diverged run whose outputs lie far
+    outside [-1, 1]); nothing more is written. Threshold: ``full.evaluate.SATURATED_FRACTION``."""
+
+
 def to_uint8(x: torch.Tensor) -> torch.Tensor:
     """[-1, 1] float -> uint8 ``round((x + 1) * 127.5)`` clipped to [0, 255]."""
     return ((x + 1) * PIXEL_HALF_RANGE).round().clamp(0, 255).to(torch.uint8)
 
 
 def iter_samples(model: torch.nn.Module, indices: torch.Tensor, *, omega: float, t_min: float, t_max: float,
-                 seed: int, batch_size: int, progress: bool = True
+                 seed: int, batch_size: int, progress: bool = True, classes: tuple[int, ...] | None = None
                  ) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
-    """Generate the samples with the given global indices, ``batch_size`` at a time.
+    """Generate the samples with the given global indices, ``batch_size`` at a time (labels: :func:`class_labels`).
 
     Yields:
         (indices (B,), labels (B,), images uint8 (B, C, H, W) on the CPU).
@@ -136,7 +151,7 @@ def iter_samples(model: torch.nn.Module, indices: torch.Tensor, *, omega: float,
     shape = (model.channels, model.resolution, model.resolution)
     with tqdm(total=len(indices), unit="img", desc="sampling", disable=not progress) as bar:
         for batch in indices.split(batch_size):
-            y = class_labels(batch, model.num_classes)
+            y = class_labels(batch, model.num_classes, classes)
             z_1 = sample_noise(batch, shape, seed=seed, noise_scale=model.noise_scale)
             x = generate(model, z_1.to(device), y.to(device), omega=omega, t_min=t_min, t_max=t_max)
             finite = torch.isfinite(x).flatten(1).all(dim=1)
@@ -252,9 +267,18 @@ def sample_to_folder(model: torch.nn.Module, cfg: SampleConfig, *, rank: int = 0
     barrier()
     rows = np.lib.format.open_memmap(images_npy, mode="r+") if "npz" in cfg.formats else None
     grid_images = []
+    saturated, values = 0, 0
     for indices, _, images in iter_samples(model, shard(cfg.num, rank, world_size), omega=cfg.omega,
                                            t_min=cfg.t_min, t_max=cfg.t_max, seed=cfg.seed,
-                                           batch_size=cfg.batch_size, progress=cfg.progress and rank == 0):
+                                           batch_size=cfg.batch_size, progress=cfg.progress and rank == 0,
+                                           classes=cfg.classes):
+        saturated += int(((images == 0) | (images == 255)).sum())
+        values += images.numel()
+        if saturated > SATURATED_FRACTION * values:   # checked before this batch is written
+            raise SaturatedSamplesError(
+                f"{100 * saturated / values:.1f}% of the pixel values of samples 0..{int(indices[-1])} are 0 or 255: "
+                f"the network's outputs lie far outside [-1, 1] (a diverged run); nothing more was written -- "
+                f"use an earlier checkpoint")
         if "png" in cfg.formats:
             for index, image in zip(indices.tolist(), images):
                 save_png(image, out / "images" / f"{index:06d}.png", fsync=False)   # renamed whole, not synced
@@ -268,7 +292,7 @@ def sample_to_folder(model: torch.nn.Module, cfg: SampleConfig, *, rank: int = 0
     barrier()   # every row is on disk before rank 0 packs the archive
     if rank == 0:
         if "npz" in cfg.formats:
-            labels = class_labels(torch.arange(cfg.num), model.num_classes).numpy()
+            labels = class_labels(torch.arange(cfg.num), model.num_classes, cfg.classes).numpy()
             _npz_from_npy(images_npy, labels, out / "samples.npz")
             images_npy.unlink()
         if cfg.grid > 0 and grid_images:
@@ -309,19 +333,25 @@ def checkpoint_info(path: str) -> tuple[str, list[str]]:
 
 def normalize_ema(ema: str) -> str:
     """"raw" or the checkpoint key of a half-life: "2000.0" and "2000" name the same EMA (ValueError if neither)."""
-    return ema if ema == "raw" else format_half_life(float(ema))
+    if ema == "raw":
+        return ema
+    try:
+        return format_half_life(float(ema))
+    except ValueError:
+        raise ValueError(f"--ema must be a half-life in kimg or 'raw', got {ema!r}") from None
 
 
 def load_for_sampling(path: str, ema: str | None, device: torch.device) -> tuple[torch.nn.Module, str, str]:
     """(model in eval mode on ``device``, preset name, EMA key used) from a ``full.train`` checkpoint or a
     ``full.export`` file.
 
-    ``ema`` is the EMA half-life key ("2000"), "raw" for the raw weights, or None for the preset's best.
-    Raises KeyError (listing the EMAs present) when the checkpoint lacks it, and
-    ``full.checkpoint.CheckpointError`` for an unusable file or non-finite weights.
+    ``ema`` is the EMA half-life key ("2000"), "raw" for the raw weights, or None for the preset's best
+    when the run kept it, else the kept EMA nearest to it (``full.export.choose_ema``).
+    Raises ``full.export.MissingEMAError`` (a KeyError naming --ema and the EMAs kept) when the checkpoint
+    lacks it, and ``full.checkpoint.CheckpointError`` for an unusable file or non-finite weights.
     """
     from .checkpoint import CheckpointError, load_model  # the trainer's format, read only here
-    from .export import ExportError, is_export, load_exported
+    from .export import ExportError, MissingEMAError, choose_ema, is_export, load_exported
 
     if is_export(path):   # one EMA's inference weights: --ema may only name that one
         try:
@@ -329,10 +359,11 @@ def load_for_sampling(path: str, ema: str | None, device: torch.device) -> tuple
         except ExportError as error:
             raise CheckpointError(str(error)) from None
         if ema is not None and normalize_ema(ema) != config["ema"]:
-            raise KeyError(f"{path!r} was exported from EMA {config['ema']!r} only; omit --ema or export another")
+            raise MissingEMAError(f"--ema {ema}: {str(path)!r} was exported from EMA {config['ema']!r} only; "
+                                  f"omit --ema, or export another with python -m full.export --ema {ema}")
         return model, config["model"]["preset"], config["ema"]
-    preset, _ = checkpoint_info(path)
-    ema = sampling_defaults(preset)["ema"] if ema is None else normalize_ema(ema)
+    preset, kept = checkpoint_info(path)
+    ema = choose_ema(preset, kept, ema)
     model = load_model(path, None if ema == "raw" else ema)
     return model.to(device).eval(), preset, ema
 
@@ -364,15 +395,19 @@ def build_parser() -> argparse.ArgumentParser:
                         help="the preset of --official-ckpt (a full.train checkpoint records its own)")
     parser.add_argument("--ema", default=None,
                         help="EMA half-life in kimg (a key of the checkpoint's EMAs, e.g. 2000), or 'raw' for "
-                             "the raw weights; default: the preset's best (B/16: 2000)")
+                             "the raw weights; default: the preset's best (B/16: 2000) if the run kept it, else "
+                             "the kept EMA nearest to it")
     parser.add_argument("--omega", type=float, default=None,
                         help="guidance scale omega >= 1 (1 = unguided); default: the preset's best (B/16: 8.5)")
     parser.add_argument("--interval", type=cli.interval, metavar="TMIN,TMAX", default=None,
                         help="guidance interval, 0 <= TMIN <= TMAX <= 1; default: the preset's best (B/16: 0.1,0.7)")
+    parser.add_argument("--class", dest="classes", type=int, nargs="+", default=None, metavar="Y",
+                        help="sample only these class labels, e.g. --class 207 360 387 (image i gets the "
+                             "(i mod n)-th); without it every class of the model")
     parser.add_argument("--num", type=int, default=None,
                         help="number of images N (labels i mod K, balanced to within one per class)")
     parser.add_argument("--per-class", type=int, default=None,
-                        help="images per class k (N = k * num_classes); default 50 (FID-50K on ImageNet) "
+                        help="images per class k (N = k * number of classes); default 50 (FID-50K on ImageNet) "
                              "when --num is not given")
     cli.add_out(parser, None, "images/*.png, samples.npz, grid.png and sample_config.json")
     parser.add_argument("--overwrite", action="store_true",
@@ -387,6 +422,17 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def check_classes(classes: list[int], num_classes: int) -> str | None:
+    """Why ``--class`` values do not fit a model of ``num_classes`` classes (labels 0..K-1), or None."""
+    bad = [label for label in classes if not 0 <= label < num_classes]
+    if bad:
+        return (f"--class {bad[0]}: the model has {num_classes} classes, labels 0..{num_classes - 1} "
+                f"(the null label {num_classes} is not a class)")
+    if len(set(classes)) != len(classes):
+        return f"--class lists a label twice ({classes}); give each class once (--per-class sets the count)"
+    return None
+
+
 def check_sampling_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     """Range checks shared with full.guidance_search; ``parser.error`` names the argument."""
     if args.omega is not None and not (math.isfinite(args.omega) and args.omega >= 1):
@@ -399,8 +445,8 @@ def check_sampling_args(parser: argparse.ArgumentParser, args: argparse.Namespac
         parser.error(f"--batch-size must be >= 1, got {args.batch_size}")
     if args.seed < 0 or args.seed >= 2 ** 31:
         parser.error(f"--seed must lie in [0, 2^31), got {args.seed}")
-    if args.ckpt is not None and not Path(args.ckpt).is_file():
-        parser.error(f"--ckpt {args.ckpt} is not a file")
+    if args.ckpt is not None and not (Path(args.ckpt).is_file() or (Path(args.ckpt) / "meta.pt").is_file()):
+        parser.error(f"--ckpt {args.ckpt} is not a file (or a sharded checkpoint folder)")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -448,18 +494,25 @@ def main(argv: list[str] | None = None) -> None:
             model, preset, ema = load_for_sampling(args.ckpt, args.ema, device)
         except CheckpointError as error:
             parser.error(f"--ckpt: {error}")
-        except (KeyError, ValueError) as error:   # an absent EMA (the message lists those present), or not a number
-            parser.error(f"--ema: {error.args[0]}; --ema raw selects the raw weights")
+        except (KeyError, ValueError) as error:   # an absent EMA (the message lists those kept), or not a number
+            parser.error(error.args[0])
     defaults = sampling_defaults(preset)
+    classes = None
+    if args.classes is not None:
+        problem = check_classes(args.classes, model.num_classes)
+        if problem:
+            parser.error(problem)
+        classes = tuple(args.classes)
+    num_classes = len(classes) if classes is not None else model.num_classes
     per_class = args.per_class if args.per_class is not None or args.num is not None else 50
-    num = args.num if args.num is not None else per_class * model.num_classes
-    if per_class is not None and num != per_class * model.num_classes:
-        parser.error(f"--num {num} disagrees with --per-class {per_class} x {model.num_classes} classes")
+    num = args.num if args.num is not None else per_class * num_classes
+    if per_class is not None and num != per_class * num_classes:
+        parser.error(f"--num {num} disagrees with --per-class {per_class} x {num_classes} classes")
     t_min, t_max = args.interval if args.interval is not None else (defaults["t_min"], defaults["t_max"])
     cfg = SampleConfig(out=args.out, num=num, omega=args.omega if args.omega is not None else defaults["omega"],
                        t_min=t_min, t_max=t_max, seed=args.seed, batch_size=args.batch_size,
                        formats=FORMATS if args.format == "both" else (args.format,), grid=args.grid,
-                       progress=not args.no_progress, overwrite=args.overwrite)
+                       classes=classes, progress=not args.no_progress, overwrite=args.overwrite)
     extra = ({"official_ckpt": str(args.official_ckpt)} if args.official_ckpt is not None
              else {"ckpt": str(args.ckpt)})
     extra.update(ema=ema, preset=preset)
@@ -471,6 +524,11 @@ def main(argv: list[str] | None = None) -> None:
         print(f"{parser.prog}: error: writing samples to {args.out} failed: {error}", file=sys.stderr)
         raise SystemExit(1) from None
     if rank == 0:
+        from .export import is_export
+
+        if args.ckpt is not None and args.ema is None and ema != defaults["ema"] and not is_export(args.ckpt):
+            print(f"note: the run did not keep EMA {defaults['ema']} (the preset's best); sampled "
+                  f"{'the raw weights' if ema == 'raw' else 'EMA ' + ema} (choose with --ema)", file=sys.stderr)
         weights = "released weights" if ema is None else f"EMA {ema}"
         print(f"wrote {num} samples (omega {cfg.omega}, interval [{t_min}, {t_max}], {weights}) to {out}")
     if world_size > 1:

@@ -228,3 +228,102 @@ def test_ref_stats_skips_an_unreadable_image_with_a_warning(files, weights, caps
                 "--inception-weights", str(weights), "--num-workers", "0", "--no-progress", "--device", "cpu"])
     with np.load(files / "ref8" / E.REF_STATS_NAME) as ref:
         assert int(ref["num"]) == 4 and np.all(np.isfinite(ref["sigma"]))   # 4 items: 3.png's slot reads 0.png
+
+
+# ---------------------------------------------------------------------------- issue 24/25: evaluation habits
+
+def _common(weights):
+    return ["--inception-weights", str(weights), "--device", "cpu", "--no-progress", "--batch-size", "8"]
+
+
+def test_one_sample_says_fid_needs_two_whatever_is_splits(files, weights, capsys):
+    _npz(files / "one.npz", arr_0=RANDOM[:1])
+    code, errors = run_cli(["--samples", files / "one.npz", "--ref", files / "ref.npz", *_common(weights)], capsys)
+    assert code == 2 and len(errors) == 1 and "FID needs at least 2 samples" in errors[0], errors
+
+
+def test_reference_of_another_dimension_is_refused_before_the_inception(files, capsys):
+    np.savez(files / "r64.npz", mu=np.zeros(64), sigma=np.eye(64))
+    garbage = _write(files / "garbage.pth", b"not read: the reference is refused first")
+    code, errors = run_cli(["--samples", files / "samples.npz", "--ref", files / "r64.npz", "--inception-weights",
+                            garbage, "--device", "cpu"], capsys)
+    assert code == 2 and len(errors) == 1 and "--ref" in errors[0] and "64-d features" in errors[0], errors
+
+
+@pytest.mark.parametrize("ref", ["ours", "adm"])
+def test_samples_of_another_resolution_are_refused(files, weights, capsys, ref):
+    """8 px samples against 16 px reference statistics: ours record ``resolution``, ADM batches have ``arr_0``."""
+    extra = ({"resolution": np.array(16)} if ref == "ours" else
+             {"arr_0": np.random.default_rng(0).integers(0, 256, (4, 16, 16, 3), dtype=np.uint8)})
+    np.savez(files / "r16.npz", mu=np.zeros(2048), sigma=np.eye(2048), **extra)
+    code, errors = run_cli(["--samples", files / "samples.npz", "--ref", files / "r16.npz", *_common(weights)], capsys)
+    assert code == 2 and len(errors) == 1 and "8x8 px" in errors[0] and "16x16 px" in errors[0], errors
+
+
+def test_saturated_sample_set_is_refused(files, weights, capsys):
+    """Pure 0 / 255 pixels (a diverged network's clipped outputs), every image different: refused, not scored."""
+    pixels = np.random.default_rng(0).integers(0, 2, (6, 8, 8, 3), dtype=np.uint8) * 255
+    _npz(files / "saturated.npz", arr_0=pixels)
+    code, errors = run_cli(["--samples", files / "saturated.npz", "--ref", files / "ref.npz", "--is-splits", "1",
+                            *_common(weights)], capsys)
+    assert code == 2 and len(errors) == 1 and "saturated" in errors[0] and "100.0%" in errors[0], errors
+
+
+def test_saturated_fraction_of_real_looking_images_is_far_below_the_limit():
+    """Digits-like images (black background, bright strokes, bilinear edges) stay below the limit."""
+    from full.digits.data import DigitsDataset
+
+    images = torch.stack([DigitsDataset(32)[i][0] for i in range(50)])               # [-1, 1], 1 channel
+    uint8 = ((images + 1) * 127.5).round().clamp(0, 255).to(torch.uint8)
+    assert E.saturated_fraction(uint8) < E.SATURATED_FRACTION - 0.05
+
+
+def test_metrics_json_has_pr_kid_and_names_the_reference(image_folder, weights, tmp_path, capsys):
+    """ref-stats keeps features: precision = recall = 1 for the reference images themselves; an ADM-style
+    batch (arr_0) gives the same; JiT's layout (mu, sigma only) gives nulls and a note; the authors' JAX
+    layout (ref_mu, ref_sigma) gives the same FID as ours."""
+    E.main(["ref-stats", "--data", str(image_folder), "--resolution", "16", "--out", str(tmp_path),
+            "--num-workers", "0", *_common(weights)])
+    crops = _crops(image_folder, 16)
+    np.savez(tmp_path / "samples.npz", arr_0=crops)
+    with np.load(tmp_path / E.REF_STATS_NAME) as ours:
+        mu, sigma = ours["mu"], ours["sigma"]
+        assert ours["features"].shape == (6, 2048) and ours["features"].dtype == np.float32
+    np.savez(tmp_path / "adm.npz", mu=mu, sigma=sigma, arr_0=crops)
+    np.savez(tmp_path / "jit.npz", mu=mu, sigma=sigma)
+    np.savez(tmp_path / "jax.npz", ref_mu=mu, ref_sigma=sigma)
+    records = {}
+    for name in (E.REF_STATS_NAME, "adm.npz", "jit.npz", "jax.npz"):
+        out = tmp_path / f"out-{name}"
+        E.main(["--samples", str(tmp_path / "samples.npz"), "--ref", str(tmp_path / name), "--is-splits", "2",
+                "--out", str(out), *_common(weights)])
+        records[name] = json.loads((out / E.METRICS_NAME).read_text())
+        records[name]["stderr"] = capsys.readouterr().err
+    for name in (E.REF_STATS_NAME, "adm.npz"):
+        assert records[name]["precision"] == records[name]["recall"] == 1.0
+        assert records[name]["kid_mean"] is not None and abs(records[name]["kid_mean"]) < 1e-2
+    assert records[E.REF_STATS_NAME]["reference"] == {"path": str(tmp_path / E.REF_STATS_NAME), "keys": ["mu", "sigma"],
+                                                      "resolution": 16, "num": 6, "pr_kid_from": "features"}
+    assert records["adm.npz"]["reference"]["pr_kid_from"] == "arr_0 images"
+    assert records["jit.npz"]["precision"] is None and records["jit.npz"]["kid_mean"] is None
+    assert "mu and sigma only" in records["jit.npz"]["stderr"]
+    assert records["jax.npz"]["reference"]["keys"] == ["ref_mu", "ref_sigma"]
+    assert records["jax.npz"]["fid"] == records["jit.npz"]["fid"] == pytest.approx(records["adm.npz"]["fid"])
+    assert "biased upwards below 10,000 samples" in records["jit.npz"]["stderr"]
+
+
+def test_ref_stats_refuses_to_replace_its_output_without_overwrite(files, weights, capsys):
+    _folder(files / "data", {})
+    (files / "data" / "c").mkdir()
+    for i in range(3):
+        Image.fromarray(RANDOM[i]).save(files / "data" / "c" / f"{i}.png")
+    (files / "refs").mkdir()
+    (files / "refs" / E.REF_STATS_NAME).write_bytes(b"an earlier result")
+    argv = ["ref-stats", "--data", files / "data", "--resolution", "8", "--out", files / "refs", "--num-workers", "0",
+            *_common(weights)]
+    code, errors = run_cli(argv, capsys)
+    assert code == 2 and len(errors) == 1 and "--overwrite" in errors[0], errors
+    assert (files / "refs" / E.REF_STATS_NAME).read_bytes() == b"an earlier result"
+    assert run_cli([*argv, "--overwrite"], capsys)[0] == 0
+    with np.load(files / "refs" / E.REF_STATS_NAME) as ref:
+        assert int(ref["num"]) == 3

@@ -113,3 +113,78 @@ def test_inception_builds_from_local_file_only(no_network, random_weights):
     assert F.INCEPTION_WEIGHTS_FILENAME in str(missing.value) and str(no_network) in str(missing.value)
 
 
+
+
+# ---------------------------------------------------------------------------- precision / recall, KID
+
+def _brute_precision_recall(fake, real, k=3):
+    """Kynkäänniemi et al. 2019 written out in float64: radius = distance to the k-th nearest other point."""
+    def radii(points):
+        distances = np.linalg.norm(points[:, None] - points[None], axis=-1)
+        return np.sort(distances, axis=1)[:, k]            # column 0 is the point itself
+    cross = np.linalg.norm(fake[:, None] - real[None], axis=-1)   # (N, M)
+    precision = np.mean((cross <= radii(real)[None, :]).any(axis=1))
+    recall = np.mean((cross.T <= radii(fake)[None, :]).any(axis=1))
+    return precision, recall
+
+
+@pytest.mark.parametrize("seed, shift", [(0, 0.0), (1, 0.7), (2, 3.0)])
+def test_precision_recall_matches_brute_force(seed, shift):
+    rng = np.random.default_rng(seed)
+    fake = rng.normal(size=(40, 6)) + shift
+    real = rng.normal(size=(50, 6)) * np.linspace(0.5, 1.5, 6)
+    precision, recall = F.precision_recall(fake, real)
+    expected = _brute_precision_recall(fake.astype(np.float32).astype(np.float64),
+                                       real.astype(np.float32).astype(np.float64))
+    assert (precision, recall) == pytest.approx(expected, abs=1e-6)
+
+
+def test_kid_matches_the_unbiased_mmd_with_the_cubic_kernel():
+    """One subset holding every point (a permutation): KID is the unbiased MMD^2, written out here."""
+    rng = np.random.default_rng(3)
+    x, y = rng.normal(size=(30, 5)), rng.normal(size=(30, 5)) + 0.5
+    kernel = lambda a, b: (a @ b.T / a.shape[1] + 1) ** 3                   # noqa: E731
+    m = len(x)
+    k_xx, k_yy, k_xy = kernel(x, x), kernel(y, y), kernel(x, y)
+    expected = ((k_xx.sum() - np.trace(k_xx)) / (m * (m - 1)) + (k_yy.sum() - np.trace(k_yy)) / (m * (m - 1))
+                - 2 * k_xy.mean())
+    mean, std = F.kernel_inception_distance(x, y, subsets=1, subset_size=m)
+    assert mean == pytest.approx(expected, rel=1e-9) and std == 0.0
+    assert F.kernel_inception_distance(x, y, subsets=4, subset_size=1000)[0] == pytest.approx(expected, rel=1e-9)
+
+
+def test_pr_and_kid_refuse_too_few_points():
+    rng = np.random.default_rng(0)
+    with pytest.raises(ValueError, match="more than 3"):
+        F.precision_recall(rng.normal(size=(3, 4)), rng.normal(size=(10, 4)))
+    with pytest.raises(ValueError, match="at least 2"):
+        F.kernel_inception_distance(rng.normal(size=(1, 4)), rng.normal(size=(10, 4)))
+
+
+# ---------------------------------------------------------------------------- reference files as published
+
+@pytest.mark.parametrize("keys", [("mu", "sigma"), ("ref_mu", "ref_sigma")])   # ours / JiT / ADM; the authors' JAX
+def test_load_statistics_reads_every_published_layout(tmp_path, keys):
+    rng = np.random.default_rng(0)
+    mu, root = rng.normal(size=6), rng.normal(size=(6, 6))
+    np.savez(tmp_path / "ref.npz", **{keys[0]: mu.astype(np.float32), keys[1]: (root @ root.T).astype(np.float32)})
+    loaded_mu, loaded_sigma = F.load_statistics(tmp_path / "ref.npz")
+    assert np.array_equal(loaded_mu, mu.astype(np.float32)) and loaded_sigma.dtype == np.float64
+    assert F.reference_info(tmp_path / "ref.npz").keys == keys
+
+
+def test_load_statistics_refuses_another_dimension(tmp_path):
+    np.savez(tmp_path / "ref.npz", mu=np.zeros(64), sigma=np.eye(64))
+    F.load_statistics(tmp_path / "ref.npz")                                # any D without dim=
+    with pytest.raises(ValueError, match="64-d features.*2048-d"):
+        F.load_statistics(tmp_path / "ref.npz", dim=F.POOL_DIM)
+
+
+def test_reference_info_reads_resolution_without_loading_images(tmp_path):
+    np.savez(tmp_path / "adm.npz", mu=np.zeros(3), sigma=np.eye(3), arr_0=np.zeros((5, 12, 12, 3), np.uint8))
+    np.savez(tmp_path / "ours.npz", mu=np.zeros(3), sigma=np.eye(3), resolution=np.array(16), num=np.array(7),
+             features=np.zeros((9, 3), np.float32))
+    np.savez(tmp_path / "jit.npz", mu=np.zeros(3), sigma=np.eye(3))
+    assert F.reference_info(tmp_path / "adm.npz")[1:] == (12, None, None, 5)
+    assert F.reference_info(tmp_path / "ours.npz")[1:] == (16, 7, 9, None)
+    assert F.reference_info(tmp_path / "jit.npz")[1:] == (None, None, None, None)

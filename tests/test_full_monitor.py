@@ -256,3 +256,19 @@ def test_tensorboard_scalars_and_images_read_back(tmp_path):
     assert tags["images"] == ["samples/ema500"]
     image = events.Images("samples/ema500")[0]
     assert image.step == 3 and (image.height, image.width) == tuple(grid.shape[1:])
+
+
+def test_prepare_fid_refuses_statistics_of_another_dimension_at_start(tmp_path, random_weights):
+    """A reference of 16-d features would pass every check and fail only at the first in-training FID."""
+    _reference(tmp_path / "ref16.npz")                                    # TinyFeatures: 16-d statistics
+    with pytest.raises(ValueError, match="16-d features.*2048-d"):
+        M.prepare_fid(tmp_path / "ref16.npz", str(random_weights), "cpu")
+
+
+def test_prepare_fid_refuses_a_reference_of_another_resolution(tmp_path, random_weights):
+    np.savez(tmp_path / "ref64.npz", mu=np.zeros(2048), sigma=np.eye(2048), resolution=np.array(64))
+    M.prepare_fid(tmp_path / "ref64.npz", str(random_weights), "cpu", resolution=64)
+    with pytest.raises(ValueError, match="64 px images but the model makes 32 px"):
+        M.prepare_fid(tmp_path / "ref64.npz", str(random_weights), "cpu", resolution=32)
+    np.savez(tmp_path / "jit.npz", mu=np.zeros(2048), sigma=np.eye(2048))      # records no resolution
+    M.prepare_fid(tmp_path / "jit.npz", str(random_weights), "cpu", resolution=32)

@@ -200,14 +200,56 @@ def test_sample_cli_on_train_checkpoint_matches_in_process(train_checkpoint, tmp
     (["--interval", "0.7,0.2"], "--interval needs"),
     (["--num", "7", "--per-class", "1", "--ema", "2"], "disagrees with --per-class"),
     (["--batch-size", "0"], "--batch-size must be"),
-    (["--ema", "123"], "available EMAs"),                 # the message lists the checkpoint's EMAs
-    (["--ema", "2000"], "'0.001', '2'"),
+    (["--ema", "123"], "it kept --ema 0.001, --ema 2, or pass --ema raw"),   # the kept EMAs, as flags
+    (["--ema", "2000"], "--ema 2000: the checkpoint has no EMA '2000'"),
+    (["--ema", "abc"], "--ema must be a half-life in kimg or 'raw', got 'abc'"),
+    (["--class", "10"], "--class 10: the model has 10 classes, labels 0..9"),
+    (["--class", "-1"], "--class -1"),
+    (["--class", "3", "3"], "--class lists a label twice"),
+    (["--class", "3", "4", "--num", "5", "--per-class", "2"], "--num 5 disagrees with --per-class 2 x 2 classes"),
 ])
 def test_sample_cli_rejects_bad_arguments(train_checkpoint, tmp_path, capsys, flags, message):
-    with pytest.raises(SystemExit):
-        S.main(["--ckpt", str(train_checkpoint), "--out", str(tmp_path), "--num", "10", "--device", "cpu",
+    num = [] if "--num" in flags else ["--num", "10"]
+    with pytest.raises(SystemExit) as exit_info:
+        S.main(["--ckpt", str(train_checkpoint), "--out", str(tmp_path), *num, "--device", "cpu",
                 "--no-progress", *flags])
-    assert message in capsys.readouterr().err
+    error = capsys.readouterr().err
+    assert exit_info.value.code == 2 and message in error and "ema=None" not in error
+    assert len(error.strip().splitlines()) == 1
+
+
+def test_sample_cli_chosen_classes(train_checkpoint, tmp_path, capsys):
+    """--class 7 2 --per-class 3: six images, labels 7, 2, 7, 2, ...; each image is the one the network gives
+    for its (label, noise index) pair."""
+    S.main(["--ckpt", str(train_checkpoint), "--ema", "0.001", "--class", "7", "2", "--per-class", "3",
+            "--omega", "3", "--interval", "0.2,0.6", "--out", str(tmp_path), "--device", "cpu", "--no-progress"])
+    assert "wrote 6 samples" in capsys.readouterr().out
+    with np.load(tmp_path / "samples.npz") as data:
+        images, labels = data["arr_0"], data["labels"]
+    assert labels.tolist() == [7, 2, 7, 2, 7, 2]
+    reference = load_model(train_checkpoint, "0.001")
+    z_1 = S.sample_noise(torch.arange(6), (3, 16, 16), seed=0, noise_scale=reference.noise_scale)
+    with torch.no_grad():   # one-step generation of an x-prediction network: x_hat(z_1, r=0, t=1 | y, omega, interval)
+        x_hat = reference.forward_u(z_1, torch.zeros(6), torch.ones(6),
+                                    make_cond(torch.tensor([7, 2, 7, 2, 7, 2]), 3.0, 0.2, 0.6))
+    expected = S.to_uint8(x_hat).permute(0, 2, 3, 1).numpy()
+    assert np.abs(images.astype(int) - expected.astype(int)).max() <= 1
+    assert json.loads((tmp_path / "sample_config.json").read_text())["classes"] == [7, 2]
+
+
+def test_sample_cli_default_ema_is_one_the_run_kept(train_checkpoint, tmp_path, capsys):
+    """The run kept EMAs 0.001 and 2 kimg, not the preset's 2000: without --ema the nearest kept one (2) is
+    sampled, and a note says so."""
+    S.main(["--ckpt", str(train_checkpoint), "--num", "2", "--out", str(tmp_path), "--device", "cpu",
+            "--no-progress"])
+    captured = capsys.readouterr()
+    assert json.loads((tmp_path / "sample_config.json").read_text())["ema"] == "2"
+    assert "EMA 2" in captured.out and "did not keep EMA 2000" in captured.err
+
+
+@pytest.mark.parametrize("classes, expected", [(None, [0, 1, 2, 0, 1]), ((5, 1), [5, 1, 5, 1, 5])])
+def test_class_labels_with_chosen_classes(classes, expected):
+    assert S.class_labels(torch.arange(5), 3 if classes is None else 10, classes).tolist() == expected
 
 
 def test_load_model_hand_written_checkpoint(model, tmp_path):
@@ -354,7 +396,7 @@ BAD_INPUTS = [   # (name, argv builder (tmp_path, checkpoint), text the one erro
     ("NaN weights", lambda t, c: ["--ckpt", _nan_checkpoint(t), "--out", t / "o"], "EMA 2000 hold NaN or inf"),
     ("weights that explode", lambda t, c: ["--ckpt", _exploding_checkpoint(t), "--out", t / "o"],
      "the network returned NaN or inf"),
-    ("absent EMA", lambda t, c: ["--ckpt", c, "--ema", "500", "--out", t / "o"], "available EMAs"),
+    ("absent EMA", lambda t, c: ["--ckpt", c, "--ema", "500", "--out", t / "o"], "it kept --ema 2000, or pass --ema raw"),
     ("--out under a file", lambda t, c: ["--ckpt", c, "--out", _file(t, "f", b"x") / "o"], "is a file, not a folder"),
     ("--out holds samples", lambda t, c: ["--ckpt", c, "--out", _earlier_samples(t)], "pass --overwrite"),
     ("--preset with --ckpt", lambda t, c: ["--ckpt", c, "--preset", PRESET, "--out", t / "o"],
@@ -419,3 +461,28 @@ def test_official_checkpoint_samples_equal_the_network_in_process(tmp_path, caps
     assert (info["omega"], info["t_min"], info["t_max"], info["ema"]) == (defaults["omega"], defaults["t_min"],
                                                                           defaults["t_max"], None)
     assert info["noise_scale"] == model.noise_scale
+
+
+def _diverged_model():
+    """The tiny model with its u-head output layer scaled by 1e6: finite outputs far outside [-1, 1]."""
+    model = _tiny_model()
+    with torch.no_grad():
+        model.u_head.out.weight.mul_(1e6)
+        model.u_head.out.bias.mul_(1e6)
+    return model
+
+
+def test_saturated_samples_are_refused_before_writing(tmp_path, capsys):
+    """A diverged network's images are pure 0 / 255 pixels: full.sample stops with one line, no PNG written."""
+    model = _diverged_model()
+    images = _all_images(model, 4, 4)
+    assert ((images == 0) | (images == 255)).double().mean() > S.SATURATED_FRACTION   # the premise
+    state = {"model": model.state_dict(), "ema": {"2000": model.state_dict()},
+             "config": {"model": {"preset": PRESET, "num_classes": NUM_CLASSES}}}
+    save_checkpoint(tmp_path / "ckpt.pt", state)
+    with pytest.raises(SystemExit) as exit_info:
+        S.main(["--ckpt", str(tmp_path / "ckpt.pt"), "--num", "8", "--out", str(tmp_path / "out"), "--device", "cpu",
+                "--no-progress"])
+    error = capsys.readouterr().err.strip().splitlines()
+    assert exit_info.value.code == 2 and len(error) == 1 and "are 0 or 255" in error[0], error
+    assert not list((tmp_path / "out").glob("images/*.png"))
