@@ -260,8 +260,8 @@ def main(argv: list[str] | None = None) -> None:
                         help="ours: our parameter names; official: the authors' released layout (net.* keys)")
     parser.add_argument("--force", action="store_true", help="replace an earlier export in --out")
     args = parser.parse_args(argv)
-    if not Path(args.ckpt).is_file():
-        parser.error(f"CKPT: {args.ckpt!r} is not a file")
+    if not (Path(args.ckpt).is_file() or (Path(args.ckpt) / "meta.pt").is_file()):   # a file, or --fsdp's folder
+        parser.error(f"CKPT: {args.ckpt!r} is not a file (or a sharded checkpoint folder)")
     cli.check_out(parser, args.out)
     out = Path(args.out) / (EXPORT_NAME + (".safetensors" if args.format == "ours" else ".pt"))
     if (out.exists() or config_path(out).exists()) and not args.force:

@@ -168,6 +168,17 @@ def test_guidance_search_cli_rejects_bad_arguments(tiny_checkpoint, tmp_path, ca
 
 
 
+def test_default_ema_is_one_the_checkpoint_kept(tiny_checkpoint, image_folder, random_weights, tmp_path, capsys):
+    """The checkpoint kept EMA 500 only (not the preset's 2000): without --emas that one is searched."""
+    E.main(["ref-stats", "--data", str(image_folder), "--resolution", "16", "--out", str(tmp_path), "--num-workers",
+            "0", "--inception-weights", str(random_weights), "--no-progress", "--device", "cpu"])
+    capsys.readouterr()
+    G.main(["--ckpt", str(tiny_checkpoint), "--ref", str(tmp_path / E.REF_STATS_NAME), "--omegas", "2", "--num", "4",
+            "--is-splits", "2", "--inception-weights", str(random_weights), "--device", "cpu", "--no-progress",
+            "--json"])
+    assert [row["ema"] for row in json.loads(capsys.readouterr().out)["rows"]] == ["500"]
+
+
 def test_full_disk_is_one_line_and_keeps_the_last_complete_json(files, random_weights, capsys, monkeypatch):
     import errno
 
