@@ -36,3 +36,6 @@ Subpackages: ``digits/`` -- the paper's ablations on 8x8 digits on a CPU (``pyth
 ``bench/`` -- the performance benchmarks (``python -m full.bench``, ``python -m full.bench.compile``), the
 only part of ``full`` that imports ``toy``.
 """
+from .cli import quiet_interrupt
+
+quiet_interrupt()   # under `python -m full.<tool>` only: Ctrl-C is one line and exit 130, even during imports

@@ -30,7 +30,7 @@ import pmf_ref as P
 from .checkpoint import FID_LOG_NAME
 from .evaluate import metrics_from_features
 from .io import atomic_write
-from .fid import IS_SPLITS, POOL_DIM, build_inception, extract_features, load_statistics
+from .fid import IS_SPLITS, POOL_DIM, build_inception, extract_features, load_statistics, reference_info
 from .ema import format_half_life
 from .model import make_cond
 from .presets import SAMPLING
@@ -194,8 +194,12 @@ class FIDReference(NamedTuple):
     sigma: np.ndarray            # (2048, 2048)
 
 
-def prepare_fid(ref: str | Path, inception_weights: str | None, device: torch.device | str) -> FIDReference:
+def prepare_fid(ref: str | Path, inception_weights: str | None, device: torch.device | str, *,
+                resolution: int | None = None) -> FIDReference:
     """Load the Inception network and the reference statistics once, at the start of the run.
+
+    ``resolution``: the model's image side; refused (ValueError) when the reference file records another
+    (``full.fid.reference_info``; JiT's and the authors' files record none).
 
     Raises:
         FileNotFoundError: the Inception weights or ``ref`` are missing (the run refuses to start).
@@ -207,6 +211,11 @@ def prepare_fid(ref: str | Path, inception_weights: str | None, device: torch.de
     mu, sigma = load_statistics(ref)
     extractor = build_inception(inception_weights, device).eval()   # its file checked before the dimension
     load_statistics(ref, dim=POOL_DIM)   # statistics of other features would fail only at the first FID
+    expected = reference_info(ref).resolution
+    if resolution is not None and expected is not None and expected != resolution:
+        raise ValueError(f"{str(ref)!r} holds statistics of {expected} px images but the model makes {resolution} px "
+                         f"samples: FID across resolutions is meaningless (python -m full.evaluate ref-stats "
+                         f"--resolution {resolution})")
     return FIDReference(extractor, mu, sigma)
 
 

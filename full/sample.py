@@ -4,13 +4,16 @@
     torchrun --nproc_per_node 8 -m full.sample --ckpt run/ckpt.pt --num 50000 --out samples/
     python -m full.sample --official-ckpt pMF-B-16.pt --preset pMF-B/16 --out samples/   # the authors' weights
     python -m full.sample --ckpt model.safetensors --out samples/     # inference weights of python -m full.export
+    python -m full.sample --ckpt run/ckpt.pt --class 207 360 387 --per-class 8 --out samples/   # chosen classes
 
 Every image costs one network call (pMF Alg. 2):  ``x = z_1 - u(z_1, 0, 1) = x_theta(z_1, 0, 1 | c)``,
 z_1 = s * eps with the preset's noise scale s, c = (y, omega, t_min, t_max). Sample i has label
-``y_i = i mod K`` (any prefix is class-balanced; ``--per-class k`` gives exactly k per class) and
+``y_i = i mod K`` (any prefix is class-balanced; ``--per-class k`` gives exactly k per class; with
+``--class Y_0 ... Y_n-1`` it is ``Y_(i mod n)``) and
 noise from a generator seeded by the pair (seed, i), so the images depend on neither the batch size nor the
-number of processes. Defaults for omega, the interval and the EMA are the preset's best settings
-(pMF §4 and App. A).
+number of processes. Defaults for omega and the interval are the preset's best settings (pMF §4 and
+App. A); the EMA is the preset's best too when the run kept it, else the kept one nearest to it (a note
+says so). Samples whose pixels are nearly all 0 or 255 (a diverged network) are refused.
 
 Output folder: ``images/000000.png ...``, ``samples.npz`` (``arr_0`` uint8 (N, H, W, C) and
 ``labels`` (N,), the layout of the ADM evaluation suite), ``grid.png`` and ``sample_config.json``.
@@ -438,8 +441,8 @@ def check_sampling_args(parser: argparse.ArgumentParser, args: argparse.Namespac
         parser.error(f"--batch-size must be >= 1, got {args.batch_size}")
     if args.seed < 0 or args.seed >= 2 ** 31:
         parser.error(f"--seed must lie in [0, 2^31), got {args.seed}")
-    if args.ckpt is not None and not Path(args.ckpt).is_file():
-        parser.error(f"--ckpt {args.ckpt} is not a file")
+    if args.ckpt is not None and not (Path(args.ckpt).is_file() or (Path(args.ckpt) / "meta.pt").is_file()):
+        parser.error(f"--ckpt {args.ckpt} is not a file (or a sharded checkpoint folder)")
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -220,7 +220,10 @@ def test_quick_mode_writes_every_experiment(classifier_dir, tmp_path, evaluator)
 BAD_INPUTS = [   # (name, argv builder (tmp), text of the one error line)
     ("batch larger than the data", lambda t: ["sampler", "--batch-size", "2000", "--out", t], "exceeds the 1297 training"),
     ("zero steps", lambda t: ["sampler", "--steps", "0", "--out", t], "--steps must be >= 1"),
-    ("negative lr", lambda t: ["sampler", "--lr", "-1", "--out", t], "--lr must be > 0"),
+    ("negative lr", lambda t: ["sampler", "--lr", "-1", "--out", t], "--lr must be a finite number > 0"),
+    ("infinite lr", lambda t: ["sampler", "--lr", "inf", "--out", t], "--lr must be a finite number > 0"),
+    ("negative seed", lambda t: ["sampler", "--seed", "-1", "--out", t], "--seed must lie in [0, 2^31), got -1"),
+    ("seed 2^40", lambda t: ["sampler", "--seed", str(2 ** 40), "--out", t], "--seed must lie in [0, 2^31)"),
     ("one sample per class", lambda t: ["guidance", "--per-class", "1", "--out", t], "--per-class must be >= 2"),
     ("unknown experiment", lambda t: ["nope", "--out", t], "invalid choice"),
     ("--out under a file", lambda t: ["sampler", "--out", _file(t) / "runs"], "is a file, not a folder"),

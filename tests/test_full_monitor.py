@@ -263,3 +263,12 @@ def test_prepare_fid_refuses_statistics_of_another_dimension_at_start(tmp_path, 
     _reference(tmp_path / "ref16.npz")                                    # TinyFeatures: 16-d statistics
     with pytest.raises(ValueError, match="16-d features.*2048-d"):
         M.prepare_fid(tmp_path / "ref16.npz", str(random_weights), "cpu")
+
+
+def test_prepare_fid_refuses_a_reference_of_another_resolution(tmp_path, random_weights):
+    np.savez(tmp_path / "ref64.npz", mu=np.zeros(2048), sigma=np.eye(2048), resolution=np.array(64))
+    M.prepare_fid(tmp_path / "ref64.npz", str(random_weights), "cpu", resolution=64)
+    with pytest.raises(ValueError, match="64 px images but the model makes 32 px"):
+        M.prepare_fid(tmp_path / "ref64.npz", str(random_weights), "cpu", resolution=32)
+    np.savez(tmp_path / "jit.npz", mu=np.zeros(2048), sigma=np.eye(2048))      # records no resolution
+    M.prepare_fid(tmp_path / "jit.npz", str(random_weights), "cpu", resolution=32)

@@ -229,8 +229,10 @@ def test_sample_cli_chosen_classes(train_checkpoint, tmp_path, capsys):
     assert labels.tolist() == [7, 2, 7, 2, 7, 2]
     reference = load_model(train_checkpoint, "0.001")
     z_1 = S.sample_noise(torch.arange(6), (3, 16, 16), seed=0, noise_scale=reference.noise_scale)
-    expected = S.to_uint8(S.generate(reference, torch.tensor([7, 2, 7, 2, 7, 2]), z_1, omega=3.0, t_min=0.2,
-                                     t_max=0.6)).permute(0, 2, 3, 1).numpy()
+    with torch.no_grad():   # one-step generation of an x-prediction network: x_hat(z_1, r=0, t=1 | y, omega, interval)
+        x_hat = reference.forward_u(z_1, torch.zeros(6), torch.ones(6),
+                                    make_cond(torch.tensor([7, 2, 7, 2, 7, 2]), 3.0, 0.2, 0.6))
+    expected = S.to_uint8(x_hat).permute(0, 2, 3, 1).numpy()
     assert np.abs(images.astype(int) - expected.astype(int)).max() <= 1
     assert json.loads((tmp_path / "sample_config.json").read_text())["classes"] == [7, 2]
 
