@@ -260,12 +260,19 @@ def main(argv: list[str] | None = None) -> None:
                         help="ours: our parameter names; official: the authors' released layout (net.* keys)")
     parser.add_argument("--force", action="store_true", help="replace an earlier export in --out")
     args = parser.parse_args(argv)
-    if not Path(args.ckpt).is_file():
-        parser.error(f"CKPT: {args.ckpt!r} is not a file")
+    if not (Path(args.ckpt).is_file() or (Path(args.ckpt) / "meta.pt").is_file()):   # a file, or --fsdp's folder
+        parser.error(f"CKPT: {args.ckpt!r} is not a file (or a sharded checkpoint folder)")
     cli.check_out(parser, args.out)
     out = Path(args.out) / (EXPORT_NAME + (".safetensors" if args.format == "ours" else ".pt"))
     if (out.exists() or config_path(out).exists()) and not args.force:
         parser.error(f"--out: {str(out)!r} (or its {config_path(out).name}) exists; pass --force to replace it")
+    official_pt = out.with_suffix(".pt")
+    if out.suffix == ".safetensors" and official_pt.exists():
+        # model.pt has no config of its own: replacing model.json would describe it as this export.
+        # (A model.safetensors carries its config in its metadata, so the reverse is safe.)
+        parser.error(f"--out: {str(official_pt)!r}, an export in the other --format, is described by "
+                     f"{config_path(out).name}, which this export would replace (even with --force); "
+                     f"choose another --out")
     if args.ema is not None and args.ema != "raw":
         try:
             if not (math.isfinite(float(args.ema)) and float(args.ema) > 0):

@@ -18,7 +18,7 @@ from .syncs import count_host_syncs
 from .timing import interleaved_medians, peak_memory_bytes
 from ..model import PMFViT, build_model
 from ..params import training_gmacs
-from ..precision import PRECISIONS, apply_precision, autocast_dtype
+from ..precision import PRECISIONS, apply_precision, autocast
 from ..step import TrainingStep
 
 NUM_CLASSES = 1000
@@ -53,18 +53,20 @@ def released_step(preset: str, batch: int, *, device: torch.device, precision: s
     torch.manual_seed(seed)
     model = build_model(preset, num_classes=NUM_CLASSES, activation_checkpointing=activation_checkpointing,
                         **overrides).to(device)
-    steps = {name: TrainingStep.from_preset(model, preset, autocast_dtype=autocast_dtype(name)) for name in PRECISIONS}
+    objective = TrainingStep.from_preset(model, preset)
     generator = torch.Generator(device).manual_seed(seed)
     shape = (model.channels, model.resolution, model.resolution)
+    randomness = objective.draw_randomness(torch.empty(batch, *shape, device=device), generator=generator)
     x = torch.rand(batch, *shape, generator=generator, device=device) * 2 - 1
     y = torch.randint(0, NUM_CLASSES, (batch,), generator=generator, device=device)
-    randomness = steps["fp32"].draw_randomness(x, generator=generator)
     parameters = list(model.parameters())
 
     def step(policy: str = precision) -> None:
         for parameter in parameters if not keep_grads else ():
             parameter.grad = None
-        steps[policy](x, y, randomness)["loss"].backward()   # every pass autocast under bf16 (full.precision)
+        with autocast(policy, device):          # every pass, the JVP's included (full.precision)
+            loss = objective(x, y, randomness)["loss"]
+        loss.backward()
     return step, model
 
 
