@@ -11,12 +11,16 @@ Checkpoint dict (the contract shared with the sampler / evaluator)::
 
 Only tensors and plain containers (dict, list, tuple, str, int, float, bool, None), so every file is
 read with ``torch.load(..., weights_only=True)``: loading a checkpoint never runs code from it.
-``build_model(**ckpt["config"]["model"])`` rebuilds the network.
+``build_model(**ckpt["config"]["model"])`` rebuilds the network. Paths inside the run folder are stored
+relative to it (``out`` is "."), so a moved run folder resumes where it now is. A sharded checkpoint
+folder (``checkpoint.dcp``, :mod:`full.fsdp`) reads as the same dict (:func:`load_checkpoint`).
 """
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
+import math
 import os
 import pickle
 import random
@@ -30,7 +34,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .io import TEMP_PREFIX, atomic_write, unwritable_reason
+from .io import TEMP_PREFIX, atomic_write, refused_pickle_global, unwritable_reason
 
 CHECKPOINT_FORMAT = 2
 """2: weights-only safe (RNG states as tensors). Files of format 1 held numpy arrays and are refused."""
@@ -121,10 +125,10 @@ def read_checkpoint_file(path: str | os.PathLike, map_location: str | torch.devi
     try:
         return torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as error:
-        unsafe = re.search(r"Unsupported global: GLOBAL (\S+)", str(error))
+        unsafe = refused_pickle_global(path, str(error))   # read statically: nothing in the file runs
         if unsafe:
-            raise CheckpointError(f"{str(path)!r} refused: it holds Python objects other than tensors and plain "
-                                  f"containers (it asks for {unsafe.group(1)}); loading it could run code. Files "
+            raise CheckpointError(f"{str(path)!r} holds code and was refused: it holds Python objects other than "
+                                  f"tensors and plain containers (it asks for {unsafe}); loading it would run that. Files "
                                   f"written by this project never do (full.train checkpoints of format 1 held "
                                   f"numpy RNG states)") from None
         raise CheckpointError(f"{str(path)!r} is not a torch file, or is corrupt ("
@@ -140,10 +144,19 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
                     mmap: bool = False) -> dict:
     """Read a checkpoint written by :func:`save_checkpoint` (weights only) and check its layout.
 
+    A sharded checkpoint folder (``--fsdp``) is read whole, in this process, into the same dict.
+
     Raises:
         CheckpointError: missing, empty, truncated, garbage, unsafe or foreign file (the message says which).
     """
-    state = read_checkpoint_file(path, map_location, mmap=mmap)
+    if Path(path).is_dir():
+        from .fsdp import is_sharded_checkpoint, sharded_as_single_file
+
+        if not is_sharded_checkpoint(path):
+            raise CheckpointError(f"{str(path)!r} is a folder, not a checkpoint file or a sharded checkpoint")
+        state = sharded_as_single_file(path)
+    else:
+        state = read_checkpoint_file(path, map_location, mmap=mmap)
     check_checkpoint_layout(state, path)
     return state
 
@@ -169,6 +182,17 @@ def check_checkpoint_layout(state: object, path: str | os.PathLike) -> None:
         raise CheckpointError(f"{where}: config.model.preset is {preset!r}, not one of {sorted(PRESETS)}")
     if not isinstance(state["model"], dict) or not all(isinstance(v, torch.Tensor) for v in state["model"].values()):
         raise CheckpointError(f"{where}: 'model' is not a state dict of tensors")
+    emas = state.get("ema", {})
+    if not isinstance(emas, dict) or not all(_is_half_life(key) and isinstance(ema, dict) for key, ema in emas.items()):
+        raise CheckpointError(f"{where}: 'ema' is not {{half-life in kimg: state dict}} (it has keys "
+                              f"{sorted(map(str, emas))[:6] if isinstance(emas, dict) else type(emas).__name__})")
+
+
+def _is_half_life(key: object) -> bool:
+    try:
+        return isinstance(key, str) and float(key) > 0 and math.isfinite(float(key))
+    except ValueError:
+        return False
 
 
 def require_keys(state: dict, path: str | os.PathLike, keys: tuple[str, ...], purpose: str) -> None:
@@ -334,28 +358,82 @@ def keep_latest(folder: str | os.PathLike, newest: str | os.PathLike, *, keep_la
     return deleted
 
 
-def latest_checkpoint(folder: str | os.PathLike) -> Path:
-    """The checkpoint of a run folder to resume from: the newest numbered one that reads, else ``checkpoint.pt``.
+def checkpoint_step(path: str | os.PathLike) -> int:
+    """The step a checkpoint file or sharded folder was saved at (reads only its counters)."""
+    from .fsdp import is_sharded_checkpoint, read_sharded_meta
 
-    Every file is written whole (temp file + rename), but a copied or damaged one is skipped (with a
-    warning) for the next older.
+    state = read_sharded_meta(path) if is_sharded_checkpoint(path) else load_checkpoint(path, mmap=True)
+    if not isinstance(state.get("step"), int):
+        raise CheckpointError(f"{str(path)!r} records no step")
+    return state["step"]
+
+
+def latest_checkpoint(folder: str | os.PathLike) -> Path:
+    """The checkpoint of a run folder to resume from: the readable one of the highest step.
+
+    Candidates: ``checkpoint.pt``, the numbered ``checkpoint-<step>.pt`` and the sharded link
+    ``checkpoint.dcp``. The step is read from each file, not from its name: a plain ``checkpoint.pt``
+    saved after the numbered snapshots (a run resumed with ``--keep-last 0``) is newer than all of them.
+    A damaged file is skipped (with a warning) for the next.
 
     Raises:
         CheckpointError: no readable checkpoint in ``folder``.
     """
+    from .fsdp import SHARDED_NAME
+
     folder = Path(folder)
-    candidates = [path for _, path in reversed(numbered_checkpoints(folder))] + [folder / CHECKPOINT_NAME]
+    candidates = [path for _, path in reversed(numbered_checkpoints(folder))] + [folder / CHECKPOINT_NAME,
+                                                                                  folder / SHARDED_NAME]
+    best: tuple[int, Path] | None = None
     for path in candidates:
-        if not path.is_file():
+        if not path.exists():
             continue
         try:
-            load_checkpoint(path, mmap=True)
+            step = checkpoint_step(path)
         except CheckpointError as error:
             print(f"skipping {path}: {error}", file=sys.stderr)
             continue
-        return path
-    raise CheckpointError(f"{str(folder)!r} holds no readable checkpoint ({CHECKPOINT_NAME} or "
-                          f"checkpoint-<step>.pt)")
+        if best is None or step > best[0]:
+            best = (step, path)
+    if best is None:
+        raise CheckpointError(f"{str(folder)!r} holds no readable checkpoint ({CHECKPOINT_NAME}, "
+                              f"checkpoint-<step>.pt or {SHARDED_NAME})")
+    return best[1]
+
+
+def resolve_resume(resume: str | None, out: str | os.PathLike) -> tuple[str | None, bool]:
+    """What ``--resume`` continues, and whether ``out``'s leftovers may be deleted: ``(path or None, overwrite)``.
+
+    ``None``: a new run. ``"auto"``: ``out``'s newest checkpoint if it has one, else a new run -- the
+    same command starts and continues a run, so a requeued job needs no logic; a folder that never got
+    its first checkpoint (a run killed early) is started over (overwrite True). A run folder: its newest
+    checkpoint (:func:`latest_checkpoint`). A file or a sharded folder: itself.
+
+    Raises:
+        CheckpointError: the path does not exist, or the folder holds no readable checkpoint.
+    """
+    from .fsdp import is_sharded_checkpoint
+
+    if resume is None:
+        return None, False
+    if resume == "auto":
+        has_checkpoint = Path(out).is_dir() and any(Path(out).glob("checkpoint*"))
+        return (str(latest_checkpoint(out)), False) if has_checkpoint else (None, Path(out).is_dir())
+    if Path(resume).is_dir() and not is_sharded_checkpoint(resume):
+        return str(latest_checkpoint(resume)), False
+    if not Path(resume).exists():
+        raise CheckpointError(f"checkpoint {str(resume)!r} does not exist")
+    return str(resume), False
+
+
+def read_resume_config(path: str | os.PathLike) -> dict:
+    """The ``config.train`` settings a checkpoint (file or sharded folder) was trained with."""
+    from .fsdp import is_sharded_checkpoint, read_sharded_meta
+
+    state = read_sharded_meta(path) if is_sharded_checkpoint(path) else load_checkpoint(path, mmap=True)
+    require_keys(state, path, ("config",), "resume")
+    require_keys(state["config"], path, ("train",), "resume")
+    return state["config"]["train"]
 
 
 def check_run_folder(out: str | os.PathLike, *, resume: str | None, overwrite: bool,
@@ -371,7 +449,9 @@ def check_run_folder(out: str | os.PathLike, *, resume: str | None, overwrite: b
     problem = unwritable_reason(out, folder=True) if check_writable else None
     if problem:
         raise RunFolderError(f"--out: {problem}")
-    existing = [name for name in (CHECKPOINT_NAME, LOG_NAME) if (out / name).exists()]
+    # A 0-byte log is what a full disk left before anything was logged: nothing to protect.
+    existing = [name for name in (CHECKPOINT_NAME, LOG_NAME, "checkpoint.dcp") if (out / name).exists()
+                and not (name == LOG_NAME and (out / name).stat().st_size == 0)]
     if numbered_checkpoints(out) and CHECKPOINT_NAME not in existing:
         existing.append("numbered checkpoints")
     if not existing or overwrite or continues_in_place(out, resume):
@@ -414,7 +494,9 @@ class StopOnSignal:
     A cluster pre-empts a job with SIGTERM (SLURM, Kubernetes) and waits a grace period before SIGKILL;
     the trainer then saves a checkpoint and exits. The first signal only sets :attr:`signum`; the
     previous handler is restored, so a second one acts at once (Ctrl-C twice stops immediately --
-    the atomic save keeps the last checkpoint whole). Installs nothing outside the main thread.
+    the atomic save keeps the last checkpoint whole). Inside :meth:`writing` (a checkpoint write) every
+    signal only waits: the write finishes, then a second signal raises ``KeyboardInterrupt``. Installs
+    nothing outside the main thread.
     """
 
     SIGNALS = (signal.SIGINT, signal.SIGTERM)
@@ -428,6 +510,25 @@ class StopOnSignal:
                 self.previous[signum] = signal.signal(signum, self._handle)
         return self
 
+    @contextlib.contextmanager
+    def writing(self):
+        """Hold every signal until the checkpoint write inside has finished (a second Ctrl-C included)."""
+        if not self.previous:   # not the main thread: no handlers to swap
+            yield
+            return
+        held, current = [], {signum: signal.getsignal(signum) for signum in self.SIGNALS}
+        for signum in self.SIGNALS:
+            signal.signal(signum, lambda number, frame: held.append(number))
+        try:
+            yield
+        finally:
+            for signum, handler in current.items():
+                signal.signal(signum, handler)
+            for number in held:
+                if self.signum:     # the stop was asked already: this one is the second
+                    raise KeyboardInterrupt(f"{signal.Signals(number).name} again after the checkpoint write")
+                self._handle(number, None)
+
     def _handle(self, signum, frame) -> None:
         self.signum = signum
         signal.signal(signum, self.previous.get(signum) or signal.SIG_DFL)
@@ -438,3 +539,71 @@ class StopOnSignal:
     def __exit__(self, *exc_info) -> None:
         for signum, handler in self.previous.items():
             signal.signal(signum, handler if handler is not None else signal.SIG_DFL)
+
+
+# ----------------------------------------------------------------------------- a run's checkpoint: save, restore
+
+def save_run_checkpoint(out: str | os.PathLike, meta: dict, *, model, optimizer, emas, sharded: bool,
+                        keep_last: int, rank: int) -> Path:
+    """Save the live training state with ``meta`` (step, RNG, data position, config): a sharded folder
+    (every rank writes its shards), else one file from rank 0 -- ``checkpoint.pt``, or with ``keep_last``
+    ``checkpoint-<step>.pt`` with ``checkpoint.pt`` linking it. Returns the path to resume from."""
+    from .fsdp import SHARDED_NAME, save_sharded_checkpoint
+
+    out = Path(out)
+    if sharded:
+        save_sharded_checkpoint(out / SHARDED_NAME, model=model, optimizer=optimizer, emas=emas, meta=meta,
+                                keep_last=keep_last)
+        return out / SHARDED_NAME
+    path = out / (numbered_checkpoint_name(meta["step"]) if keep_last else CHECKPOINT_NAME)
+    if rank == 0:
+        save_checkpoint(path, {**meta, "model": model.state_dict(), "ema": emas.state_dict(),
+                               "optimizer": optimizer.state_dict()})
+        if keep_last:   # checkpoint.pt -> the newest; only the keep_last newest numbered ones stay
+            keep_latest(out, path, keep_last=keep_last)
+    return path
+
+
+def read_run_checkpoint(path: str | os.PathLike, *, sharded: bool) -> dict:
+    """The parts of a checkpoint a resumed run needs before it builds anything (a sharded one's ``meta.pt``)."""
+    from .fsdp import is_sharded_checkpoint, read_dcp_metadata, read_sharded_meta
+
+    if not sharded and is_sharded_checkpoint(path):
+        raise CheckpointError(f"{str(path)!r} is a sharded checkpoint: pass --fsdp, or write one file with "
+                              f"python -m full.fsdp export {path} --out DIR (DIR/checkpoint.pt)")
+    if sharded:
+        read_dcp_metadata(path)   # a corrupt or unsafe .metadata fails here, before anything is built
+    state = read_sharded_meta(path) if sharded else load_checkpoint(path, map_location="cpu")
+    require_keys(state, path, ("step", "images_seen", "rng", "data") if sharded else
+                 ("ema", "optimizer", "step", "images_seen", "rng", "data"), "resume")
+    require_keys(state["config"], path, ("train",), "resume")
+    return state
+
+
+def restore_run(path: str | os.PathLike, state: dict, *, model, optimizer, emas, sharded: bool,
+                generator: torch.Generator) -> None:
+    """Load weights, optimiser state, EMAs and every RNG state of ``state`` (read from ``path``) in place."""
+    from .fsdp import load_sharded_checkpoint
+
+    try:
+        if sharded:   # every rank reads its shards, resharded to this run's process count
+            load_sharded_checkpoint(path, model=model, optimizer=optimizer, emas=emas)
+        else:
+            model.load_state_dict(state["model"])
+            optimizer.load_state_dict(state["optimizer"])
+            if emas is not None:
+                emas.load_state_dict(state["ema"])
+    except (RuntimeError, ValueError, KeyError) as error:
+        raise CheckpointError(f"{str(path)!r}: its weights or optimiser state do not fit this run: "
+                              f"{_first_line(error)}") from None
+    restore_rng_state(state["rng"], generator)
+
+
+def portable_settings(settings: dict, out: str | os.PathLike) -> dict:
+    """``settings`` (a TrainConfig as a dict) with the run folder as "." and paths inside it relative to it."""
+    out = Path(out).resolve()
+    portable = dict(settings, out=".")
+    resume = settings.get("resume")
+    if resume is not None and Path(resume).resolve().parent == out:
+        portable["resume"] = Path(resume).name
+    return portable

@@ -9,14 +9,19 @@
 * **--json** always means: print the result as JSON on stdout (instead of the human-readable table).
 * **--device** takes ``auto`` (CUDA when available, else CPU), ``cpu``, ``cuda`` or ``cuda:N``.
 * **Lists** are space-separated values of one flag: ``--dims 2 8 16``, ``--ema-kimg 500 1000``.
+* **Ctrl-C** that no tool handles itself (during the imports, say) prints one line and exits 130
+  (:func:`quiet_interrupt`, installed by ``full/__init__.py`` and ``toy/__init__.py``).
 
 Light on purpose (no torch at import), so that ``--help`` is instant.
 """
 from __future__ import annotations
 
 import argparse
+import os
 import re
+import sys
 
+EXIT_INTERRUPTED = 130   # 128 + SIGINT: what a shell reports for a program stopped by Ctrl-C
 DEVICE_FORMS = "auto, cpu, cuda or cuda:N"
 _DEVICE = re.compile(r"^(auto|cpu|cuda(:\d+)?)$")
 
@@ -32,12 +37,21 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefau
         return super()._get_help_string(action)
 
 
+NEGATIVE_NUMBER = re.compile(r"^-(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?$|^-(inf|nan)$")
+"""What argparse must read as a negative number, not a flag: ``-1``, ``-0.5``, ``-.5``, ``-1e-3``, ``-inf``."""
+
+
 class Parser(argparse.ArgumentParser):
-    """``argparse.ArgumentParser`` with one-line errors (exit 2) and :class:`HelpFormatter`."""
+    """``argparse.ArgumentParser`` with one-line errors (exit 2) and :class:`HelpFormatter`.
+
+    Negative numbers in scientific notation (``--lr -1e-3``) are values, so that the range check names
+    the flag and the rule; plain argparse (before Python 3.13) takes them for an unknown flag.
+    """
 
     def __init__(self, prog: str, description: str, **kwargs):
         kwargs.setdefault("formatter_class", HelpFormatter)
         super().__init__(prog=prog, description=description, **kwargs)
+        self._negative_number_matcher = NEGATIVE_NUMBER   # argparse's hook for this; widened as Python 3.13 does
 
     def error(self, message: str):
         self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
@@ -93,3 +107,34 @@ def interval(text: str) -> tuple[float, float]:
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected TMIN,TMAX such as 0.1,0.7, got {text!r}") from None
     return t_min, t_max
+
+
+def quiet_interrupt() -> None:
+    """Under ``python -m``: an uncaught Ctrl-C prints ``<prog>: interrupted (Ctrl-C)`` and exits 130, no traceback.
+
+    Installed as ``sys.excepthook`` by the packages' ``__init__`` before torch is imported, so that it
+    also covers a Ctrl-C during the seconds of imports. Does nothing when the package is imported by
+    another program, a test or a REPL (``sys.argv[0]`` is ``-m`` only while ``python -m`` finds the module).
+    Whatever the tool writes is written atomically (``full.io``), so stopping here loses no file.
+    """
+    if sys.argv[:1] != ["-m"] or sys.flags.interactive or getattr(sys.excepthook, "quiet_interrupt", False):
+        return
+    previous = sys.excepthook
+
+    def hook(kind, value, traceback):
+        if not issubclass(kind, KeyboardInterrupt):
+            return previous(kind, value, traceback)
+        command = getattr(sys, "orig_argv", [])   # e.g. [python, -m, full.export, ...]
+        module = command[command.index("-m") + 1] if "-m" in command[:-1] else None
+        prog = f"python -m {module}" if module else "python"
+        for stream in (sys.stdout, sys.stderr):
+            try:
+                stream.flush()
+            except (OSError, ValueError):
+                pass
+        sys.stderr.write(f"{prog}: interrupted (Ctrl-C)\n")
+        sys.stderr.flush()
+        os._exit(EXIT_INTERRUPTED)   # not a re-raised SIGINT, whose exit status is -2 to a parent process
+
+    hook.quiet_interrupt = True
+    sys.excepthook = hook

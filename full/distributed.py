@@ -5,11 +5,13 @@ and LOCAL_RANK; a plain ``python -m full.train`` runs as rank 0 of 1 without a p
 """
 from __future__ import annotations
 
+import contextlib
 import os
 from typing import NamedTuple
 
 import torch
 import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
 
 
 class DistInfo(NamedTuple):
@@ -20,7 +22,10 @@ class DistInfo(NamedTuple):
 
 
 def world_size_from_env() -> int:
-    """WORLD_SIZE set by torchrun (1 without it); used to validate the batch size before start-up."""
+    """The process group's size, else WORLD_SIZE set by torchrun (1 without it): known before start-up,
+    so the batch size is checked before any process group is joined."""
+    if dist.is_initialized():
+        return dist.get_world_size()
     return int(os.environ.get("WORLD_SIZE", "1"))
 
 
@@ -63,3 +68,29 @@ def mean_over_ranks(values: torch.Tensor) -> torch.Tensor:
 def barrier() -> None:
     if dist.is_initialized():
         dist.barrier()
+
+
+def parallelize(step: torch.nn.Module, *, world_size: int, device: torch.device, fsdp: bool = False,
+                fsdp_mixed_precision: str | None = None, compile: bool = False) -> torch.nn.Module:
+    """The training step as the loop calls it: FSDP2-sharded (``fsdp``), DDP-wrapped (several processes)
+    or as it is; then ``torch.compile``d (``compile``: forward, JVP and backward; the first step compiles).
+
+    DDP and FSDP wrap the whole step, not the network: the JVP runs inside the wrapper's ``forward``, so
+    every use of the parameters is covered by its gradient all-reduce / reduce-scatter (full.fsdp).
+    """
+    if fsdp:
+        from .fsdp import shard_objective
+
+        step = shard_objective(step, mixed_precision=fsdp_mixed_precision)
+    elif world_size > 1:
+        step = DistributedDataParallel(step, device_ids=[device.index] if device.type == "cuda" else None)
+    return torch.compile(step) if compile else step
+
+
+def no_sync(step: torch.nn.Module, last_micro_batch: bool):
+    """DDP all-reduces gradients in the backward of the last micro-batch only; FSDP reduce-scatters after
+    every one (unsharded gradients would cost the memory it saves); one process has nothing to sync."""
+    inner = getattr(step, "_orig_mod", step)   # under torch.compile
+    if last_micro_batch or not isinstance(inner, DistributedDataParallel):
+        return contextlib.nullcontext()
+    return inner.no_sync()

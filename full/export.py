@@ -27,9 +27,9 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, safe_open, save
 
 from . import cli
-from .checkpoint import CheckpointError, load_checkpoint, load_model
+from .checkpoint import CheckpointError, load_checkpoint, load_model, read_checkpoint_file
 from .ema import format_half_life
-from .io import atomic_write, write_text
+from .io import atomic_write
 from .model import build_model
 from .presets import PRESETS, SAMPLING
 from .official import OfficialCheckpointError, load_official_state_dict, to_official_state_dict
@@ -132,13 +132,33 @@ def export(ckpt: str | Path, out: str | Path, *, ema: str | None = None, layout:
     state = export_state_dict(model, layout)
     parameters = sum(tensor.numel() for tensor in model.parameters())
     config = export_config(checkpoint, ema=ema, layout=layout, source=str(ckpt), parameters=parameters)
-    text = json.dumps(config, indent=2)
+    text = json.dumps(config, indent=2) + "\n"
     if out.suffix == ".safetensors":
         payload = save(state, metadata={METADATA_KEY: json.dumps(config)})
-        atomic_write(out, lambda file: file.write(payload))
+        write_weights = lambda file: file.write(payload)   # noqa: E731
     else:
-        atomic_write(out, lambda file: torch.save(state, file))
-    write_text(config_path(out), text)
+        write_weights = lambda file: torch.save(state, file)   # noqa: E731
+
+    def write_pair(config_file) -> None:
+        # The weights (the large write, the one a full disk stops) are written and renamed inside the
+        # config's write: a failure leaves both earlier files as they were, never a mismatched pair.
+        config_file.write(text.encode("utf-8"))
+        atomic_write(out, write_weights)
+
+    atomic_write(config_path(out), write_pair)
+    return config
+
+
+def _checked_config(config: object, source: str) -> dict:
+    """``config`` if it is a full.export config naming a known preset, layout and EMA, else ExportError."""
+    if not isinstance(config, dict) or config.get("format") != EXPORT_FORMAT:
+        raise ExportError(f"{source} is not a full.export config (no \"format\": \"{EXPORT_FORMAT}\")")
+    model = config.get("model")
+    preset = model.get("preset") if isinstance(model, dict) else None
+    if preset not in PRESETS or config.get("layout") not in LAYOUTS or not isinstance(config.get("ema"), str):
+        raise ExportError(f"{source}: the config names preset {preset!r}, layout {config.get('layout')!r} and EMA "
+                          f"{config.get('ema')!r}; expected one of {sorted(PRESETS)}, one of {LAYOUTS} and a "
+                          f"half-life key or 'raw'")
     return config
 
 
@@ -146,7 +166,7 @@ def read_export_config(path: str | Path) -> dict:
     """The config of an exported file: its safetensors metadata, else the JSON file beside it.
 
     Raises:
-        ExportError: neither holds an export config.
+        ExportError: neither holds a readable export config (the message names the file and what is wrong).
     """
     path = Path(path)
     if path.suffix == ".safetensors":
@@ -156,18 +176,22 @@ def read_export_config(path: str | Path) -> dict:
         except (SafetensorError, OSError) as error:
             raise ExportError(f"{str(path)!r} is not a readable safetensors file ({error})") from None
         if METADATA_KEY in metadata:
-            return json.loads(metadata[METADATA_KEY])
+            try:
+                config = json.loads(metadata[METADATA_KEY])
+            except json.JSONDecodeError as error:
+                raise ExportError(f"{str(path)!r}: its metadata entry {METADATA_KEY!r} is not JSON ({error})") from None
+            return _checked_config(config, f"{str(path)!r} (metadata {METADATA_KEY!r})")
     sidecar = config_path(path)
     if not sidecar.is_file():
         raise ExportError(f"{str(path)!r} carries no export config and {str(sidecar)!r} does not exist "
                           f"(write both with `python -m full.export`)")
     try:
-        config = json.loads(sidecar.read_text())
-    except json.JSONDecodeError as error:
+        config = json.loads(sidecar.read_bytes().decode("utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
         raise ExportError(f"{str(sidecar)!r} is not JSON ({error})") from None
-    if not isinstance(config, dict) or config.get("format") != EXPORT_FORMAT:
-        raise ExportError(f"{str(sidecar)!r} is not a full.export config (no \"format\": \"{EXPORT_FORMAT}\")")
-    return config
+    except OSError as error:
+        raise ExportError(f"{str(sidecar)!r} cannot be read ({error.strerror or error})") from None
+    return _checked_config(config, repr(str(sidecar)))
 
 
 def is_export(path: str | Path) -> bool:
@@ -192,20 +216,24 @@ def load_exported(path: str | Path, device: torch.device | str = "cpu") -> tuple
     if not path.is_file():
         raise ExportError(f"{str(path)!r} does not exist or is not a file")
     config = read_export_config(path)
-    preset = config.get("model", {}).get("preset")
-    if preset not in PRESETS or config.get("layout") not in LAYOUTS:
-        raise ExportError(f"{str(path)!r}: config names preset {preset!r} / layout {config.get('layout')!r}; "
-                          f"expected one of {sorted(PRESETS)} / {LAYOUTS}")
     try:
-        state = (load_file(str(path)) if path.suffix == ".safetensors"
-                 else torch.load(path, map_location="cpu", weights_only=True))
+        state = load_file(str(path)) if path.suffix == ".safetensors" else read_checkpoint_file(path)
+    except CheckpointError as error:   # garbage, truncated, or a pickle holding code (refused, never run)
+        raise ExportError(str(error)) from None
     except (SafetensorError, RuntimeError, OSError, EOFError, ValueError) as error:
         raise ExportError(f"{str(path)!r} is not a readable weights file ({type(error).__name__})") from None
+    if not isinstance(state, dict) or not all(
+            isinstance(name, str) and isinstance(tensor, torch.Tensor) for name, tensor in state.items()):
+        raise ExportError(f"{str(path)!r} is not a state dict {{name: tensor}}")
     bad = next((name for name, tensor in state.items() if tensor.is_floating_point()
                 and not torch.isfinite(tensor).all()), None)
     if bad is not None:
         raise ExportError(f"{str(path)!r}: tensor {bad!r} holds NaN or inf")
-    model = build_model(**{**config["model"], "v_head": False})
+    try:
+        model = build_model(**{**config["model"], "v_head": False})
+    except (TypeError, ValueError) as error:
+        raise ExportError(f"{str(path)!r}: its config's model {config['model']} cannot be built "
+                          f"({str(error).splitlines()[0]})") from None
     try:
         if config["layout"] == "ours":
             model.load_state_dict(state, strict=True)
@@ -232,12 +260,19 @@ def main(argv: list[str] | None = None) -> None:
                         help="ours: our parameter names; official: the authors' released layout (net.* keys)")
     parser.add_argument("--force", action="store_true", help="replace an earlier export in --out")
     args = parser.parse_args(argv)
-    if not Path(args.ckpt).is_file():
-        parser.error(f"CKPT: {args.ckpt!r} is not a file")
+    if not (Path(args.ckpt).is_file() or (Path(args.ckpt) / "meta.pt").is_file()):   # a file, or --fsdp's folder
+        parser.error(f"CKPT: {args.ckpt!r} is not a file (or a sharded checkpoint folder)")
     cli.check_out(parser, args.out)
     out = Path(args.out) / (EXPORT_NAME + (".safetensors" if args.format == "ours" else ".pt"))
     if (out.exists() or config_path(out).exists()) and not args.force:
         parser.error(f"--out: {str(out)!r} (or its {config_path(out).name}) exists; pass --force to replace it")
+    official_pt = out.with_suffix(".pt")
+    if out.suffix == ".safetensors" and official_pt.exists():
+        # model.pt has no config of its own: replacing model.json would describe it as this export.
+        # (A model.safetensors carries its config in its metadata, so the reverse is safe.)
+        parser.error(f"--out: {str(official_pt)!r}, an export in the other --format, is described by "
+                     f"{config_path(out).name}, which this export would replace (even with --force); "
+                     f"choose another --out")
     if args.ema is not None and args.ema != "raw":
         try:
             if not (math.isfinite(float(args.ema)) and float(args.ema) > 0):
@@ -250,6 +285,10 @@ def main(argv: list[str] | None = None) -> None:
         parser.error(error.args[0])
     except CheckpointError as error:
         parser.error(f"CKPT: {error}")
+    except OSError as error:   # a full disk: both earlier files (if any) are untouched, nothing half-written
+        print(f"{parser.prog}: error: writing {str(out)!r} failed: {error.strerror or error}; nothing was "
+              f"replaced", file=sys.stderr)
+        sys.exit(1)
     best = format_half_life(SAMPLING[config["model"]["preset"]].ema_kimg)
     if args.ema is None and config["ema"] != best:
         print(f"note: the run did not keep EMA {best} (the preset's best); exported "

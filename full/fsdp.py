@@ -11,7 +11,8 @@ Sharding plan. ``fully_shard`` on every transformer ``Block`` (each is all-gathe
 and freed after) and on :class:`full.step.TrainingStep` as the root, which holds the rest (embedders,
 tokens, heads' norms and output layers). The root must be the objective, not the ViT: the objective's
 ``forward`` runs the whole loss (the no-grad guidance pass and the JVP pass), while the ViT's
-``__call__`` is never used (its ``forward_uv`` / ``forward_v`` are), so FSDP's hooks on it would never fire.
+``__call__`` is never used (its trunk and heads are, through ``full.model.core_fns``), so FSDP's hooks
+on it would never fire.
 The frozen perceptual networks are left out of the sharding (replicated, as with DDP).
 
 Gradients are reduce-scattered after every micro-batch's backward (no ``no_sync``): skipping the sync
@@ -25,11 +26,14 @@ rows: the update is bit-identical to an unsharded ``torch.optim.Muon`` step (tes
 
 Checkpoints. ``torch.distributed.checkpoint`` writes every rank's shards into a temp folder, rank 0
 adds ``meta.pt`` (step, RNG, data position, config, optimiser hyper-parameters: plain containers,
-read with ``weights_only=True``); the folder is renamed to ``checkpoint-<step>.dcp`` and the link
-``checkpoint.dcp`` is moved onto it with one ``os.replace``. A kill at any point leaves the link on the
-previous complete folder. Loading reshards, so a run saved on N processes resumes on M. Every rank
-writes into the same folder: on several nodes it must be on a shared file system. DCP reads
-its ``.metadata`` file with pickle: resume and export only folders you wrote.
+read with ``weights_only=True``); the folder is renamed to ``checkpoint-<step>.dcp`` (the step in 9 digits,
+as the single-file ``checkpoint-<step>.pt``) and the link ``checkpoint.dcp`` is moved onto it with one
+``os.replace``; then all but the ``keep_last`` newest folders are deleted. A kill at any point leaves the
+link on the previous complete folder. Loading reshards, so a run saved on N processes resumes on M. Every
+rank writes into the same folder: on several nodes it must be on a shared file system. DCP writes its
+``.metadata`` file with pickle; it is read here by :func:`read_dcp_metadata`, an unpickler that builds
+only DCP's metadata classes, ``torch.Size``, dtypes and paths and refuses anything else (a planted payload
+never runs).
 
 Mixed precision (``mixed_precision="bf16"``): parameters are all-gathered in bf16 and gradients
 reduce-scattered in fp32, but every forward -- the JVP pass included -- computes in fp32 from the
@@ -44,6 +48,7 @@ from __future__ import annotations
 
 import inspect
 import os
+import pickle
 import resource
 import shutil
 import sys
@@ -52,6 +57,8 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.api import CheckpointException
+from torch.distributed.checkpoint.metadata import StorageMeta
 from torch import nn
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.distributed.fsdp._fully_shard import _fsdp_param_group
@@ -296,20 +303,21 @@ def _index_state(layout: dict, state_by_name: dict) -> dict:
 
 
 def save_sharded_checkpoint(path: str | os.PathLike, *, model: nn.Module, optimizer, emas: ShardedEMA,
-                            meta: dict, fault=None) -> Path:
+                            meta: dict, keep_last: int = 1, fault=None) -> Path:
     """Write a sharded checkpoint (every rank calls this) and move the link ``path`` onto it.
 
     Args:
-        path: the link, e.g. ``out/checkpoint.dcp``; the folder is ``out/checkpoint-<step>.dcp``.
+        path: the link, e.g. ``out/checkpoint.dcp``; the folder is ``out/checkpoint-<step, 9 digits>.dcp``.
         model: the sharded PMFViT.  optimizer: a MuonWithNAdam on it.  emas: its ShardedEMA.
         meta: plain containers and tensors (``step``, ``rng``, ``data``, ``config``, ...), from rank 0.
+        keep_last: checkpoint folders kept, the new one included (0 counts as 1).
         fault: tests only -- called with a stage name ("shards", "folder") to simulate a kill there.
     Returns:
         the checkpoint folder.
     """
     path = Path(path)
     step = int(meta["step"])
-    folder = path.parent / f"{path.stem}-{step:08d}{path.suffix}"
+    folder = path.parent / f"{path.stem}-{step:09d}{path.suffix}"
     temp = path.parent / f"{TEMP_PREFIX}{folder.name}"      # the same name on every rank
     if _rank() == 0:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -328,20 +336,30 @@ def save_sharded_checkpoint(path: str | os.PathLike, *, model: nn.Module, optimi
         copy = 0
         while folder.exists():                       # this step saved before: never touch the linked folder
             copy += 1
-            folder = path.parent / f"{path.stem}-{step:08d}.{copy}{path.suffix}"
+            folder = path.parent / f"{path.stem}-{step:09d}.{copy}{path.suffix}"
         os.rename(temp, folder)                      # atomic: the folder appears complete or not at all
         if fault is not None:
             fault("folder")
         link_temp = path.parent / f"{TEMP_PREFIX}{path.name}.link"
         link_temp.unlink(missing_ok=True)
         os.symlink(folder.name, link_temp)
-        previous = path.resolve() if path.is_symlink() else None
         os.replace(link_temp, path)                  # atomic: the link names the old folder or the new one
         _fsync_folder(path.parent)
-        if previous is not None and previous != folder.resolve() and previous.is_dir():
-            shutil.rmtree(previous)
+        for older in sharded_folders(path)[:-max(keep_last, 1)]:   # oldest first; the linked one is the newest
+            shutil.rmtree(older)
     _barrier()
     return path.resolve()
+
+
+def sharded_folders(path: str | os.PathLike) -> list[Path]:
+    """The complete checkpoint folders beside the link ``path`` up to the one it names, oldest first."""
+    path = Path(path)
+    if not path.exists():
+        return []
+    current = path.resolve()
+    found = sorted((candidate for candidate in path.parent.glob(f"{path.stem}-*{path.suffix}")
+                    if candidate.is_dir() and not candidate.is_symlink()), key=lambda folder: folder.name)
+    return [folder for folder in found if folder.name <= current.name]
 
 
 def _fsync_folder(folder: Path) -> None:
@@ -353,15 +371,16 @@ def _fsync_folder(folder: Path) -> None:
 
 
 def remove_stale_sharded(path: str | os.PathLike) -> list[Path]:
-    """Delete what a killed save of the link ``path`` left behind: temp folders and checkpoint folders
-    the link does not name. Rank 0, before training; returns the removed paths."""
+    """Delete what a killed save of the link ``path`` left behind: temp folders, and checkpoint folders
+    newer than the one the link names (``--keep-last`` keeps the older ones). Rank 0, before training;
+    returns the removed paths."""
     path = Path(path)
     if not path.parent.is_dir():
         return []
-    current = path.resolve() if path.exists() else None
+    kept = {folder.resolve() for folder in sharded_folders(path)}
     stale = [candidate for pattern in (f"{TEMP_PREFIX}{path.stem}-*{path.suffix}", f"{TEMP_PREFIX}{path.name}.link",
                                        f"{path.stem}-*{path.suffix}")
-             for candidate in sorted(path.parent.glob(pattern)) if candidate.resolve() != current]
+             for candidate in sorted(path.parent.glob(pattern)) if candidate.resolve() not in kept]
     for candidate in stale:
         if candidate.is_dir() and not candidate.is_symlink():
             shutil.rmtree(candidate)
@@ -388,12 +407,12 @@ def resume_target(path: str | os.PathLike, newest_file) -> Path:
 def remove_sharded(path: str | os.PathLike) -> None:
     """Delete the link ``path``, the folder it names and every other sharded checkpoint beside it."""
     path = Path(path)
+    folders = sharded_folders(path)
     remove_stale_sharded(path)
     if path.is_symlink() or path.exists():
-        target = path.resolve()
         path.unlink() if path.is_symlink() else shutil.rmtree(path)
-        if target.is_dir():
-            shutil.rmtree(target)
+    for folder in folders:
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 def read_sharded_meta(path: str | os.PathLike) -> dict:
@@ -415,6 +434,61 @@ def read_sharded_meta(path: str | os.PathLike) -> dict:
     return meta
 
 
+_DCP_METADATA_CLASSES = {
+    "torch.distributed.checkpoint.metadata": {"Metadata", "TensorStorageMetadata", "TensorProperties",
+                                              "ChunkStorageMetadata", "BytesStorageMetadata", "MetadataIndex",
+                                              "StorageMeta", "_MEM_FORMAT_ENCODING"},
+    "torch.distributed.checkpoint.filesystem": {"_StorageInfo"},
+    "torch.serialization": {"_get_layout"},
+    "torch": {"Size"},
+    "pathlib": {"PosixPath", "WindowsPath", "PurePosixPath", "PureWindowsPath", "Path"},
+}
+"""What a DCP ``.metadata`` pickle may build (plus ``torch.<dtype>``): data classes whose constructors only
+store their arguments. Anything else -- ``os.system``, ``builtins.eval`` -- is refused, never called."""
+
+
+class _MetadataUnpickler(pickle.Unpickler):
+    def find_class(self, module: str, name: str):
+        if name in _DCP_METADATA_CLASSES.get(module, ()) or (
+                module == "torch" and isinstance(getattr(torch, name, None), torch.dtype)):
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(f"refused global {module}.{name}")
+
+
+def read_dcp_metadata(path: str | os.PathLike):
+    """The ``Metadata`` of the sharded checkpoint folder ``path``, unpickled without running code from it.
+
+    Raises:
+        CheckpointError: a missing, corrupt or foreign ``.metadata``, or one asking for anything but DCP's
+        metadata classes (the message says it was refused and why).
+    """
+    file = Path(path) / ".metadata"
+    try:
+        with open(file, "rb") as handle:
+            metadata = _MetadataUnpickler(handle).load()
+    except pickle.UnpicklingError as error:
+        if str(error).startswith("refused global"):
+            raise CheckpointError(f"{str(file)!r} refused: it asks for Python objects other than DCP's metadata "
+                                  f"({str(error)[len('refused '):]}); loading it could run code") from None
+        raise CheckpointError(f"{str(file)!r} is corrupt (not a DCP metadata pickle: {error})") from None
+    except (OSError, EOFError, ValueError, TypeError, AttributeError, KeyError, IndexError, ImportError) as error:
+        raise CheckpointError(f"{str(file)!r} is unreadable or corrupt ({type(error).__name__}: {error})") from None
+    if type(metadata).__name__ != "Metadata" or not isinstance(getattr(metadata, "state_dict_metadata", None), dict):
+        raise CheckpointError(f"{str(file)!r} is not DCP metadata (it holds a {type(metadata).__name__})")
+    return metadata
+
+
+class SafeFileSystemReader(dcp.FileSystemReader):
+    """DCP's file reader with :func:`read_dcp_metadata` in place of its plain ``pickle.load``."""
+
+    def read_metadata(self, *args, **kwargs):
+        metadata = read_dcp_metadata(self.path)
+        if getattr(metadata, "storage_meta", None) is None:
+            metadata.storage_meta = StorageMeta()
+        metadata.storage_meta.load_id = self.load_id
+        return metadata
+
+
 def load_sharded_checkpoint(path: str | os.PathLike, *, model: nn.Module, optimizer, emas: ShardedEMA) -> dict:
     """Read a sharded checkpoint into a sharded model, optimiser and EMAs (every rank calls this), on any
     number of processes; returns its ``meta`` (step, RNG, data position, config).
@@ -428,9 +502,10 @@ def load_sharded_checkpoint(path: str | os.PathLike, *, model: nn.Module, optimi
         raise CheckpointError(f"{str(path)!r}: optimiser parts {sorted(meta['optimizer_layout'])}, this run has "
                               f"{sorted(state_by_name)}")
     tensors = {"model": model.state_dict(), "ema": emas.state_dict(), "optimizer": state_by_name}
-    try:
-        dcp.load(tensors, checkpoint_id=Path(path), no_dist=not dist.is_initialized())   # in place, resharded
-    except Exception as error:   # DCP wraps every rank's failure in one CheckpointException
+    read_dcp_metadata(path)      # a corrupt or unsafe .metadata: one clear error on every rank
+    try:                         # in place, resharded
+        dcp.load(tensors, storage_reader=SafeFileSystemReader(Path(path)), no_dist=not dist.is_initialized())
+    except (Exception, CheckpointException) as error:   # a BaseException: DCP wraps every rank's failure in it
         first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise CheckpointError(f"{str(path)!r}: its shards do not fit this run: {first}") from None
     model.load_state_dict(tensors["model"])
@@ -448,22 +523,31 @@ def load_sharded_whole(path: str | os.PathLike) -> tuple[dict, dict]:
     from torch.distributed.checkpoint.state_dict_loader import _load_state_dict
 
     meta = read_sharded_meta(path)
+    read_dcp_metadata(path)
     tensors: dict = {}
-    _load_state_dict(tensors, storage_reader=dcp.FileSystemReader(Path(path)), planner=_EmptyStateDictLoadPlanner(),
-                     no_dist=True)
+    try:
+        _load_state_dict(tensors, storage_reader=SafeFileSystemReader(Path(path)),
+                         planner=_EmptyStateDictLoadPlanner(), no_dist=True)
+    except (Exception, CheckpointException) as error:   # CheckpointException is a BaseException
+        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise CheckpointError(f"{str(path)!r}: its shards are unreadable: {first}") from None
     return tensors, meta
 
 
-def export_checkpoint(path: str | os.PathLike, target: str | os.PathLike) -> Path:
-    """Write the single-file checkpoint of :mod:`full.checkpoint` (what ``full.sample`` reads, and what
-    the DDP trainer resumes) from a sharded folder: same weights, EMAs, optimiser state, RNG, data position."""
+def sharded_as_single_file(path: str | os.PathLike) -> dict:
+    """The dict of a single-file checkpoint (:mod:`full.checkpoint`) from a sharded folder: same weights,
+    EMAs, optimiser state, RNG, data position (``full.sample`` and ``full.export`` read it this way)."""
     tensors, meta = load_sharded_whole(path)
     layout = meta.pop("optimizer_layout")
     for key in ("sharded", "world_size"):
         meta.pop(key)
-    state = {**meta, "model": tensors["model"], "ema": tensors["ema"],
-             "optimizer": _index_state(layout, tensors["optimizer"])}
-    return save_checkpoint(target, state)
+    return {**meta, "model": tensors["model"], "ema": tensors["ema"],
+            "optimizer": _index_state(layout, tensors["optimizer"])}
+
+
+def export_checkpoint(path: str | os.PathLike, target: str | os.PathLike) -> Path:
+    """Write :func:`sharded_as_single_file` to ``target`` (what the DDP trainer resumes)."""
+    return save_checkpoint(target, sharded_as_single_file(path))
 
 
 # ----------------------------------------------------------------------------- memory of a step
@@ -587,9 +671,14 @@ def main(argv: list[str] | None = None) -> None:
 
     if args.preset not in PRESETS:
         parser.error(f"--preset: unknown preset {args.preset!r}; choose one of {sorted(PRESETS)}")
+    if args.processes < 1:
+        memory.error(f"--processes must be >= 1, got {args.processes}")
     overrides = {"resolution": args.resolution, "patch": ARCHITECTURES[args.preset].patch}
-    with torch.device("meta"):
-        muon = sum(p.numel() for p in split_parameters(build_model(args.preset, **overrides))[0])
+    try:
+        with torch.device("meta"):
+            muon = sum(p.numel() for p in split_parameters(build_model(args.preset, **overrides))[0])
+    except ValueError as error:   # e.g. a resolution that the preset's patch does not divide
+        memory.error(f"--resolution: {error}")
     print(f"| {args.preset} at {args.resolution} px, {args.processes} gloo processes | peak RSS added per "
           f"process (GiB) | model states, busiest rank (GiB) |\n|---|---|---|")
     for sharded in (False, True):

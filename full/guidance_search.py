@@ -8,7 +8,8 @@ App. A), so choosing them is a pure sampling-time search; the paper reports the 
 (omega, interval, EMA) per model (B/16: 8.5, [0.1, 0.7], 2000). Every setting samples the same
 noise and labels (per-sample seeds of full.sample), so differences between rows come from the
 setting, not from the draw. Prints a table (FID, IS per combination; best FID marked) and writes
-JSON after every row, so an interrupted search keeps what it finished. Runs in one process.
+JSON after every row, so an interrupted search keeps what it finished. An ``--out`` holding an earlier
+search's JSON is refused unless ``--overwrite``. Runs in one process.
 """
 from __future__ import annotations
 
@@ -27,7 +28,7 @@ from .evaluate import metrics_from_features
 from .checkpoint import CheckpointError, first_non_finite, load_checkpoint
 from .export import choose_ema
 from . import cli
-from .io import write_json
+from .io import finite_or_null, write_json
 from .fid import (IS_SPLITS, POOL_DIM, InceptionWeightsError, build_inception, extract_features,
                   load_statistics)
 from .sample import (NonFiniteSamplesError, checkpoint_info, iter_samples, load_for_sampling,
@@ -106,6 +107,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--num", type=int, default=10000, help="samples per setting (class-balanced)")
     parser.add_argument("--out", default=None, metavar="DIR",
                         help=f"output folder: {RESULT_NAME}, every row so far (rewritten after each row)")
+    parser.add_argument("--overwrite", action="store_true",
+                        help=f"replace an earlier {RESULT_NAME} in --out (without it, such a folder is refused)")
     cli.add_json(parser, "all rows")
     parser.add_argument("--seed", type=int, default=0, help="noise seed shared by every setting")
     parser.add_argument("--batch-size", type=int, default=64, help="images per network and Inception call")
@@ -141,6 +144,9 @@ def main(argv: list[str] | None = None) -> None:
     device = cli.resolve_device(parser, args.device)
     if args.out is not None:
         cli.check_out(parser, args.out)
+        if (Path(args.out) / RESULT_NAME).exists() and not args.overwrite:   # an earlier search's rows
+            parser.error(f"--out: {str(Path(args.out) / RESULT_NAME)!r} holds an earlier search; pass --overwrite "
+                         f"to replace it, or choose another --out")
 
     try:
         preset, available = checkpoint_info(args.ckpt)
@@ -170,7 +176,7 @@ def main(argv: list[str] | None = None) -> None:
     try:
         extractor = build_inception(args.inception_weights, device)
     except FileNotFoundError as error:   # the message names the weights file and where to put it
-        sys.exit(f"error: {error}")
+        parser.error(f"--inception-weights: {error}")
     except InceptionWeightsError as error:
         parser.error(str(error))
 
@@ -196,10 +202,13 @@ def main(argv: list[str] | None = None) -> None:
     except (CheckpointError, NonFiniteSamplesError) as error:   # finished rows are saved already
         parser.error(f"--ckpt: {error}")
     except OSError as error:   # writing --out failed (a full disk): the printed rows above are the record
-        sys.exit(f"error: writing --out {args.out} failed: {error}")
+        where = error.filename or (Path(args.out) / RESULT_NAME if args.out else "a file")
+        print(f"{parser.prog}: error: writing {str(where)!r} failed: {error.strerror or error}; the rows printed "
+              f"above are the record", file=sys.stderr)
+        sys.exit(1)
     print("\n" + format_table(rows), file=table)
-    if args.json:
-        print(json.dumps(record(), indent=2))
+    if args.json:   # strict JSON: a NaN metric is null, never a bare NaN token
+        print(json.dumps(finite_or_null(record()), indent=2, allow_nan=False))
 
 
 if __name__ == "__main__":

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import math
 import os
+import warnings
 from pathlib import Path
 
 import torch
@@ -42,14 +43,53 @@ def weights_dir() -> Path:
     return Path(torch.hub.get_dir()) / "checkpoints"
 
 
+class PretrainedWeightsError(FileNotFoundError):
+    """A pretrained-weights file that is missing or unusable (garbage, foreign, NaN, or holding code).
+
+    The message is one line naming the file. A FileNotFoundError, so that every caller that treats a
+    missing weights file as a user error (exit 2) treats an unusable one the same way.
+    """
+
+
 def require_file(path: Path, what: str, flag: str | None = None) -> Path:
-    """Raise a FileNotFoundError naming ``path`` and how to provide it, unless it exists."""
+    """Raise a PretrainedWeightsError naming ``path`` and how to provide it, unless it exists."""
     if not path.is_file():
         hint = f" or pass {flag} PATH" if flag else ""
-        raise FileNotFoundError(
+        raise PretrainedWeightsError(
             f"{what} weights not found: expected the file {str(path)!r}. Nothing is downloaded at run time: "
             f"copy {path.name} into {str(path.parent)!r} (set $TORCH_HOME to move that folder){hint}.")
     return path
+
+
+def read_state_dict(path: Path, what: str) -> dict[str, torch.Tensor]:
+    """``{name: tensor}`` of a ``.pt``/``.pth`` or ``.safetensors`` file, read without running anything in it.
+
+    Raises:
+        PretrainedWeightsError: a garbage, truncated or non-state-dict file, or a pickle that holds code.
+    """
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    from .checkpoint import CheckpointError, read_checkpoint_file
+
+    try:
+        state = load_file(str(path)) if path.suffix == ".safetensors" else read_checkpoint_file(path, "cpu")
+    except CheckpointError as error:          # names the file; says "holds code and was refused" for a payload
+        raise PretrainedWeightsError(f"{what} weights: {error}") from None
+    except (SafetensorError, OSError) as error:
+        raise PretrainedWeightsError(f"{what} weights: {str(path)!r} is not a readable safetensors file "
+                                     f"({str(error).splitlines()[0] if str(error) else type(error).__name__})"
+                                     ) from None
+    if isinstance(state, dict) and "model" in state and isinstance(state["model"], dict):
+        state = state["model"]                # the official ConvNeXt release wraps its weights
+    if not isinstance(state, dict) or not state or not all(
+            isinstance(key, str) and isinstance(value, torch.Tensor) for key, value in state.items()):
+        raise PretrainedWeightsError(f"{what} weights: {str(path)!r} is not a state dict {{name: tensor}}")
+    bad = next((key for key, value in state.items() if value.is_floating_point() and not value.isfinite().all()),
+               None)
+    if bad is not None:
+        raise PretrainedWeightsError(f"{what} weights: {str(path)!r}: tensor {bad!r} holds NaN or inf")
+    return state
 
 
 # ----------------------------------------------------------------------------- paired random resized crop
@@ -120,17 +160,48 @@ def paired_resized_crop(x_hat: torch.Tensor, x: torch.Tensor, boxes: torch.Tenso
 
 # ----------------------------------------------------------------------------- the two networks
 
+def lpips_heads_file() -> Path:
+    """The lpips package's calibrated linear heads for VGG (``weights/v0.1/vgg.pth`` inside the package)."""
+    import lpips
+
+    return Path(lpips.__file__).parent / "weights" / "v0.1" / "vgg.pth"
+
+
 def build_lpips_vgg(*, pretrained_backbone: bool = True) -> nn.Module:
     """``lpips.LPIPS(net="vgg")`` with the package's calibrated linear heads.
 
-    ``pretrained_backbone=False`` gives a randomly initialised VGG (tests; nothing is read).
-    Raises FileNotFoundError naming ``vgg16-397923af.pth`` and its folder when the weights are absent.
+    Every file is read here with ``weights_only=True`` and handed over as tensors: lpips and
+    torchvision would load them with a full unpickler, so a planted payload would run. The VGG16
+    file's ``features.<i>.*`` tensors fill lpips's ``net.slice<k>.<i>.*`` (same index ``i``); its
+    classifier is unused. ``pretrained_backbone=False`` gives a randomly initialised VGG (tests).
+
+    Raises:
+        PretrainedWeightsError: naming ``vgg16-397923af.pth`` and its folder when it is absent, or the
+        file and what is wrong when it is garbage, foreign, non-finite or holds code.
     """
     import lpips
 
-    if pretrained_backbone:
-        require_file(weights_dir() / VGG16_FILE, "LPIPS VGG16 (torchvision ImageNet)")
-    return lpips.LPIPS(net="vgg", pretrained=True, pnet_rand=not pretrained_backbone, verbose=False)
+    vgg_path = require_file(weights_dir() / VGG16_FILE, "LPIPS VGG16 (torchvision ImageNet)") \
+        if pretrained_backbone else None
+    with warnings.catch_warnings():   # lpips passes torchvision the deprecated ``pretrained=False``
+        warnings.simplefilter("ignore", UserWarning)
+        network = lpips.LPIPS(net="vgg", pretrained=False, pnet_rand=True, verbose=False)   # reads no file
+    heads = read_state_dict(lpips_heads_file(), "LPIPS linear heads")
+    network.load_state_dict({**network.state_dict(), **heads}, strict=True)
+    if vgg_path is not None:
+        state = read_state_dict(vgg_path, "LPIPS VGG16")
+        backbone = {}
+        for name, tensor in network.net.state_dict().items():     # "slice3.10.weight" <- "features.10.weight"
+            theirs = "features." + name.split(".", 1)[1]
+            if theirs not in state:
+                raise PretrainedWeightsError(f"LPIPS VGG16 weights: {str(vgg_path)!r} is not torchvision's VGG16 "
+                                             f"(it lacks {theirs!r})")
+            if state[theirs].shape != tensor.shape:
+                raise PretrainedWeightsError(f"LPIPS VGG16 weights: {str(vgg_path)!r}: {theirs!r} has shape "
+                                             f"{tuple(state[theirs].shape)}, expected {tuple(tensor.shape)}")
+            backbone[name] = state[theirs]
+        network.net.load_state_dict(backbone, strict=True)
+    return network.eval()
 
 
 def build_convnext_v2(*, arch: str = "convnextv2_base", weights: str | os.PathLike | None = None,
@@ -151,14 +222,14 @@ def build_convnext_v2(*, arch: str = "convnextv2_base", weights: str | os.PathLi
                             "ConvNeXt-V2", "--convnext-weights")
     network = timm.create_model(arch, pretrained=False, num_classes=0)
     if pretrained:
-        if path.suffix == ".safetensors":
-            from safetensors.torch import load_file
-            state = load_file(str(path))
-        else:
-            state = torch.load(path, map_location="cpu", weights_only=True)
-        state = checkpoint_filter_fn(state, network)
-        state = {key: value for key, value in state.items() if not key.startswith("head.fc.")}  # classifier unused
-        network.load_state_dict(state, strict=True)
+        state = read_state_dict(path, "ConvNeXt-V2")
+        try:
+            state = checkpoint_filter_fn(state, network)
+            state = {key: value for key, value in state.items() if not key.startswith("head.fc.")}  # unused
+            network.load_state_dict(state, strict=True)
+        except (RuntimeError, KeyError, ValueError) as error:
+            raise PretrainedWeightsError(f"ConvNeXt-V2 weights: {str(path)!r} does not fit {arch} "
+                                         f"({str(error).strip().splitlines()[0]})") from None
     return network
 
 

@@ -12,8 +12,9 @@ Reads the run folder's ``log.jsonl`` (full.train's records) and, when present, `
 3. FID of every evaluated EMA.
 
 Each logged point is drawn faintly with a running geometric mean over it. After a resume the log
-repeats the steps since the checkpoint; the later record of a step wins. Lines that do not parse
-(a write cut short by a crash) are skipped and counted.
+repeats the steps since the checkpoint; the later record of a step wins. Lines that are not records
+(a write cut short by a crash, bytes that are not UTF-8, a step or images_seen that is not a number)
+are skipped and counted; values that are not positive numbers are left out of their curve.
 """
 from __future__ import annotations
 
@@ -48,18 +49,28 @@ class RunLogs(NamedTuple):
     skipped: int              # lines that did not parse
 
 
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
 def read_jsonl(path: Path) -> tuple[list[dict], int]:
-    """(the dict lines of a JSON-lines file, number of lines that are not a JSON object)."""
+    """(the records of a JSON-lines file, number of lines that are not records).
+
+    A record is a UTF-8 line holding a JSON object whose ``step`` is an integer and whose
+    ``images_seen`` is a finite number (the x-axis); any other line -- cut short by a crash, not
+    UTF-8, another program's -- is skipped and counted. Other values are checked where they are drawn.
+    """
     records, skipped = [], 0
-    for line in path.read_text().splitlines():
-        if not line.strip():
+    for raw in path.read_bytes().splitlines():
+        if not raw.strip():
             continue
         try:
-            record = json.loads(line)
-        except json.JSONDecodeError:
+            record = json.loads(raw.decode("utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError):
             skipped += 1
             continue
-        if isinstance(record, dict) and "step" in record:
+        if (isinstance(record, dict) and isinstance(record.get("step"), int) and not isinstance(record["step"], bool)
+                and _is_number(record.get("images_seen"))):
             records.append(record)
         else:
             skipped += 1
@@ -97,7 +108,7 @@ def running_geometric_mean(values: np.ndarray, window: int) -> np.ndarray:
 def _series(records: list[dict], name: str) -> tuple[np.ndarray, np.ndarray]:
     """(images seen, values) of the records with a finite, positive ``name`` (a log axis needs > 0)."""
     pairs = [(record["images_seen"], record[name]) for record in records
-             if isinstance(record.get(name), (int, float)) and math.isfinite(record[name]) and record[name] > 0]
+             if _is_number(record.get(name)) and record[name] > 0]
     x, y = (np.array(column, dtype=np.float64) for column in zip(*pairs)) if pairs else (np.zeros(0), np.zeros(0))
     return x, y
 
@@ -161,11 +172,19 @@ def main(argv: list[str] | None = None) -> None:
         cli.check_out(parser, args.out)
     try:
         logs_skipped = read_run(args.run_dir).skipped
-        out = plot_run(args.run_dir, args.out)
     except (FileNotFoundError, ValueError) as error:
         parser.error(f"RUN_DIR: {error}")
+    except OSError as error:   # a log.jsonl that is a folder, or unreadable
+        parser.error(f"RUN_DIR: cannot read {error.filename or args.run_dir!r}: {error.strerror or error}")
+    try:
+        out = plot_run(args.run_dir, args.out)
+    except OSError as error:   # a full disk while writing the PNG: nothing is left half-written (full.io)
+        target = Path(args.out if args.out is not None else args.run_dir) / DEFAULT_OUT
+        print(f"{parser.prog}: error: writing {str(target)!r} failed: {error.strerror or error}", file=sys.stderr)
+        sys.exit(1)
     if logs_skipped:
-        print(f"skipped {logs_skipped} line(s) that are not JSON records", file=sys.stderr)
+        print(f"skipped {logs_skipped} line(s) that are not training records (a JSON object with a numeric step "
+              f"and images_seen)", file=sys.stderr)
     print(f"wrote {out}")
 
 

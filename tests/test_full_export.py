@@ -121,12 +121,15 @@ def nan_checkpoint(checkpoint, tmp_path):
     (["--out", "export", "--ema", "2000"], "--ema 2000: the checkpoint has no EMA '2000'"),
     (["--out", "export", "--ema", "abc"], "--ema"),
     (["--out", "exists", "--ema", EMA], "--force"),
+    (["--out", "official", "--ema", EMA, "--force"], "an export in the other --format"),
 ])
 def test_cli_bad_input_one_line_error(checkpoint, argv_tail, message, tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     (tmp_path / "a_file").write_bytes(b"")
     (tmp_path / "exists").mkdir()
     (tmp_path / "exists" / "model.safetensors").write_bytes(b"")
+    (tmp_path / "official").mkdir()
+    (tmp_path / "official" / "model.pt").write_bytes(b"an official-layout export")
     with pytest.raises(SystemExit) as exit_info:
         X.main([str(checkpoint), *argv_tail])
     assert exit_info.value.code == 2
@@ -198,3 +201,81 @@ def test_choose_ema_names_the_flag():
     assert "ema=None" not in error.value.args[0]
     with pytest.raises(ValueError, match="--ema"):
         X.choose_ema("pMF-B/16", ["500"], "abc")
+
+
+# ----------------------------------------------------------------------------- damaged exports, full disks
+
+def _beside_a_valid_config(checkpoint, tmp_path, content):
+    """``model.pt`` holding ``content`` (bytes, or an object to torch.save) beside a valid official-layout model.json."""
+    out = tmp_path / "export" / "model.pt"
+    X.export(checkpoint, out, ema=EMA, layout="official")
+    if isinstance(content, bytes):
+        out.write_bytes(content)
+    else:
+        torch.save(content, out)
+    return out
+
+
+def _metadata_export(tmp_path, metadata: str):
+    from safetensors.torch import save
+
+    path = tmp_path / "model.safetensors"
+    path.write_bytes(save({"pos_embed": torch.zeros(2)}, metadata={X.METADATA_KEY: metadata}))
+    return path
+
+
+@pytest.mark.parametrize("make, message", [
+    (lambda c, t: _beside_a_valid_config(c, t, b"\x00garbage" * 400), "is not a torch file"),
+    (lambda c, t: _beside_a_valid_config(c, t, b""), "is empty"),
+    (lambda c, t: _beside_a_valid_config(c, t, [torch.zeros(2)]), "is not a state dict"),
+    (lambda c, t: _planted_export(c, t), "holds code and was refused"),
+    (lambda c, t: _metadata_export(t, "{not json"), "its metadata entry 'pmf_config' is not JSON"),
+    (lambda c, t: _metadata_export(t, "[1, 2]"), "is not a full.export config"),
+    (lambda c, t: _metadata_export(t, json.dumps({"format": X.EXPORT_FORMAT, "model": {"preset": "pMF-Z/1"},
+                                                  "layout": "ours", "ema": "1"})), "the config names preset 'pMF-Z/1'"),
+])
+def test_damaged_export_is_one_line_naming_the_file(checkpoint, tmp_path, capsys, make, message):
+    from full import sample as S
+
+    path = make(checkpoint, tmp_path)
+    with pytest.raises(X.ExportError, match=message) as raised:
+        X.load_exported(path)
+    assert str(path) in str(raised.value) and "\n" not in str(raised.value)
+    with pytest.raises(SystemExit) as exit_info:   # full.sample: named as --ckpt, never as an --ema problem
+        S.main(["--ckpt", str(path), "--num", "2", "--out", str(tmp_path / "samples"), "--device", "cpu"])
+    error = capsys.readouterr().err
+    assert exit_info.value.code == 2 and error.count("\n") == 1 and "--ckpt:" in error and message in error, error
+    assert not (tmp_path / "payload-ran").exists()
+
+
+def _planted_export(checkpoint, tmp_path):
+    from test_full_checkpoint import PlantedPayload
+
+    return _beside_a_valid_config(checkpoint, tmp_path, {"net.pos_embed": PlantedPayload(tmp_path / "payload-ran")})
+
+
+@pytest.mark.parametrize("layout", ["ours", "official"])
+def test_cli_full_disk_is_one_line_and_keeps_the_earlier_export(checkpoint, tmp_path, capsys, monkeypatch, layout):
+    import errno
+
+    from full import io
+
+    X.main([str(checkpoint), "--ema", "0.5", "--out", str(tmp_path), "--format", layout])
+    earlier = {path.name: path.read_bytes() for path in tmp_path.iterdir()}
+    real_atomic_write = io.atomic_write
+
+    def disk_fills_while_writing_weights(path, write, **kwargs):
+        if path.suffix in X.SUFFIXES:
+            def half_then_full(file):
+                file.write(b"the first bytes of the weights")
+                raise OSError(errno.ENOSPC, "No space left on device")
+            return real_atomic_write(path, half_then_full, **kwargs)
+        return real_atomic_write(path, write, **kwargs)
+
+    monkeypatch.setattr(X, "atomic_write", disk_fills_while_writing_weights)
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_info:
+        X.main([str(checkpoint), "--ema", EMA, "--out", str(tmp_path), "--format", layout, "--force"])
+    error = capsys.readouterr().err
+    assert exit_info.value.code == 1 and error.count("\n") == 1 and "No space left on device" in error, error
+    assert {path.name: path.read_bytes() for path in tmp_path.iterdir()} == earlier   # both files, no temp

@@ -14,6 +14,7 @@ import signal
 import tempfile
 from contextlib import nullcontext
 
+import numpy as np
 import pytest
 import torch
 import torch.distributed as dist
@@ -125,10 +126,17 @@ def _kill_at(stage: str):
 
 # ----------------------------------------------------------------------------- the runs
 
-def _train_config(out: str, *, steps: int, resume: str | None = None, sharded: bool = True) -> TrainConfig:
-    return TrainConfig(preset="pMF-T/2", num_classes=10, batch_size=GLOBAL_BATCH, accum_steps=ACCUM, steps=steps,
-                       perceptual="none", out=out, resume=resume, ckpt_every=10_000, log_every=1,
-                       ema_half_lives_kimg=(1.0,), device="cpu", num_workers=0, optimizer=OPTIMIZER, fsdp=sharded)
+def _train_config(out: str, *, steps: int, resume: str | None = None, sharded: bool = True, **watch) -> TrainConfig:
+    settings = dict(preset="pMF-T/2", num_classes=10, batch_size=GLOBAL_BATCH, accum_steps=ACCUM, steps=steps,
+                    perceptual="none", out=out, resume=resume, ckpt_every=10_000, log_every=1,
+                    ema_half_lives_kimg=(1.0,), device="cpu", num_workers=0, optimizer=OPTIMIZER, fsdp=sharded)
+    return TrainConfig(**{**settings, **watch})
+
+
+def _watched_config(out: str, fid: dict, *, steps: int, resume: str | None = None) -> TrainConfig:
+    """--fsdp with every watch flag: grids every step, FID every 2 (random-weight Inception), 2 snapshots."""
+    return _train_config(out, steps=steps, resume=resume, sample_every=1, fid_every=2, fid_num=4, keep_last=2,
+                         ckpt_every=1, ema_half_lives_kimg=(0.002, 1.0), **fid)
 
 
 def _init(rank: int, world: int, init_file: str) -> None:
@@ -136,7 +144,7 @@ def _init(rank: int, world: int, init_file: str) -> None:
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
 
 
-def _two_processes(rank: int, world: int, init_file: str, out: str) -> None:
+def _two_processes(rank: int, world: int, init_file: str, out: str, fid: dict) -> None:
     """2 processes. FSDP: train 4 steps saving at 2 (two saves at 3 are killed); resume the step-2
     checkpoint in fresh objects, and the 1-process one, to step 4. DDP: 4 steps. Muon on shards."""
     _init(rank, world, init_file)
@@ -177,6 +185,8 @@ def _two_processes(rank: int, world: int, init_file: str, out: str) -> None:
                         _dataset(), progress=False)
         records["trainer"] = {"model": fsdp.full_model_state_dict(resumed.model),
                               "steps": [record["step"] for record in trained.history + resumed.history]}
+        watched = train(_watched_config(os.path.join(out, "watched"), fid, steps=2), _dataset(), progress=False)
+        records["watched"] = {"checkpoint": str(watched.checkpoint), "model": fsdp.full_model_state_dict(watched.model)}
         if rank == 0:
             torch.save(records, os.path.join(out, "two.pt"))
     finally:
@@ -240,7 +250,7 @@ def _mixed_precision_against_rounded_weights(rank: int, world: int) -> dict:
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory):
+def runs(tmp_path_factory, random_weights):
     """1 process (here, unsharded: DCP reads and writes whole tensors too) and 2 processes (spawned)."""
     out = str(tmp_path_factory.mktemp("fsdp"))
     model, objective, opt, emas = _setup(False)
@@ -252,8 +262,18 @@ def runs(tmp_path_factory):
     records = {"plain": _whole_state(model, emas), "out": out}
 
     init_file = os.path.join(tempfile.mkdtemp(dir=out), "init")
-    mp.spawn(_two_processes, args=(2, init_file, out), nprocs=2, join=True)
+    fid = {"fid_ref": os.path.join(out, "ref.npz"), "inception_weights": str(random_weights)}
+    np.savez(fid["fid_ref"], mu=np.zeros(2048), sigma=np.eye(2048))
+    mp.spawn(_two_processes, args=(2, init_file, out, fid), nprocs=2, join=True)
     records.update(torch.load(os.path.join(out, "two.pt")))
+    # The watched 2-process --fsdp run, resumed on 1 process from its run folder (FSDP on a 1-rank group).
+    try:
+        resumed = train(_watched_config(os.path.join(out, "watched"), fid, steps=3,
+                                        resume=os.path.join(out, "watched")), _dataset(), progress=False)
+        records["watched_resumed"] = {"model": fsdp.full_model_state_dict(resumed.model),
+                                      "steps": [record["step"] for record in resumed.history]}
+    finally:
+        dist.destroy_process_group()
 
     plain_trainer = train(_train_config(os.path.join(out, "plain_trainer"), steps=3, sharded=False),
                           SyntheticDataset(GLOBAL_BATCH * STEPS, 16, num_classes=10, seed=3), progress=False)
@@ -382,3 +402,101 @@ def test_sigkill_during_save_leaves_the_last_checkpoint_loadable(tmp_path):
     link = tmp_path / fsdp.SHARDED_NAME
     tensors, meta = fsdp.load_sharded_whole(link)
     assert meta["step"] == 1 and set(tensors) == {"model", "ema", "optimizer"}
+
+
+def test_fsdp_run_writes_grids_fid_and_numbered_snapshots_and_resumes_on_one_process(runs):
+    """--fsdp goes through the trainer's one loop: grids of every EMA and the raw weights, in-training FID
+    (random-weight Inception), --keep-last snapshots named like the single-file ones (9 digits), resume
+    from the run folder on another process count, and full.sample / full.export read the folder as it is."""
+    import json
+    from pathlib import Path
+
+    from full.checkpoint import load_checkpoint, load_model
+    from full.monitor import FID_LOG, SAMPLES_DIR
+
+    run = Path(runs["out"]) / "watched"
+    grids = sorted(path.name for path in (run / SAMPLES_DIR).iterdir())
+    assert grids == [f"step00000000{step}-{name}.png" for step in (1, 2, 3) for name in ("ema0.002", "ema1", "raw")]
+    fid = [json.loads(line) for line in (run / FID_LOG).read_text().splitlines()]
+    assert [row["step"] for row in fid] == [2, 3] and all(np.isfinite(row["fid"]) for row in fid)
+    logged = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
+    assert [row["step"] for row in logged] == [1, 2, 3] and "fid" in logged[1]
+    assert runs["watched_resumed"]["steps"] == [3]
+    folders = sorted(path.name for path in run.glob("checkpoint-*.dcp"))
+    assert folders == ["checkpoint-000000002.dcp", "checkpoint-000000003.dcp"]       # --keep-last 2
+    assert os.readlink(run / fsdp.SHARDED_NAME) == "checkpoint-000000003.dcp"
+    state = load_checkpoint(run / fsdp.SHARDED_NAME)           # what full.export and full.sample read
+    assert state["step"] == 3
+    for key, value in runs["watched_resumed"]["model"].items():
+        assert torch.equal(state["model"][key], value), key
+    assert isinstance(load_model(run / fsdp.SHARDED_NAME, ema="1"), torch.nn.Module)
+    from full import export
+    export.main([str(run / fsdp.SHARDED_NAME), "--out", str(run / "export"), "--ema", "1"])
+    assert any((run / "export").iterdir())
+
+
+def test_dcp_metadata_is_read_without_running_code_and_a_corrupt_one_is_one_line(runs, tmp_path):
+    import pickle
+    import shutil
+
+    from full.checkpoint import CheckpointError, load_checkpoint
+
+    source = os.path.join(runs["out"], "two", fsdp.SHARDED_NAME)
+    good = tmp_path / "good"
+    shutil.copytree(os.path.realpath(source), good)
+    assert load_checkpoint(good)["step"] == SAVE_AT          # the allow-list reads DCP's own metadata
+    marker = tmp_path / "payload-ran"
+
+    class Payload:
+        def __reduce__(self):
+            return (open, (str(marker), "w"))
+
+    for name, content, message in (("planted", pickle.dumps(Payload()), "refused"),
+                                   ("corrupt", b"\x80\x04garbage", "corrupt"), ("empty", b"", "unreadable or corrupt")):
+        folder = tmp_path / name
+        shutil.copytree(good, folder)
+        (folder / ".metadata").write_bytes(content)
+        with pytest.raises(CheckpointError, match=message) as raised:
+            load_checkpoint(folder)
+        assert ".metadata" in str(raised.value) and "\n" not in str(raised.value)
+        with pytest.raises(CheckpointError, match=message):
+            fsdp.read_dcp_metadata(folder)
+    assert not marker.exists()
+
+
+def test_export_of_a_missing_folder_is_one_error_line(tmp_path, capsys):
+    with pytest.raises(SystemExit) as raised:
+        fsdp.main(["export", str(tmp_path / "absent.dcp"), "--out", str(tmp_path)])
+    errors = [line for line in capsys.readouterr().err.splitlines() if "error:" in line]
+    assert raised.value.code == 2 and len(errors) == 1 and "is not a complete sharded checkpoint" in errors[0], errors
+
+@pytest.mark.parametrize("argv, message", [
+    (["--processes", "0"], "--processes must be >= 1, got 0"),
+    (["--resolution", "7"], "--resolution: resolution 7 must be divisible by patch 16"),
+    (["--resolution", "-32"], "--resolution: resolution must be a positive integer"),
+])
+def test_memory_cli_bad_input_is_one_line_exit_2(argv, message, capsys):
+    with pytest.raises(SystemExit) as raised:
+        fsdp.main(["memory", *argv])
+    error = capsys.readouterr().err
+    assert raised.value.code == 2 and error.count("\n") == 1 and message in error, error
+
+
+def test_compile_wraps_the_sharded_step_and_trains_the_same(tmp_path, monkeypatch):
+    """--fsdp --compile compiles the FSDP-sharded training step (measured on CPU, 1 process: inductor compiles
+    the sharded step, JVP included, and trains; here torch.compile is recorded, not run, to stay fast)."""
+    from torch.distributed.fsdp import FSDPModule
+
+    from full.step import TrainingStep
+
+    compiled = []
+    monkeypatch.setattr(torch, "compile", lambda module, *args, **kwargs: compiled.append(module) or module)
+    try:
+        eager = train(_train_config(str(tmp_path / "eager"), steps=1), _dataset(), progress=False)
+        with_flag = train(_train_config(str(tmp_path / "compiled"), steps=1, compile=True), _dataset(),
+                          progress=False)
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    assert len(compiled) == 1 and isinstance(compiled[0], TrainingStep) and isinstance(compiled[0], FSDPModule)
+    assert [r["loss"] for r in with_flag.history] == [r["loss"] for r in eager.history]

@@ -5,6 +5,7 @@ Backbones are randomly initialised (no downloads); the LPIPS linear heads ship w
 from __future__ import annotations
 
 import math
+import re
 
 import pytest
 import torch
@@ -15,8 +16,8 @@ from hypothesis import strategies as st
 import pmf_ref as P
 from full.model import build_model
 from full.perceptual import (CONVNEXT_V2_BASE_FILE, CROP_RATIO, CROP_SCALE, VGG16_FILE, PerceptualDistances,
-                             build_convnext_v2, build_lpips_vgg, convnext_feature, paired_resized_crop,
-                             sample_crop_boxes)
+                             build_convnext_v2, build_lpips_vgg, convnext_feature, lpips_heads_file,
+                             paired_resized_crop, sample_crop_boxes)
 from full.step import StepRandomness, TrainingStep
 
 
@@ -153,3 +154,95 @@ def _cond(randomness: StepRandomness, n: int, unconditional: bool):
     if unconditional:
         return make_cond(torch.full((n,), 10), torch.ones(n), randomness.t_min, randomness.t_max)
     return make_cond(torch.arange(n), randomness.omega, randomness.t_min, randomness.t_max)
+
+
+# ----------------------------------------------------------------------------- pretrained files read safely
+
+@pytest.fixture(scope="module")
+def vgg16_features():
+    """torchvision's VGG16 ``features`` with random weights, and its state dict in torchvision's key names."""
+    import torchvision
+
+    torch.manual_seed(4)
+    features = torchvision.models.vgg16().features.eval()
+    return features, {f"features.{key}": value for key, value in features.state_dict().items()}
+
+
+@pytest.fixture
+def hub(tmp_path, monkeypatch):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    folder = tmp_path / "torch" / "hub" / "checkpoints"
+    folder.mkdir(parents=True)
+    return folder
+
+
+def test_lpips_backbone_equals_torchvision_vgg16_of_the_hub_file(vgg16_features, hub):
+    features, state = vgg16_features
+    torch.save(state, hub / VGG16_FILE)
+    network = build_lpips_vgg()
+    x = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(5))
+    # Oracle: torchvision's own layer order; LPIPS taps relu1_2, relu2_2, relu3_3, relu4_3, relu5_3.
+    expected = [features[:end](x) for end in (4, 9, 16, 23, 30)]
+    with torch.no_grad():
+        for found, wanted in zip(network.net(x), expected, strict=True):
+            torch.testing.assert_close(found, wanted, rtol=0, atol=0)
+    heads = torch.load(lpips_heads_file(), map_location="cpu", weights_only=True)
+    assert all(torch.equal(network.state_dict()[key], value) for key, value in heads.items())
+    assert not network.training
+
+
+@pytest.mark.parametrize("content, message", [
+    (b"<html>404</html>" * 20, "is not a torch file"),
+    (b"", "is empty"),
+    ("foreign", "is not torchvision's VGG16 (it lacks 'features.0.weight')"),
+    ("shape", "'features.0.weight' has shape (64, 3, 3), expected (64, 3, 3, 3)"),
+    ("nan", "holds NaN or inf"),
+])
+def test_unusable_vgg16_file_is_one_line_naming_it(vgg16_features, hub, content, message):
+    path = hub / VGG16_FILE
+    if isinstance(content, bytes):
+        path.write_bytes(content)
+    else:
+        state = dict(vgg16_features[1])
+        if content == "foreign":
+            state = {"weight": torch.zeros(3)}
+        elif content == "shape":
+            state["features.0.weight"] = torch.zeros(64, 3, 3)
+        else:
+            state["features.2.bias"] = torch.full((64,), float("nan"))
+        torch.save(state, path)
+    with pytest.raises(FileNotFoundError, match=re.escape(message)) as raised:
+        build_lpips_vgg()
+    assert str(path) in str(raised.value) and "\n" not in str(raised.value)
+
+
+def test_vgg16_file_with_a_payload_is_refused_and_never_run(hub, tmp_path):
+    from test_full_checkpoint import PlantedPayload
+
+    marker = tmp_path / "payload-ran"
+    torch.save({"features.0.weight": torch.zeros(1), "note": PlantedPayload(marker)}, hub / VGG16_FILE)
+    with pytest.raises(FileNotFoundError, match="holds code and was refused"):
+        build_lpips_vgg()
+    with pytest.raises(FileNotFoundError, match="holds code and was refused"):
+        build_convnext_v2(arch="convnextv2_atto", weights=hub / VGG16_FILE)
+    assert not marker.exists()
+
+
+def test_garbage_convnext_files_are_one_line(hub, tmp_path):
+    (tmp_path / "g.safetensors").write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00garbage!")
+    torch.save({"weight": torch.zeros(3)}, tmp_path / "foreign.pt")
+    for name, message in (("g.safetensors", "not a readable safetensors file"), ("foreign.pt", "does not fit")):
+        with pytest.raises(FileNotFoundError, match=message) as raised:
+            build_convnext_v2(arch="convnextv2_atto", weights=tmp_path / name)
+        assert name in str(raised.value) and "\n" not in str(raised.value)
+
+
+def test_train_with_a_garbage_vgg16_file_exits_2_naming_it(hub, tmp_path, capsys):
+    from full.train import main
+
+    (hub / VGG16_FILE).write_bytes(b"garbage" * 100)
+    with pytest.raises(SystemExit) as raised:
+        main(["--preset", "pMF-T/2", "--num-classes", "10", "--data", "synthetic", "--steps", "1", "--batch-size", "2",
+              "--perceptual", "lpips", "--device", "cpu", "--num-workers", "0", "--out", str(tmp_path / "out")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert raised.value.code == 2 and len(err) == 1 and VGG16_FILE in err[0] and "Traceback" not in err[0]

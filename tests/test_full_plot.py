@@ -119,3 +119,63 @@ def test_cli_writes_the_png(tmp_path, capsys):
     _write(tmp_path / PL.LOG_FILE, _records(range(1, 5)))
     PL.main([str(tmp_path), "--out", str(tmp_path / "figures")])
     assert (tmp_path / "figures" / PL.DEFAULT_OUT).is_file() and PL.DEFAULT_OUT in capsys.readouterr().out
+
+
+def test_foreign_lines_are_skipped_and_string_numbers_left_out(tmp_path):
+    records = _records(range(1, 5))
+    records[1] = {key: value for key, value in records[1].items() if key != "images_seen"}   # no x value
+    records[2] = {**records[2], "step": "3", "images_seen": "24"}                              # strings
+    records[3] = {**records[3], "raw_u": "0.5", "grad_norm": True}                             # drawn values
+    lines = [json.dumps(record).encode() for record in records] + [b'{"step": 5, "note": "\xff\xfe"}']
+    (tmp_path / PL.LOG_FILE).write_bytes(b"\n".join(lines) + b"\n")
+    logs = PL.read_run(tmp_path)
+    assert [record["step"] for record in logs.records] == [1, 4] and logs.skipped == 3
+    assert len(PL._series(logs.records, "raw_u")[0]) == 1 and len(PL._series(logs.records, "grad_norm")[0]) == 1
+
+
+def _log_without_images_seen(run_dir):
+    _write(run_dir / PL.LOG_FILE, [{"step": 1, "loss": 1.0}, {"step": 2, "loss": 0.5}])
+
+
+def _log_not_utf8(run_dir):
+    (run_dir / PL.LOG_FILE).write_bytes(b'{"step": 1, "images_seen": 8, "loss": "\xe9t\xe9"}\n')
+
+
+def _log_of_strings(run_dir):
+    _write(run_dir / PL.LOG_FILE, [{"step": "1", "images_seen": "8", "raw_u": "0.5"}])
+
+
+def _log_is_a_folder(run_dir):
+    (run_dir / PL.LOG_FILE).mkdir()
+
+
+@pytest.mark.parametrize("make_log", [_log_without_images_seen, _log_not_utf8, _log_of_strings, _log_is_a_folder])
+def test_cli_unusable_log_is_one_line_exit_2(make_log, tmp_path, capsys):
+    make_log(tmp_path)
+    with pytest.raises(SystemExit) as exit_info:
+        PL.main([str(tmp_path)])
+    error = capsys.readouterr().err
+    assert exit_info.value.code == 2 and error.count("\n") == 1 and "RUN_DIR" in error and PL.LOG_FILE in error, error
+    assert not (tmp_path / PL.DEFAULT_OUT).exists()
+
+
+def test_cli_full_disk_is_one_line_and_keeps_the_earlier_png(tmp_path, capsys, monkeypatch):
+    import errno
+
+    from full import io
+
+    _write(tmp_path / PL.LOG_FILE, _records(range(1, 5)))
+    (tmp_path / PL.DEFAULT_OUT).write_bytes(b"an earlier figure")
+
+    def full_disk(figure, file, **kwargs):
+        file.write(b"half a png")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(PL, "save_figure", lambda figure, path, **kwargs: io.atomic_write(
+        path, lambda file: full_disk(figure, file, **kwargs)))
+    with pytest.raises(SystemExit) as exit_info:
+        PL.main([str(tmp_path)])
+    error = capsys.readouterr().err
+    assert exit_info.value.code != 0 and error.count("\n") == 1 and "No space left on device" in error, error
+    assert (tmp_path / PL.DEFAULT_OUT).read_bytes() == b"an earlier figure"
+    assert sorted(path.name for path in tmp_path.iterdir()) == [PL.DEFAULT_OUT, PL.LOG_FILE]

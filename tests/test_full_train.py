@@ -25,8 +25,8 @@ import pmf_ref as P
 from full import checkpoint as checkpoint_lib
 from full.checkpoint import load_checkpoint, load_model, read_checkpoint_file, save_checkpoint
 from full.data import SyntheticDataset
-from full.model import build_model, make_cond
-from full.step import TrainingStep
+from full.model import build_model
+from full.step import StepRandomness, TrainingStep
 from full.train import DivergenceError, TrainConfig, UsageError, main, train
 
 
@@ -54,12 +54,10 @@ def _fixed_raw_loss(model, dataset, seed: int = 123) -> float:
     r, t = P.sample_time_pair(len(x), generator=generator)
     e = torch.randn(x.shape, generator=generator)
     ones, zeros = torch.ones_like(t), torch.zeros_like(t)
-    cond = make_cond(y, ones, zeros, ones)
-    objective = TrainingStep.from_preset(model, "pMF-T/2")
-    terms = P.pmf_guided_loss(lambda z, r_, t_: objective.denoise_uv(z, r_, t_, cond),
-                              lambda z, t_, w: objective.guidance_denoise(z, t_, w, y), x, e, r, t,
-                              omega=ones, t_min=zeros, t_max=ones, dropped=torch.zeros_like(t, dtype=torch.bool))
-    return (terms.raw_u + terms.raw_v).mean().item()
+    no_guidance = StepRandomness(e, r, t, ones, zeros, ones, torch.zeros_like(t, dtype=torch.bool),
+                                 torch.zeros(len(x), 4, dtype=torch.long))
+    terms = TrainingStep.from_preset(model, "pMF-T/2")(x, y, no_guidance)
+    return (terms["raw_u"] + terms["raw_v"]).mean().item()
 
 
 def test_loss_decreases_on_synthetic_set(tmp_path):
@@ -142,20 +140,6 @@ def test_load_model_selects_ema_and_lists_missing(tmp_path):
         load_model(result.checkpoint, ema="2000")
 
 
-def test_u_prediction_reads_output_as_average_velocity():
-    """prediction='u': x_hat = z - max(t, t_eps) * output (pmf_ref.x_from_average_velocity)."""
-    torch.manual_seed(0)
-    model = build_model("pMF-T/2", num_classes=10, prediction="u")
-    objective = TrainingStep.from_preset(model, "pMF-T/2")
-    z, t = torch.randn(3, 3, 16, 16), torch.tensor([0.01, 0.5, 1.0])
-    cond = make_cond(torch.tensor([1, 2, 3]), 2.0, 0.1, 0.7)
-    output_u, output_v = model.forward_uv(z, t * 0.5, t, cond)
-    clip = t.clamp(min=P.T_EPS)[:, None, None, None]
-    x_hat_u, x_hat_v = objective.denoise_uv(z, t * 0.5, t, cond)
-    torch.testing.assert_close(x_hat_u, z - clip * output_u)
-    torch.testing.assert_close(x_hat_v, z - clip * output_v)
-
-
 def test_bf16_autocast_close_to_fp32():
     torch.manual_seed(0)
     model = build_model("pMF-T/2", num_classes=10)
@@ -165,8 +149,10 @@ def test_bf16_autocast_close_to_fp32():
     e = torch.randn(4, 3, 16, 16)
     t = torch.tensor([0.2, 0.5, 0.7, 0.9])
     y, omega = torch.tensor([0, 1, 2, 3]), torch.tensor([1.0, 2.0, 4.0, 8.0])
-    fp32 = torch.cat(TrainingStep.from_preset(model, "pMF-T/2").guidance_denoise(e, t, omega, y))
-    bf16 = torch.cat(TrainingStep.from_preset(model, "pMF-T/2", autocast_dtype=torch.bfloat16).guidance_denoise(e, t, omega, y))
+    fp32 = torch.cat(TrainingStep.from_preset(model, "pMF-T/2").guidance_velocities(e, t, omega, y))
+    bf16 = torch.cat(TrainingStep.from_preset(model, "pMF-T/2", autocast_dtype=torch.bfloat16)
+                     .guidance_velocities(e, t, omega, y))
+    fp32, bf16 = (v * torch.cat([t, t])[:, None, None, None] for v in (fp32, bf16))   # t v = z - x_hat
     assert bf16.dtype == torch.float32
     assert not torch.equal(fp32, bf16)                                # autocast really ran
     torch.testing.assert_close(bf16, fp32, rtol=0.05, atol=0.05)
@@ -233,7 +219,7 @@ def _watched(tmp_path, ref, **overrides) -> TrainConfig:
                                               keep_last=2, ckpt_every=1), **overrides})
 
 
-def test_watched_run_writes_grids_fid_tensorboard_and_numbered_checkpoints(tmp_path, tiny_fid):
+def test_watched_run_writes_grids_fid_tensorboard_and_numbered_checkpoints(tmp_path, tiny_fid, capsys):
     import json
 
     from tensorboard.backend.event_processing import event_accumulator
@@ -242,6 +228,8 @@ def test_watched_run_writes_grids_fid_tensorboard_and_numbered_checkpoints(tmp_p
 
     reference, ref = tiny_fid
     result = train(_watched(tmp_path, ref), _dataset(), progress=False)
+    printed = [line for line in capsys.readouterr().err.splitlines() if "FID" in line]
+    assert [line.split(":")[0] for line in printed] == ["step 2", "step 4"]      # FID printed when computed
     run = tmp_path / "run"
     names = sorted(path.name for path in (run / monitor.SAMPLES_DIR).iterdir())
     assert names == [f"step00000000{step}-{name}.png" for step in (2, 4) for name in ("ema0.5", "ema1", "raw")]
@@ -312,7 +300,7 @@ def test_resume_in_place_cuts_fid_log_and_overwrite_clears_monitor_files(tmp_pat
     assert steps == [2, 4]                                # step 4 evaluated again, logged once
     train(_config(run, steps=1, overwrite=True), _dataset(), progress=False)
     left = sorted(str(path.relative_to(run)) for path in run.rglob("*") if path.is_file())
-    assert left == ["checkpoint.pt", "log.jsonl"], left
+    assert left == [".lock", "checkpoint.pt", "config.json", "log.jsonl"], left
 
 
 def test_compile_flag_compiles_the_objective_and_trains_the_same(tmp_path, monkeypatch):
@@ -510,11 +498,13 @@ def test_divergence_stops_before_the_step_and_keeps_the_last_checkpoint(tmp_path
     assert _steps(tmp_path / "log.jsonl") == [1, 2, 3]                      # the bad step is not logged
 
 
-def test_divergence_through_the_cli_exits_3(tmp_path, capsys):
-    """An absurd learning rate: step 1 is finite, its update blows the weights up, step 2 is NaN."""
+def test_divergence_through_the_cli_exits_3_and_saves_no_diverged_state(tmp_path, capsys):
+    """An absurd learning rate: step 1 is finite, its update blows the weights up, step 2 is NaN. The state
+    after step 1 is the diverged one: it is never saved (a save waits for the next step's guard)."""
     code, errors = run_cli([*TINY, "--lr", "1e30", "--steps", "4", "--ckpt-every", "1", "--out", tmp_path], capsys)
-    assert code == 3 and len(errors) == 1 and "non-finite" in errors[0] and "(step 1)" in errors[0]
-    assert read_checkpoint_file(tmp_path / "checkpoint.pt")["step"] == 1
+    assert code == 3 and len(errors) == 1 and "step 2 is non-finite" in errors[0], errors
+    assert "last checkpoint: none yet" in errors[0]
+    assert not (tmp_path / "checkpoint.pt").exists()
 
 
 # ---------------------------------------------------------------------------- resume tells the truth
@@ -598,7 +588,7 @@ def test_no_space_left_keeps_the_previous_checkpoint_and_exits_1(tmp_path, capsy
     monkeypatch.undo()
     assert code == 1 and len(errors) == 1 and "no space left on device (the previous checkpoint is kept)" in errors[0]
     assert read_checkpoint_file(tmp_path / "checkpoint.pt")["step"] == 1
-    assert sorted(path.name for path in tmp_path.iterdir()) == ["checkpoint.pt", "log.jsonl"]
+    assert sorted(path.name for path in tmp_path.iterdir()) == [".lock", "checkpoint.pt", "config.json", "log.jsonl"]
 
 
 KILLED_DURING_SAVE = textwrap.dedent("""
@@ -672,3 +662,218 @@ def test_unreadable_image_in_data_is_skipped_with_a_warning_naming_it(tmp_path, 
     with pytest.warns(UserWarning, match="broken.png"):                      # 4 images, 2 x 2: every file is read
         assert run_cli(argv, capsys)[0] == 0
     assert _steps(tmp_path / "run" / "log.jsonl") == [1, 2]
+
+
+# ---------------------------------------------------------------------------- issue 24: nothing lost, divergence caught
+
+def test_resume_run_folder_takes_the_newest_step_not_the_newest_name(tmp_path, capsys):
+    """--keep-last 2 to step 4, then checkpoint.pt alone to step 6: the folder resumes at 6, not at snapshot 4."""
+    out = tmp_path / "run"
+    assert run_cli([*TINY, "--steps", "4", "--ckpt-every", "2", "--keep-last", "2", "--out", out], capsys)[0] == 0
+    assert run_cli(["--resume", out / "checkpoint.pt", "--keep-last", "0", "--steps", "6"], capsys)[0] == 0
+    assert read_checkpoint_file(out / "checkpoint.pt")["step"] == 6
+    assert checkpoint_lib.latest_checkpoint(out) == out / "checkpoint.pt"
+    stderr = []
+    assert run_cli(["--resume", out, "--steps", "7"], capsys, stderr)[0] == 0
+    assert f"resumed from {out / 'checkpoint.pt'} (step 6, images seen 24)" in stderr[0]
+    assert _steps(out / "log.jsonl") == [1, 2, 3, 4, 5, 6, 7]
+
+
+def test_second_run_into_a_locked_folder_is_refused_and_a_killed_run_leaves_no_lock(tmp_path, capsys):
+    from full.runlog import RunLock
+
+    out = tmp_path / "run"
+    with RunLock(out):
+        code, errors = run_cli([*TINY, "--steps", "1", "--out", out], capsys)
+    assert code == 2 and len(errors) == 1 and "in use by another full.train run" in errors[0], errors
+    assert not (out / "log.jsonl").exists()
+    killed = ("import os, signal, sys; from full.runlog import RunLock; lock = RunLock(sys.argv[1]).__enter__(); "
+              "os.kill(os.getpid(), signal.SIGKILL)")
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    assert subprocess.run([sys.executable, "-c", killed, str(out)], env=env).returncode == -signal.SIGKILL
+    assert run_cli([*TINY, "--steps", "1", "--out", out], capsys)[0] == 0      # the kernel dropped the lock
+
+
+def test_lr_explosion_is_stopped_before_it_is_saved_and_names_a_good_checkpoint(tmp_path):
+    """Good to step 2, then --lr 100 with a checkpoint every step: the update of step 3 explodes the weights
+    (raw_u 1e8x at step 4); neither it nor anything after is saved, and the named checkpoint is step 2."""
+    train(_cli_config(tmp_path, steps=2), _dataset(), progress=False)
+    before = read_checkpoint_file(tmp_path / "checkpoint.pt")
+    with pytest.raises(DivergenceError, match=r"step 4 is exploded .*raw_u.*last checkpoint: .*checkpoint.pt \(step 2\)"):
+        train(_cli_config(tmp_path, steps=10, ckpt_every=1, lr=100.0, resume=str(tmp_path / "checkpoint.pt")),
+              _dataset(), progress=False)
+    after = read_checkpoint_file(tmp_path / "checkpoint.pt")
+    assert after["step"] == 2
+    assert all(torch.equal(after["model"][key], value) for key, value in before["model"].items())
+    assert _steps(tmp_path / "log.jsonl") == [1, 2, 3]
+
+
+@pytest.mark.parametrize("content", [b"\x00garbage" * 40, "foreign"])
+def test_damaged_or_foreign_grid_inputs_on_resume_is_one_error_line(content, tmp_path, finished_run, capsys):
+    run = tmp_path / "run"
+    run.mkdir()
+    for name in ("checkpoint.pt", "log.jsonl"):
+        (run / name).write_bytes((finished_run / name).read_bytes())
+    if content == "foreign":
+        torch.save({"weights": torch.zeros(3)}, run / "grid_inputs.pt")
+    else:
+        (run / "grid_inputs.pt").write_bytes(content)
+    code, errors = run_cli(["--resume", run, "--steps", "3", "--sample-every", "1"], capsys)
+    assert code == 2 and len(errors) == 1 and "--sample-every" in errors[0] and "grid_inputs.pt" in errors[0], errors
+
+
+def test_full_disk_while_logging_names_the_log_and_leaves_no_empty_log(tmp_path, capsys, monkeypatch):
+    import full.runlog as runlog
+
+    real_open = open
+
+    def full_disk_open(path, mode="r", *args, **kwargs):
+        handle = real_open(path, mode, *args, **kwargs)
+        if str(path).endswith("log.jsonl") and "a" in mode:
+            handle.close()
+            raise OSError(28, "No space left on device")
+        return handle
+
+    monkeypatch.setattr(runlog, "open", full_disk_open, raising=False)
+    code, errors = run_cli([*TINY, "--steps", "2", "--out", tmp_path], capsys)
+    monkeypatch.undo()
+    assert code == 1 and len(errors) == 1 and "log.jsonl" in errors[0] and "No space left" in errors[0], errors
+    assert not (tmp_path / "log.jsonl").exists()                   # no 0-byte log to block the next start
+    assert run_cli([*TINY, "--steps", "1", "--out", tmp_path], capsys)[0] == 0
+
+
+def test_a_second_signal_during_the_checkpoint_write_waits_for_the_write(tmp_path):
+    written, handler = [], signal.getsignal(signal.SIGINT)
+    with pytest.raises(KeyboardInterrupt):
+        with checkpoint_lib.StopOnSignal(announce=False) as stop:
+            os.kill(os.getpid(), signal.SIGINT)                     # the first: stop after this step
+            assert stop.signum == signal.SIGINT
+            with stop.writing():
+                os.kill(os.getpid(), signal.SIGINT)                 # the second, in the middle of the write
+                save_checkpoint(tmp_path / "c.pt", {"step": 1})
+                written.append(True)
+    assert written and read_checkpoint_file(tmp_path / "c.pt") == {"step": 1}
+    assert signal.getsignal(signal.SIGINT) is handler
+
+
+# ---------------------------------------------------------------------------- issue 25: cluster habits, readable logs
+
+def test_moved_run_folder_resumes_in_place(tmp_path, capsys):
+    first, moved = tmp_path / "a", tmp_path / "b"
+    assert run_cli([*TINY, "--steps", "2", "--out", first], capsys)[0] == 0
+    assert read_checkpoint_file(first / "checkpoint.pt")["config"]["train"]["out"] == "."
+    first.rename(moved)
+    assert run_cli(["--resume", moved, "--steps", "3"], capsys)[0] == 0
+    assert not first.exists() and _steps(moved / "log.jsonl") == [1, 2, 3]
+
+
+def test_resume_auto_makes_one_command_start_and_continue(tmp_path, capsys):
+    command = [*TINY, "--out", tmp_path / "run", "--resume", "auto", "--ckpt-every", "1"]
+    stderr = []
+    assert run_cli([*command, "--steps", "1"], capsys, stderr)[0] == 0       # nothing there: starts
+    assert "resumed from" not in stderr[0] and f"saved {tmp_path / 'run' / 'checkpoint.pt'} (step 1)" in stderr[0]
+    assert run_cli([*command, "--steps", "2"], capsys, stderr)[0] == 0       # a requeue: continues
+    assert "resumed from" in stderr[1] and "(step 1, images seen 4)" in stderr[1]
+    assert _steps(tmp_path / "run" / "log.jsonl") == [1, 2]
+
+
+def test_log_records_window_means_time_and_memory_and_config_json(tmp_path, capsys):
+    stderr = []
+    out = tmp_path / "run"
+    assert run_cli([*TINY, "--steps", "4", "--log-every", "2", "--ema-kimg", "1", "2", "--out", out], capsys,
+                   stderr)[0] == 0
+    records = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    assert [record["step"] for record in records] == [2, 4]
+    for record in records:
+        assert record["window_steps"] == 2 and record["sec_per_kimg"] > 0 and record["peak_host_gib"] > 0
+        assert record["time"].endswith("+00:00") and "peak_gpu_gib" in record
+    for name in ("parameters:", "processes:", "batch:", "precision:", "jvp:", "data:", "EMAs:"):
+        assert name in stderr[0], name
+    assert "all equal for this whole run" in stderr[0]
+    config = json.loads((out / "config.json").read_text())
+    assert config["out"] == "." and config["preset"] == "pMF-T/2" and config["steps"] == 4
+    assert run_cli(["--resume", out, "--steps", "5", "--lr", "5e-4"], capsys, stderr)[0] == 0
+    assert "changed on resume (allowed): steps 4 -> 5, lr 0.001 -> 0.0005" in stderr[1]
+    assert json.loads((out / "config.json").read_text())["lr"] == 5e-4
+
+
+def test_window_means_match_the_per_step_history(tmp_path):
+    result = train(_cli_config(tmp_path, steps=4, log_every=2), _dataset(), progress=False)
+    records = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
+    for record, pair in zip(records, (result.history[:2], result.history[2:])):
+        assert record["raw_u"] == pytest.approx(sum(step["raw_u"] for step in pair) / 2, rel=1e-12)
+
+
+def test_plain_progress_lines_when_not_a_terminal_and_none_with_no_progress(tmp_path, capsys):
+    main([*map(str, TINY), "--steps", "2", "--out", str(tmp_path / "a")])    # capsys is not a terminal
+    lines = capsys.readouterr().out.splitlines()
+    assert [line.split()[:2] for line in lines] == [["step", "1/2"], ["step", "2/2"]], lines
+    main([*map(str, TINY), "--steps", "2", "--out", str(tmp_path / "b"), "--no-progress"])
+    assert capsys.readouterr().out == ""
+
+
+def test_num_classes_defaults_to_the_folders_classes_and_a_resume_must_agree(tmp_path, capsys):
+    import numpy as np
+    from PIL import Image
+
+    for label in ("ant", "bee", "cat"):
+        (tmp_path / "data" / label).mkdir(parents=True)
+        for index in range(2):
+            Image.fromarray(np.full((16, 16, 3), 40 * index, np.uint8)).save(tmp_path / "data" / label / f"{index}.png")
+    settings = dict(preset="pMF-T/2", batch_size=2, steps=1, perceptual="none", ema_half_lives_kimg=(1.0,),
+                    device="cpu", num_workers=0, data=str(tmp_path / "data"))
+    first = train(TrainConfig(**settings, out=str(tmp_path / "run")), progress=False)
+    assert first.model.num_classes == 3
+    assert read_checkpoint_file(first.checkpoint)["config"]["train"]["num_classes"] == 3
+    with pytest.raises(UsageError, match="--num-classes cannot change on resume"):
+        train(TrainConfig(**{**settings, "steps": 2}, num_classes=5, out=str(tmp_path / "run"),
+                          resume=str(first.checkpoint)), progress=False)
+
+
+# ---------------------------------------------------------------------------- precision, memory, first weights
+
+def test_precision_is_checked_resolved_and_bf16_autocasts_the_step(tmp_path):
+    with pytest.raises(UsageError, match="--precision must be one of fp32, tf32, bf16, got 'fp64'"):
+        train(_cli_config(tmp_path / "bad", precision="fp64"), _dataset(), progress=False)
+    fp32 = train(_cli_config(tmp_path / "fp32", steps=2), _dataset(), progress=False)
+    assert json.loads((tmp_path / "fp32" / "config.json").read_text())["precision"] == "fp32"   # the CPU default
+    bf16 = train(_cli_config(tmp_path / "bf16", steps=2, precision="bf16"), _dataset(), progress=False)
+    # Step 1 runs zero-initialised output layers (exact in any precision); step 2 does not.
+    assert bf16.history[1]["raw_u"] != fp32.history[1]["raw_u"]                 # autocast really ran ...
+    assert bf16.history[1]["raw_u"] == pytest.approx(fp32.history[1]["raw_u"], rel=0.05)   # ... on the same step
+
+
+def test_activation_checkpointing_trains_the_same_steps(tmp_path):
+    plain = train(_cli_config(tmp_path / "plain", steps=2), _dataset(), progress=False)
+    recomputed = train(_cli_config(tmp_path / "ac", steps=2, activation_checkpointing=True), _dataset(), progress=False)
+    assert recomputed.model.activation_checkpointing and not plain.model.activation_checkpointing
+    for name in ("loss", "raw_u", "raw_v", "grad_norm"):
+        assert [r[name] for r in recomputed.history] == pytest.approx([r[name] for r in plain.history], rel=1e-5)
+
+
+def test_init_official_fine_tunes_from_a_file_in_the_authors_layout(tmp_path, capsys):
+    """A 12-class released-layout file (no v-head) starts a 3-class run: u-head and trunk as in the file, the
+    v-head a copy of the u-head, the first 3 label rows and the null row (lr ~0: the weights after step 1)."""
+    from full.official import to_official_state_dict
+
+    torch.manual_seed(7)
+    source = build_model("pMF-T/2", v_head=False, num_classes=12)
+    with torch.no_grad():
+        for parameter in source.parameters():
+            parameter.add_(0.3 * torch.randn_like(parameter))
+    torch.save(to_official_state_dict(source), tmp_path / "pMF-T-2.pt")
+    result = train(_cli_config(tmp_path / "run", steps=1, lr=1e-12, num_classes=3,
+                               init_official=str(tmp_path / "pMF-T-2.pt")),
+                   SyntheticDataset(16, 16, num_classes=3, seed=1), progress=False)
+    assert "the authors'" in capsys.readouterr().err
+    trained, released = result.model.state_dict(), source.state_dict()
+    table = [name for name in released if released[name].shape[0] == 13][0]          # the label table (12 + null)
+    torch.testing.assert_close(trained[table], released[table][[0, 1, 2, 12]], atol=1e-6, rtol=0)
+    for name, value in released.items():
+        if name != table:
+            torch.testing.assert_close(trained[name], value, atol=1e-6, rtol=0, msg=name)
+    v_head = [name for name in trained if name.startswith("v_head.")]
+    assert v_head and all(torch.allclose(trained[name], released["u_head." + name[len("v_head."):]], atol=1e-6)
+                          for name in v_head)
+    code, errors = run_cli([*TINY, "--init-official", tmp_path / "absent.pt", "--out", tmp_path / "o"], capsys)
+    assert code == 2 and len(errors) == 1 and "--init-official" in errors[0]

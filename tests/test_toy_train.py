@@ -265,3 +265,21 @@ def _is_zombie(pid: int) -> bool:
             return stat.read().rsplit(")", 1)[1].split()[0] == "Z"
     except OSError:
         return False
+
+
+def test_a_diverging_run_stops_at_the_first_non_finite_loss():
+    config = toy.ToyConfig(lr=1e3, steps=50, dim=8, prediction="u", batch_size=64, eval_samples=64, warmup_steps=0)
+    with pytest.raises(toy.ToyDivergenceError, match=r"u-pred D=8 seed 0: the raw loss is (nan|inf) at step \d+ of"):
+        toy.train(config, progress=False)
+
+
+@pytest.mark.parametrize("field", ["lr", "time_mean", "time_std", "adaptive_power"])
+def test_config_refuses_non_finite_numbers(field):
+    with pytest.raises(ValueError, match="must be finite"):
+        toy.ToyConfig(**{field: float("inf")})
+
+
+def test_a_diverging_run_in_a_process_pool_stops_the_sweep():
+    with pytest.raises(toy.ToyDivergenceError, match="the raw loss is (nan|inf)"):
+        toy.run_sweep(dims=(2, 8), predictions=("u",), lr=1e3, steps=50, batch_size=64, eval_samples=64,
+                      warmup_steps=0, progress=False, workers=2)

@@ -5,7 +5,9 @@ Default: D in {2, 8, 16, 512} x {x, u} on a Swiss roll, on the CPU, into runs/to
 from __future__ import annotations
 
 import argparse
+import math
 import os
+import sys
 import time
 import warnings
 
@@ -14,9 +16,15 @@ from full import cli
 from .data import DATASETS
 from .model import PREDICTIONS
 from .sweep import DEFAULT_DIMS, DEFAULT_RECIPE, check_out, run_sweep, sweep_configs
-from .train import COMPUTE_DTYPES, LR_SCHEDULES, TANGENTS
+from .train import COMPUTE_DTYPES, LR_SCHEDULES, TANGENTS, ToyDivergenceError
 
 R = DEFAULT_RECIPE
+MAX_LR = 1.0
+# Adam moves every weight by about lr per step; above 1 a single step outweighs the weights themselves
+# (the recipe's lr is 2e-3). Measured, D = 8, u-prediction, 200 steps: lr 1e3 gives NaN at step 2,
+# lr 10 inf at step 2 (both stopped by the divergence guard), lr 0.1-1 a raw loss of 4e4-9e25 and a
+# collapsed model.
+EXIT_DIVERGED = 3   # as full.train
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -44,7 +52,8 @@ def _parser() -> argparse.ArgumentParser:
     recipe.add_argument("--batch-size", type=int, default=R.batch_size,
                         help="fresh data points per step (default: %(default)s)")
     recipe.add_argument("--lr", type=float, default=R.lr,
-                        help="Adam's peak learning rate, > 0 (default: %(default)s)")
+                        help=f"Adam's peak learning rate, in (0, {MAX_LR:g}]; a run whose loss becomes NaN or inf "
+                             f"stops the sweep (exit {EXIT_DIVERGED}) (default: %(default)s)")
     recipe.add_argument("--warmup-steps", type=int, default=R.warmup_steps,
                         help="the lr rises linearly from lr / N to lr over the first N steps; 0 = no warm-up "
                              "(default: %(default)s)")
@@ -107,13 +116,19 @@ def _check(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
                              ("--warmup-steps", args.warmup_steps, 0)):
         if value < low:
             parser.error(f"{name} must be >= {low}, got {value}")
+    finite = {name: math.isfinite(value) for name, value in (
+        ("--lr", args.lr), ("--time-mean", args.time_mean), ("--time-std", args.time_std),
+        ("--adaptive-power", args.adaptive_power))}
     for name, value, ok, expected in (
-            ("--lr", args.lr, args.lr > 0, "> 0"), ("--time-std", args.time_std, args.time_std > 0, "> 0"),
+            ("--lr", args.lr, finite["--lr"] and 0 < args.lr <= MAX_LR, f"a number in (0, {MAX_LR:g}]"),
+            ("--time-mean", args.time_mean, finite["--time-mean"], "a finite number"),
+            ("--time-std", args.time_std, finite["--time-std"] and args.time_std > 0, "a finite number > 0"),
             ("--uniform-fraction", args.uniform_fraction, 0 <= args.uniform_fraction <= 1, "in [0, 1]"),
             ("--equal-fraction", args.equal_fraction, 0 <= args.equal_fraction <= 1, "in [0, 1]"),
             ("--corner-fraction", args.corner_fraction, 0 <= args.corner_fraction <= 1, "in [0, 1]"),
             ("--ema-decay", args.ema_decay, 0 <= args.ema_decay < 1, "in [0, 1)"),
-            ("--adaptive-power", args.adaptive_power, args.adaptive_power >= 0, ">= 0")):
+            ("--adaptive-power", args.adaptive_power, finite["--adaptive-power"] and args.adaptive_power >= 0,
+             "a finite number >= 0")):
         if not ok:   # also catches nan, which fails every comparison
             parser.error(f"{name} must be {expected}, got {value}")
     args.device = str(cli.resolve_device(parser, args.device))
@@ -147,9 +162,20 @@ def main(argv: list[str] | None = None) -> None:
     # and warns; the warning is torch's, not this program's, and would cut through the progress bars.
     warnings.filterwarnings("ignore", message=".*torch.jit.script.*deprecated", category=FutureWarning)
     start = time.time()
-    runs = run_sweep(dims=args.dims, predictions=args.predictions, seeds=args.seeds, dataset=args.dataset,
-                     out=args.out, overwrite=args.overwrite, progress=not args.no_progress, workers=args.workers,
-                     **overrides)
+    try:
+        runs = run_sweep(dims=args.dims, predictions=args.predictions, seeds=args.seeds, dataset=args.dataset,
+                         out=args.out, overwrite=args.overwrite, progress=not args.no_progress,
+                         workers=args.workers, **overrides)
+    except ToyDivergenceError as error:   # nothing was written: the outputs come after the last run
+        print(f"{parser.prog}: error: {error}; nothing was written to {args.out}", file=sys.stderr)
+        sys.exit(EXIT_DIVERGED)
+    except KeyboardInterrupt:
+        print(f"{parser.prog}: interrupted (Ctrl-C); nothing was written to {args.out}", file=sys.stderr)
+        sys.exit(cli.EXIT_INTERRUPTED)
+    except OSError as error:   # writing the outputs (a full disk): each file is whole or absent (full.io)
+        print(f"{parser.prog}: error: writing {error.filename or args.out!r} failed: {error.strerror or error}",
+              file=sys.stderr)
+        sys.exit(1)
     wall = time.time() - start
     out = args.out
     print(open(os.path.join(out, "table.md")).read(), end="")

@@ -4,6 +4,7 @@ from __future__ import annotations
 import dataclasses
 import multiprocessing
 import os
+import signal
 import statistics
 import threading
 import time
@@ -39,6 +40,9 @@ def check_out(out: str | os.PathLike, *, overwrite: bool) -> None:
     problem = unwritable_reason(out, folder=True)
     if problem:
         raise ValueError(problem)
+    folders = [name for name in FILES.values() if (out / name).is_dir()]
+    if folders:   # found now, not by a failed rename after the whole sweep
+        raise ValueError(f"{str(out / folders[0])!r} is a folder; the sweep writes a file of that name")
     existing = [name for name in FILES.values() if (out / name).exists()]
     if existing and not overwrite:
         raise FileExistsError(f"{str(out)!r} already holds {', '.join(existing)} of an earlier run; "
@@ -139,7 +143,11 @@ def exit_with_parent(parent_pid: int, *, poll_s: float = PARENT_POLL_S) -> None:
 
     A sweep killed by a signal cannot shut its ProcessPoolExecutor down, and spawned workers would train on
     for minutes; with this they stop within ``poll_s`` (the orphan is re-parented, so its ppid changes).
+    Workers ignore Ctrl-C (the terminal sends it to every process of the group): the parent handles it
+    and ends them, so the user sees one line, not a traceback per worker.
     """
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
     def watch() -> None:
         while os.getppid() == parent_pid:
             time.sleep(poll_s)
@@ -166,13 +174,20 @@ def _run_parallel(configs: list[ToyConfig], workers: int, progress: bool) -> lis
         futures = {pool.submit(_train_one_thread, configs[i]): i for i in order}
         bar = tqdm(total=len(configs), desc=f"toy sweep ({workers} processes)", disable=not progress,
                    dynamic_ncols=True)
-        for future in as_completed(futures):
-            run = future.result()
-            runs[futures[future]] = run
-            bar.set_postfix_str(f"done {run.config.prediction}-pred D={run.config.dim} "
-                                f"precision={run.record['precision']:.3f}")
-            bar.update()
-        bar.close()
+        try:
+            for future in as_completed(futures):
+                run = future.result()   # re-raises a worker's error (a diverged run) here
+                runs[futures[future]] = run
+                bar.set_postfix_str(f"done {run.config.prediction}-pred D={run.config.dim} "
+                                    f"precision={run.record['precision']:.3f}")
+                bar.update()
+        except BaseException:   # a diverged run or Ctrl-C: stop the other runs now, not after minutes
+            pool.shutdown(wait=False, cancel_futures=True)
+            for child in multiprocessing.active_children():
+                child.terminate()
+            raise
+        finally:
+            bar.close()
     return runs
 
 

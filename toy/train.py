@@ -63,6 +63,10 @@ FINAL_LOSS_FRACTION = 0.1    # final_loss averages the raw loss over the last 10
 SEED_PROJECTION, SEED_DATA, SEED_EVAL_NOISE, SEED_EVAL_DATA, SEED_FLOOR = 0, 1_000_003, 2_000_003, 3_000_017, 4_000_037
 
 
+class ToyDivergenceError(ArithmeticError):
+    """A run whose raw loss or sample metrics became NaN or inf; the one-line message names the run and the step."""
+
+
 @dataclasses.dataclass(frozen=True)
 class ToyConfig:
     """One run: its dataset, D, parametrisation and seed, and the training recipe (the defaults).
@@ -118,6 +122,8 @@ class ToyConfig:
                   (self.steps >= 1 and self.batch_size >= 2 and self.eval_samples >= 2,
                    "steps >= 1, batch_size >= 2 and eval_samples >= 2 are needed"),
                   (self.lr > 0 and self.time_std > 0, "lr and time_std must be > 0"),
+                  (all(map(math.isfinite, (self.lr, self.time_mean, self.time_std, self.adaptive_power))),
+                   "lr, time_mean, time_std and adaptive_power must be finite"),
                   (self.warmup_steps >= 0, "warmup_steps must be >= 0"),
                   (self.adaptive_power >= 0, "adaptive_power must be >= 0"),
                   (0 <= self.uniform_fraction <= 1 and 0 <= self.equal_fraction <= 1
@@ -252,8 +258,16 @@ def evaluate(model: ToyMLP, config: ToyConfig, projection: torch.Tensor) -> tupl
     return metrics, samples_2d.numpy()
 
 
+def _name(config: ToyConfig) -> str:
+    return f"{config.prediction}-pred D={config.dim} seed {config.seed}"
+
+
 def train(config: ToyConfig, *, progress: bool = True) -> ToyRun:
-    """Train one model for ``config.steps`` Adam steps on fresh batches; evaluate it."""
+    """Train one model for ``config.steps`` Adam steps on fresh batches; evaluate it.
+
+    Raises:
+        ToyDivergenceError: the raw loss of a step, or a sample metric, is NaN or inf (the run stops there).
+    """
     torch.manual_seed(config.seed)  # network init
     projection = random_projection(config.dim, seed=config.seed + SEED_PROJECTION)
     model = ToyMLP(config.dim, depth=config.depth, width=config.width).to(config.device)
@@ -284,11 +298,19 @@ def train(config: ToyConfig, *, progress: bool = True) -> ToyRun:
         optimizer.step()
         update_ema(ema_model, model, min(config.ema_decay, (1 + step) / (EMA_WARMUP + step)))
         losses[step] = float(terms.raw.detach().mean())
+        if not math.isfinite(losses[step]):   # NaN / inf: nothing after this step means anything
+            raise ToyDivergenceError(f"{_name(config)}: the raw loss is {losses[step]} at step {step + 1} of "
+                                     f"{config.steps}: the run diverged (lr {config.lr:g}); lower the lr "
+                                     f"(the recipe's is {ToyConfig.lr:g})")
         if step % 50 == 0:
             bar.set_postfix(raw_loss=f"{losses[step]:.3g}")
     cpu_seconds = time.process_time() - start
 
     metrics, samples_2d = evaluate(ema_model, config, projection)
+    bad = [name for name, value in metrics.items() if not math.isfinite(value)]
+    if bad:
+        raise ToyDivergenceError(f"{_name(config)}: the samples' {', '.join(bad)} are NaN or inf after "
+                                 f"{config.steps} steps: the run diverged (lr {config.lr:g}); lower the lr")
     tail = max(1, int(config.steps * FINAL_LOSS_FRACTION))
     record = {"prediction": config.prediction, "dim": config.dim, "dataset": config.dataset,
               "steps": config.steps, "seed": config.seed, **metrics,
