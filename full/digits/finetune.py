@@ -70,7 +70,7 @@ def score(model, evaluator: DigitsEvaluator, digits: tuple[int, ...], reference)
     indices = torch.arange(PER_CLASS * len(digits))
     y = indices % len(digits)
     z_1 = sample_noise(indices, (1, ARCH["resolution"], ARCH["resolution"]), seed=SAMPLE_SEED, noise_scale=1.0)
-    x = generate(model, y, z_1, omega=1.0, t_min=0.0, t_max=1.0)
+    x = generate(model, z_1, y, omega=1.0, t_min=0.0, t_max=1.0)
     model.train()
     features, logits = evaluator._features_and_logits(to_digits_coordinates(x.double().clamp(-1, 1)))
     asked = torch.tensor(digits)[y]
