@@ -209,7 +209,7 @@ def tiny_fid(monkeypatch, tmp_path):
     images = torch.randint(0, 256, (6, 3, 16, 16), dtype=torch.uint8, generator=torch.Generator().manual_seed(1))
     mu, sigma = fid_lib.feature_statistics(fid_lib.extract_features(extractor, [images], progress=False).pool)
     reference = monitor.FIDReference(extractor, mu, sigma)
-    monkeypatch.setattr("full.train.prepare_fid", lambda ref, weights, device: reference)
+    monkeypatch.setattr("full.train.prepare_fid", lambda ref, weights, device, **_: reference)
     (tmp_path / "ref.npz").write_bytes(b"")
     return reference, str(tmp_path / "ref.npz")
 
