@@ -124,11 +124,11 @@ def test_metrics_floor_separates_real_from_corrupted_digits(evaluator):
 @pytest.mark.parametrize("prediction", ["x", "u"])
 def test_one_step_samples_match_the_training_parametrisation(prediction):
     torch.manual_seed(0)
-    model = build_model("pMF-T/4", num_classes=10, channels=1, resolution=16, patch=4).eval()
+    model = build_model("pMF-T/4", num_classes=10, channels=1, resolution=16, patch=4, prediction=prediction).eval()
     with torch.no_grad():                 # the output layers start at zero; make the network non-trivial
         for parameter in model.parameters():
             parameter.add_(0.05 * torch.randn_like(parameter))
-    images, labels = one_step_samples(model, prediction, per_class=2, omega=2.0, t_min=0.1, t_max=0.7)
+    images, labels = one_step_samples(model, per_class=2, omega=2.0, t_min=0.1, t_max=0.7)
     assert torch.equal(labels, torch.arange(20) % 10)
     from full.sample import sample_noise
     z_1 = sample_noise(torch.arange(20), (1, 16, 16), seed=1, noise_scale=model.noise_scale)

@@ -114,9 +114,9 @@ def test_grid_inputs_are_stored_once_and_reread(tmp_path):
 @pytest.mark.parametrize("prediction", ["x", "u"])
 def test_grid_samples_are_one_network_call(prediction):
     model = _model()
+    model.prediction = prediction   # what the output means is the model's (checkpoints record it)
     inputs = M.make_grid_inputs(NUM_CLASSES, (3, RESOLUTION, RESOLUTION), seed=0, noise_scale=1.0, rows=3, columns=2)
-    images = M.grid_samples(model, inputs, omega=OMEGA, t_min=T_MIN, t_max=T_MAX, prediction=prediction,
-                            batch_size=4)
+    images = M.grid_samples(model, inputs, omega=OMEGA, t_min=T_MIN, t_max=T_MAX, batch_size=4)
     n = len(inputs.y)
     with torch.no_grad():   # pMF Alg. 2 transcribed: the network at (z_1, r = 0, t = 1)
         output = model.forward_u(inputs.z_1, torch.zeros(n), torch.ones(n), make_cond(inputs.y, OMEGA, T_MIN, T_MAX))

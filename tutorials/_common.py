@@ -245,10 +245,8 @@ def train_digits(model: nn.Module, num_steps: int, *, loss_fn=None, seed: int = 
 def sample_digits(network: nn.Module, y: torch.Tensor, z_1: torch.Tensor, omega: float = 1.0,
                   t_min: float = 0.1, t_max: float = 0.7) -> torch.Tensor:
     """One network call per image, ``x = z_1 - u(z_1, 0, 1 | y, omega, [t_min, t_max])`` (x- or u-prediction)."""
-    from full.model import make_cond, x_hat_from_output
-    cond = make_cond(y, omega, t_min, t_max)
-    u_fn = P.u_fn_from_x_fn(lambda z, r, t: x_hat_from_output(network, z, network.forward_u(z, r, t, cond), t))
-    return P.sample_one_step(u_fn, z_1, has_aux=True)
+    from full.sample import generate
+    return generate(network, z_1, y, omega=omega, t_min=t_min, t_max=t_max)
 
 
 def tile(images: torch.Tensor, rows: int, columns: int, gap: float = 1.0) -> torch.Tensor:

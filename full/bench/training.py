@@ -14,15 +14,12 @@ from typing import Callable
 
 import torch
 
-import pmf_ref as P
-
 from .syncs import count_host_syncs
 from .timing import interleaved_medians, peak_memory_bytes
 from ..model import PMFViT, build_model
 from ..params import training_gmacs
 from ..precision import PRECISIONS, apply_precision, autocast
-from ..presets import RECIPES
-from ..recipe import GuidanceSampler, PMFObjective, draw_step_randomness
+from ..step import TrainingStep
 
 NUM_CLASSES = 1000
 SEED = 0
@@ -54,20 +51,12 @@ def released_step(preset: str, batch: int, *, device: torch.device, precision: s
     ``keep_grads``: accumulate into the gradients instead of clearing them, so that after the first call a
     step allocates no gradient memory (a memory probe then sees the activations alone)."""
     torch.manual_seed(seed)
-    recipe = RECIPES[preset]
     model = build_model(preset, num_classes=NUM_CLASSES, activation_checkpointing=activation_checkpointing,
                         **overrides).to(device)
-    objective = PMFObjective(model, t_thr=recipe.t_thr)
+    objective = TrainingStep.from_preset(model, preset)
     generator = torch.Generator(device).manual_seed(seed)
     shape = (model.channels, model.resolution, model.resolution)
-
-    def sample_time_pair(n, *, generator, device):
-        return P.sample_time_pair_released(n, mean=recipe.P_mean, std=recipe.P_std,
-                                           uniform_fraction=recipe.uniform_fraction, generator=generator,
-                                           device=device)
-    randomness = draw_step_randomness(batch, shape, generator=generator, noise_scale=model.noise_scale,
-                                      sample_time_pair=sample_time_pair,
-                                      sample_guidance=GuidanceSampler(beta=recipe.omega_beta), device=device)
+    randomness = objective.draw_randomness(torch.empty(batch, *shape, device=device), generator=generator)
     x = torch.rand(batch, *shape, generator=generator, device=device) * 2 - 1
     y = torch.randint(0, NUM_CLASSES, (batch,), generator=generator, device=device)
     parameters = list(model.parameters())
