@@ -3,19 +3,28 @@
 Every equation comes from ``pmf_ref``; this package adds what scales. A map, in the order a newcomer
 meets it:
 
-One training batch, from ``train.py`` to ``loss.backward()`` (six files of ``full/`` plus ``pmf_ref``):
+One training batch, from ``train.py`` to ``loss.backward()``: eight places -- seven files of ``full/`` and
+the core ``pmf_ref`` (entered as one namespace, ``P.<equation>``; its modules are path, time, guidance,
+meanflow, loss). Control leaves ``step.py`` only for a ``pmf_ref`` equation, a network pass through the
+adapter, or the perceptual nets; the core calls back into ``full`` only through the function its JVP
+differentiates (the adapter's ``u_and_trunk``, run by ``fast_jvp.jvp``).
 
-1. ``train.py``      -- ``train(TrainConfig)``: the loop; builds the step from the preset, calls it,
-                        backward, optimiser, EMAs, checkpoint (``python -m full.train``)
+1. ``train.py``      -- ``train(TrainConfig)``: the loop. ``step = TrainingStep.from_preset(model, preset)``;
+                        per batch ``step.draw_randomness(x, ...)``, ``step(x, y, randomness)["loss"].backward()``,
+                        optimiser, EMAs, checkpoint (``python -m full.train``)
 2. ``data.py``       -- the ImageNet-style folder (ADM centre crop) or synthetic data; the batch (x, y)
-3. ``step.py``       -- ``TrainingStep.from_preset``: ``draw_randomness`` ((r, t), omega, interval, label drop,
-                        crops, noise), then ``forward``: the released loss top to bottom, every equation a
-                        ``pmf_ref`` call, the JVP through the engine of ``fast_jvp.py``
-4. ``model.py``      -- ``PMFViT`` (trunk, u-head, v-head; ``forward_uv``), ``x_hat_from_output`` (x or u
-                        prediction, one owner), ``build_model(preset)``
-5. ``layers.py``     -- blocks, attention, RoPE, the bottleneck patch embedding (cheap-JVP ops of
-                        ``fast_jvp.py``, which also holds the JVP engine ``fast_jvp.jvp``)
-6. ``perceptual.py`` -- LPIPS and ConvNeXt distances; the gating and weighting are ``pmf_ref.perceptual_term``
+3. ``step.py``       -- ``TrainingStep``: ``draw_randomness`` ((r, t), omega, interval, label drop: ``pmf_ref``
+                        samplers; crop boxes; noise), then ``forward``, top to bottom: z_t and v_t, the guidance
+                        pass, the guided target, one JVP (``P.average_velocity_jvp(..., jvp=fast_jvp.jvp)``), the
+                        v-head on the JVP's tangent-free auxiliary output, the losses, the perceptual terms
+4. ``pmf_ref``       -- every equation: ``P.interpolate``, ``P.target_velocity``, ``P.guided_velocity``,
+                        ``P.average_velocity_jvp``, ``P.compound_velocity``, ``P.adaptively_weighted``, ...
+5. ``model.py``      -- ``core_fns(model, cond)``: the one adapter from a ``PMFViT`` to the core's velocity
+                        callables (x or u prediction is decided there); the ``PMFViT`` (trunk, u-head, v-head)
+6. ``layers.py``     -- blocks, attention, RoPE, the bottleneck patch embedding, written with the ops of
+7. ``fast_jvp.py``   -- ops whose forward-mode tangent costs what it should, and the JVP engine ``jvp``
+8. ``perceptual.py`` -- crop boxes (drawn in step 3), LPIPS and ConvNeXt distances (perceptual runs only);
+                        the gating and weighting are ``pmf_ref.perceptual_term``
 
 Around it:
 
@@ -24,7 +33,8 @@ Around it:
 * ``checkpoint.py`` -- atomic, weights-only checkpoints, resume, signals; ``io.py`` -- the one atomic writer
 * ``distributed.py`` -- DDP set-up; ``fsdp.py`` -- FSDP2 sharding for pMF-H (``--fsdp``, ``python -m full.fsdp``)
 * ``monitor.py``, ``plot.py`` -- sample grids, FID while training, TensorBoard; curves (``python -m full.plot``)
-* ``sample.py``   -- one-step sampling to PNG / npz (``python -m full.sample``)
+* ``sample.py``   -- ``generate(model, e, y, ...)``, the one 1-NFE sampler (the monitor and digits use it);
+  sampling to PNG / npz (``python -m full.sample``)
 * ``fid.py``, ``evaluate.py``, ``guidance_search.py`` -- FID / IS, reference statistics, the omega x
   interval x EMA search (``python -m full.evaluate``, ``python -m full.guidance_search``)
 * ``official.py`` -- the authors' released checkpoints: key table, loader, writer; ``export.py`` --

@@ -11,7 +11,8 @@ Sharding plan. ``fully_shard`` on every transformer ``Block`` (each is all-gathe
 and freed after) and on :class:`full.step.TrainingStep` as the root, which holds the rest (embedders,
 tokens, heads' norms and output layers). The root must be the objective, not the ViT: the objective's
 ``forward`` runs the whole loss (the no-grad guidance pass and the JVP pass), while the ViT's
-``__call__`` is never used (its ``forward_uv`` / ``forward_v`` are), so FSDP's hooks on it would never fire.
+``__call__`` is never used (its trunk and heads are, through ``full.model.core_fns``), so FSDP's hooks
+on it would never fire.
 The frozen perceptual networks are left out of the sharding (replicated, as with DDP).
 
 Gradients are reduce-scattered after every micro-batch's backward (no ``no_sync``): skipping the sync

@@ -26,8 +26,9 @@ import torch
 
 from .evaluate import metrics_from_features
 from .checkpoint import CheckpointError, first_non_finite, load_checkpoint
+from .export import choose_ema
 from . import cli
-from .io import write_json
+from .io import finite_or_null, write_json
 from .fid import (IS_SPLITS, POOL_DIM, InceptionWeightsError, build_inception, extract_features,
                   load_statistics)
 from .sample import (NonFiniteSamplesError, checkpoint_info, iter_samples, load_for_sampling,
@@ -101,7 +102,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="guidance intervals TMIN,TMAX to try, 0 <= TMIN <= TMAX <= 1; default: the preset's "
                              "best (B/16: 0.1,0.7)")
     parser.add_argument("--emas", nargs="+", default=None,
-                        help="EMA half-lives (kimg keys of the checkpoint) or 'raw'; default: the preset's best")
+                        help="EMA half-lives (kimg keys of the checkpoint) or 'raw'; default: the preset's best "
+                             "if the run kept it, else the kept EMA nearest to it")
     parser.add_argument("--num", type=int, default=10000, help="samples per setting (class-balanced)")
     parser.add_argument("--out", default=None, metavar="DIR",
                         help=f"output folder: {RESULT_NAME}, every row so far (rewritten after each row)")
@@ -152,7 +154,8 @@ def main(argv: list[str] | None = None) -> None:
         parser.error(f"--ckpt: {error}")
     defaults = sampling_defaults(preset)
     try:
-        emas = tuple(normalize_ema(ema) for ema in args.emas) if args.emas else (defaults["ema"],)
+        # Default: the EMA full.sample would pick (the preset's best if the run kept it, else the nearest kept).
+        emas = tuple(normalize_ema(ema) for ema in args.emas) if args.emas else (choose_ema(preset, available),)
     except ValueError:
         parser.error(f"--emas: each must be a half-life in kimg or 'raw', got {args.emas}")
     missing = [ema for ema in emas if ema != "raw" and ema not in available]
@@ -173,7 +176,7 @@ def main(argv: list[str] | None = None) -> None:
     try:
         extractor = build_inception(args.inception_weights, device)
     except FileNotFoundError as error:   # the message names the weights file and where to put it
-        sys.exit(f"error: {error}")
+        parser.error(f"--inception-weights: {error}")
     except InceptionWeightsError as error:
         parser.error(str(error))
 
@@ -199,10 +202,13 @@ def main(argv: list[str] | None = None) -> None:
     except (CheckpointError, NonFiniteSamplesError) as error:   # finished rows are saved already
         parser.error(f"--ckpt: {error}")
     except OSError as error:   # writing --out failed (a full disk): the printed rows above are the record
-        sys.exit(f"error: writing --out {args.out} failed: {error}")
+        where = error.filename or (Path(args.out) / RESULT_NAME if args.out else "a file")
+        print(f"{parser.prog}: error: writing {str(where)!r} failed: {error.strerror or error}; the rows printed "
+              f"above are the record", file=sys.stderr)
+        sys.exit(1)
     print("\n" + format_table(rows), file=table)
-    if args.json:
-        print(json.dumps(record(), indent=2))
+    if args.json:   # strict JSON: a NaN metric is null, never a bare NaN token
+        print(json.dumps(finite_or_null(record()), indent=2, allow_nan=False))
 
 
 if __name__ == "__main__":

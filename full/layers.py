@@ -242,7 +242,7 @@ def recompute_in_backward(block: Callable[..., torch.Tensor], x: torch.Tensor, *
     without autograd history -- primal and, inside the JVP, tangent -- and :class:`_RecomputeInBackward`
     gives the primal a backward that reruns the block's primal from the saved input. The activations
     between blocks are the only ones kept; the backward pays one more block forward. Gradients equal the
-    plain block's (tests/test_full_layers.py). Under ``torch.func`` transforms or ``reference_ops()`` (whose
+    plain block's (tests/test_full_layers_checkpointing.py). Under ``torch.func`` transforms or ``reference_ops()`` (whose
     tangents carry a graph) and without gradient it is the plain call.
     """
     needs_grad = torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in parameters))

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from typing import Callable, NamedTuple
 
 import torch
 from torch import nn
@@ -104,7 +105,8 @@ class PMFViT(nn.Module):
         use_sdpa_math: attention through ``F.scaled_dot_product_attention`` on the MATH backend
             instead of explicit matmul + softmax (both support forward-mode AD).
         prediction: "x" (pMF: the output is a denoised image) or "u" (ablation: the output is read as the
-            average velocity). Only :func:`x_hat_from_output` reads it; checkpoints record it.
+            average velocity). Only :func:`velocity_from_output` (the adapter :func:`core_fns`) reads it;
+            checkpoints record it.
         activation_checkpointing: every block keeps only its input for the backward and recomputes the
             rest there (``full.layers.recompute_in_backward``; JVP included): less memory, one more forward.
     """
@@ -229,12 +231,24 @@ class PMFViT(nn.Module):
     def forward_uv(self, z: torch.Tensor, r: torch.Tensor, t: torch.Tensor,
                    cond: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         """Both heads on one trunk pass at h = t - r, as the released network always computes them:
-        ``(x_hat_u, x_hat_v)``, each (B, C, H, W). The training JVP differentiates this (the v-head's
-        output is the JVP's auxiliary output and gets its own loss)."""
+        ``(x_hat_u, x_hat_v)``, each (B, C, H, W)."""
+        tokens = self.forward_trunk(z, r, t, cond)
+        return self.decode_u(tokens), self.decode_v(tokens)
+
+    def forward_trunk(self, z: torch.Tensor, r: torch.Tensor, t: torch.Tensor,
+                      cond: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The shared trunk at h = t - r: tokens (B, 20 + N, W), the input of either head's decode."""
+        return self._trunk(z, t - r, cond)
+
+    def decode_u(self, tokens: torch.Tensor) -> torch.Tensor:
+        """The u-head on the trunk's tokens: its output image (B, C, H, W)."""
+        return self._decode(self.u_head, tokens)
+
+    def decode_v(self, tokens: torch.Tensor) -> torch.Tensor:
+        """The v-head on the trunk's tokens: its output image (B, C, H, W)."""
         if self.v_head is None:
-            raise RuntimeError("this PMFViT was built with v_head=False (inference network); forward_uv needs the v-head")
-        x = self._trunk(z, t - r, cond)
-        return self._decode(self.u_head, x), self._decode(self.v_head, x)
+            raise RuntimeError("this PMFViT was built with v_head=False (inference network); the v-head is needed")
+        return self._decode(self.v_head, tokens)
 
     def forward(self, z: torch.Tensor, r: torch.Tensor, t: torch.Tensor,
                 cond: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -249,20 +263,68 @@ class PMFViT(nn.Module):
         return total
 
 
-def x_hat_from_output(model: PMFViT, z: torch.Tensor, output: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-    """The one place that reads a network output by what the model predicts: the denoised image x_hat.
+# ----------------------------------------------------------------------------- the adapter to the core
 
-    x-prediction outputs x_hat itself; u-prediction's output is u, converted by
-    ``pmf_ref.x_from_average_velocity`` (x = z - max(t, t_eps) u). The trainer, the sampler and the
-    digits arms all go through this function.
+class CoreFns(NamedTuple):
+    """A PMFViT with its conditioning bound, as the callables of ``pmf_ref`` (built by :func:`core_fns`).
+
+    Every one returns a *velocity*, so nothing downstream asks what the network predicts.
+    """
+    u: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+    """``(z, r, t) -> u``: the u-head's average velocity at h = t - r (sampling, Alg. 1)."""
+    u_and_trunk: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+    """``(z, r, t) -> (u, tokens)``: the function the training JVP differentiates; the trunk's tokens are its
+    auxiliary output, which ``pmf_ref.average_velocity_jvp`` returns as primals (no tangent)."""
+    v_from_trunk: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+    """``(z, t, tokens) -> v``: the v-head on those tokens -- run after the JVP, it does no tangent work."""
+    v: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+    """``(z, t) -> v``: the v-head's instantaneous velocity at h = 0 (the guidance pass)."""
+
+
+def velocity_from_output(model: PMFViT, z: torch.Tensor, output: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """What the network's output means: x-prediction (pMF) outputs the denoised image, so
+    ``u = (z - x_hat) / max(t, t_eps)`` (``pmf_ref.average_velocity_from_x``); u-prediction (the ablation)
+    outputs u itself. Times are not value-checked here (no host sync): the callers check them on entry.
 
     Args:
         model: the PMFViT that produced ``output``.  z: its input z_t, (B, C, H, W).  output: (B, C, H, W).
         t: (B,).
     Returns:
-        x_hat, (B, C, H, W).
+        the velocity, (B, C, H, W).
     """
-    return output if model.prediction == "x" else P.x_from_average_velocity(z, output, t)
+    if model.prediction == "x":
+        return P.average_velocity_from_x(z, output, t, check_values=False)
+    return output
+
+
+def x_hat_from_output(model: PMFViT, z: torch.Tensor, output: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """The denoised image a network output stands for, ``x_hat = z - max(t, t_eps) u`` with u from
+    :func:`velocity_from_output` (for x-prediction: the output itself, to rounding).  Shapes as there."""
+    return P.x_from_average_velocity(z, velocity_from_output(model, z, output, t), t, check_values=False)
+
+
+def core_fns(model: PMFViT, cond: dict[str, torch.Tensor]) -> CoreFns:
+    """The one adapter between a PMFViT and the core: the network, conditioned on ``cond``, as velocity
+    callables in the core's signature (:class:`CoreFns`). It alone (through :func:`velocity_from_output`)
+    decides what the output means; the training step, the sampler, the monitor and digits go through it.
+
+    Args:
+        model: a PMFViT.  cond: from :func:`make_cond` (labels, omega, interval), (B,) each.
+    """
+    def u(z, r, t):
+        return velocity_from_output(model, z, model.forward_u(z, r, t, cond), t)
+
+    def u_and_trunk(z, r, t):
+        tokens = model.forward_trunk(z, r, t, cond)
+        return velocity_from_output(model, z, model.decode_u(tokens), t), tokens
+
+    def v_from_trunk(z, t, tokens):
+        return velocity_from_output(model, z, model.decode_v(tokens), t)
+
+    def v(z, t):
+        return velocity_from_output(model, z, model.forward_v(z, t, cond), t)
+
+    return CoreFns(u, u_and_trunk, v_from_trunk, v)
 
 
 def _check_arch(**arch: int) -> None:
@@ -298,4 +360,4 @@ def build_model(preset: str, **overrides) -> PMFViT:
 
 
 __all__ = ["PRESETS", "ARCH_KEYS", "NUM_PREFIX_TOKENS", "PMFViT", "Head", "build_model", "make_cond",
-           "x_hat_from_output", "PREDICTIONS"]
+           "CoreFns", "core_fns", "velocity_from_output", "x_hat_from_output", "PREDICTIONS"]

@@ -25,14 +25,11 @@ import torch
 import torch.distributed as dist
 import torchvision
 
-import pmf_ref as P
-
 from .checkpoint import FID_LOG_NAME
 from .evaluate import metrics_from_features
 from .io import atomic_write
-from .fid import IS_SPLITS, POOL_DIM, build_inception, extract_features, load_statistics
+from .fid import IS_SPLITS, POOL_DIM, build_inception, extract_features, load_statistics, reference_info
 from .ema import format_half_life
-from .model import make_cond
 from .presets import SAMPLING
 from .sample import GRID_PADDING, generate, iter_samples, sample_noise, save_png, shard, to_uint8
 
@@ -140,23 +137,15 @@ def load_or_make_grid_inputs(run_dir: str | Path, num_classes: int, shape: tuple
 
 @torch.no_grad()
 def grid_samples(model: torch.nn.Module, inputs: GridInputs, *, omega: float, t_min: float, t_max: float,
-                 prediction: str = "x", batch_size: int = 64) -> torch.Tensor:
-    """One-step samples ``x = z_1 - u(z_1, 0, 1)`` of the grid inputs, uint8 (G, C, H, W) on the CPU.
-
-    ``prediction="u"``: the network's output is u itself (the trainer's ablation), as in training.
-    The model's train/eval mode is restored afterwards.
-    """
+                 batch_size: int = 64) -> torch.Tensor:
+    """One-step samples ``x = z_1 - u(z_1, 0, 1)`` of the grid inputs (``full.sample.generate``; x- or
+    u-prediction is the model's), uint8 (G, C, H, W) on the CPU. The model's train/eval mode is restored."""
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
     images = []
     for y, z_1 in zip(inputs.y.split(batch_size), inputs.z_1.split(batch_size)):
-        y, z_1 = y.to(device), z_1.to(device)
-        if prediction == "x":
-            x = generate(model, y, z_1, omega=omega, t_min=t_min, t_max=t_max)
-        else:
-            cond = make_cond(y, omega, t_min, t_max)
-            x = P.sample_one_step(lambda z, r, t: model.forward_u(z, r, t, cond), z_1)
+        x = generate(model, z_1.to(device), y.to(device), omega=omega, t_min=t_min, t_max=t_max)
         images.append(to_uint8(x).cpu())
     model.train(was_training)
     return torch.cat(images)
@@ -174,12 +163,11 @@ def grid_path(run_dir: str | Path, step: int, name: str) -> Path:
 
 
 def write_sample_grids(run_dir: str | Path, step: int, networks: dict[str, torch.nn.Module], inputs: GridInputs, *,
-                       omega: float, t_min: float, t_max: float, prediction: str = "x") -> dict[str, torch.Tensor]:
+                       omega: float, t_min: float, t_max: float) -> dict[str, torch.Tensor]:
     """Sample and write one grid PNG per network (``{"500": ema, ..., "raw": model}``); returns the tiles."""
     tiles = {}
     for name, network in networks.items():
-        tiles[name] = tile(grid_samples(network, inputs, omega=omega, t_min=t_min, t_max=t_max,
-                                        prediction=prediction), inputs.columns)
+        tiles[name] = tile(grid_samples(network, inputs, omega=omega, t_min=t_min, t_max=t_max), inputs.columns)
         save_png(tiles[name], grid_path(run_dir, step, name))
     return tiles
 
@@ -194,8 +182,12 @@ class FIDReference(NamedTuple):
     sigma: np.ndarray            # (2048, 2048)
 
 
-def prepare_fid(ref: str | Path, inception_weights: str | None, device: torch.device | str) -> FIDReference:
+def prepare_fid(ref: str | Path, inception_weights: str | None, device: torch.device | str, *,
+                resolution: int | None = None) -> FIDReference:
     """Load the Inception network and the reference statistics once, at the start of the run.
+
+    ``resolution``: the model's image side; refused (ValueError) when the reference file records another
+    (``full.fid.reference_info``; JiT's and the authors' files record none).
 
     Raises:
         FileNotFoundError: the Inception weights or ``ref`` are missing (the run refuses to start).
@@ -207,6 +199,11 @@ def prepare_fid(ref: str | Path, inception_weights: str | None, device: torch.de
     mu, sigma = load_statistics(ref)
     extractor = build_inception(inception_weights, device).eval()   # its file checked before the dimension
     load_statistics(ref, dim=POOL_DIM)   # statistics of other features would fail only at the first FID
+    expected = reference_info(ref).resolution
+    if resolution is not None and expected is not None and expected != resolution:
+        raise ValueError(f"{str(ref)!r} holds statistics of {expected} px images but the model makes {resolution} px "
+                         f"samples: FID across resolutions is meaningless (python -m full.evaluate ref-stats "
+                         f"--resolution {resolution})")
     return FIDReference(extractor, mu, sigma)
 
 

@@ -355,8 +355,7 @@ class RunMonitor:
             for name in names:
                 network = self.network(name)
                 if self.rank == 0:
-                    tiles = write_sample_grids(self.out, step, {name: network}, self.grid_inputs,
-                                               prediction=cfg.prediction, **settings)
+                    tiles = write_sample_grids(self.out, step, {name: network}, self.grid_inputs, **settings)
                     if self.board is not None:
                         self.board.image(f"samples/{name if name == 'raw' else 'ema' + name}", tiles[name], step)
         return extra

@@ -4,13 +4,16 @@
     torchrun --nproc_per_node 8 -m full.sample --ckpt run/ckpt.pt --num 50000 --out samples/
     python -m full.sample --official-ckpt pMF-B-16.pt --preset pMF-B/16 --out samples/   # the authors' weights
     python -m full.sample --ckpt model.safetensors --out samples/     # inference weights of python -m full.export
+    python -m full.sample --ckpt run/ckpt.pt --class 207 360 387 --per-class 8 --out samples/   # chosen classes
 
 Every image costs one network call (pMF Alg. 2):  ``x = z_1 - u(z_1, 0, 1) = x_theta(z_1, 0, 1 | c)``,
 z_1 = s * eps with the preset's noise scale s, c = (y, omega, t_min, t_max). Sample i has label
-``y_i = i mod K`` (any prefix is class-balanced; ``--per-class k`` gives exactly k per class) and
+``y_i = i mod K`` (any prefix is class-balanced; ``--per-class k`` gives exactly k per class; with
+``--class Y_0 ... Y_n-1`` it is ``Y_(i mod n)``) and
 noise from a generator seeded by the pair (seed, i), so the images depend on neither the batch size nor the
-number of processes. Defaults for omega, the interval and the EMA are the preset's best settings
-(pMF §4 and App. A).
+number of processes. Defaults for omega and the interval are the preset's best settings (pMF §4 and
+App. A); the EMA is the preset's best too when the run kept it, else the kept one nearest to it (a note
+says so). Samples whose pixels are nearly all 0 or 255 (a diverged network) are refused.
 
 Output folder: ``images/000000.png ...``, ``samples.npz`` (``arr_0`` uint8 (N, H, W, C) and
 ``labels`` (N,), the layout of the ADM evaluation suite), ``grid.png`` and ``sample_config.json``.
@@ -42,7 +45,7 @@ from . import cli
 from .distributed import barrier, init_distributed
 from .ema import format_half_life
 from .io import TEMP_PREFIX, atomic_write, unwritable_reason, write_json
-from .model import make_cond, x_hat_from_output
+from .model import core_fns, make_cond
 from .presets import PRESETS, SAMPLING
 
 PIXEL_HALF_RANGE = 127.5  # uint8 = round((x + 1) * 127.5), x in [-1, 1]
@@ -101,19 +104,23 @@ def sample_noise(indices: torch.Tensor, shape: tuple[int, ...], *, seed: int, no
 
 
 @torch.no_grad()
-def generate(model: torch.nn.Module, y: torch.Tensor, z_1: torch.Tensor, *, omega: float, t_min: float,
+def generate(model: torch.nn.Module, e: torch.Tensor, y: torch.Tensor, *, omega: float, t_min: float,
              t_max: float) -> torch.Tensor:
-    """One-step sample ``x = z_1 - u_theta(z_1, 0, 1)`` through ``pmf_ref.sample_one_step``.
+    """One-step sample ``x = z_1 - u_theta(z_1, 0, 1)``, z_1 = e (pMF Alg. 2), through
+    ``pmf_ref.sample_one_step`` and the model's adapter ``full.model.core_fns`` (x- or u-prediction is the
+    model's). The one 1-NFE sampler of a PMFViT: ``full.sample``, the monitor's grids and FID, digits.
 
     Args:
-        model: a PMFViT (``forward_u(z, r, t, cond) -> x_hat``).  y: labels (B,).  z_1: noise (B, C, H, W).
+        model: a PMFViT.  e: noise z_1, already scaled by the noise scale, (B, C, H, W).  y: labels (B,).
+        omega: guidance scale >= 1.  t_min, t_max: guidance interval, 0 <= t_min <= t_max <= 1.
     Returns:
         x, (B, C, H, W), nominally in [-1, 1].
     """
-    cond = make_cond(y, omega, t_min, t_max)
-    # x- or u-prediction: the model records which, x_hat_from_output reads it.
-    u_fn = P.u_fn_from_x_fn(lambda z, r, t: x_hat_from_output(model, z, model.forward_u(z, r, t, cond), t))
-    return P.sample_one_step(u_fn, z_1, has_aux=True)
+    if not (isinstance(omega, torch.Tensor) or omega >= 1):      # NaN fails too
+        raise ValueError(f"omega must be >= 1 (1 = no guidance), got {omega}")
+    if not (isinstance(t_min, torch.Tensor) or isinstance(t_max, torch.Tensor) or 0 <= t_min <= t_max <= 1):
+        raise ValueError(f"the guidance interval must satisfy 0 <= t_min <= t_max <= 1, got [{t_min}, {t_max}]")
+    return P.sample_one_step(core_fns(model, make_cond(y, omega, t_min, t_max)).u, e)
 
 
 class NonFiniteSamplesError(ValueError):
@@ -146,7 +153,7 @@ def iter_samples(model: torch.nn.Module, indices: torch.Tensor, *, omega: float,
         for batch in indices.split(batch_size):
             y = class_labels(batch, model.num_classes, classes)
             z_1 = sample_noise(batch, shape, seed=seed, noise_scale=model.noise_scale)
-            x = generate(model, y.to(device), z_1.to(device), omega=omega, t_min=t_min, t_max=t_max)
+            x = generate(model, z_1.to(device), y.to(device), omega=omega, t_min=t_min, t_max=t_max)
             finite = torch.isfinite(x).flatten(1).all(dim=1)
             if not bool(finite.all()):
                 raise NonFiniteSamplesError(

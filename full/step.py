@@ -36,7 +36,7 @@ from torch import nn
 import pmf_ref as P
 
 from . import fast_jvp
-from .model import make_cond, x_hat_from_output
+from .model import core_fns, make_cond
 from .perceptual import CONVNEXT_WEIGHT, LPIPS_WEIGHT, PerceptualDistances, sample_crop_boxes
 from .presets import RECIPES, Recipe, check_preset
 
@@ -57,7 +57,7 @@ class StepRandomness(NamedTuple):
     t_min: torch.Tensor      # guidance interval, (B,)
     t_max: torch.Tensor      # (B,)
     dropped: torch.Tensor    # label-drop mask, bool (B,); True only on rows with r = t
-    crop_boxes: torch.Tensor  # paired random-resized-crop boxes (top, left, h, w), int64 (B, 4)
+    crop_boxes: torch.Tensor  # paired random-resized-crop boxes (top, left, h, w), int64 (B, 4), on the CPU
 
     def rows(self, start: int, stop: int) -> "StepRandomness":
         return StepRandomness(*(field[start:stop] for field in self))
@@ -90,7 +90,7 @@ class TrainingStep(nn.Module):
     the total. Build it with :meth:`from_preset`; the constructor takes every recipe number explicitly.
 
     Args:
-        model: PMFViT with a v-head (``forward_uv(z, r, t, cond)``, ``forward_v(z, t, cond)``).
+        model: PMFViT with a v-head, seen through ``full.model.core_fns`` (what its output means is its own).
         sample_time_pair: ``(n, *, generator, device) -> (r, t)``, a ``pmf_ref`` time sampler.
         sample_guidance: ``(r, t, generator) -> (omega, t_min, t_max, dropped)``: :class:`GuidanceSampler`
             or :func:`no_guidance`.
@@ -110,6 +110,8 @@ class TrainingStep(nn.Module):
                  lpips_weight: float, convnext_weight: float, c: float, p: float,
                  autocast_dtype: torch.dtype | None, jvp: P.JVPFn):
         super().__init__()
+        if not 0.0 <= t_thr <= 1.0:   # NaN fails too: it would turn the perceptual terms off without a word
+            raise ValueError(f"t_thr must lie in [0, 1] (perceptual terms where t < t_thr), got {t_thr}")
         self.model, self.perceptual = model, perceptual
         self.sample_time_pair, self.sample_guidance = sample_time_pair, sample_guidance
         self.noise_scale, self.t_thr, self.autocast_dtype, self.jvp = noise_scale, t_thr, autocast_dtype, jvp
@@ -170,40 +172,31 @@ class TrainingStep(nn.Module):
         omega, t_min, t_max, dropped = self.sample_guidance(r, t, generator)
         boxes = sample_crop_boxes(n, x.shape[2], x.shape[3], generator=generator)
         e = self.noise_scale * torch.randn(n, *x.shape[1:], generator=generator, device=x.device)
-        return StepRandomness(e, r, t, omega, t_min, t_max, dropped, boxes.to(x.device))
+        # The crop boxes stay on the CPU: the crop reads them as Python ints, which needs no device sync.
+        return StepRandomness(e, r, t, omega, t_min, t_max, dropped, boxes)
 
-    # ------------------------------------------------------------------ network passes
+    # ------------------------------------------------------------------ the guidance pass
     def _autocast(self, device: torch.device):
         if self.autocast_dtype is None:
             return contextlib.nullcontext()
         return torch.autocast(device.type, dtype=self.autocast_dtype)
 
-    def _as_image(self, z: torch.Tensor, output: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        return x_hat_from_output(self.model, z, output, t)   # x- or u-prediction: the model says which
-
-    def denoise_uv(self, z, r, t, cond):
-        """Both heads of one fp32 forward at h = t - r: ``(x_hat_u, x_hat_v)``, each (B, C, H, W)."""
-        # No autocast: this is the function the core's JVP differentiates, and bf16 rounding in
-        # du/dt would enter the target through (t - r) du/dt.
-        x_hat_u, x_hat_v = self.model.forward_uv(z, r, t, cond)
-        return self._as_image(z, x_hat_u, t), self._as_image(z, x_hat_v, t)
-
-    def guidance_denoise(self, z, t, omega_target, y):
-        """The v-head at h = 0, interval [0, 1], one batched 2B pass: ``(x_hat_c, x_hat_n)`` with the
-        original label ``y`` at ``omega_target`` and the null label at omega 1; fp32 outputs (the pass
-        runs under autocast when ``autocast_dtype`` is set)."""
+    def guidance_velocities(self, z: torch.Tensor, t: torch.Tensor, omega_target: torch.Tensor,
+                            y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The v-head at h = 0, interval [0, 1], one batched 2B pass: ``(v_c, v_n)`` with the original label
+        ``y`` at ``omega_target`` and the null label at omega 1; fp32 (the pass runs under autocast when
+        ``autocast_dtype`` is set, z's dtype out).  z: (B, C, H, W); t, omega_target, y: (B,)."""
         n = z.shape[0]
         labels = torch.cat([y, torch.full_like(y, self.model.num_classes)])
         omegas = torch.cat([omega_target, torch.ones_like(omega_target)])
         z2, t2 = torch.cat([z, z]), torch.cat([t, t])
         with self._autocast(z.device):
-            output = self.model.forward_v(z2, t2, make_cond(labels, omegas, 0.0, 1.0))
-        x_hat = self._as_image(z2, output.float(), t2)
-        return x_hat[:n], x_hat[n:]
+            v = core_fns(self.model, make_cond(labels, omegas, 0.0, 1.0)).v(z2, t2).to(z.dtype)
+        return v[:n], v[n:]
 
     # ------------------------------------------------------------------ the loss
     def forward(self, x: torch.Tensor, y: torch.Tensor, randomness: StepRandomness) -> dict[str, torch.Tensor]:
-        """The released loss (``pixelMeanFlow.forward``) of one batch.
+        """The released loss (``pixelMeanFlow.forward``) of one batch, without a host sync.
 
         Args: x (B, C, H, W) in [-1, 1]; y (B,) labels; randomness for these B rows (drawn by
         :meth:`draw_randomness`, whose samplers guarantee 0 <= r <= t <= 1 and omega >= 1: the core's value
@@ -222,25 +215,20 @@ class TrainingStep(nn.Module):
         # 2. the guidance pass: v-head at h = 0, interval [0, 1]; original label at omega', null label at 1
         omega_target = P.guidance_scale_for_target(rnd.omega, r, t, t_min=rnd.t_min, t_max=rnd.t_max, **unchecked)
         with torch.no_grad():
-            x_hat_c, x_hat_n = self.guidance_denoise(z_t, t, omega_target, y)
-            v_c = P.average_velocity_from_x(z_t, x_hat_c, t, **unchecked)
-            v_n = P.average_velocity_from_x(z_t, x_hat_n, t, **unchecked)
+            v_c, v_n = self.guidance_velocities(z_t, t, omega_target, y)
             # 3. the guided target v_g = v_t + (1 - 1/omega')(v_c - v_n); label-dropped rows regress v_t
             v_g = P.guided_velocity(v_t, v_c, v_n, omega_target, **unchecked)
             v_g = torch.where(P.expand_like(rnd.dropped, v_t), v_t, v_g)
 
-        # 4. one JVP of (z, r, t) -> u with tangents (v_c, 0, 1), on the dropped label, h = t - r, the
-        #    row's interval; its auxiliary output is the v-head's v_theta of the same forward
-        cond = make_cond(P.drop_labels(y, rnd.dropped, null_label=self.model.num_classes),
-                         rnd.omega, rnd.t_min, rnd.t_max)
-
-        def u_fn(z, r_, t_):
-            x_hat_u, x_hat_v = self.denoise_uv(z, r_, t_, cond)
-            return (P.average_velocity_from_x(z, x_hat_u, t_, **unchecked),
-                    P.average_velocity_from_x(z, x_hat_v, t_, **unchecked))
-
-        u, dudt, v_theta = P.average_velocity_jvp(u_fn, z_t, r, t, v_tangent=P.tangent_from_v_head(v_c),
-                                                  has_aux=True, jvp=self.jvp, **unchecked)
+        # 4. one JVP of (z, r, t) -> u with tangents (v_c, 0, 1), on the dropped label, h = t - r and the row's
+        #    interval. The v-head reads the same trunk pass: the trunk's tokens come back as the JVP's auxiliary
+        #    output (primal, no tangent), and the v-head runs on them after it -- same value and gradient as
+        #    differentiating both heads, without the v-head's tangent work.
+        network = core_fns(self.model, make_cond(P.drop_labels(y, rnd.dropped, null_label=self.model.num_classes),
+                                                 rnd.omega, rnd.t_min, rnd.t_max))
+        u, dudt, tokens = P.average_velocity_jvp(network.u_and_trunk, z_t, r, t, v_tangent=P.tangent_from_v_head(v_c),
+                                                 has_aux=True, jvp=self.jvp, **unchecked)
+        v_theta = network.v_from_trunk(z_t, t, tokens)
 
         # 5. L_u = adp(||u + (t - r) sg(du/dt) - v_g||^2), L_v = adp(||v_theta - v_g||^2)  (pMF Eq. 12)
         raw_u = P.squared_error(P.compound_velocity(u, dudt, r, t, **unchecked), v_g.detach())
@@ -250,17 +238,15 @@ class TrainingStep(nn.Module):
                       "raw_u": raw_u.detach(), "raw_v": raw_v.detach(),
                       "lpips": torch.zeros_like(raw_u), "convnext": torch.zeros_like(raw_u)}
 
-        # 6. perceptual terms on x_pred = z_t - t u (unclipped t), rows with t < t_thr
+        # 6. perceptual terms on x_pred = z_t - t u (unclipped t), masked to rows with t < t_thr: every row goes
+        #    through the nets (a row select would be a data-dependent shape, a host sync), masked rows get 0
         if self.perceptual is not None:
             x_pred = P.denoised_image(z_t, u, t, **unchecked)
-            rows = torch.nonzero(t < self.t_thr).flatten()   # only low-noise rows need the networks
-            if rows.numel():
-                with self._autocast(x.device):
-                    distances = self.perceptual(x_pred[rows], x[rows], rnd.crop_boxes[rows])
-                for name, distance in distances.items():
-                    full = torch.zeros_like(raw_u).index_put((rows,), distance.to(raw_u.dtype))
-                    per_sample[name] = P.perceptual_term(full, t, t_thr=self.t_thr, weight=self.weights[name],
-                                                         c=self.c, p=self.p, **unchecked)
+            with self._autocast(x.device):
+                distances = self.perceptual(x_pred, x, rnd.crop_boxes)
+            for name, distance in distances.items():
+                per_sample[name] = P.perceptual_term(distance.to(raw_u.dtype), t, t_thr=self.t_thr,
+                                                     weight=self.weights[name], c=self.c, p=self.p, **unchecked)
         per_sample["total"] = (per_sample["loss_u"] + per_sample["loss_v"] + per_sample["lpips"]
                                + per_sample["convnext"])
         per_sample["loss"] = per_sample["total"].mean()    # batch mean last (DDP then averages over ranks)

@@ -28,9 +28,14 @@ def _shapes(state) -> dict[str, tuple[int, ...]]:
 def _read_torch(path: Path) -> dict:
     from .checkpoint import read_checkpoint_file
 
+    import torch
+
     state = read_checkpoint_file(path, mmap=True)
-    if not isinstance(state, dict):
-        raise ValueError("not a state dict")
+    if isinstance(state, dict) and isinstance(state.get("model"), dict):
+        state = state["model"]              # the official ConvNeXt release wraps its weights
+    if not isinstance(state, dict) or not state or not all(
+            isinstance(key, str) and isinstance(value, torch.Tensor) for key, value in state.items()):
+        raise ValueError("not a state dict {name: tensor}")
     return state
 
 
@@ -95,21 +100,28 @@ def check_official(path: Path) -> str | None:
 def check_reference(path: Path) -> str | None:
     import numpy as np
 
-    with np.load(path, allow_pickle=False) as data:
+    data = np.load(path, allow_pickle=False)
+    if not isinstance(data, np.lib.npyio.NpzFile):
+        raise ValueError("a single array (.npy), expected an .npz archive holding mu and sigma")
+    with data:
         keys = set(data.files)
         if {"ref_mu", "ref_sigma"} <= keys and not {"mu", "sigma"} <= keys:
             return "holds ref_mu / ref_sigma (the authors' TPU file): save them as mu / sigma (full/README.md)"
         if not {"mu", "sigma"} <= keys:
             return f"lacks mu and sigma; it holds {sorted(keys)}"
-        mu, sigma = data["mu"].shape, data["sigma"].shape
-    if mu != (FID_DIM,) or sigma != (FID_DIM, FID_DIM):
-        return f"mu {mu} and sigma {sigma}, expected ({FID_DIM},) and ({FID_DIM}, {FID_DIM})"
+        mu, sigma = data["mu"], data["sigma"]
+    if mu.shape != (FID_DIM,) or sigma.shape != (FID_DIM, FID_DIM):
+        return f"mu {mu.shape} and sigma {sigma.shape}, expected ({FID_DIM},) and ({FID_DIM}, {FID_DIM})"
+    if not (np.isfinite(mu).all() and np.isfinite(sigma).all()):
+        raise ValueError("mu or sigma holds NaN or inf (statistics of a diverged or broken pass)")
     return None
 
 
 def check(what: str, path: Path, checker) -> dict:
     """One file's record: ``status`` found / missing / wrong shape / unreadable, and ``detail``."""
     record = {"file": what, "path": str(path)}
+    if path.is_dir():
+        return {**record, "status": "unreadable", "detail": "is a folder, expected a file"}
     if not path.is_file():
         return {**record, "status": "missing", "detail": f"put {path.name} in {path.parent}"}
     try:

@@ -6,6 +6,8 @@ is the guided velocity, so one network call at sampling time already applies CFG
 """
 from __future__ import annotations
 
+import math
+
 import torch
 
 from ._checks import (_all, check_float, check_float_dtype, check_per_example, check_r_le_t,
@@ -28,6 +30,17 @@ def _check_omega(omega: torch.Tensor, check_values: bool = True) -> None:
         raise ValueError(f"omega must be >= 1 (1 = no guidance), got min {omega.min().item():.4g}")
 
 
+def _check_interval(t_min, t_max, check_values: bool = True) -> None:
+    # An empty interval (t_min > t_max) would turn guidance off on every row without a word.
+    if isinstance(t_min, torch.Tensor) or isinstance(t_max, torch.Tensor):
+        if check_values and not _all(torch.as_tensor(t_min) <= torch.as_tensor(t_max)):
+            raise ValueError("the guidance interval must satisfy t_min <= t_max (an empty interval turns "
+                             "guidance off), got t_min > t_max on some rows")
+    elif not t_min <= t_max:
+        raise ValueError(f"the guidance interval must satisfy t_min <= t_max (an empty interval turns guidance off), "
+                         f"got [{t_min}, {t_max}]")
+
+
 def sample_omega(n: int, *, s_max: float = OMEGA_S_MAX, beta: float = 1.0,
                  generator: torch.Generator | None = None, device=None,
                  dtype: torch.dtype = torch.float32) -> torch.Tensor:
@@ -43,10 +56,10 @@ def sample_omega(n: int, *, s_max: float = OMEGA_S_MAX, beta: float = 1.0,
         omega, (n,).
     """
     _check_n(n)
-    if s_max < 0:
-        raise ValueError(f"s_max must be >= 0 (omega lies in [1, 1 + s_max]), got {s_max}")
-    if beta < 0:
-        raise ValueError(f"beta must be >= 0, got {beta}")
+    if not 0 <= s_max < math.inf:            # NaN fails too
+        raise ValueError(f"s_max must be >= 0 and finite (omega lies in [1, 1 + s_max]), got {s_max}")
+    if not 0 <= beta < math.inf:
+        raise ValueError(f"beta must be >= 0 and finite, got {beta}")
     check_float_dtype("dtype", dtype)
     u = torch.rand(n, generator=generator, device=device, dtype=torch.float64)
     m = 1.0 + s_max
@@ -101,6 +114,7 @@ def effective_guidance_scale(omega: torch.Tensor, t: torch.Tensor, *, t_min: tor
                 check_same_shape(name, bound, "t", t)
         elif not 0.0 <= bound <= 1.0:
             raise ValueError(f"{name} must lie in [0, 1], got {bound}")
+    _check_interval(t_min, t_max, check_values)
     inside = (t >= t_min) & (t <= t_max)
     if dropped is not None:
         if dropped.dtype != torch.bool or dropped.shape != omega.shape:

@@ -52,10 +52,10 @@ def adaptively_weighted(loss: torch.Tensor, *, c: float = ADAPTIVE_C, p: float =
         weighted losses, (B,).
     """
     check_float("loss", loss)
-    if c <= 0:
-        raise ValueError(f"c must be > 0, got {c}")
-    if p < 0:
-        raise ValueError(f"p must be >= 0, got {p}")
+    if not c > 0 or c == float("inf"):       # written so that NaN fails too
+        raise ValueError(f"c must be > 0 and finite, got {c}")
+    if not p >= 0 or p == float("inf"):
+        raise ValueError(f"p must be >= 0 and finite, got {p}")
     return loss / (loss.detach() + c) ** p
 
 
@@ -194,6 +194,8 @@ def perceptual_term(distance: torch.Tensor, t: torch.Tensor, *, t_thr: float, we
         per-sample term, (B,).
     """
     check_float("distance", distance)
+    if not 0.0 <= t_thr <= 1.0:              # NaN fails too (it would turn the term off silently)
+        raise ValueError(f"t_thr must lie in [0, 1] (the term applies where t < t_thr), got {t_thr}")
     check_time("t", t, like=distance, check_values=check_values)
     check_same_shape("distance", distance, "t", t)
     masked = torch.where(t < t_thr, distance, torch.zeros_like(distance))

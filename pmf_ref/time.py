@@ -4,6 +4,8 @@ All take a ``torch.Generator``; nothing else in ``pmf_ref`` draws random numbers
 """
 from __future__ import annotations
 
+import math
+
 import torch
 
 from ._checks import check_float_dtype
@@ -18,7 +20,7 @@ def _check(n: int, **fractions: float) -> None:
     if not isinstance(n, int) or n < 0:
         raise ValueError(f"n must be a non-negative int, got {n!r}")
     for name, value in fractions.items():
-        if not 0.0 <= value <= 1.0:
+        if not 0.0 <= value <= 1.0:          # NaN fails too
             raise ValueError(f"{name} must lie in [0, 1], got {value}")
 
 
@@ -32,8 +34,10 @@ def sample_logit_normal(n: int, *, mean: float = P_MEAN, std: float = P_STD,
     """
     _check(n)
     check_float_dtype("dtype", dtype)
-    if std <= 0:
-        raise ValueError(f"std must be > 0, got {std}")
+    if not math.isfinite(mean):
+        raise ValueError(f"mean must be a finite number, got {mean}")
+    if not 0 < std < math.inf:               # NaN fails too
+        raise ValueError(f"std must be > 0 and finite, got {std}")
     return torch.sigmoid(mean + std * torch.randn(n, generator=generator, device=device, dtype=dtype))
 
 

@@ -121,6 +121,22 @@ CASES = [
     ("drop_labels float", lambda: P.drop_labels(T, torch.zeros(B, dtype=torch.bool), null_label=10),
      r"y must be an integer"),
     ("drop_labels mask", lambda: P.drop_labels(T_INT, torch.zeros(B), null_label=10), r"dropped must be a bool tensor"),
+    # NaN where a check reads "<= 0" would let it through (issue 24): each is a clear error
+    ("adaptively_weighted c nan", lambda: P.adaptively_weighted(T, c=float("nan")), r"c must be > 0 and finite, got nan"),
+    ("adaptively_weighted p nan", lambda: P.adaptively_weighted(T, p=float("nan")), r"p must be >= 0 and finite, got nan"),
+    ("sample_logit_normal std nan", lambda: P.sample_logit_normal(4, std=float("nan")), r"std must be > 0 and finite"),
+    ("sample_logit_normal mean nan", lambda: P.sample_logit_normal(4, mean=float("nan")), r"mean must be a finite"),
+    ("sample_omega beta nan", lambda: P.sample_omega(4, beta=float("nan")), r"beta must be >= 0 and finite"),
+    ("sample_omega s_max nan", lambda: P.sample_omega(4, s_max=float("nan")), r"s_max must be >= 0 and finite"),
+    ("effective_guidance_scale empty interval", lambda: P.effective_guidance_scale(OMEGA, T, t_min=0.7, t_max=0.1),
+     r"t_min <= t_max .*got \[0.7, 0.1\]"),
+    ("effective_guidance_scale empty interval rows", lambda: P.effective_guidance_scale(
+        OMEGA, T, t_min=torch.tensor([0.1, 0.8, 0.2]), t_max=torch.tensor([0.7, 0.6, 0.9])), r"t_min <= t_max"),
+    ("guidance_scale_for_target empty interval", lambda: P.guidance_scale_for_target(
+        OMEGA, R, T, t_min=torch.full((B,), 0.9), t_max=torch.full((B,), 0.2)), r"t_min <= t_max"),
+    ("perceptual_term t_thr nan", lambda: P.perceptual_term(T, T, t_thr=float("nan"), weight=0.4),
+     r"t_thr must lie in \[0, 1\].*nan"),
+    ("perceptual_term t_thr > 1", lambda: P.perceptual_term(T, T, t_thr=1.5, weight=0.4), r"t_thr must lie in \[0, 1\]"),
     # time
     ("sample_logit_normal std", lambda: P.sample_logit_normal(4, std=0.0), r"std must be > 0"),
     ("sample_logit_normal dtype", lambda: P.sample_logit_normal(4, dtype=torch.int32), r"dtype must be a floating"),
@@ -168,3 +184,13 @@ def test_value_checks_are_skipped_inside_transforms_but_not_outside():
     per_example(X, E, T_ABOVE)  # no error: a transform cannot branch on values
     with pytest.raises(ValueError, match=T_RANGE):
         P.interpolate(X, E, T_ABOVE)
+
+
+def test_check_values_false_skips_only_the_value_checks():
+    """A training step passes check_values=False (its samplers guarantee the ranges): no host sync, no value
+    check; the static checks (dtype, shape) still run."""
+    P.interpolate(X, E, T_ABOVE, check_values=False)
+    P.guided_velocity(X, E, E, OMEGA * 0.5, check_values=False)
+    P.average_velocity_jvp(identity_u, X, R_ABOVE_T, T, v_tangent=E, check_values=False)
+    with pytest.raises(ValueError, match="x and e must have the same shape"):
+        P.interpolate(X, E[:, :1], T_ABOVE, check_values=False)

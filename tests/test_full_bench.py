@@ -131,3 +131,86 @@ def test_compile_row_compiles_the_trainers_objective():
     assert row["break_even_steps"] == (pytest.approx(expected) if expected is not None else None)
     assert BC.markdown_row(row).startswith("| pMF-T/2 | 2 | cpu |")
     assert BC.markdown_row({**row, "break_even_steps": None}).endswith("| never |")
+
+
+# ----------------------------------------------------------------------------- host syncs, precision, memory
+
+def test_host_sync_counter_counts_what_reads_device_values():
+    from full.bench.syncs import HostSyncCounter, count_host_syncs
+
+    x = torch.randn(6)
+    assert count_host_syncs(lambda: (x * 2 + 1).softmax(0).sum()) == {"total": 0, "by_op": {}}
+    with HostSyncCounter() as syncs:
+        x.sum().item()
+        bool(x[0] > 0)
+        x[x > 0]
+        torch.nonzero(x)
+        x[torch.tensor([0, 2])]        # integer indexing: no sync
+    assert syncs.counts == {"aten._local_scalar_dense": 2, "aten.index (boolean mask)": 1, "aten.nonzero": 1}
+    assert syncs.total == 4
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_precision_section_rows_and_json(tmp_path, capsys):
+    """The CPU path of ``--device cuda``'s command: one row per precision with images/s, peak memory, FLOP/s,
+    utilisation (given a peak) and host syncs, printed and written to the JSON."""
+    from full.params import training_gmacs
+
+    bench.main(["--sections", "precision", "--preset", "pMF-T/2", "--precision", "fp32", "bf16", "--batch", "2",
+                "--repeats", "5", "--warmup", "0", "--peak-tflops", "2.5", "--out", str(tmp_path / "out")])
+    printed = capsys.readouterr().out
+    result = json.loads((tmp_path / "out" / bench.RESULT_NAME).read_text())
+    rows = result["precision"]
+    assert [row["precision"] for row in rows] == ["fp32", "bf16"]
+    flops = 2 * training_gmacs("pMF-T/2")["total"] * 1e9
+    for row in rows:
+        assert row["preset"] == "pMF-T/2" and row["resolution"] == 16 and row["batch"] == 2
+        assert row["images_per_s"] == pytest.approx(2 / (row["median_ms"] / 1e3))
+        assert row["achieved_tflops"] == pytest.approx(flops * row["images_per_s"] / 1e12)
+        assert row["model_flop_utilisation"] == pytest.approx(row["achieved_tflops"] / 2.5)
+        assert row["peak_memory_mb"] is None or row["peak_memory_mb"] >= 0
+        assert row["host_syncs"]["total"] == sum(row["host_syncs"]["by_op"].values())
+    assert rows[0]["speedup_vs_fp32"] == 1.0
+    assert result["steps"] == [] and result["networks"] == []          # no other section ran
+    assert "| precision | ms / step | images / s |" in printed and "| bf16 |" in printed
+
+
+def test_bench_cli_refuses_tf32_on_cpu_and_unknown_presets(capsys):
+    for argv, expected in ((["--precision", "tf32"], "--precision"), (["--preset", "pMF-X/1"], "--preset")):
+        with pytest.raises(SystemExit) as exit_info:
+            bench.main(argv)
+        assert exit_info.value.code == 2
+        err = capsys.readouterr().err
+        assert expected in err and "Traceback" not in err
+
+
+def test_memory_fit_closed_form_and_static_bytes():
+    from full.bench import memory
+    from full.model import build_model
+
+    gib = memory.GIB
+    # 40 GiB, 90% usable = 36 GiB; 4 GiB static; 1 GiB per image -> 32 images; 1024 / 8 GPUs = 128 per GPU
+    assert memory.fit(4 * gib, 1 * gib, 40) == {"max_images": 32, "micro_batch": 32, "accum_steps": 4}
+    assert memory.fit(4 * gib, 0.0625 * gib, 80) == {"max_images": 1088, "micro_batch": 128, "accum_steps": 1}
+    assert memory.fit(4 * gib, 3 * gib, 40) == {"max_images": 10, "micro_batch": 8, "accum_steps": 16}
+    assert memory.fit(40 * gib, 1 * gib, 40)["micro_batch"] is None
+    static = memory.static_bytes("pMF-T/4")
+    params = build_model("pMF-T/4").param_count()
+    assert static["weights"] == static["gradients"] == 4 * params
+    assert static["emas"] == 3 * 4 * params
+    assert 4 * params <= static["optimizer"] <= 8 * params
+    assert static["total"] == sum(value for key, value in static.items() if key != "total")
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_memory_rows_measure_slopes_and_fit():
+    from full.bench import memory
+
+    rows = memory.memory_rows(("pMF-T/2",), device=torch.device("cpu"), checkpointing=(True,))
+    assert [row["activation_checkpointing"] for row in rows] == [True]
+    for row in rows:
+        assert row["measured_whole"] is not None and row["slope_source"] == "measured whole"
+        assert set(row["reduced"]) == {"3", "6"}
+        assert set(row["fits"]) == {"40", "80"}
+    table = memory.format_memory_table(rows)
+    assert "| pMF-T/2 | 16 | on |" in table

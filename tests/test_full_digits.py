@@ -124,11 +124,11 @@ def test_metrics_floor_separates_real_from_corrupted_digits(evaluator):
 @pytest.mark.parametrize("prediction", ["x", "u"])
 def test_one_step_samples_match_the_training_parametrisation(prediction):
     torch.manual_seed(0)
-    model = build_model("pMF-T/4", num_classes=10, channels=1, resolution=16, patch=4).eval()
+    model = build_model("pMF-T/4", num_classes=10, channels=1, resolution=16, patch=4, prediction=prediction).eval()
     with torch.no_grad():                 # the output layers start at zero; make the network non-trivial
         for parameter in model.parameters():
             parameter.add_(0.05 * torch.randn_like(parameter))
-    images, labels = one_step_samples(model, prediction, per_class=2, omega=2.0, t_min=0.1, t_max=0.7)
+    images, labels = one_step_samples(model, per_class=2, omega=2.0, t_min=0.1, t_max=0.7)
     assert torch.equal(labels, torch.arange(20) % 10)
     from full.sample import sample_noise
     z_1 = sample_noise(torch.arange(20), (1, 16, 16), seed=1, noise_scale=model.noise_scale)
@@ -221,7 +221,10 @@ def test_quick_mode_writes_every_experiment(classifier_dir, tmp_path, evaluator)
 BAD_INPUTS = [   # (name, argv builder (tmp), text of the one error line)
     ("batch larger than the data", lambda t: ["sampler", "--batch-size", "2000", "--out", t], "exceeds the 1297 training"),
     ("zero steps", lambda t: ["sampler", "--steps", "0", "--out", t], "--steps must be >= 1"),
-    ("negative lr", lambda t: ["sampler", "--lr", "-1", "--out", t], "--lr must be > 0"),
+    ("negative lr", lambda t: ["sampler", "--lr", "-1", "--out", t], "--lr must be a finite number > 0"),
+    ("infinite lr", lambda t: ["sampler", "--lr", "inf", "--out", t], "--lr must be a finite number > 0"),
+    ("negative seed", lambda t: ["sampler", "--seed", "-1", "--out", t], "--seed must lie in [0, 2^31), got -1"),
+    ("seed 2^40", lambda t: ["sampler", "--seed", str(2 ** 40), "--out", t], "--seed must lie in [0, 2^31)"),
     ("one sample per class", lambda t: ["guidance", "--per-class", "1", "--out", t], "--per-class must be >= 2"),
     ("unknown experiment", lambda t: ["nope", "--out", t], "invalid choice"),
     ("--out under a file", lambda t: ["sampler", "--out", _file(t) / "runs"], "is a file, not a folder"),

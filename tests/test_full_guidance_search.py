@@ -51,6 +51,13 @@ def _planted(tmp_path):
     return tmp_path / "pickle.pt"
 
 
+def _foreign_ema_key(tmp_path):
+    state = _state()
+    state["ema"] = {"fast": state["ema"]["500"]}
+    save_checkpoint(tmp_path / "foreign_ema.pt", state)
+    return tmp_path / "foreign_ema.pt"
+
+
 def _nan_checkpoint(tmp_path):
     save_checkpoint(tmp_path / "nan.pt", _state(nan=True))
     return tmp_path / "nan.pt"
@@ -70,10 +77,12 @@ BAD_INPUTS = [   # (name, flags builder (tmp), text of the one error line)
      "sample it with --official-ckpt"),
     ("planted pickle", lambda t: ["--ckpt", _planted(t)], "refused: it holds Python objects"),
     ("NaN EMA", lambda t: ["--ckpt", _nan_checkpoint(t)], "EMA 500 hold NaN or inf"),
+    ("EMA key not a half-life", lambda t: ["--ckpt", _foreign_ema_key(t)], "'ema' is not {half-life in kimg"),
     ("garbage --ref", lambda t: ["--ref", _write(t / "r.npz", b"nonsense" * 10)], "not a readable .npz"),
     ("--ref of 64-d features", lambda t: ["--ref", _npz64(t / "r64.npz")], "64-d features"),   # at start-up
     ("--out under a file", lambda t: ["--out", _write(t / "f", b"x") / "search.json"], "is a file, not a folder"),
     ("empty --inception-weights", lambda t: ["--inception-weights", t / "weights.pth"], "is empty (0 bytes)"),
+    ("absent --inception-weights", lambda t: ["--inception-weights", t / "absent.pth"], "absent.pth"),
     ("--out holds an earlier search", lambda t: ["--out", _earlier_search(t)], "pass --overwrite"),
     ("--overwrite passes that check", lambda t: ["--out", _earlier_search(t), "--overwrite", "--inception-weights",
                                                  t / "weights.pth"], "is empty (0 bytes)"),
@@ -157,3 +166,44 @@ def test_guidance_search_cli_rejects_bad_arguments(tiny_checkpoint, tmp_path, ca
     assert message in capsys.readouterr().err
 
 
+
+
+def test_default_ema_is_one_the_checkpoint_kept(tiny_checkpoint, image_folder, random_weights, tmp_path, capsys):
+    """The checkpoint kept EMA 500 only (not the preset's 2000): without --emas that one is searched."""
+    E.main(["ref-stats", "--data", str(image_folder), "--resolution", "16", "--out", str(tmp_path), "--num-workers",
+            "0", "--inception-weights", str(random_weights), "--no-progress", "--device", "cpu"])
+    capsys.readouterr()
+    G.main(["--ckpt", str(tiny_checkpoint), "--ref", str(tmp_path / E.REF_STATS_NAME), "--omegas", "2", "--num", "4",
+            "--is-splits", "2", "--inception-weights", str(random_weights), "--device", "cpu", "--no-progress",
+            "--json"])
+    assert [row["ema"] for row in json.loads(capsys.readouterr().out)["rows"]] == ["500"]
+
+
+def test_full_disk_is_one_line_and_keeps_the_last_complete_json(files, random_weights, capsys, monkeypatch):
+    import errno
+
+    from full import io
+
+    row = {"ema": "500", "omega": 2.0, "t_min": 0.1, "t_max": 0.7, "fid": float("nan"), "is_mean": 1.0}
+    writes = []
+
+    def two_rows_then_full_disk(path, payload):
+        writes.append(path)
+        if len(writes) > 1:
+            raise OSError(errno.ENOSPC, "No space left on device", str(path))
+        io.write_json(path, payload)
+
+    def fake_search(load_model, extractor, ref_mu, ref_sigma, cfg, on_row):
+        on_row(dict(row))
+        on_row(dict(row, omega=3.0))
+
+    monkeypatch.setattr(G, "write_json", two_rows_then_full_disk)
+    monkeypatch.setattr(G, "search", fake_search)
+    with pytest.raises(SystemExit) as stop:
+        G.main([str(arg) for arg in ["--ckpt", files / "ckpt.pt", "--ref", files / "ref.npz", "--omegas", "2", "3",
+                                     "--emas", "500", "--num", "2", "--is-splits", "1", "--device", "cpu",
+                                     "--inception-weights", random_weights, "--out", files / "search"]])
+    error = capsys.readouterr().err
+    assert stop.value.code == 1 and error.count("\n") == 1 and "No space left on device" in error, error
+    saved = json.loads((files / "search" / G.RESULT_NAME).read_text())   # strict JSON: the NaN FID is null
+    assert [r["omega"] for r in saved["rows"]] == [2.0] and saved["rows"][0]["fid"] is None

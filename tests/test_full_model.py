@@ -14,7 +14,7 @@ from torch.func import functional_call, jvp
 
 import pmf_ref as P
 from full.layers import Block, RMSNorm, apply_rope, attention, rope_angles_2d
-from full.model import NUM_PREFIX_TOKENS, PRESETS, build_model, make_cond
+from full.model import NUM_PREFIX_TOKENS, PRESETS, build_model, core_fns, make_cond
 
 TINY = ["pMF-T/4", "pMF-T/2"]
 FD_EPS = 1e-6          # central-difference step in float64: truncation ~eps^2, rounding ~1e-16/eps
@@ -251,3 +251,46 @@ def test_build_model_rejects_bad_arguments():
     with pytest.raises(ValueError, match="head_depth"):
         build_model("pMF-T/4", head_depth=5)
     assert set(PRESETS) >= {"pMF-B/16", "pMF-L/16", "pMF-H/16", "pMF-B/32", "pMF-L/32", "pMF-H/32", *TINY}
+
+
+# ----------------------------------------------------------------------------- the adapter to the core
+
+def _perturbed(prediction: str) -> torch.nn.Module:
+    torch.manual_seed(0)
+    model = build_model("pMF-T/2", num_classes=10, prediction=prediction).double()
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.add_(0.1 * torch.randn_like(parameter))
+    return model
+
+
+@pytest.mark.parametrize("prediction", ["x", "u"])
+def test_core_fns_read_the_output_by_what_the_model_predicts(prediction):
+    """x-prediction: u = (z - x_hat) / max(t, t_eps) (pMF Eq. 11); u-prediction: the output is u itself."""
+    model = _perturbed(prediction)
+    z = torch.randn(3, 3, 16, 16, dtype=torch.float64)
+    r, t = torch.tensor([0.0, 0.2, 0.5], dtype=torch.float64), torch.tensor([0.01, 0.5, 1.0], dtype=torch.float64)
+    cond = make_cond(torch.tensor([1, 2, 10]), 2.0, 0.1, 0.7)
+    fns = core_fns(model, cond)
+    output_u, output_v = model.forward_uv(z, r, t, cond)
+    clip = t.clamp(min=P.T_EPS)[:, None, None, None]
+    expected_u, expected_v = ((z - output_u) / clip, (z - output_v) / clip) if prediction == "x" else (output_u, output_v)
+    torch.testing.assert_close(fns.u(z, r, t), expected_u, rtol=1e-12, atol=1e-12)
+    u, tokens = fns.u_and_trunk(z, r, t)
+    torch.testing.assert_close(u, expected_u, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(fns.v_from_trunk(z, t, tokens), expected_v, rtol=1e-12, atol=1e-12)
+    # the v-head at h = 0 is the v-head on the trunk at r = t
+    torch.testing.assert_close(fns.v(z, t), fns.v_from_trunk(z, t, fns.u_and_trunk(z, t, t)[1]),
+                               rtol=1e-12, atol=1e-12)
+
+
+def test_only_the_adapters_ask_what_a_network_predicts():
+    """Reading a network's output by ``prediction ==`` happens in the two adapters only: full/model.py (PMFViT)
+    and toy/train.py (the toy MLP). (full/config.py's flag check -- --init-official needs x-prediction -- reads
+    a setting, not an output.)"""
+    import pathlib
+    import re
+    root = pathlib.Path(__file__).resolve().parents[1]
+    sites = sorted({str(path.relative_to(root)) for folder in ("full", "toy") for path in (root / folder).rglob("*.py")
+                    if re.search(r"prediction ==", path.read_text())} - {"full/config.py"})
+    assert sites == ["full/model.py", "toy/train.py"], sites

@@ -114,9 +114,9 @@ def test_grid_inputs_are_stored_once_and_reread(tmp_path):
 @pytest.mark.parametrize("prediction", ["x", "u"])
 def test_grid_samples_are_one_network_call(prediction):
     model = _model()
+    model.prediction = prediction   # what the output means is the model's (checkpoints record it)
     inputs = M.make_grid_inputs(NUM_CLASSES, (3, RESOLUTION, RESOLUTION), seed=0, noise_scale=1.0, rows=3, columns=2)
-    images = M.grid_samples(model, inputs, omega=OMEGA, t_min=T_MIN, t_max=T_MAX, prediction=prediction,
-                            batch_size=4)
+    images = M.grid_samples(model, inputs, omega=OMEGA, t_min=T_MIN, t_max=T_MAX, batch_size=4)
     n = len(inputs.y)
     with torch.no_grad():   # pMF Alg. 2 transcribed: the network at (z_1, r = 0, t = 1)
         output = model.forward_u(inputs.z_1, torch.zeros(n), torch.ones(n), make_cond(inputs.y, OMEGA, T_MIN, T_MAX))
@@ -263,3 +263,12 @@ def test_prepare_fid_refuses_statistics_of_another_dimension_at_start(tmp_path, 
     _reference(tmp_path / "ref16.npz")                                    # TinyFeatures: 16-d statistics
     with pytest.raises(ValueError, match="16-d features.*2048-d"):
         M.prepare_fid(tmp_path / "ref16.npz", str(random_weights), "cpu")
+
+
+def test_prepare_fid_refuses_a_reference_of_another_resolution(tmp_path, random_weights):
+    np.savez(tmp_path / "ref64.npz", mu=np.zeros(2048), sigma=np.eye(2048), resolution=np.array(64))
+    M.prepare_fid(tmp_path / "ref64.npz", str(random_weights), "cpu", resolution=64)
+    with pytest.raises(ValueError, match="64 px images but the model makes 32 px"):
+        M.prepare_fid(tmp_path / "ref64.npz", str(random_weights), "cpu", resolution=32)
+    np.savez(tmp_path / "jit.npz", mu=np.zeros(2048), sigma=np.eye(2048))      # records no resolution
+    M.prepare_fid(tmp_path / "jit.npz", str(random_weights), "cpu", resolution=32)

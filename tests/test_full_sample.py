@@ -98,7 +98,7 @@ def test_generate_equals_network_x_hat_at_one_step(model):
     generator = torch.Generator().manual_seed(1)
     z_1 = torch.randn(6, 3, 16, 16, generator=generator)
     y = torch.tensor([0, 3, 9, 10, 1, 2])                   # 10 = the null label
-    x = S.generate(model, y, z_1, omega=4.0, t_min=0.2, t_max=0.6)
+    x = S.generate(model, z_1, y, omega=4.0, t_min=0.2, t_max=0.6)
     with torch.no_grad():
         x_hat = model.forward_u(z_1, torch.zeros(6), torch.ones(6), make_cond(y, 4.0, 0.2, 0.6))
     torch.testing.assert_close(x, x_hat, atol=1e-6, rtol=0)
@@ -229,8 +229,10 @@ def test_sample_cli_chosen_classes(train_checkpoint, tmp_path, capsys):
     assert labels.tolist() == [7, 2, 7, 2, 7, 2]
     reference = load_model(train_checkpoint, "0.001")
     z_1 = S.sample_noise(torch.arange(6), (3, 16, 16), seed=0, noise_scale=reference.noise_scale)
-    expected = S.to_uint8(S.generate(reference, torch.tensor([7, 2, 7, 2, 7, 2]), z_1, omega=3.0, t_min=0.2,
-                                     t_max=0.6)).permute(0, 2, 3, 1).numpy()
+    with torch.no_grad():   # one-step generation of an x-prediction network: x_hat(z_1, r=0, t=1 | y, omega, interval)
+        x_hat = reference.forward_u(z_1, torch.zeros(6), torch.ones(6),
+                                    make_cond(torch.tensor([7, 2, 7, 2, 7, 2]), 3.0, 0.2, 0.6))
+    expected = S.to_uint8(x_hat).permute(0, 2, 3, 1).numpy()
     assert np.abs(images.astype(int) - expected.astype(int)).max() <= 1
     assert json.loads((tmp_path / "sample_config.json").read_text())["classes"] == [7, 2]
 
@@ -286,9 +288,7 @@ def test_sample_cli_defaults_come_from_the_preset(model, tmp_path):
 
 def test_sample_cli_reads_a_u_prediction_checkpoint_as_u(tmp_path, capsys):
     """A checkpoint trained with prediction='u' is sampled as u: the CLI's images equal the one-step
-    samples computed from the training objective's own denoiser (and differ from reading it as x)."""
-    import pmf_ref as P
-    from full.step import TrainingStep
+    samples x = z_1 - output(z_1, 0, 1) transcribed here (and differ from reading the output as x)."""
     from full.train import TrainConfig, train
 
     cfg = TrainConfig(preset=PRESET, num_classes=NUM_CLASSES, batch_size=4, steps=3, perceptual="none",
@@ -305,10 +305,9 @@ def test_sample_cli_reads_a_u_prediction_checkpoint_as_u(tmp_path, capsys):
     indices = torch.arange(4)
     y = S.class_labels(indices, NUM_CLASSES)
     z_1 = S.sample_noise(indices, (3, 16, 16), seed=0, noise_scale=model.noise_scale)
-    objective = TrainingStep.from_preset(model, "pMF-T/2")   # the training code's reading of the output
     cond = make_cond(y, 2.0, 0.1, 0.7)
-    u_fn = P.u_fn_from_x_fn(lambda z, r, t: objective._as_image(z, model.forward_u(z, r, t, cond), t))
-    expected = S.to_uint8(P.sample_one_step(u_fn, z_1, has_aux=True)).int()
+    with torch.no_grad():
+        expected = S.to_uint8(z_1 - model.forward_u(z_1, torch.zeros(4), torch.ones(4), cond)).int()
     assert (images - expected).abs().max() <= 1
     read_as_x = S.to_uint8(model.forward_u(z_1, torch.zeros(4), torch.ones(4), cond)).int()
     assert (images - read_as_x).abs().max() > 1

@@ -25,8 +25,8 @@ import pmf_ref as P
 from full import checkpoint as checkpoint_lib
 from full.checkpoint import load_checkpoint, load_model, read_checkpoint_file, save_checkpoint
 from full.data import SyntheticDataset
-from full.model import build_model, make_cond
-from full.step import TrainingStep
+from full.model import build_model
+from full.step import StepRandomness, TrainingStep
 from full.train import DivergenceError, TrainConfig, UsageError, main, train
 
 
@@ -54,12 +54,10 @@ def _fixed_raw_loss(model, dataset, seed: int = 123) -> float:
     r, t = P.sample_time_pair(len(x), generator=generator)
     e = torch.randn(x.shape, generator=generator)
     ones, zeros = torch.ones_like(t), torch.zeros_like(t)
-    cond = make_cond(y, ones, zeros, ones)
-    objective = TrainingStep.from_preset(model, "pMF-T/2")
-    terms = P.pmf_guided_loss(lambda z, r_, t_: objective.denoise_uv(z, r_, t_, cond),
-                              lambda z, t_, w: objective.guidance_denoise(z, t_, w, y), x, e, r, t,
-                              omega=ones, t_min=zeros, t_max=ones, dropped=torch.zeros_like(t, dtype=torch.bool))
-    return (terms.raw_u + terms.raw_v).mean().item()
+    no_guidance = StepRandomness(e, r, t, ones, zeros, ones, torch.zeros_like(t, dtype=torch.bool),
+                                 torch.zeros(len(x), 4, dtype=torch.long))
+    terms = TrainingStep.from_preset(model, "pMF-T/2")(x, y, no_guidance)
+    return (terms["raw_u"] + terms["raw_v"]).mean().item()
 
 
 def test_loss_decreases_on_synthetic_set(tmp_path):
@@ -142,20 +140,6 @@ def test_load_model_selects_ema_and_lists_missing(tmp_path):
         load_model(result.checkpoint, ema="2000")
 
 
-def test_u_prediction_reads_output_as_average_velocity():
-    """prediction='u': x_hat = z - max(t, t_eps) * output (pmf_ref.x_from_average_velocity)."""
-    torch.manual_seed(0)
-    model = build_model("pMF-T/2", num_classes=10, prediction="u")
-    objective = TrainingStep.from_preset(model, "pMF-T/2")
-    z, t = torch.randn(3, 3, 16, 16), torch.tensor([0.01, 0.5, 1.0])
-    cond = make_cond(torch.tensor([1, 2, 3]), 2.0, 0.1, 0.7)
-    output_u, output_v = model.forward_uv(z, t * 0.5, t, cond)
-    clip = t.clamp(min=P.T_EPS)[:, None, None, None]
-    x_hat_u, x_hat_v = objective.denoise_uv(z, t * 0.5, t, cond)
-    torch.testing.assert_close(x_hat_u, z - clip * output_u)
-    torch.testing.assert_close(x_hat_v, z - clip * output_v)
-
-
 def test_bf16_autocast_close_to_fp32():
     torch.manual_seed(0)
     model = build_model("pMF-T/2", num_classes=10)
@@ -165,8 +149,10 @@ def test_bf16_autocast_close_to_fp32():
     e = torch.randn(4, 3, 16, 16)
     t = torch.tensor([0.2, 0.5, 0.7, 0.9])
     y, omega = torch.tensor([0, 1, 2, 3]), torch.tensor([1.0, 2.0, 4.0, 8.0])
-    fp32 = torch.cat(TrainingStep.from_preset(model, "pMF-T/2").guidance_denoise(e, t, omega, y))
-    bf16 = torch.cat(TrainingStep.from_preset(model, "pMF-T/2", autocast_dtype=torch.bfloat16).guidance_denoise(e, t, omega, y))
+    fp32 = torch.cat(TrainingStep.from_preset(model, "pMF-T/2").guidance_velocities(e, t, omega, y))
+    bf16 = torch.cat(TrainingStep.from_preset(model, "pMF-T/2", autocast_dtype=torch.bfloat16)
+                     .guidance_velocities(e, t, omega, y))
+    fp32, bf16 = (v * torch.cat([t, t])[:, None, None, None] for v in (fp32, bf16))   # t v = z - x_hat
     assert bf16.dtype == torch.float32
     assert not torch.equal(fp32, bf16)                                # autocast really ran
     torch.testing.assert_close(bf16, fp32, rtol=0.05, atol=0.05)

@@ -78,3 +78,22 @@ def test_a_garbage_file_is_one_line_not_a_traceback(hub, tmp_path, capsys):
     garbage.write_bytes(b"not a torch file")
     code, records = run(capsys, "--official", str(garbage))
     assert code == 1 and records[str(garbage)]["status"] == "unreadable"
+
+
+def test_unusable_files_are_one_line_each(hub, tmp_path, capsys):
+    from test_full_checkpoint import PlantedPayload
+
+    planted, folder, containers = tmp_path / "pMF-B-16.pt", tmp_path / "pMF-L-16.pt", tmp_path / "pMF-H-16.pt"
+    torch.save({"net.pos_embed": PlantedPayload(tmp_path / "payload-ran")}, planted)
+    folder.mkdir()
+    torch.save({"net.pos_embed": {"nested": torch.zeros(1)}}, containers)
+    nan, npy = tmp_path / "nan.npz", tmp_path / "single.npy"
+    np.savez(nan, mu=np.full(2048, np.nan), sigma=np.eye(2048))
+    np.save(npy, np.zeros(2048))
+    code, records = run(capsys, "--official", str(planted), str(folder), str(containers), "--ref", str(nan), str(npy))
+    expected = {planted: "holds code and was refused", folder: "is a folder, expected a file",
+                containers: "not a state dict {name: tensor}", nan: "holds NaN or inf", npy: "a single array (.npy)"}
+    for path, detail in expected.items():
+        record = records[str(path)]
+        assert record["status"] == "unreadable" and detail in record["detail"] and "\n" not in record["detail"], record
+    assert code == 1 and not (tmp_path / "payload-ran").exists()

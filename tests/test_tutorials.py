@@ -100,7 +100,7 @@ def assert_files(out: Path, *names: str) -> None:
 def test_tutorial_files_are_percent_scripts_that_never_differentiate_by_hand():
     scripts = sorted(TUTORIALS.glob("[0-9][0-9]_*.py"))
     numbers = [s.name[:2] for s in scripts]
-    assert numbers == [f"{i:02d}" for i in range(1, 9)], numbers      # exactly 01..08, each once
+    assert numbers == [f"{i:02d}" for i in range(1, 10)], numbers     # exactly 01..09, each once
     for script in scripts:
         text = script.read_text()
         assert text.startswith("# %% [markdown]"), f"{script.name} must open with a markdown cell"
@@ -210,6 +210,11 @@ def test_tutorial06_preset_counts_and_the_bottleneck(tutorial_runs):
     assert numbers["EMA decay in steady state, batch 1024, half-life 2000 kimg (0.5^(1024/2e6))"] == \
         pytest.approx(0.5 ** (1024 / 2e6), abs=1e-9)
     assert numbers["ViT: relative |JVP - finite difference| of du/dt"] < 1e-4
+    assert numbers["one ViT block: |written out - full.layers.Block| (max)"] < 1e-5
+    # the written-out released step and the library's training-step object: same loss, same gradients
+    assert numbers["written-out step vs the library's TrainingStep: relative loss difference on the same draws"] < 1e-5
+    assert numbers["written-out step vs TrainingStep: max gradient difference / max gradient"] < 1e-4
+    assert numbers["released-layout file, loaded vs the network it came from: max |sample difference|"] == 0.0
     # 192 noise-only directions of 256 pixels give t to a few percent (chi-square with 192 dof)
     assert numbers["noise level read off a 16 x 16 digit's pixels: RMS error of t"] < 0.06
     # what the patch embedding cannot see: 1 - 16 / 256 of the noise; a u-network's sample keeps all of it
@@ -218,7 +223,8 @@ def test_tutorial06_preset_counts_and_the_bottleneck(tutorial_runs):
     assert numbers["u-prediction, 64 px, patch 16: share of the unseen noise in its one-step samples"] == \
         pytest.approx(1.0, abs=0.02)
     assert abs(numbers["x-prediction, 64 px, patch 16: share of the unseen noise in its one-step samples"]) < 0.02
-    assert_files(out, "training_loss.png", "one_step_digits.png", "x_vs_u_at_image_scale.png")
+    assert_files(out, "training_loss.png", "one_step_digits.png", "x_vs_u_at_image_scale.png",
+                 "official_layout_samples.png", "pMF-T-4_in_the_official_layout.pt")
 
 
 def test_tutorial07_identity_needs_the_marginal_velocity(tutorial_runs):
@@ -248,6 +254,48 @@ def test_tutorial08_invisible_share_noise_scale_and_cutoff(tutorial_runs):
         0.3 * numbers["exact field at t = 0.95, r = 0: spread across images (std per coordinate)"]
     assert_files(out, "x_vs_u_by_bottleneck.png", "denoised_field_across_r.png", "noise_scale.png",
                  "perceptual_cutoff.png")
+
+
+def test_tutorial09_one_step_families_are_one_flow_map(tutorial_runs):
+    numbers, out = tutorial_numbers(tutorial_runs, "09")
+    assert numbers["consistency function vs the ODE endpoint Φ(z_t; t -> 0)"] < 1e-12
+    assert numbers["self-consistency: |f(z_t, t) - f(z_s, s)| along one trajectory"] < 1e-12
+    assert numbers["sCM condition df/dt along the flow, from MeanFlow's JVP (exact u: 0)"] < 1e-12
+    assert numbers["df/dt by central differences of f (exact u: 0 up to O(h^2))"] < 1e-6
+    # a wrong u: the sCM derivative and the MeanFlow residual are the same non-zero quantity
+    assert numbers["perturbed u: |MeanFlow residual v - V at r = 0| (RMS)"] > 1e-2
+    assert numbers["perturbed u: |df/dt - (v - V)|, same quantity two ways"] < 1e-6
+    assert numbers["shortcut self-consistency: |s(z_t, t, 2d) - (s(z_t, t, d) + s(z_{t-d}, t-d, d)) / 2|"] < 1e-10
+    assert numbers["additivity with an arbitrary split point m in [r, t]"] < 1e-10
+    # the one-small-step target converges to u at second order in delta (MeanFlow: the limit, exact)
+    assert numbers["error ratio per 10x smaller delta (second order: ~100)"] == pytest.approx(100, rel=0.3)
+    assert_files(out, "one_step_families.png")
+
+
+def test_full_mode_check_reads_checks_ranges_orders_and_flags_unchecked_numbers(tmp_path):
+    sys.path.insert(0, str(TUTORIALS))
+    try:
+        import check_full_mode as checker
+    finally:
+        sys.path.remove(str(TUTORIALS))
+    script = tmp_path / "99_example.py"
+    script.write_text(
+        "# %% [markdown]\n# The loss is 0.91 and the share 94%, seeds 0.30-0.36; FID 3.53 (paper).\n"
+        "# <!-- check: loss = 0.91 -->\n# <!-- check: share = 94% -->\n"
+        "# <!-- check: gap, seed * in [0.30, 0.36] -->\n# <!-- check: loss < big -->\n# <!-- given: 3.53 -->\n"
+        "# %%\nprint(1)\n# %% [markdown]\n# An unchecked 0.5 here.\n")
+    log = "loss = 0.93\nshare = 0.88\ngap, seed 0 = 0.31\ngap, seed 1 = 0.37\nbig = 2\n"
+    results, unchecked = checker.check_tutorial(script, log)
+    verdicts = {r.check: r.ok for r in results}
+    assert verdicts == {"loss = 0.91": True,                       # within 5%
+                        "share = 94%": False,                      # 0.88 vs 0.94: off by more than 5%
+                        "gap, seed * in [0.30, 0.36]": True,       # 0.37 is within one last digit of 0.36
+                        "loss < big": True}
+    assert unchecked == ["99: '0.5' in the prose has no check"]
+    results, _ = checker.check_tutorial(script, log.replace("gap, seed 1 = 0.37", "gap, seed 1 = 0.38"))
+    assert not {r.check: r.ok for r in results}["gap, seed * in [0.30, 0.36]"]
+    results, _ = checker.check_tutorial(script, "")
+    assert not any(r.ok for r in results)                          # nothing printed: every check fails
 
 
 if __name__ == "__main__":

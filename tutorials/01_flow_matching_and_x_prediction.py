@@ -11,10 +11,11 @@
 # facebookresearch/flow_matching run time the other way).
 #
 # Run: `python tutorials/01_flow_matching_and_x_prediction.py`, or cell by cell in Jupyter / VS Code
-# (about 1 CPU-minute; `PMF_TUTORIAL_FAST=1` for a quick, under-trained pass). Figures go to
+# (a CPU-minute or two, timed in `tutorials/README.md`; `PMF_TUTORIAL_FAST=1` for a quick, under-trained pass). Figures go to
 # `runs/tutorials/01/`.
 
 # %%
+import copy
 import sys
 from pathlib import Path
 
@@ -25,8 +26,10 @@ import torch
 import pmf_ref as P
 
 sys.path.insert(0, str(Path(P.__file__).resolve().parents[1] / "tutorials"))  # _common, from any folder
-from _common import MLP, report, save_figure, setup, steps  # noqa: E402
+import toy  # noqa: E402
+from _common import ema_step, report, save_figure, setup, steps  # noqa: E402
 from toy import sample_2d, sliced_wasserstein  # noqa: E402
+from toy.train import ToyConfig, learning_rate, sample_times, training_precision  # noqa: E402
 
 out = setup("01")
 generator = torch.Generator().manual_seed(0)
@@ -104,42 +107,56 @@ report("v from the true x vs e - x (t >= t_eps)",
 # $$ \mathcal L = \big\| \hat v(z_t, t) - v_t \big\|^2, \qquad v_t = \frac{z_t - x}{\max(t, t_\epsilon)}. $$
 #
 # `P.flow_matching_loss(x_fn, x, e, t)` takes an x-prediction network. A v-prediction network
-# becomes one by the conversion above, so the two models below differ only in what the MLP's last
-# layer means. Times come from the logit-normal sampler `P.sample_logit_normal`.
+# becomes one by the conversion above, so the two models below differ only in what the network's last
+# layer means. They are trained exactly like pMF's model in tutorial 03 — the toy's recipe
+# (`ToyConfig()`: pMF's 7 x 256 ReLU MLP on `[z, t, h]`, here with h = 0; Adam with warm-up, batch
+# 1,024, 1,200 steps; the toy's times; an EMA of the weights for sampling), so that tutorial 03 can put
+# N-step flow matching and one-step pMF side by side on equal footing.
 
 # %%
-x_net = MLP(d_in=3, d_out=2)       # inputs: z (2) and t (1)
-v_net = MLP(d_in=3, d_out=2)
+recipe = ToyConfig()
+torch.manual_seed(0)
+x_net = toy.ToyMLP(2, depth=recipe.depth, width=recipe.width)    # inputs: z (2), t, h = t - r
+torch.manual_seed(0)
+v_net = toy.ToyMLP(2, depth=recipe.depth, width=recipe.width)
 
 
 def x_fn_x_pred(z, r, t):
-    return x_net(z, t)                                               # the MLP outputs x_hat
+    return x_net(z, t, t)                                            # the network outputs x_hat (h = 0)
 
 
 def x_fn_v_pred(z, r, t):
-    return P.x_from_average_velocity(z, v_net(z, t), t)              # the MLP outputs v_hat
+    return P.x_from_average_velocity(z, v_net(z, t, t), t)           # the network outputs v_hat
 
 
-def train(x_fn, parameters, num_steps: int, seed: int) -> list[float]:
-    optimizer = torch.optim.Adam(parameters, lr=2e-3)
+def train(x_fn, network, num_steps: int, seed: int) -> tuple[list[float], torch.nn.Module]:
+    """The toy's recipe with the flow-matching loss; returns the losses and the EMA of the weights."""
+    optimizer = torch.optim.Adam(network.parameters(), lr=recipe.lr)
+    ema = copy.deepcopy(network).requires_grad_(False)
     g = torch.Generator().manual_seed(seed)
     data_stream = np.random.RandomState(seed)
     losses = []
-    for _ in range(num_steps):
-        x = sample_2d("swiss_roll", 512, seed=data_stream)
+    for step in range(num_steps):
+        for group in optimizer.param_groups:
+            group["lr"] = learning_rate(recipe, step)
+        x = sample_2d("swiss_roll", recipe.batch_size, seed=data_stream)
         e = torch.randn(x.shape, generator=g)
-        t = P.sample_logit_normal(x.shape[0], mean=0.0, std=1.0, generator=g)
-        loss = P.flow_matching_loss(x_fn, x, e, t).mean()            # batch mean last
+        _, t = sample_times(recipe, x.shape[0], generator=g)          # the toy's times (t only: r = t)
+        with training_precision(recipe):
+            loss = P.flow_matching_loss(x_fn, x, e, t).mean()        # batch mean last
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
+        ema_step(ema, network, step, recipe.ema_decay)
         losses.append(loss.item())
-    return losses
+    return losses, ema
 
 
-num_steps = steps(3000, 150)
-losses_x = train(x_fn_x_pred, x_net.parameters(), num_steps, seed=1)
-losses_v = train(x_fn_v_pred, v_net.parameters(), num_steps, seed=1)
+num_steps = steps(recipe.steps, 100)
+losses_x, x_ema = train(x_fn_x_pred, x_net, num_steps, seed=1)
+losses_v, v_ema = train(x_fn_v_pred, v_net, num_steps, seed=1)
+x_net.load_state_dict(x_ema.state_dict())                           # sample from the averaged weights
+v_net.load_state_dict(v_ema.state_dict())
 report("final flow-matching loss, x-prediction", sum(losses_x[-100:]) / len(losses_x[-100:]))
 report("final flow-matching loss, v-prediction", sum(losses_v[-100:]) / len(losses_v[-100:]))
 
@@ -206,17 +223,21 @@ for i in range(len(e_shown)):
 axes[1].scatter(*data_mean.tolist(), marker="x", s=80, c="red", zorder=3, label="E[x]")
 axes[1].legend(loc="lower left")
 axes[2].semilogx(step_counts, curve, "o-", base=2)
-axes[2].axhline(sliced_wasserstein(sample_2d("swiss_roll", num_samples, seed=5), x_data), color="gray", ls="--",
-                label="data vs data")
+floor = report("sliced W2, data vs data (the floor)", sliced_wasserstein(sample_2d("swiss_roll", num_samples, seed=5), x_data))
+axes[2].axhline(floor, color="gray", ls="--", label="data vs data")
 axes[2].set(xlabel="Euler steps (network calls)", ylabel="sliced W2 to data", title="distance to the data")
 axes[2].legend()
 save_figure(fig, out / "why_one_step_fails.png", trained=True)
 
 # %% [markdown]
 # The figure shows the three facts: paths that bend (left), a single step that collapses every
-# sample onto the data mean (middle; in full mode the one-step samples lie 0.15 from E[x] on
-# average, with a spread of 0.11 per coordinate against the data's 1.0), and a distance that only reaches the data after
-# tens of network calls (right). The same with both parametrisations:
+# sample onto the data mean (middle; in full mode the one-step samples lie 0.06 from E[x] on
+# average, with a spread of 0.05 per coordinate against the data's 1.0), and a distance to the data
+# that falls steeply with the number of network calls and then levels off (right). The same with both
+# parametrisations:
+# <!-- check: one Euler step: mean distance of the samples to E[x] = 0.06 -->
+# <!-- check: one Euler step: spread of the samples (std per coordinate; data 1.0) = 0.05 -->
+# <!-- given: 1.0 -->
 
 # %%
 step_counts = [1, 2, 4, 16, 64]
@@ -224,18 +245,47 @@ fig, axes = plt.subplots(2, len(step_counts), figsize=(3 * len(step_counts), 6.2
 for row, (name, x_fn) in enumerate([("x-pred", x_fn_x_pred), ("v-pred", x_fn_v_pred)]):
     for col, n in enumerate(step_counts):
         x_gen = P.sample_multi_step(u_fn_of(x_fn), e_sample, steps=n)
-        distance = sliced_wasserstein(x_gen, x_data)
-        report(f"sliced W2 to data, {name}, {n} steps", distance)
+        distance = report(f"sliced W2 to data, {name}, {n} steps", sliced_wasserstein(x_gen, x_data))
+        report(f"precision distance to data, {name}, {n} steps", toy.precision_distance(x_gen, x_data))
         ax = axes[row, col]
         ax.scatter(x_data[:, 0], x_data[:, 1], s=1, c="lightgray")
         ax.scatter(x_gen[:, 0], x_gen[:, 1], s=1)
         ax.set(title=f"{name}, {n} step{'s' * (n > 1)}\nSW2 = {distance:.3f}", xlim=(-3, 3),
                ylim=(-3, 3), aspect="equal", xticks=[], yticks=[])
 save_figure(fig, out / "multi_step_samples.png", trained=True)
+report("precision distance, data vs data (the floor)",
+       toy.precision_distance(sample_2d("swiss_roll", num_samples, seed=5), x_data))
 
 # %% [markdown]
-# The distance to the data falls steeply with the number of steps and levels off from about 16 on
-# (full mode: sliced W2 0.91 at one step, 0.08 at 16, 0.06-0.09 at 64): flow matching needs tens of
-# network calls per sample. MeanFlow trains the network to jump over a whole interval [r, t] at once — the
-# *secant* of a curved path instead of its tangent — so one call suffices. Tutorial 02 defines that
-# *average velocity*, tutorial 03 turns it into pMF's loss.
+# The distance to the data falls steeply with the number of steps and levels off from about 16 on,
+# a little above the distance between two samples of the data (full mode: sliced W2 0.96 at one step,
+# 0.08 at 16, 0.06-0.07 at 64, against 0.048 for data vs data; the precision distance at 64 steps is
+# 0.027-0.029, against 0.017), and the inner end of the roll stays thinly filled. Flow matching
+# needs tens of network calls per sample to get close to the data, and does not quite reach it.
+# <!-- check: sliced W2 to data, ?-pred, 1 steps in [0.96, 0.96] -->
+# <!-- check: sliced W2 to data, ?-pred, 16 steps in [0.08, 0.08] -->
+# <!-- check: sliced W2 to data, ?-pred, 64 steps in [0.06, 0.07] -->
+# <!-- check: sliced W2, data vs data (the floor) = 0.048 -->
+# <!-- check: precision distance to data, ?-pred, 64 steps in [0.027, 0.029] -->
+# <!-- check: precision distance, data vs data (the floor) = 0.017 -->
+#
+# MeanFlow trains the network to jump over a whole interval [r, t] at once — the *secant* of a curved
+# path instead of its tangent — so one call suffices. Tutorial 02 defines that *average velocity*,
+# tutorial 03 turns it into pMF's loss and trains it with this same network and recipe.
+
+# %% [markdown]
+# ## What to take away
+#
+# * Flow matching regresses the per-pair velocity `e - x`; what the network learns is its average
+#   given `z_t`, the *marginal* velocity, whose ODE carries noise to data along curved paths.
+# * Predicting x and reading out `v = (z_t - x_hat) / max(t, t_eps)` is the same model as predicting v
+#   (in 2-D); the clip keeps the conversion's gain at most 1 / t_eps = 20.
+# * One Euler step from t = 1 lands on the data mean; it takes tens of steps to approach the data.
+#
+# ## Try it
+#
+# 1. Train for a quarter of the steps (`recipe = dataclasses.replace(ToyConfig(), steps=300)`): which
+#    end of the distance-vs-steps curve moves, the one-step end or the many-step end?
+# 2. Integrate the trained velocity with RK4 (`_common.rk4`, four velocity calls per step) instead of
+#    Euler: how many network calls does it need for the sliced W2 that Euler reaches at 64?
+# <!-- given: 20 -->

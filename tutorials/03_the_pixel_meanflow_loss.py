@@ -9,7 +9,7 @@
 # and samples in one step.
 #
 # Run: `python tutorials/03_the_pixel_meanflow_loss.py`, or cell by cell in Jupyter / VS Code
-# (about 1 CPU-minute; `PMF_TUTORIAL_FAST=1` for a quick, under-trained pass). Figures go to
+# (a CPU-minute or two, timed in `tutorials/README.md`; `PMF_TUTORIAL_FAST=1` for a quick, under-trained pass). Figures go to
 # `runs/tutorials/03/`.
 
 # %%
@@ -26,9 +26,9 @@ import pmf_ref as P
 
 sys.path.insert(0, str(Path(P.__file__).resolve().parents[1] / "tutorials"))  # _common, from any folder
 import toy  # noqa: E402
-from _common import MLP, report, save_figure, setup, steps  # noqa: E402
+from _common import MLP, ema_step, report, save_figure, setup, steps  # noqa: E402
 from toy import sample_2d, sliced_wasserstein  # noqa: E402
-from toy.train import EMA_WARMUP, ToyConfig, learning_rate, sample_times, training_precision, update_ema  # noqa: E402
+from toy.train import ToyConfig, learning_rate, sample_times, training_precision  # noqa: E402
 
 out = setup("03")
 generator = torch.Generator().manual_seed(0)
@@ -217,6 +217,7 @@ report("raw loss after the step (same batch)", P.pmf_loss(x_fn, x, e, r, t).raw.
 # sorted, and half the rows get r = t (`P.sample_time_pair`). Restricting the pairs to the diagonal
 # (flow matching), to r = 0, or to both lines breaks one-step generation. The FIDs in the panel
 # titles are the paper's, not measured here.
+# <!-- given: 0.8 -->
 
 # %%
 n = steps(4000, 1000)
@@ -237,6 +238,8 @@ report("fraction of pairs with r > t (must be 0)", (r_s > t_s).float().mean())
 report("median of one logit-normal(0.8, 0.8) draw (sigmoid(0.8) = 0.69)",
        P.sample_logit_normal(n, generator=torch.Generator().manual_seed(2)).median())
 report("median t = max of two draws (skewed towards noise)", t_s.median())
+report("share of t above 0.9, full-plane logit-normal(0.8, 0.8)", (t_s > 0.9).float().mean())
+report("share of t below 0.25, full-plane logit-normal(0.8, 0.8)", (t_s < 0.25).float().mean())
 
 # %% [markdown]
 # ## 6. Train it, sample in one step
@@ -245,10 +248,16 @@ report("median t = max of two draws (skewed towards noise)", t_s.median())
 # call. For comparison, one call of the flow-matching model of tutorial 01 landed on the mean of the
 # data. The training recipe is the toy's (`ToyConfig()` and its helpers, imported, not copied: the
 # 7 x 256 ReLU MLP of pMF's Fig. 2 on `[z, t, h]`, Adam, the toy's time sampler `sample_times`, its
-# matmul precision `training_precision`, an EMA of the weights for sampling). ImageNet's
-# logit-normal(0.8, 0.8) would put most times near t = 1, where 2-D data have little left to learn
-# and from where the one-step map (r, t) = (0, 1) is rarely reached; and short runs sample much
-# better from an average of the weights than from the last ones.
+# matmul precision `training_precision`, an EMA of the weights for sampling) — the recipe tutorial 01's
+# flow-matching baseline was trained with, so the two compare on equal footing. The toy draws its
+# times uniformly, not from ImageNet's logit-normal(0.8, 0.8): that sampler leans towards the noise
+# end (median t 0.78, section 5; only 8% of the times above 0.9, though) and rarely visits the data
+# end (t < 0.25 in fewer than 0.1% of the rows), whose velocities the one-step map (r, t) = (0, 1) integrates
+# over too; and short runs sample much better from an average of the weights than from the last ones.
+# <!-- check: median t = max of two draws (skewed towards noise) = 0.78 -->
+# <!-- check: share of t above 0.9, full-plane logit-normal(0.8, 0.8) = 8% -->
+# <!-- check: share of t below 0.25, full-plane logit-normal(0.8, 0.8) in [0%, 0.1%] -->
+# <!-- given: 0.8 -->
 #
 # The toy network sees t as well as h = t - r; the ImageNet ViT sees only h (tutorial 06 shows why
 # an image needs no t: its noise level can be read off the pixels, a 2-D point's cannot).
@@ -274,7 +283,7 @@ for step in range(num_steps):
     optimizer.zero_grad()
     terms.loss.mean().backward()
     optimizer.step()
-    update_ema(ema, net, min(recipe.ema_decay, (1 + step) / (EMA_WARMUP + step)))   # the toy's warm-up
+    ema_step(ema, net, step, recipe.ema_decay)             # the toy's EMA, with its warm-up
     losses.append(terms.raw.mean().item())  # the weighted loss is ~1 by construction; watch the raw one
 print(f"trained {num_steps} steps with {recipe}")
 
@@ -302,11 +311,18 @@ for ax, n_steps in zip(axes[1:], (1, 2)):
 save_figure(fig, out / "one_step_samples.png", trained=True)
 
 # %% [markdown]
-# One network call draws the roll — where one flow-matching step (tutorial 01) gave a point at the
-# mean. (Full mode: its samples lie on average 0.039 from the nearest data point, against 0.016
-# between two data samples; sliced W2 is higher, 0.21 against 0.03, because some samples also fall
-# into the gaps between the arms and the arms are not filled evenly. A second call sharpens it a
-# little: 0.036 and 0.16.)
+# One network call draws the roll — where one flow-matching step of the same network and recipe
+# (tutorial 01) gave a point at the mean. (Full mode: its samples lie on average 0.046 from the nearest
+# data point, against 0.016 between two data samples; sliced W2 is higher, 0.19 against 0.03, because
+# some samples also fall into the gaps between the arms and the arms are not filled evenly. A second
+# call sharpens it a little: 0.041 and 0.13. Tutorial 01's flow-matching model, the same network and
+# recipe, needs between 4 and 16 calls to get as close.)
+# <!-- check: precision distance to data, pMF, 1 step(s) = 0.046 -->
+# <!-- check: precision distance, data vs data (the floor) = 0.016 -->
+# <!-- check: sliced W2 to data, pMF, 1 step(s) = 0.19 -->
+# <!-- check: sliced W2, data vs data (the floor) = 0.03 -->
+# <!-- check: precision distance to data, pMF, 2 step(s) = 0.041 -->
+# <!-- check: sliced W2 to data, pMF, 2 step(s) = 0.13 -->
 #
 # ## 7. The adaptive weight within a batch
 #
@@ -349,19 +365,42 @@ save_figure(fig, out / "adaptive_weight_in_a_batch.png", trained=True)
 
 # %% [markdown]
 # What the figure shows (full mode): the per-sample losses of one batch spread over five orders of
-# magnitude, and h explains little of it (median loss 2.39 on the r = t rows, 2.68 for t - r > 0.4).
+# magnitude, and h explains little of it (median loss 2.31 on the r = t rows, 2.73 for t - r > 0.4).
+# <!-- check: median raw loss, rows with r = t = 2.31 -->
+# <!-- check: median raw loss, rows with t - r > 0.4 = 2.73 -->
 # The spread is the luck of each row's noise: given `z_t`, the target `e - x` is unpredictable, and
 # in 2-D its squared error is a two-degree-of-freedom, chi-square-like number. Unweighted, the 10% of
 # rows with the largest loss would carry 33% of the batch's loss; weighted, every row contributes
 # the gradient of `log(L + c)`: those rows get 0.4% of the total weight, and the 10% with the
-# smallest loss get 76%. In 2-D the weight is therefore a strongly *robust* loss that fits the
+# smallest loss get 76%.
+# <!-- check: share of the batch's summed loss from its 10% largest-loss rows = 33% -->
+# <!-- check: share of the batch's summed gradient weight on those rows = 0.4% -->
+# <!-- check: share of the batch's summed gradient weight on its 10% smallest-loss rows = 76% -->
+# <!-- given: 10% --> In 2-D the weight is therefore a strongly *robust* loss that fits the
 # rows whose target happened to be predictable; it does not single out any region of the (r, t)
 # plane. Tutorial 07 shows what that does to the velocity the network learns: it is pulled away
 # from the conditional mean. On the Swiss roll that pull is toward the dense inner arm, which is why
-# the arms above are not filled evenly: with p = 0.75 instead of 1 the toy demo's x-prediction
-# scores sliced W2 0.15 instead of 0.22 at D = 2, and the p = 1 field keeps its error even when
-# sampled with 32 steps (README, toy section). On images a row's loss is a sum over thousands of pixels and
+# the arms above are not filled evenly (the toy's README measures it: a smaller p fills them more
+# evenly, and the p = 1 field keeps its error even when sampled with 32 steps; try it below). On images a row's loss is a sum over thousands of pixels and
 # concentrates, and the weight acts mainly between noise levels.
 #
 # Guidance (tutorial 05) and the image-scale network (tutorial 06) change what the network is
 # conditioned on and how big it is; the loss stays this one.
+
+# %% [markdown]
+# ## What to take away
+#
+# * pMF predicts the denoised image `x(z_t, r, t) = z_t - t u` and reads u from it; the clip caps the
+#   error gain at 1 / t_eps = 20.
+# * The compound velocity `V = u + (t - r) sg(du/dt)` makes the loss a plain regression on an observed
+#   velocity, with the gradient of MeanFlow's original target form and one JVP per step.
+# * The adaptive weight divides each row's gradient by its own loss (the gradient of `log(L + c)`).
+# * The full-plane time sampler, not the network, is what the paper's ablations find decisive.
+#
+# ## Try it
+#
+# 1. Pass `p=0.75` to `P.pmf_loss` in the training cell: are the arms of the roll filled more evenly
+#    (sliced W2), and what happens to the precision distance?
+# 2. Train with ImageNet's sampler instead of the toy's: `r, t = P.sample_time_pair_released(x.shape[0],
+#    mean=0.8, std=0.8, generator=train_generator)`. How good is the one step now?
+# <!-- given: 20 -->

@@ -7,6 +7,7 @@
 # width can represent the second and not the first once D is large — the manifold argument of JiT,
 # carried over to MeanFlow by pMF (paper Fig. 2; on ImageNet 256 px, B/16, the paper reports FID
 # 9.56 for x-prediction vs 164.89 for u-prediction).
+# <!-- given: 9.56 164.89 -->
 #
 # This tutorial trains a short version of the repository's toy experiment (`python -m toy`, the
 # `make demo` sweep): a 2-D Swiss roll embedded in R^D by a fixed orthonormal map P, the same loss,
@@ -14,7 +15,7 @@
 # below; two lines of it depend on the parametrisation.
 #
 # Run: `python tutorials/04_x_vs_u_in_high_dimensions.py`, or cell by cell in Jupyter / VS Code
-# (about 2 CPU-minutes; `PMF_TUTORIAL_FAST=1` for a quick, under-trained pass). Figures go to
+# (a few CPU-minutes, timed in `tutorials/README.md`; `PMF_TUTORIAL_FAST=1` for a quick, under-trained pass). Figures go to
 # `runs/tutorials/04/`; `make demo` runs the full sweep.
 
 # %%
@@ -31,9 +32,8 @@ import pmf_ref as P
 
 sys.path.insert(0, str(Path(P.__file__).resolve().parents[1] / "tutorials"))  # _common, from any folder
 import toy  # noqa: E402
-from _common import FAST, report, save_figure, setup, steps  # noqa: E402
-from toy.train import (EMA_WARMUP, ToyConfig, learning_rate, sample_times, training_precision,  # noqa: E402
-                       update_ema)
+from _common import FAST, ema_step, report, save_figure, setup, steps  # noqa: E402
+from toy.train import ToyConfig, learning_rate, sample_times, training_precision  # noqa: E402
 
 out = setup("04")
 
@@ -105,7 +105,7 @@ def train_and_sample(dim: int, prediction: str, num_steps: int = STEPS, seed: in
         optimizer.zero_grad()
         terms.loss.mean().backward()
         optimizer.step()
-        update_ema(ema, net, min(config.ema_decay, (1 + step) / (EMA_WARMUP + step)))
+        ema_step(ema, net, step, config.ema_decay)        # the toy's EMA with its warm-up (_common.ema_step)
         losses.append(terms.raw.mean().item())
     u_ema, has_aux = as_u_fn(ema, prediction)
     e = torch.randn(config.eval_samples, dim, generator=torch.Generator().manual_seed(seed + 2))
@@ -140,6 +140,9 @@ for run in runs:
         run[name] = report(f"{name}, {label}", metric(run["samples_2d"], reference))
     run["off_manifold"] = report(f"off-manifold distance, {label}",
                                  toy.off_manifold(run["samples"], run["projection"]).mean())
+    if run["losses"]:
+        tail = run["losses"][-max(1, len(run["losses"]) // 10):]
+        report(f"raw loss, mean of the last 10% of steps, {label}", sum(tail) / len(tail))
 second_sample = toy.sample_2d("swiss_roll", RECIPE.eval_samples, seed=8)
 floor = {name: report(f"{name}, data vs data (the floor)", metric(second_sample, reference))
          for name, metric in METRICS.items()}
@@ -184,12 +187,43 @@ save_figure(fig, out / "loss_curves.png", trained=True)
 # off-plane distance of 21.2 against the noise's `sqrt(D - 2) ≈ 22.6`. u-prediction has removed
 # almost none of the noise: it must output a D-dimensional noise-like vector exactly, x-prediction
 # only the 2 directions of the plane. The loss curves say the same: at D = 512 u's raw loss stays
-# above 400, x's falls to about 4.
+# in the hundreds, x's falls to a few.
+# <!-- check: precision, x-prediction, D = 2 = 0.062 -->
+# <!-- check: precision, u-prediction, D = 2 = 0.051 -->
+# <!-- check: precision, data vs data (the floor) = 0.017 -->
+# <!-- check: precision, x-prediction, D = 16 = 0.066 -->
+# <!-- check: precision, x-prediction, D = 512 = 0.061 -->
+# <!-- check: off-manifold distance, x-prediction, D = * in [0, 0.02] -->
+# <!-- check: precision, u-prediction, D = 16 = 0.170 -->
+# <!-- check: precision, u-prediction, D = 512 = 0.235 -->
+# <!-- check: precision, pure noise, D = 512 = 0.235 -->
+# <!-- check: off-manifold distance, u-prediction, D = 512 = 21.2 -->
+# <!-- check: raw loss, mean of the last 10% of steps, u-prediction, D = 512 in [100, 999] -->
+# <!-- check: raw loss, mean of the last 10% of steps, x-prediction, D = 512 in [1, 9] -->
 #
 # Sliced W2 and coverage separate them less: a diffuse cloud of the right spread covers the roll's
 # support (pure noise scores coverage 0.033 and sliced W2 0.22), and after half of the demo's steps
 # x-prediction still puts too much mass on the inner arm at D = 512 (sliced W2 0.22; the loss's
 # adaptive weight does that, tutorial 03 and the README's toy section). That is why the
 # pure-noise row is there: read precision, the pictures and the off-plane column against it.
+# <!-- check: coverage, pure noise, D = 512 = 0.033 -->
+# <!-- check: swd, pure noise, D = 512 = 0.22 -->
+# <!-- check: swd, x-prediction, D = 512 = 0.22 -->
 # `make demo` runs the full sweep (D = 2, 8, 16, 512, the full step count) — the repository's
 # version of the paper's Fig. 2.
+
+# %% [markdown]
+# ## What to take away
+#
+# * On data near a low-dimensional manifold, the denoised image x is low-dimensional and u (like
+#   e - x) is noise-like in all D directions.
+# * A network of fixed width learns the first at every D and not the second: u-prediction's samples
+#   keep the noise as D grows, x-prediction's stay on the plane — pMF's Fig. 2 in miniature.
+# * Read each metric against its floor and against pure noise: a diffuse cloud scores deceptively well
+#   on coverage and sliced W2.
+#
+# ## Try it
+#
+# 1. Give u-prediction a 4x wider network at D = 512 (`ToyConfig(width=1024)`): does capacity fix it,
+#    or does it only remove more of the noise?
+# 2. Add D = 64 to `DIMS`: where between 16 and 512 does u-prediction break down?

@@ -11,7 +11,7 @@
 # counts.
 #
 # Run: `python tutorials/05_guidance_and_one_step_sampling.py`, or cell by cell in Jupyter / VS Code
-# (about 2.5 CPU-minutes; `PMF_TUTORIAL_FAST=1` for a quick, under-trained pass). Figures go to
+# (a few CPU-minutes, timed in `tutorials/README.md`; `PMF_TUTORIAL_FAST=1` for a quick, under-trained pass). Figures go to
 # `runs/tutorials/05/`.
 
 # %%
@@ -31,8 +31,8 @@ import pmf_ref as P
 
 sys.path.insert(0, str(Path(P.__file__).resolve().parents[1] / "tutorials"))  # _common, from any folder
 import toy  # noqa: E402
-from _common import MLP, report, save_figure, setup, steps  # noqa: E402
-from toy.train import EMA_WARMUP, ToyConfig, sample_times, update_ema  # noqa: E402
+from _common import MLP, ema_step, report, save_figure, setup, steps  # noqa: E402
+from toy.train import ToyConfig, sample_times  # noqa: E402
 
 out = setup("05")
 generator = torch.Generator().manual_seed(0)
@@ -90,6 +90,7 @@ report("class accuracy of the k-NN scorer on fresh data",
 # Training draws `omega ∝ omega^-beta` on [1, 8] (`P.sample_omega`), `t_min ~ U(0, 0.5)`,
 # `t_max ~ U(0.5, 1)` (`P.sample_guidance_interval`; [0, 1] on r = t rows), and drops 10% of the
 # labels — in the released code only on r = t rows (`P.label_drop_mask_diagonal`).
+# <!-- given: 0.1 0.7 10% -->
 
 # %%
 n = 100_000
@@ -208,7 +209,7 @@ for step in range(num_steps):
     optimizer.zero_grad()
     loss.backward()
     optimizer.step()
-    update_ema(ema, trunk, min(recipe.ema_decay, (1 + step) / (EMA_WARMUP + step)))   # the toy's warm-up
+    ema_step(ema, trunk, step, recipe.ema_decay)          # the toy's EMA, with its warm-up
     losses.append((terms.raw_u.mean().item(), terms.raw_v.mean().item()))
 report("final raw u-loss (mean of the last 10%)", np.mean([l[0] for l in losses[-max(1, num_steps // 10):]]))
 network = ema
@@ -265,8 +266,15 @@ save_figure(fig, out / "guided_one_step_samples.png", trained=True)
 # %% [markdown]
 # Without guidance the one-step samples already keep to their class (full mode: accuracy 0.98);
 # raising omega pulls each class away from the other (accuracy 1.00 at omega = 2) and concentrates
-# it, and at omega = 4 on the whole of [0, 1] it overshoots off the data (sliced W2 0.98) — the
-# over-guidance that the interval [0.1, 0.7] (right panel) mostly avoids (0.42 at the same omega).
+# it, and at omega = 4 on the whole of [0, 1] it overshoots off the data (sliced W2 0.93, against
+# 0.17 unguided) — the over-guidance that the interval [0.1, 0.7] (right panel) mostly avoids (0.39
+# at the same omega).
+# <!-- check: one-step class accuracy, omega = 1 = 0.98 -->
+# <!-- check: one-step class accuracy, omega = 2 = 1.00 -->
+# <!-- check: one-step sliced W2 to class data, omega = 4 = 0.93 -->
+# <!-- check: one-step sliced W2 to class data, omega = 1 = 0.17 -->
+# <!-- check: one-step sliced W2 to class data, omega = 4 on [0.1, 0.7] = 0.39 -->
+# <!-- given: 0.1 0.7 -->
 #
 # ## 6. Is one call really CFG? A number
 #
@@ -281,6 +289,7 @@ save_figure(fig, out / "guided_one_step_samples.png", trained=True)
 # map of both sides). The error is measured relative to the size of the CFG correction
 # `CFG - x_hat(z_t | y, 1)`: 0 means the single call reproduces CFG exactly; 1 is what a network
 # that ignored omega would score.
+# <!-- given: 0.1 0.7 -->
 
 # %%
 probe = torch.Generator().manual_seed(11)
@@ -316,12 +325,16 @@ ax.legend(fontsize=8)
 save_figure(fig, out / "one_call_vs_cfg.png", trained=True)
 
 # %% [markdown]
-# In full mode the single call is off from two-call CFG by 0.29 of the correction at omega = 4 and
-# 0.43 at omega = 2 (0.48 at 1.5, 0.32 at 8): it carries most of the correction, best towards the
-# noise end (0.2-0.4 for t > 0.6). At small t the class is already written in `z_t`, the
-# correction is tiny, and what is left is the network's error (about the size of the correction
-# below t = 0.2). The agreement is learned, not exact: the network chases a target built from its
-# own outputs (a fixed point), and a short run on a small MLP gets it only so far.
+# In full mode the single call is off from two-call CFG by 0.27 of the correction at omega = 4 and
+# 0.35 at omega = 2 (0.40 at 1.5, 0.33 at 8): it carries most of the correction, best towards the
+# noise end (the curves). At small t the class is already written in `z_t`, the correction is tiny,
+# and what is left is the network's error. The agreement is learned, not exact: the network chases a
+# target built from its own outputs (a fixed point), and a short run on a small MLP gets it only so far.
+# <!-- check: one call vs two-call CFG, omega = 4.0: RMS error / RMS correction = 0.27 -->
+# <!-- check: one call vs two-call CFG, omega = 2.0: RMS error / RMS correction = 0.35 -->
+# <!-- check: one call vs two-call CFG, omega = 1.5: RMS error / RMS correction = 0.40 -->
+# <!-- check: one call vs two-call CFG, omega = 8.0: RMS error / RMS correction = 0.33 -->
+# <!-- check: one call vs two-call CFG, omega = *: RMS error / RMS correction in [0.2, 0.5] -->
 #
 # ## 7. A guidance interval, when the one step starts at t = 1
 #
@@ -332,6 +345,7 @@ save_figure(fig, out / "one_call_vs_cfg.png", trained=True)
 # one step bakes in the whole gated trajectory. We check it against that ODE, integrated with the
 # v-head in 128 Euler steps (omega switched on inside the interval only), and against the ODEs with
 # guidance everywhere and nowhere, from the same noise.
+# <!-- given: 0.1 0.7 -->
 
 # %%
 @torch.no_grad()
@@ -384,10 +398,17 @@ axes[1].tick_params(axis="x", labelsize=8)
 save_figure(fig, out / "interval_at_t_1.png", trained=True)
 
 # %% [markdown]
-# In full mode the one-step samples lie nearest the endpoints of the gated ODE (mean distance 0.28,
-# less than the unguided one step's own error, 0.39), then the always-guided ODE's (0.36), and far
-# from the never-guided ODE's (0.91): the interval's guidance is in the one step, through the part
-# of the trajectory it switches on, although the step itself starts at t = 1 — outside the interval.
+# In full mode the one-step samples lie nearest the endpoints of the gated ODE (mean distance 0.34),
+# then the always-guided ODE's (0.53), and far from the never-guided ODE's (0.71): the interval's
+# guidance is in the one step, through the part of the trajectory it switches on, although the step
+# itself starts at t = 1 — outside the interval. (0.34 is about the model's own one-step error: its
+# unguided one step lies 0.33 from the unguided ODE's endpoints.)
+# <!-- check: one step with [0.1, 0.7] vs ODE guided on [0.1, 0.7] only: mean distance = 0.34 -->
+# <!-- check: one step with [0.1, 0.7] vs ODE guided everywhere: mean distance = 0.53 -->
+# <!-- check: one step with [0.1, 0.7] vs ODE never guided: mean distance = 0.71 -->
+# <!-- check: one step without guidance vs ODE never guided: mean distance (one-step error) = 0.33 -->
+# <!-- check: one step with [0.1, 0.7] vs ODE guided on [0.1, 0.7] only: mean distance < one step with [0.1, 0.7] vs ODE guided everywhere: mean distance -->
+# <!-- check: one step with [0.1, 0.7] vs ODE guided everywhere: mean distance < one step with [0.1, 0.7] vs ODE never guided: mean distance -->
 #
 # ## 8. One step vs a few
 #
@@ -397,6 +418,7 @@ save_figure(fig, out / "interval_at_t_1.png", trained=True)
 # accurate over the longest jump, from 1 to 0; shorter jumps are easier. We score N = 1, 2, 4, 8
 # against the class data and against the matching v-head ODE, without guidance and with omega = 2 on
 # [0.1, 0.7].
+# <!-- given: 0.1 0.7 -->
 
 # %%
 step_counts = [1, 2, 4, 8]
@@ -420,17 +442,46 @@ for i, (name, omega, interval) in enumerate(rows):
 save_figure(fig, out / "one_vs_few_steps.png", trained=True)
 
 # %% [markdown]
-# What the numbers say (full mode). **Without guidance, more steps help**: the samples move towards
-# the v-head's ODE endpoints (mean distance 0.37 at one step, 0.14 at eight) and towards the data
-# (sliced W2 0.18 at one step, 0.09 at two, 0.10-0.12 at four and eight; the ODE endpoints
-# themselves score 0.15, so beyond two steps the samples approach an ODE that is itself imperfect).
-# **With guidance (omega = 2 on [0.1, 0.7]) only the second step helps** (SW2 0.26 -> 0.20, then
-# 0.21 and 0.23), and the distance to the guided ODE stops falling (0.25, 0.19, 0.18, 0.20).
-# The time sampler decides how strongly: retrained with ImageNet's sampler
-# (`P.sample_time_pair_released(B, mean=0.8, std=0.8, generator=generator)` in the training cell),
-# the unguided model still gains from steps (SW2 0.33 at one step, 0.18 at four), but the guided
-# one gets worse with every step after the first (0.36, 0.37, 0.43, 0.50). That sampler rarely
-# draws t near the data (t < 0.25 in 0.5% of the rows), where the last jumps of a 4- or 8-step
-# sampler run, and a guided model learns a fixed point of its own guided targets, least accurate
-# where it was trained least. (Its one step is worse too, 0.33 against 0.18 unguided: the reason
-# the toy draws its times uniformly, tutorial 03.) pMF is trained for, and reports, one step.
+# What the numbers say (full mode). **Without guidance, more steps bring the samples to the ODE**:
+# the mean distance to the v-head's ODE endpoints falls from 0.30 at one step to 0.13 at eight. The
+# distance to the data is best at two steps (sliced W2 0.17 at one step, 0.11 at two, 0.13 and 0.15
+# at four and eight), where the samples approach an ODE that is itself imperfect (its endpoints score
+# 0.13). **With guidance (omega = 2 on [0.1, 0.7]) only the second step helps** (sliced W2 0.24 ->
+# 0.18, then 0.19 and 0.22), and the distance to the guided ODE stops falling after two steps (0.23,
+# 0.19, 0.18, 0.19): a guided model learns a fixed point of its own guided targets, and its shorter
+# jumps are no more accurate than its long one. pMF is trained for, and reports, one step. (Try it
+# below with ImageNet's time sampler, which rarely draws t near the data, where the last jumps of a
+# 4- or 8-step sampler run.)
+# <!-- check: mean distance to the v-head ODE endpoints, omega = 1, 1 step(s) = 0.30 -->
+# <!-- check: mean distance to the v-head ODE endpoints, omega = 1, 8 step(s) = 0.13 -->
+# <!-- check: sliced W2 to class data, omega = 1, 1 step(s) = 0.17 -->
+# <!-- check: sliced W2 to class data, omega = 1, 2 step(s) = 0.11 -->
+# <!-- check: sliced W2 to class data, omega = 1, 4 step(s) = 0.13 -->
+# <!-- check: sliced W2 to class data, omega = 1, 8 step(s) = 0.15 -->
+# <!-- check: sliced W2 to class data of the v-head ODE endpoints, omega = 1 = 0.13 -->
+# <!-- check: sliced W2 to class data, omega = 2 on [0.1, 0.7], 1 step(s) = 0.24 -->
+# <!-- check: sliced W2 to class data, omega = 2 on [0.1, 0.7], 2 step(s) = 0.18 -->
+# <!-- check: sliced W2 to class data, omega = 2 on [0.1, 0.7], 4 step(s) = 0.19 -->
+# <!-- check: sliced W2 to class data, omega = 2 on [0.1, 0.7], 8 step(s) = 0.22 -->
+# <!-- check: mean distance to the v-head ODE endpoints, omega = 2 on [0.1, 0.7], 1 step(s) = 0.23 -->
+# <!-- check: mean distance to the v-head ODE endpoints, omega = 2 on [0.1, 0.7], 2 step(s) = 0.19 -->
+# <!-- check: mean distance to the v-head ODE endpoints, omega = 2 on [0.1, 0.7], 4 step(s) = 0.18 -->
+# <!-- check: mean distance to the v-head ODE endpoints, omega = 2 on [0.1, 0.7], 8 step(s) = 0.19 -->
+# <!-- given: 0.1 0.7 -->
+
+# %% [markdown]
+# ## What to take away
+#
+# * Guidance is trained in: the target `v_t + (1 - 1/omega')(v_c - v_u)` makes the network's output at
+#   scale omega a CFG-guided velocity, sampled with one call at any omega.
+# * The agreement with explicit two-call CFG is learned, not exact (the network chases a target made
+#   of its own outputs).
+# * A guidance interval matters even for a step that starts at t = 1, outside it: u is an average over
+#   the whole trajectory, guided only where the interval switches guidance on.
+#
+# ## Try it
+#
+# 1. Retrain with ImageNet's sampler (`r, t = P.sample_time_pair_released(B, mean=0.8, std=0.8,
+#    generator=generator)` in the training cell) and redo section 8: does the guided model still gain
+#    from a second step?
+# 2. Draw omega with `beta=2.0` (pMF-L's setting) in `P.sample_omega`: what happens at omega = 4?

@@ -16,7 +16,7 @@
 # each one learns them.
 #
 # Run: `python tutorials/07_which_tangent_and_why_a_v_head.py`, or cell by cell in Jupyter / VS Code
-# (about 3 CPU-minutes; `PMF_TUTORIAL_FAST=1` for a quick, under-trained pass). Figures go to
+# (a few CPU-minutes, timed in `tutorials/README.md`; `PMF_TUTORIAL_FAST=1` for a quick, under-trained pass). Figures go to
 # `runs/tutorials/07/`.
 
 # %%
@@ -33,8 +33,8 @@ import pmf_ref as P
 
 sys.path.insert(0, str(Path(P.__file__).resolve().parents[1] / "tutorials"))  # _common, from any folder
 import toy  # noqa: E402
-from _common import FAST, MLP, report, save_figure, setup, steps  # noqa: E402
-from toy.train import EMA_WARMUP, ToyConfig, sample_times, update_ema  # noqa: E402
+from _common import FAST, MLP, GaussianFlow, ema_step, report, rk4, save_figure, setup, steps  # noqa: E402
+from toy.train import ToyConfig, sample_times  # noqa: E402
 
 out = setup("07")
 F64 = torch.float64
@@ -50,34 +50,13 @@ generator = torch.Generator().manual_seed(0)
 # %%
 D, sigma = 4, 0.3
 mu = torch.tensor([1.0, -0.5, 2.0, 0.0], dtype=F64)
-
-
-def m(t):
-    return (1 - t)[..., None] * mu
-
-
-def s(t):
-    return torch.sqrt((1 - t) ** 2 * sigma**2 + t**2)
-
-
-def v_true(z, t):
-    """Marginal velocity of the Gaussian flow, m'(t) + s'(t)/s(t) (z - m(t))."""
-    ds_dt = (t - (1 - t) * sigma**2) / s(t)
-    return -mu + P.expand_like(ds_dt / s(t), z) * (z - m(t))
-
-
-def u_true(z, r, t):
-    """Average velocity (z_t - z_r) / (t - r) along the exact trajectory through z at time t."""
-    z_r = m(r) + P.expand_like(s(r) / s(t), z) * (z - m(t))
-    return (z - z_r) / P.expand_like(t - r, z)
+flow = GaussianFlow(mu, sigma)                   # tutorial 02's reference, from tutorials/_common.py
+v_true, u_true = flow.velocity, flow.average_velocity
 
 
 def sample_posterior(z, t, k: int):
     """k draws of x | z_t = z (Gaussian: mean and variance from Bayes' rule), (k, B, D)."""
-    precision = (1 - t) ** 2 / t**2 + 1 / sigma**2                       # of x given z_t
-    mean = ((1 - t)[:, None] * z / (t**2)[:, None] + mu / sigma**2) / precision[:, None]
-    draws = torch.randn(k, *z.shape, generator=generator, dtype=F64)
-    return mean + draws / precision.sqrt()[:, None]
+    return flow.sample_posterior(z, t, k, generator)
 
 
 B = 512
@@ -99,7 +78,7 @@ report("identity residual, tangent = e - x of one pair", identity_residual(P.con
 
 # %% [markdown]
 # With the marginal velocity the identity holds to rounding; with one pair's `e - x` it does not.
-# But the right-hand side `v - (t - r)(v · ∂_z u + ∂_t u)` is *linear* in the velocity, so averaged
+# But the right-hand side `v - (t - r)((∂_z u) v + ∂_t u)` is *affine* in the velocity, so averaged
 # over the pairs (x, e) that could have produced the same `z_t` — the posterior — it becomes the
 # marginal one. The average over K posterior pairs converges like `1/sqrt(K)`: `e - x` is an
 # **unbiased but noisy** tangent.
@@ -165,17 +144,10 @@ def mixture_velocity(z, t):
 
 
 def exact_one_step(e: torch.Tensor, n_steps: int = 400) -> torch.Tensor:
-    """Φ(e): RK4 integration of dz/dt = v(z, t) from t = 1 down to t = 0, float64."""
-    z, dt = e.double(), -1.0 / n_steps
-    for k in range(n_steps):
-        t0 = 1.0 - k / n_steps
-        def v_at(zz, tt): return mixture_velocity(zz, torch.full((zz.shape[0],), tt, dtype=F64))
-        k1 = v_at(z, t0)
-        k2 = v_at(z + dt / 2 * k1, t0 + dt / 2)
-        k3 = v_at(z + dt / 2 * k2, t0 + dt / 2)
-        k4 = v_at(z + dt * k3, t0 + dt)
-        z = z + dt / 6 * (k1 + 2 * k2 + 2 * k3 + k4)
-    return z.float()
+    """Φ(e): RK4 integration of dz/dt = v(z, t) from t = 1 down to t = 0, float64 (``_common.rk4``)."""
+    def velocity(z, t):
+        return mixture_velocity(z, torch.full((z.shape[0],), t, dtype=F64))
+    return rk4(velocity, e.double(), 1.0, 0.0, n_steps).float()
 
 
 probe_g = torch.Generator().manual_seed(1)
@@ -278,13 +250,14 @@ for tangent in history:
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
-        update_ema(ema, network, min(recipe.ema_decay, (1 + step) / (EMA_WARMUP + step)))
+        ema_step(ema, network, step, recipe.ema_decay)
     networks[tangent] = ema
     final = history[tangent][-1]
     report(f"{tangent}: tangent error (t-weighted, relative to e - x)", final["tangent_error"])
     report(f"{tangent}: one-step error, mean |x_theta(e, 0, 1) - Φ(e)|", final["one_step_error"])
     report(f"{tangent}: one-step sliced W2 to the exact one-step samples",
            toy.sliced_wasserstein(final["samples"], one_step_exact))
+    report(f"{tangent}: tangent error at step {EVAL_EVERY}", history[tangent][1]["tangent_error"])
 
 # %%
 fig, axes = plt.subplots(1, 2, figsize=(12, 4))
@@ -307,6 +280,12 @@ for ax, (title, samples) in zip(axes, panels):
     ax.set(title=title, xlim=(-2.5, 2.5), ylim=(-2.5, 2.5), aspect="equal", xticks=[], yticks=[])
 save_figure(fig, out / "one_step_samples_by_tangent.png", trained=True)
 
+# The panels differ in *kind*: where do the samples sit relative to the 8 mode centres?
+for title, samples in panels:
+    nearest = torch.cdist(samples.double(), centres).min(dim=1).values           # distance to the nearest centre
+    report(f"{title}: median distance to the nearest mode centre", nearest.median())
+    report(f"{title}: share of samples farther than 3 sigma from every centre", (nearest > 3 * MIX_SIGMA).double().mean())
+
 # %% [markdown]
 # ## 3. What the measurements say
 #
@@ -314,28 +293,51 @@ save_figure(fig, out / "one_step_samples_by_tangent.png", trained=True)
 #
 # | run | tangent error (vs `e - x` = 1) | one-step error, mean \|x_theta(e, 0, 1) - Φ(e)\| |
 # |---|---:|---:|
-# | Alg. 1 | 0.36 | 0.15 |
+# | Alg. 1 | 0.36 | 0.16 |
 # | MeanFlow `e - x` | 1 | 0.16 |
 # | released v-head | 0.34 | 0.21 |
 # | Alg. 1, p = 0 (control) | 0.005 | 0.19 |
 #
+# <!-- check: Alg. 1: sg(u(z, t, t)): tangent error (t-weighted, relative to e - x) = 0.36 -->
+# <!-- check: Alg. 1: sg(u(z, t, t)): one-step error, mean |x_theta(e, 0, 1) - Φ(e)| = 0.16 -->
+# <!-- check: MeanFlow: e - x: one-step error, mean |x_theta(e, 0, 1) - Φ(e)| = 0.16 -->
+# <!-- check: released: v-head: tangent error (t-weighted, relative to e - x) = 0.34 -->
+# <!-- check: released: v-head: one-step error, mean |x_theta(e, 0, 1) - Φ(e)| = 0.21 -->
+# <!-- check: Alg. 1, no adaptive weight (p = 0): tangent error (t-weighted, relative to e - x) = 0.005 -->
+# <!-- check: Alg. 1, no adaptive weight (p = 0): one-step error, mean |x_theta(e, 0, 1) - Φ(e)| = 0.19 -->
+#
 # * **The network tangents are much less noisy than `e - x`**, but not the marginal v: about a
-#   third of the line velocity's error, and it stops improving after a few hundred steps (it even
-#   creeps up, 0.32 at step 250 to 0.36 at 3,000).
+#   third of the line velocity's error, and it stops improving early (Alg. 1: 0.33 at step 250,
+#   0.36 at 3,000).
+# <!-- check: Alg. 1: sg(u(z, t, t)): tangent error at step 250 = 0.33 -->
 # * **The one-step map does not follow the tangent's quality**: `e - x`, with the worst tangent,
-#   gives the same one-step error as Alg. 1 (0.16 vs 0.15), and the v-head run is a little behind
+#   gives the same one-step error as Alg. 1 (0.16 both), and the v-head run is a little behind
 #   (0.21). On this toy, within this budget, what limits a one-step model is how well the u-head fits
-#   the long jumps (all runs draw bridges between the modes), not the tangent.
+#   the long jumps, not the tangent.
 # * **The control explains the tangent error: it is the adaptive weight.** With `adp`, each row's
 #   gradient is divided by its own loss, so training minimises `E[log(L + c)]`, and the minimiser of
 #   that is not the conditional mean of the target: where the posterior of `x` given `z_t` has
 #   several modes (here, between Gaussians), it is pulled towards a mode. Without the weight
-#   (p = 0) the u-head's velocity at h = 0 is the marginal v to 0.5%. The one step does not gain
-#   from that here (0.19 against 0.15; with a logit-normal(0, 1) time sampler instead of the toy's
-#   uniform one the same comparison gave 0.18 against 0.20): its effect on the generator is small
-#   and of either sign. In 2-D a row's loss is a noisy two-degree-of-freedom number, so `adp`
-#   reweights individual draws (tutorial 03, section 7); on images the loss is a sum over thousands
-#   of pixels, it concentrates, and the weight acts mostly between noise levels.
+#   (p = 0) the u-head's velocity at h = 0 is the marginal v to 0.5%.
+# * **What the weight does to the samples is visible, and not small**, although the mean distance to
+#   Φ(e) barely separates the runs (0.16 against 0.19). The sample panels show two different kinds of
+#   error. With `adp`, samples are pulled towards the mode centres, with thin bridges between them
+#   (mode-seeking: median distance to the nearest centre 0.15-0.17, against 0.23 for the exact map).
+#   Without it they spread over and between the modes, filling the inside of the ring (mean-seeking:
+#   median 0.39, and 15% of the samples lie more than 3 sigma from every centre, against 0.9% for the
+#   exact map and about as few with `adp`). In 2-D a row's loss is a noisy two-degree-of-freedom number, so
+#   `adp` reweights individual draws (tutorial 03, section 7); on images the loss is a sum over
+#   thousands of pixels, it concentrates, and the weight acts mostly between noise levels.
+# <!-- check: Alg. 1: sg(u(z, t, t)): median distance to the nearest mode centre in [0.15, 0.17] -->
+# <!-- check: MeanFlow: e - x: median distance to the nearest mode centre in [0.15, 0.17] -->
+# <!-- check: released: v-head: median distance to the nearest mode centre in [0.15, 0.17] -->
+# <!-- check: Alg. 1: sg(u(z, t, t)): share of samples farther than 3 sigma from every centre in [0.8%, 0.9%] -->
+# <!-- check: MeanFlow: e - x: share of samples farther than 3 sigma from every centre in [0.8%, 0.9%] -->
+# <!-- check: released: v-head: share of samples farther than 3 sigma from every centre in [0.8%, 0.9%] -->
+# <!-- check: exact one-step map Φ(e): median distance to the nearest mode centre = 0.23 -->
+# <!-- check: Alg. 1, no adaptive weight (p = 0): median distance to the nearest mode centre = 0.39 -->
+# <!-- check: Alg. 1, no adaptive weight (p = 0): share of samples farther than 3 sigma from every centre = 15% -->
+# <!-- check: exact one-step map Φ(e): share of samples farther than 3 sigma from every centre = 0.9% -->
 #
 # ## 4. Why a v-head, then?
 #
@@ -353,3 +355,19 @@ save_figure(fig, out / "one_step_samples_by_tangent.png", trained=True)
 #
 # Its costs are a second head's parameters and one more loss; the paper's Alg. 1 shows the method
 # works without it.
+
+# %% [markdown]
+# ## What to take away
+#
+# * The identity needs the *marginal* velocity as its tangent; `e - x` is an unbiased, noisy estimate
+#   of it, the network tangents (Alg. 1's u-head, the released v-head) biased, low-noise ones.
+# * With the adaptive weight the network's velocity is pulled away from the conditional mean (the
+#   p = 0 control removes that); on this toy the one-step error does not follow the tangent's quality.
+# * The released v-head earns its place through guidance (v_c and v_u in one pass) and a flow-matching
+#   loss on every row, at no sampling cost.
+#
+# ## Try it
+#
+# 1. Train the four runs with a logit-normal(0, 1) time sampler (`dataclasses.replace(recipe,
+#    uniform_fraction=0.0)`): does the control still lose to Alg. 1 on the one-step error?
+# 2. Double `NUM_STEPS`: which runs keep improving, and does the tangent error of Alg. 1 keep creeping up?

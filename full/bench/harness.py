@@ -40,20 +40,31 @@ from tqdm.auto import tqdm
 from .. import cli, fast_jvp
 from ..io import write_json
 from .nets import Workload, toy_workload, vit_workload
+from .memory import format_memory_table, memory_rows
 from .steps import (ALG1_STRATEGIES, PATHS, alg1_loss, flow_matching_loss, on_path, sampling_calls,
                           training_step, u_forward, u_jvp)
+from .syncs import count_host_syncs
 from .timing import CLOCKS, interleaved_medians, machine_info, memory_method, peak_memory_bytes
+from .training import precision_rows
+from ..precision import PRECISIONS
+from ..presets import PRESETS
 
-TARGETS = {"jvp_forwards": ("<=", 2.3), "step_ratio_alg1": ("<=", 1.9), "step_ratio_released": ("<=", 2.9),
+TARGETS = {"jvp_forwards": ("<=", 2.0), "step_ratio_alg1": ("<=", 1.9), "step_ratio_released": ("<=", 2.9),
+           "released_forwards": ("<=", 7.3), "released_host_syncs": ("<=", 0), "bf16_speedup": (">=", 1.8),
            "sampling_vs_forward": (">=", 0.95), "forward_speed_vs_old": (">=", 0.98),
            "released_peak_memory_vs_old": ("<=", 0.7)}
-"""The goals, on the headline network: a JVP <= 2.3 forwards (the authors' JAX: 1.9), Alg. 1 <= 1.9x and
-the released step <= 2.9x a flow-matching step (no worse than the authors' JAX ratio), 1-NFE sampling
+"""The goals, on the headline network: a JVP <= 2.0 forwards (the authors' JAX: 1.7-1.8), Alg. 1 <= 1.9x and
+the released step <= 2.9x a flow-matching step (no worse than the authors' JAX ratio) and <= 7.3 forwards
+(the authors' JAX: 7.95-8.54), no host sync in a released step, bf16 >= 1.8x faster than fp32 (precision
+section), 1-NFE sampling
 >= 0.95x a bare forward, the plain forward >= 0.98x as fast as the old path, and the released step's
 peak memory <= 0.7x the old path's."""
 HEADLINE_KEYS = ("jvp_forwards", "step_ratio_alg1", "step_ratio_released", "sampling_vs_forward",
                  "one_step_vs_euler50")
-SECTIONS = ("steps", "jvp", "sampling")
+SECTIONS = ("steps", "jvp", "sampling", "precision", "memory")
+DEFAULT_SECTIONS = ("steps", "jvp", "sampling", "precision")
+WORKLOAD_SECTIONS = ("steps", "jvp", "sampling")              # those that run on build_workloads' networks   # memory: minutes per preset, on request
+MEMORY_PRESETS = ("pMF-B/16", "pMF-L/16", "pMF-H/16", "pMF-B/32", "pMF-L/32", "pMF-H/32")
 STEP_VARIANTS = ("forward", "jvp", "flow_matching", "alg1", "released")
 RESULT_NAME = "bench.json"
 MIN_REPEATS = 5  # the issue asks for the median of at least 5 repetitions
@@ -73,7 +84,7 @@ class BenchConfig:
     # Clock behind the medians and ratios: "process" (CPU time; steady on a shared CPU with one
     # thread) or "wall" (needed on GPU). Both are recorded in every row.
     clock: str = "process"
-    sections: tuple[str, ...] = SECTIONS
+    sections: tuple[str, ...] = DEFAULT_SECTIONS
     toy_dim: int = 512                  # D of the toy MLP (pMF Fig. 2's hardest case)
     toy_batch: int = 1024               # the toy trainer's batch
     tiny_preset: str = "pMF-T/4"
@@ -89,6 +100,13 @@ class BenchConfig:
     jvp_small: bool = True              # the jvp section on the small ViT too (its steps section has Alg. 1)
     memory: bool = True
     seed: int = 0
+    # precision section: the released step at one preset, per precision policy (full.precision)
+    precisions: tuple[str, ...] = ()    # () = fp32 and bf16 on a CPU (no TF32 there), all three on CUDA
+    preset: str | None = None           # None = the small ViT on a CPU (B/16 at 64 px), B/16 at 256 px on CUDA
+    precision_batch: int | None = None  # None = the small ViT's first batch on a CPU, 32 on CUDA
+    activation_checkpointing: bool = False
+    peak_tflops: float | None = None    # the device's peak for the utilisation (default: full.bench.training)
+    memory_presets: tuple[str, ...] = MEMORY_PRESETS
 
 
 QUICK = dict(warmup=1, repeats=5, toy_batch=256, tiny_batch=16, small_batches=(2,), sample_batch=1,
@@ -135,6 +153,7 @@ def step_rows(work: Workload, cfg: BenchConfig, device, bar) -> list[dict]:
     rows = []
     for (variant, path), call in calls.items():
         old_memory = memory[(variant, "old")]
+        syncs = count_host_syncs(call) if path == "new" else None   # device-to-host syncs in one call
         rows.append({"network": work.name, "batch": work.batch.x.shape[0], "variant": variant, "path": path,
                      **_ms(stats[f"{variant}|{path}"]),
                      "ratio_vs_forward": median[(variant, path)] / median[("forward", path)],
@@ -143,8 +162,24 @@ def step_rows(work: Workload, cfg: BenchConfig, device, bar) -> list[dict]:
                      "peak_memory_mb": memory[(variant, path)],
                      "peak_memory_vs_old": (None if memory[(variant, path)] is None or not old_memory
                                             else memory[(variant, path)] / old_memory),
+                     "host_syncs": syncs,
                      "source": work.released_source if variant == "released" else None})
     return rows
+
+
+def precision_section(cfg: BenchConfig, device: torch.device, bar=None) -> list[dict]:
+    """The released step per precision policy at ``cfg.preset`` (see :class:`BenchConfig`)."""
+    precisions = cfg.precisions or (PRECISIONS if device.type == "cuda" else ("fp32", "bf16"))
+    if cfg.preset is not None:
+        preset, overrides = cfg.preset, {}
+    elif device.type == "cuda":
+        preset, overrides = "pMF-B/16", {}
+    else:
+        preset, overrides = cfg.small_preset, {"resolution": cfg.small_resolution}
+    batch = cfg.precision_batch or (32 if device.type == "cuda" else cfg.small_batches[0])
+    return precision_rows(preset, batch, tuple(precisions), device=device, warmup=cfg.warmup, repeats=cfg.repeats,
+                          clock=cfg.clock, memory=cfg.memory, peak_tflops_override=cfg.peak_tflops,
+                          activation_checkpointing=cfg.activation_checkpointing, progress=bar, **overrides)
 
 
 def _compiled_step(loss_fn, parameters):
@@ -233,10 +268,16 @@ def _headline(rows: list[dict], network: str, batch: int, variant: str, key: str
 def target_values(result: dict) -> dict[str, float | None]:
     """The value of every :data:`TARGETS` key: the headline ratios, plus the new path's plain-forward
     speed and released-step peak memory relative to the old path (headline network and batch)."""
-    network, batch = result["networks"][2]["name"], result["config"]["small_batches"][0]
+    network = result["networks"][2]["name"] if result["networks"] else None
+    batch = result["config"]["small_batches"][0]
     step = (result["steps"], network, batch)
     forward_time_vs_old = _headline(*step, "forward", "ratio_vs_old")
+    syncs = _headline(*step, "released", "host_syncs")
+    bf16 = [row for row in result.get("precision", []) if row["precision"] == "bf16"]
     return {**{key: result[key] for key in HEADLINE_KEYS},
+            "released_forwards": result.get("released_forwards"),
+            "released_host_syncs": None if syncs is None else syncs["total"],
+            "bf16_speedup": bf16[0].get("speedup_vs_fp32") if bf16 else None,
             "forward_speed_vs_old": None if forward_time_vs_old is None else 1 / forward_time_vs_old,
             "released_peak_memory_vs_old": _headline(*step, "released", "peak_memory_vs_old")}
 
@@ -256,10 +297,11 @@ def _run(cfg: BenchConfig, device: torch.device, progress: bool) -> dict:
     torch.manual_seed(cfg.seed)
     started = time.perf_counter()
     info = machine_info(device)
-    workloads = build_workloads(cfg, device)
-    small = workloads[2]
+    # the precision and memory sections build their own networks
+    workloads = build_workloads(cfg, device) if set(cfg.sections) & set(WORKLOAD_SECTIONS) else []
+    small = workloads[2] if workloads else None
     result: dict = {name: None for name in HEADLINE_KEYS}
-    result.update(headline_network=f"{small.name} batch {small.batch.x.shape[0]}",
+    result.update(headline_network=None if small is None else f"{small.name} batch {small.batch.x.shape[0]}",
                   targets={k: f"{op} {v}" for k, (op, v) in TARGETS.items()},
                   machine=info, memory_method=memory_method(device),
                   config={**dataclasses.asdict(cfg), "paths": {
@@ -270,8 +312,9 @@ def _run(cfg: BenchConfig, device: torch.device, progress: bool) -> dict:
                                  "no optimizer update; old and new paths interleaved in the same run"),
                   networks=[{"name": w.name, "description": w.description, "param_count": w.param_count}
                             for w in workloads],
-                  steps=[], jvp_strategies=[], sampling=[])
-    per_network = {"steps": 2 * len(STEP_VARIANTS), "jvp": 2 * (1 + len(ALG1_STRATEGIES)), "sampling": 5}  # at most
+                  steps=[], jvp_strategies=[], sampling=[], precision=[], memory=[])
+    per_network = {"steps": 2 * len(STEP_VARIANTS), "jvp": 2 * (1 + len(ALG1_STRATEGIES)), "sampling": 5,
+                   "precision": 0, "memory": 0}  # at most
     total = cfg.repeats * len(workloads) * sum(per_network[section] for section in cfg.sections)  # an upper bound
     with tqdm(desc="bench", unit="sample", total=total, disable=not progress, file=sys.stderr) as bar:
         for work in workloads:
@@ -286,8 +329,15 @@ def _run(cfg: BenchConfig, device: torch.device, progress: bool) -> dict:
             if "sampling" in cfg.sections:
                 bar.set_postfix_str(f"sampling {work.name}")
                 result["sampling"] += sampling_rows(work, cfg, device, bar)
-    step = (result["steps"], small.name, small.batch.x.shape[0])
-    sample = (result["sampling"], small.name, small.sample_noise.shape[0])
+        if "precision" in cfg.sections:
+            bar.set_postfix_str("precision")
+            result["precision"] = precision_section(cfg, device, bar)
+        if "memory" in cfg.sections:
+            bar.set_postfix_str("memory")
+            result["memory"] = memory_rows(cfg.memory_presets, device=device)
+    step = (result["steps"], small and small.name, small and small.batch.x.shape[0])
+    result["released_forwards"] = _headline(*step, "released", "ratio_vs_forward")
+    sample = (result["sampling"], small and small.name, small and small.sample_noise.shape[0])
     result["jvp_forwards"] = _headline(*step, "jvp", "ratio_vs_forward")
     result["step_ratio_alg1"] = _headline(*step, "alg1", "ratio_vs_flow_matching")
     result["step_ratio_released"] = _headline(*step, "released", "ratio_vs_flow_matching")
@@ -360,6 +410,30 @@ def format_tables(result: dict) -> str:
                   f"{_fmt(r['ratio_vs_bare_forward'], '.3f')} | {_fmt(r['ratio_vs_old'], '.3f')} |"
                   for r in result["sampling"]]
         lines.append("")
+    absolute = [r for r in result["steps"] if r["path"] == "new" and r["network"] == result["networks"][2]["name"]]
+    absolute = [r for r in absolute if r["batch"] == result["config"]["small_batches"][0]]
+    if absolute:
+        lines += [f"Absolute rows, new path, {result['headline_network']} (hold them against the authors' JAX run the "
+                  "same hour; ratios divide the GEMM library out):", "",
+                  "| step | ms | forwards | host syncs |", "|---|---:|---:|---:|"]
+        lines += [f"| {r['variant']} ({r['batch']}) | {_fmt(r['median_ms'], '.1f')} | {_fmt(r['ratio_vs_forward'])} | "
+                  f"{'-' if r['host_syncs'] is None else r['host_syncs']['total']} |" for r in absolute]
+        lines.append("")
+    if result.get("precision"):
+        first = result["precision"][0]
+        lines += [f"Released step per precision: {first['preset']} at {first['resolution']} px, batch {first['batch']}, "
+                  f"{first['device']}, {first['training_gflops_per_image']:.1f} training GFLOPs per image "
+                  f"({first['step_in_forwards_counted']:.2f} forwards counted)", "",
+                  "| precision | ms / step | images / s | speed-up | TFLOP/s | MFU | peak MB | host syncs |",
+                  "|---|---:|---:|---:|---:|---:|---:|---:|"]
+        lines += [f"| {r['precision']} | {_fmt(r['median_ms'], '.1f')} | {_fmt(r['images_per_s'], '.2f')} | "
+                  f"{_fmt(r['speedup_vs_' + first['precision']])} | {_fmt(r['achieved_tflops'], '.3f')} | "
+                  f"{_fmt(r['model_flop_utilisation'], '.1%')} | "
+                  f"{_fmt(r['peak_allocated_mb'] if r['peak_allocated_mb'] is not None else r['peak_memory_mb'], '.0f')} | "
+                  f"{r['host_syncs']['total']} |" for r in result["precision"]]
+        lines.append("")
+    if result.get("memory"):
+        lines += [format_memory_table(result["memory"]), ""]
     values = target_values(result)
     lines.append(f"Headline, new path ({result['headline_network']}): " + ", ".join(
         f"{key} = {_fmt(values[key], '.3f')}" + ("" if key not in TARGETS or values[key] is None else
@@ -385,8 +459,23 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--repeats", type=int, default=None,
                         help=f"timed repetitions per variant, >= {MIN_REPEATS} (default 7; 5 with --quick)")
     parser.add_argument("--warmup", type=int, default=None, help="untimed calls per variant first (default 2; 1 with --quick)")
-    parser.add_argument("--sections", nargs="+", choices=SECTIONS, default=list(SECTIONS), metavar="SECTION",
-                        help=f"which of {' '.join(SECTIONS)} to run (default: all)")
+    parser.add_argument("--sections", nargs="+", choices=SECTIONS, default=list(DEFAULT_SECTIONS), metavar="SECTION",
+                        help=f"which of {' '.join(SECTIONS)} to run (default: all but memory, which measures "
+                             f"every preset at its resolution: tens of CPU-minutes)")
+    parser.add_argument("--preset", default=None, metavar="NAME",
+                        help="the precision section's network at its own resolution (default: B/16 at 64 px on a CPU, "
+                             "pMF-B/16 on CUDA)")
+    parser.add_argument("--precision", nargs="+", choices=PRECISIONS, default=None, metavar="P",
+                        help="precision policies of the precision section (full.precision; default fp32 bf16 on a CPU, "
+                             "fp32 tf32 bf16 on CUDA)")
+    parser.add_argument("--batch", type=int, default=None,
+                        help="the precision section's batch (default: the small ViT's first on a CPU, 32 on CUDA)")
+    parser.add_argument("--activation-checkpointing", action="store_true",
+                        help="the precision section's network recomputes each block in the backward")
+    parser.add_argument("--peak-tflops", type=float, default=None,
+                        help="the device's peak TFLOP/s for the utilisation (default: known GPUs by name)")
+    parser.add_argument("--memory-presets", nargs="+", default=None, metavar="NAME",
+                        help=f"presets of the memory section (default: {' '.join(MEMORY_PRESETS)})")
     parser.add_argument("--small-batch", type=int, nargs="+", default=None, metavar="B",
                         help="training batches of the small ViT, the headline first (default 2 8; 2 with --quick)")
     parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile variants")
@@ -405,6 +494,15 @@ def main(argv: list[str] | None = None) -> None:
     if small_batches is not None and min(small_batches) < 1:
         parser.error(f"--small-batch: each batch must be >= 1, got {' '.join(map(str, small_batches))}")
     sections = tuple(dict.fromkeys(args.sections))
+    for name in ([args.preset] if args.preset else []) + (args.memory_presets or []):
+        if name not in PRESETS:
+            parser.error(f"--preset / --memory-presets: unknown preset {name!r}; choose one of {sorted(PRESETS)}")
+    if args.batch is not None and args.batch < 1:
+        parser.error(f"--batch must be >= 1, got {args.batch}")
+    if args.peak_tflops is not None and not args.peak_tflops > 0:
+        parser.error(f"--peak-tflops must be > 0, got {args.peak_tflops}")
+    if device == "cpu" and args.precision and "tf32" in args.precision:
+        parser.error("--precision: tf32 is a CUDA mode; on a CPU choose fp32 or bf16")
     if args.out is not None:
         cli.check_out(parser, args.out)
 
@@ -414,7 +512,10 @@ def main(argv: list[str] | None = None) -> None:
     clock = args.clock if args.clock != "auto" else ("process" if device == "cpu" else "wall")
     cfg = BenchConfig(device=device, threads=args.threads, sections=sections, clock=clock,
                       compile=not args.no_compile, compile_small=args.compile_small,
-                      memory=not args.no_memory, **overrides)
+                      memory=not args.no_memory, precisions=tuple(dict.fromkeys(args.precision or ())),
+                      preset=args.preset, precision_batch=args.batch,
+                      activation_checkpointing=args.activation_checkpointing, peak_tflops=args.peak_tflops,
+                      **({"memory_presets": tuple(args.memory_presets)} if args.memory_presets else {}), **overrides)
     result = run(cfg)
     result["config"]["quick"] = args.quick
     print(json.dumps(result, indent=2) if args.json else format_tables(result))

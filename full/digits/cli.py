@@ -17,6 +17,7 @@ Outputs in ``--out``: ``<experiment>.json``, ``<experiment>.png`` (sample grids 
 """
 from __future__ import annotations
 
+import math
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -42,6 +43,7 @@ DEFAULT_PER_CLASS = 50  # 500 samples, as many as the held-out floor set
 QUICK_STEPS = 4
 QUICK_BATCH = 8
 QUICK_PER_CLASS = 5
+SEED_LIMIT = 2 ** 31    # seeds lie in [0, 2^31), as in full.guidance_search: offsets added to it stay in range
 EMA_KIMG = 2000.0       # B/16's sampling EMA; ramp-limited to 5% of the images seen in runs this short
 SAMPLE_INTERVAL = (0.1, 0.7)   # B/16's best guidance interval (the tiny preset's default)
 FIGURE_OMEGAS = (1.0, 2.0, 4.5, 8.5)   # grids shown for the guided arm of experiment (d)
@@ -124,7 +126,7 @@ def main(argv: list[str] | None = None) -> dict[str, dict]:
     parser.add_argument("--batch-size", type=int, default=DEFAULT_BATCH, help="training batch size")
     parser.add_argument("--lr", type=float, default=DEFAULT_LR, help="constant learning rate (Muon and Adam)")
     parser.add_argument("--seed", type=int, default=0,
-                        help="seed of weights, data order and training noise (default: 0)")
+                        help="seed of weights, data order and training noise, in [0, 2^31) (default: 0)")
     parser.add_argument("--per-class", type=int, default=DEFAULT_PER_CLASS,
                         help="one-step samples per class scored per arm and omega (floor set: 50 per class)")
     cli.add_out(parser, "runs/digits", "<experiment>.json, .md (table) and .png (figure), the cached classifier "
@@ -141,8 +143,10 @@ def main(argv: list[str] | None = None) -> dict[str, dict]:
                                  ("--per-class", args.per_class, 2), ("--threads", args.threads, 1)):
         if value < minimum:
             parser.error(f"{flag} must be >= {minimum}, got {value}")
-    if not args.lr > 0:
-        parser.error(f"--lr must be > 0, got {args.lr}")
+    if not (math.isfinite(args.lr) and args.lr > 0):
+        parser.error(f"--lr must be a finite number > 0, got {args.lr}")
+    if not 0 <= args.seed < SEED_LIMIT:
+        parser.error(f"--seed must lie in [0, 2^31), got {args.seed}")
     if args.batch_size > TRAIN_SIZE:   # a batch larger than the data would never be drawn
         parser.error(f"--batch-size {args.batch_size} exceeds the {TRAIN_SIZE} training digits")
     cli.check_out(parser, args.out)

@@ -17,14 +17,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-import pmf_ref as P
-
 from ..io import write_json
 from .data import NUM_CLASSES, DigitsDataset
 from ..checkpoint import load_model
 from .metrics import DigitsEvaluator
 from ..ema import format_half_life
-from ..model import make_cond
 from ..sample import class_labels, generate, sample_noise
 from ..train import TrainConfig, train
 
@@ -89,9 +86,10 @@ def arm_key(spec: ArmSpec, budget: Budget) -> str:
 
 
 @torch.no_grad()
-def one_step_samples(model: torch.nn.Module, prediction: str, *, per_class: int, omega: float,
+def one_step_samples(model: torch.nn.Module, *, per_class: int, omega: float,
                      t_min: float, t_max: float, batch_size: int = 250) -> tuple[torch.Tensor, torch.Tensor]:
-    """``per_class`` one-step samples of every class: x = z_1 - u(z_1, 0, 1).
+    """``per_class`` one-step samples of every class: x = z_1 - u(z_1, 0, 1) (``full.sample.generate``;
+    x- or u-prediction is the model's).
 
     Returns:
         (images (N, 1, res, res), labels (N,)), N = per_class * 10, labels ``i mod 10``.
@@ -102,14 +100,7 @@ def one_step_samples(model: torch.nn.Module, prediction: str, *, per_class: int,
     for batch in indices.split(batch_size):
         y = class_labels(batch, NUM_CLASSES)
         z_1 = sample_noise(batch, shape, seed=SAMPLE_SEED, noise_scale=model.noise_scale)
-        if prediction == "x":
-            x = generate(model, y, z_1, omega=omega, t_min=t_min, t_max=t_max)
-        else:
-            # u-prediction: the network's output *is* u (as in training, where pmf_ref converts it to
-            # x_hat = z - max(t, t_eps) u), so the one-step sampler uses it directly.
-            cond = make_cond(y, omega, t_min, t_max)
-            x = P.sample_one_step(lambda z, r, t: model.forward_u(z, r, t, cond), z_1)
-        images.append(x)
+        images.append(generate(model, z_1, y, omega=omega, t_min=t_min, t_max=t_max))
         labels.append(y)
     return torch.cat(images), torch.cat(labels)
 
@@ -125,7 +116,7 @@ def _evaluate(networks: dict, spec: ArmSpec, omega: float, budget: Budget, evalu
     # Without trained-in CFG the network only ever saw omega = 1 on the interval [0, 1].
     t_min, t_max = sample_interval if spec.guidance else (0.0, 1.0)
     for name, network in networks.items():
-        images, labels = one_step_samples(network, spec.prediction, per_class=budget.per_class,
+        images, labels = one_step_samples(network, per_class=budget.per_class,
                                           omega=omega, t_min=t_min, t_max=t_max)
         result["metrics"][name][str(omega)] = evaluator.evaluate(images, labels)
         if name == "ema":
