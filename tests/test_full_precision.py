@@ -4,6 +4,7 @@ import math
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import pmf_ref as P
 from full import precision
@@ -69,14 +70,15 @@ def test_dudt_error_of_each_policy_against_float64():
 
 
 def test_bf16_step_gradients_close_to_fp32():
-    """The released step on pMF-T/4 under bf16 autocast (every pass, the JVP's included): the loss and every
-    parameter's gradient within a few bf16 roundings of the float32 step's (float64 as the yardstick)."""
+    """The released step on pMF-T/4 run under bf16 autocast (every pass, the JVP's included): the loss and every
+    parameter's gradient within a few bf16 roundings of the float32 step's (float64 as the yardstick); and the
+    JVP pass does run in bf16 (its GEMMs are counted)."""
     from full.step import TrainingStep
 
     generator = torch.Generator().manual_seed(0)
     torch.manual_seed(0)
     model = randomize_zero_init_(build_model("pMF-T/4", num_classes=10).double(), generator)
-    objective = TrainingStep.from_preset(model, "pMF-T/4", noise_scale=1.0, t_thr=0.8, omega_beta=1.0)
+    step = TrainingStep.from_preset(model, "pMF-T/4", noise_scale=1.0, t_thr=0.8, omega_beta=1.0)
     n = 8
     randomness = TrainingStep.from_preset(model, "pMF-T/4", noise_scale=1.0, omega_beta=1.0).draw_randomness(
         torch.zeros(n, 3, 32, 32), generator=generator)
@@ -84,12 +86,13 @@ def test_bf16_step_gradients_close_to_fp32():
     y = torch.randint(0, 10, (n,), generator=generator)
 
     def loss_and_grads(dtype, policy):
-        objective.to(dtype)
+        model.to(dtype)
         rnd = type(randomness)(*(f.to(dtype) if f.is_floating_point() else f for f in randomness))
         for parameter in model.parameters():
             parameter.grad = None
-        with precision.autocast(policy, "cpu"):
-            loss = objective(x.to(dtype), y, rnd)["loss"]
+        with precision.autocast(policy, "cpu"):     # as full.train runs the step: every pass under the policy
+            loss = step(x.to(dtype), y, rnd)["loss"]
+        assert loss.dtype == dtype                      # the losses stay in the parameters' precision
         loss.backward()
         return loss.detach().double(), [p.grad.double() for p in model.parameters()]
 
@@ -107,3 +110,16 @@ def test_bf16_step_gradients_close_to_fp32():
     assert error16 < 5e-2
     cosine = torch.nn.functional.cosine_similarity(flat["16"], flat["64"], dim=0)
     assert cosine > 0.999
+    assert error16 > 10 * error32                   # bf16 did happen
+
+    seen = []
+
+    class GemmDtypes(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func in (torch.ops.aten.mm.default, torch.ops.aten.addmm.default, torch.ops.aten.bmm.default):
+                seen.append(args[-1].dtype)
+            return func(*args, **(kwargs or {}))
+    with GemmDtypes(), torch.no_grad(), precision.autocast("bf16", "cpu"):
+        terms = step(x, y, randomness)               # guidance pass + JVP pass, no backward
+    assert terms["loss"].dtype == torch.float32
+    assert seen and set(seen) == {torch.bfloat16}     # no float32 GEMM left in any pass

@@ -5,8 +5,9 @@ Measured, on the machine the bench runs on (a CPU: the resident set's high-water
 ``full.bench.timing``; a GPU: ``torch.cuda.max_memory_allocated``), for every preset at its own resolution:
 the released step (float32, perceptual nets off) at batch 1 and 2; the difference is the **per-image
 slope**, what one more image costs in activations. A preset too large for the machine is measured with
-fewer blocks (3 and 6: trunk + u-head + v-head of 1+1+1 and 2+2+2) and extrapolated along the block count,
-which the activations grow with linearly (every block keeps the same tensors per image); the presets
+fewer blocks (3 and 6: trunk + u-head + v-head of 1+1+1 and 2+2+2) and extrapolated along the block count
+(:func:`estimate_slope`: linearly without checkpointing, where every block keeps the same tensors per image;
+with it, the 6-block figure plus each further block's saved input); the presets
 measured whole (:data:`MEASURE_WHOLE`, and those no deeper than 6 blocks) are measured both ways, which checks
 the extrapolation.
 
@@ -24,7 +25,7 @@ from torch import nn
 
 from .timing import peak_memory_bytes
 from .training import released_step
-from ..model import build_model
+from ..model import NUM_PREFIX_TOKENS, build_model
 from ..presets import ARCHITECTURES
 
 GLOBAL_BATCH = 1024            # pMF's global batch
@@ -93,35 +94,62 @@ def fit(static: int, slope_bytes: float, gpu_gib: float, *, gpus: int = GPUS,
     return {"max_images": max_images, "micro_batch": micro, "accum_steps": per_gpu // micro}
 
 
+def block_input_mib(preset: str) -> float:
+    """MiB one checkpointed block keeps per image: its float32 input, (20 + N) tokens x width."""
+    arch = ARCHITECTURES[preset]
+    return (NUM_PREFIX_TOKENS + (arch.resolution // arch.patch) ** 2) * arch.width * FLOAT32 / MIB
+
+
+def estimate_slope(preset: str, reduced: dict, recompute: bool) -> float | None:
+    """MiB per image of the whole network from the 3- and 6-block measurements (``reduced``: blocks -> per_image).
+
+    Without checkpointing every block keeps the same activations: linear in the block count through the two
+    points. With checkpointing a block's activations live only while it is recomputed, so the peak is one
+    block's transient plus the saved block inputs: the 6-block slope plus :func:`block_input_mib` per further
+    block (the line through 3 and 6 blocks is the wrong model there: measured on B/16, 32 blocks took less
+    than 6, within the probe's noise of tens of MiB).
+    """
+    points = sorted((int(b), value) for b, value in reduced.items())
+    arch = ARCHITECTURES[preset]
+    full_blocks = blocks(arch.depth, arch.head_depth)
+    if recompute:
+        b_high, high = points[-1]
+        return None if high["slope_mib"] is None else high["slope_mib"] + (full_blocks - b_high) * block_input_mib(preset)
+    (b_low, low), (b_high, high) = points
+    if low["slope_mib"] is None or high["slope_mib"] is None:
+        return None
+    per_block = (high["slope_mib"] - low["slope_mib"]) / (b_high - b_low)
+    return low["slope_mib"] + (full_blocks - b_low) * per_block
+
+
+def summarise(preset: str, recompute: bool, reduced: dict, measured: dict | None, device: str) -> dict:
+    """One table row from the measurements: the slope (measured whole, else estimated) and the fits."""
+    arch = ARCHITECTURES[preset]
+    static = static_bytes(preset)
+    estimated = estimate_slope(preset, reduced, recompute)
+    slope = measured["slope_mib"] if measured is not None else estimated
+    return {"preset": preset, "resolution": arch.resolution, "activation_checkpointing": recompute,
+            "blocks": blocks(arch.depth, arch.head_depth), "device": device,
+            "reduced": {str(b): value for b, value in reduced.items()}, "slope_mib_extrapolated": estimated,
+            "measured_whole": measured, "slope_mib": slope,
+            "slope_source": "measured whole" if measured is not None else "from 3 and 6 blocks",
+            "static_gib": static["total"] / GIB,
+            "fits": {str(gib): (None if slope is None else fit(static["total"], slope * MIB, gib)) for gib in GPU_GIB}}
+
+
 def memory_rows(presets: tuple[str, ...], *, device: torch.device, measure_whole: tuple[str, ...] = MEASURE_WHOLE,
                 checkpointing: tuple[bool, ...] = (False, True), progress=None) -> list[dict]:
     """Per preset and checkpointing setting: the measured peaks, the per-image slope and the fits."""
     rows = []
     for preset in presets:
         arch = ARCHITECTURES[preset]
-        full_blocks = blocks(arch.depth, arch.head_depth)
-        static = static_bytes(preset)
-        whole = preset in measure_whole or arch.depth + arch.head_depth <= max(map(sum, REDUCED_DEPTHS))
+        whole = preset in measure_whole or blocks(arch.depth, arch.head_depth) <= max(map(sum, REDUCED_DEPTHS))
         for recompute in checkpointing:
+            depths = REDUCED_DEPTHS if whole or not recompute else REDUCED_DEPTHS[-1:]   # estimate_slope's needs
             reduced = {blocks(d, h): per_image(preset, device=device, activation_checkpointing=recompute,
-                                               depth=d, head_depth=h) for d, h in REDUCED_DEPTHS}
-            (b_low, low), (b_high, high) = sorted(reduced.items())
-            extrapolated = None
-            if low["slope_mib"] is not None:
-                per_block = (high["slope_mib"] - low["slope_mib"]) / (b_high - b_low)
-                extrapolated = low["slope_mib"] + (full_blocks - b_low) * per_block
+                                               depth=d, head_depth=h) for d, h in depths}
             measured = per_image(preset, device=device, activation_checkpointing=recompute) if whole else None
-            slope = measured["slope_mib"] if measured is not None else extrapolated
-            row = {"preset": preset, "resolution": arch.resolution, "activation_checkpointing": recompute,
-                   "blocks": full_blocks, "device": str(device),
-                   "reduced": {str(b): value for b, value in reduced.items()},
-                   "slope_mib_extrapolated": extrapolated,
-                   "measured_whole": measured, "slope_mib": slope,
-                   "slope_source": "measured whole" if measured is not None else "extrapolated from 3 and 6 blocks",
-                   "static_gib": static["total"] / GIB,
-                   "fits": {str(gib): (None if slope is None else fit(static["total"], slope * MIB, gib))
-                            for gib in GPU_GIB}}
-            rows.append(row)
+            rows.append(summarise(preset, recompute, reduced, measured, str(device)))
             if progress is not None:
                 progress.update(1)
     return rows
@@ -130,7 +158,7 @@ def memory_rows(presets: tuple[str, ...], *, device: torch.device, measure_whole
 def format_memory_table(rows: list[dict]) -> str:
     """Markdown: per preset and checkpointing, MiB per image, the static GiB and the 40 / 80 GB fits."""
     lines = [f"Released step (float32, perceptual nets off), peak memory per image measured on {rows[0]['device']}; "
-             f"fits for {GPUS} GPUs at global batch {GLOBAL_BATCH} (micro-batch x --accum-steps per GPU), "
+             f"fits for {GPUS} GPUs of 40 / 80 GiB at global batch {GLOBAL_BATCH} (micro-batch x --accum-steps per GPU), "
              f"{USABLE_FRACTION:.0%} of the GPU usable", "",
              "| preset | res | checkpointing | MiB / image | how | static GiB | 40 GB: micro x accum | "
              "80 GB: micro x accum |", "|---|---:|---|---:|---|---:|---:|---:|"]
@@ -144,11 +172,12 @@ def format_memory_table(rows: list[dict]) -> str:
             return f"{fitted['micro_batch']} x {fitted['accum_steps']} (max {fitted['max_images']})"
         slope = "-" if row["slope_mib"] is None else f"{row['slope_mib']:.0f}"
         check = ("" if row["measured_whole"] is None or row["slope_mib_extrapolated"] is None
-                 else f" (extrapolated: {row['slope_mib_extrapolated']:.0f})")
+                 else f" (from 3 and 6 blocks: {row['slope_mib_extrapolated']:.0f})")
         lines.append(f"| {row['preset']} | {row['resolution']} | {'on' if row['activation_checkpointing'] else 'off'} "
                      f"| {slope} | {row['slope_source']}{check} | {row['static_gib']:.1f} | {cell('40')} | {cell('80')} |")
     return "\n".join(lines)
 
 
-__all__ = ["GLOBAL_BATCH", "GPU_GIB", "GPUS", "static_bytes", "per_image", "fit", "memory_rows",
+__all__ = ["GLOBAL_BATCH", "GPU_GIB", "GPUS", "static_bytes", "per_image", "fit", "estimate_slope", "summarise",
+           "memory_rows",
            "format_memory_table"]

@@ -6,8 +6,8 @@
 One network, built in float64 with every zero-initialised gate and output layer given random values
 (at initialisation the blocks are identities and the heads output 0, and every policy would be exact),
 then copied to float32. The JVP ``(u, du/dt) = jvp((z, r, t) -> u, tangents (v, 0, 1))`` of the released
-step (``pmf_ref.average_velocity_jvp``, u from the u-head's x_hat) runs once in float64 (the reference)
-and once per policy (``full.precision``):
+step (``pmf_ref.average_velocity_jvp`` with the trainer's engine ``full.fast_jvp.jvp``; u from the u-head's
+x_hat) runs once in float64 (the reference) and once per policy (``full.precision``):
 
 * ``fp32`` -- IEEE float32;
 * ``tf32`` -- emulated on the CPU (:class:`EmulatedTF32`: every matmul and convolution rounds its two
@@ -27,7 +27,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import pmf_ref as P
 
-from .. import cli
+from .. import cli, fast_jvp
 from ..model import PMFViT, build_model, make_cond
 from ..precision import PRECISIONS, autocast
 from ..presets import PRESETS
@@ -76,8 +76,8 @@ def randomize_zero_init_(model: PMFViT, generator: torch.Generator) -> PMFViT:
 def _jvp(model: PMFViT, z, r, t, cond, v) -> tuple[torch.Tensor, torch.Tensor]:
     def u_fn(z_, r_, t_):
         return P.average_velocity_from_x(z_, model.forward_u(z_, r_, t_, cond).to(z_.dtype), t_)
-    u, dudt, _ = P.average_velocity_jvp(u_fn, z, r, t, v_tangent=v)
-    return u.detach(), dudt
+    u, dudt, _ = P.average_velocity_jvp(u_fn, z, r, t, v_tangent=v, jvp=fast_jvp.jvp)   # the trainer's engine
+    return u.detach(), dudt.detach()
 
 
 def dudt_errors(preset: str = "pMF-B/16", *, resolution: int | None = 64, batch: int = 2, seed: int = 0,
