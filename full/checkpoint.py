@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import json
+import math
 import os
 import pickle
 import random
@@ -181,6 +182,17 @@ def check_checkpoint_layout(state: object, path: str | os.PathLike) -> None:
         raise CheckpointError(f"{where}: config.model.preset is {preset!r}, not one of {sorted(PRESETS)}")
     if not isinstance(state["model"], dict) or not all(isinstance(v, torch.Tensor) for v in state["model"].values()):
         raise CheckpointError(f"{where}: 'model' is not a state dict of tensors")
+    emas = state.get("ema", {})
+    if not isinstance(emas, dict) or not all(_is_half_life(key) and isinstance(ema, dict) for key, ema in emas.items()):
+        raise CheckpointError(f"{where}: 'ema' is not {{half-life in kimg: state dict}} (it has keys "
+                              f"{sorted(map(str, emas))[:6] if isinstance(emas, dict) else type(emas).__name__})")
+
+
+def _is_half_life(key: object) -> bool:
+    try:
+        return isinstance(key, str) and float(key) > 0 and math.isfinite(float(key))
+    except ValueError:
+        return False
 
 
 def require_keys(state: dict, path: str | os.PathLike, keys: tuple[str, ...], purpose: str) -> None:

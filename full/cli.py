@@ -37,12 +37,21 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefau
         return super()._get_help_string(action)
 
 
+NEGATIVE_NUMBER = re.compile(r"^-(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?$|^-(inf|nan)$")
+"""What argparse must read as a negative number, not a flag: ``-1``, ``-0.5``, ``-.5``, ``-1e-3``, ``-inf``."""
+
+
 class Parser(argparse.ArgumentParser):
-    """``argparse.ArgumentParser`` with one-line errors (exit 2) and :class:`HelpFormatter`."""
+    """``argparse.ArgumentParser`` with one-line errors (exit 2) and :class:`HelpFormatter`.
+
+    Negative numbers in scientific notation (``--lr -1e-3``) are values, so that the range check names
+    the flag and the rule; plain argparse (before Python 3.13) takes them for an unknown flag.
+    """
 
     def __init__(self, prog: str, description: str, **kwargs):
         kwargs.setdefault("formatter_class", HelpFormatter)
         super().__init__(prog=prog, description=description, **kwargs)
+        self._negative_number_matcher = NEGATIVE_NUMBER   # argparse's hook for this; widened as Python 3.13 does
 
     def error(self, message: str):
         self.exit(2, f"{self.prog}: error: {message} (see --help)\n")

@@ -266,6 +266,13 @@ def main(argv: list[str] | None = None) -> None:
     out = Path(args.out) / (EXPORT_NAME + (".safetensors" if args.format == "ours" else ".pt"))
     if (out.exists() or config_path(out).exists()) and not args.force:
         parser.error(f"--out: {str(out)!r} (or its {config_path(out).name}) exists; pass --force to replace it")
+    official_pt = out.with_suffix(".pt")
+    if out.suffix == ".safetensors" and official_pt.exists():
+        # model.pt has no config of its own: replacing model.json would describe it as this export.
+        # (A model.safetensors carries its config in its metadata, so the reverse is safe.)
+        parser.error(f"--out: {str(official_pt)!r}, an export in the other --format, is described by "
+                     f"{config_path(out).name}, which this export would replace (even with --force); "
+                     f"choose another --out")
     if args.ema is not None and args.ema != "raw":
         try:
             if not (math.isfinite(float(args.ema)) and float(args.ema) > 0):

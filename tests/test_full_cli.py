@@ -85,3 +85,19 @@ def test_quiet_interrupt_leaves_an_importing_program_alone(monkeypatch):
     monkeypatch.setattr(sys, "argv", ["pytest"])
     cli.quiet_interrupt()
     assert sys.excepthook is hook
+
+
+@pytest.mark.parametrize("text, value", [("-1e-3", -1e-3), ("-1E+2", -100.0), ("-.5", -0.5), ("-2", -2.0),
+                                         ("-inf", float("-inf"))])
+def test_negative_numbers_in_any_notation_are_values_not_flags(text, value):
+    parser = cli.Parser("prog", "test")
+    parser.add_argument("--lr", type=float, default=1.0)
+    assert parser.parse_args(["--lr", text]).lr == value
+
+
+def test_a_flag_is_still_a_flag(capsys):
+    parser = cli.Parser("prog", "test")
+    parser.add_argument("--lr", type=float, default=1.0)
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--lr", "-x"])
+    assert "--lr: expected one argument" in capsys.readouterr().err

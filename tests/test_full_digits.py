@@ -268,3 +268,18 @@ def test_damaged_classifier_cache_is_rebuilt(tmp_path, monkeypatch, capsys):
     assert trained == [1] and "rebuilding the digits classifier cache" in capsys.readouterr().out
     D.load_or_train_classifier(tmp_path)                  # the rebuilt cache is read back, not retrained
     assert trained == [1]
+
+
+def test_report_reads_null_metrics_of_strict_json_as_nan(tmp_path):
+    from full.digits.report import markdown_table, save_figure
+    from full.io import write_json
+
+    row = {"label": "arm", "omega": 1.0, "weights": "ema", "train_seconds": 3.0, "final_raw_u": 2.0,
+           "metrics": {"fd": float("nan"), "accuracy": 0.5, "off_subspace_rms": float("inf")}}
+    write_json(tmp_path / "row.json", row)
+    cached = json.loads((tmp_path / "row.json").read_text())
+    assert cached["metrics"]["fd"] is None                      # what a cached arm result reads back
+    floor = {"fd": 1.0, "accuracy": 0.9, "off_subspace_rms": 0.0}
+    assert "| arm | 1 | nan | 50.0% | nan |" in markdown_table("x", [cached], floor, {})
+    save_figure(tmp_path / "x.png", "x", [("arm", np.zeros((10, 1, 8, 8)).tolist())], [cached], floor)
+    assert (tmp_path / "x.png").stat().st_size > 0

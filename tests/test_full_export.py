@@ -121,12 +121,15 @@ def nan_checkpoint(checkpoint, tmp_path):
     (["--out", "export", "--ema", "2000"], "--ema 2000: the checkpoint has no EMA '2000'"),
     (["--out", "export", "--ema", "abc"], "--ema"),
     (["--out", "exists", "--ema", EMA], "--force"),
+    (["--out", "official", "--ema", EMA, "--force"], "an export in the other --format"),
 ])
 def test_cli_bad_input_one_line_error(checkpoint, argv_tail, message, tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     (tmp_path / "a_file").write_bytes(b"")
     (tmp_path / "exists").mkdir()
     (tmp_path / "exists" / "model.safetensors").write_bytes(b"")
+    (tmp_path / "official").mkdir()
+    (tmp_path / "official" / "model.pt").write_bytes(b"an official-layout export")
     with pytest.raises(SystemExit) as exit_info:
         X.main([str(checkpoint), *argv_tail])
     assert exit_info.value.code == 2

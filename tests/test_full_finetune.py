@@ -221,3 +221,23 @@ def test_a_few_training_steps_from_a_released_file(tmp_path):
         assert torch.isfinite(terms["loss"])
     changed = [name for name, value in model.state_dict().items() if not torch.equal(value, start[name])]
     assert any(name.startswith("v_head.") for name in changed) and any(name.startswith("trunk.") for name in changed)
+
+
+def test_digits_measurement_plumbing(tmp_path):
+    """python -m full.digits.finetune's pieces at a 2-step budget: the release is a file in the authors' layout
+    without v-head, and each arm fine-tunes from it (scores from an untrained classifier: plumbing only)."""
+    from full.digits import finetune as D
+    from full.digits.classifier import DigitsClassifier
+    from full.digits.metrics import DigitsEvaluator
+
+    release = D.make_release(tmp_path, 2, progress=False)
+    state = torch.load(release, weights_only=True)
+    assert not any(key.startswith(("net.v_heads.", "net.v_final_layer.")) for key in state)
+    assert official_num_classes(release) == 10
+    torch.manual_seed(0)
+    evaluator = DigitsEvaluator(DigitsClassifier())
+    for source, rule, digits, rows in ((release, "copy-u", tuple(range(10)), None), (release, "fresh", (5, 6), [5, 6]),
+                                       (None, "copy-u", (5, 6), None)):
+        scores = D.fine_tune(source, digits=digits, rule=rule, class_rows=rows, steps=2, checks=[2], seed=1,
+                             evaluator=evaluator, reference=evaluator.reference)
+        assert set(scores) == {0, 2} and all(0 <= s["accuracy"] <= 1 and s["fd"] >= -1e-6 for s in scores.values())

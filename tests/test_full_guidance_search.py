@@ -51,6 +51,13 @@ def _planted(tmp_path):
     return tmp_path / "pickle.pt"
 
 
+def _foreign_ema_key(tmp_path):
+    state = _state()
+    state["ema"] = {"fast": state["ema"]["500"]}
+    save_checkpoint(tmp_path / "foreign_ema.pt", state)
+    return tmp_path / "foreign_ema.pt"
+
+
 def _nan_checkpoint(tmp_path):
     save_checkpoint(tmp_path / "nan.pt", _state(nan=True))
     return tmp_path / "nan.pt"
@@ -70,6 +77,7 @@ BAD_INPUTS = [   # (name, flags builder (tmp), text of the one error line)
      "sample it with --official-ckpt"),
     ("planted pickle", lambda t: ["--ckpt", _planted(t)], "refused: it holds Python objects"),
     ("NaN EMA", lambda t: ["--ckpt", _nan_checkpoint(t)], "EMA 500 hold NaN or inf"),
+    ("EMA key not a half-life", lambda t: ["--ckpt", _foreign_ema_key(t)], "'ema' is not {half-life in kimg"),
     ("garbage --ref", lambda t: ["--ref", _write(t / "r.npz", b"nonsense" * 10)], "not a readable .npz"),
     ("--ref of 64-d features", lambda t: ["--ref", _npz64(t / "r64.npz")], "64-d features"),   # at start-up
     ("--out under a file", lambda t: ["--out", _write(t / "f", b"x") / "search.json"], "is a file, not a folder"),

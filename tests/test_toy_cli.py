@@ -131,3 +131,22 @@ def test_ctrl_c_is_one_line_exit_130_without_traceback(tmp_path, when):
     assert process.returncode == 130, error
     assert error.count("\n") == 1 and "python -m toy: interrupted (Ctrl-C)" in error, error
     assert not out.exists() or not os.listdir(out)
+
+
+def test_cli_output_name_taken_by_a_folder_fails_before_training(tmp_path, capsys, no_training):
+    (tmp_path / "table.md").mkdir()
+    error = _error_line(["--out", str(tmp_path), "--overwrite"], capsys)
+    assert "table.md" in error and "is a folder" in error
+
+
+def test_cli_full_disk_is_one_line(tmp_path, capsys, monkeypatch):
+    import errno
+
+    def full_disk(**kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device", str(tmp_path / "samples.png"))
+
+    monkeypatch.setattr(cli, "run_sweep", full_disk)
+    with pytest.raises(SystemExit) as raised:
+        cli.main(["--out", str(tmp_path), *TINY])
+    error = capsys.readouterr().err
+    assert raised.value.code == 1 and error.count("\n") == 1 and "samples.png" in error and "No space" in error

@@ -172,6 +172,10 @@ def main(argv: list[str] | None = None) -> None:
     except KeyboardInterrupt:
         print(f"{parser.prog}: interrupted (Ctrl-C); nothing was written to {args.out}", file=sys.stderr)
         sys.exit(cli.EXIT_INTERRUPTED)
+    except OSError as error:   # writing the outputs (a full disk): each file is whole or absent (full.io)
+        print(f"{parser.prog}: error: writing {error.filename or args.out!r} failed: {error.strerror or error}",
+              file=sys.stderr)
+        sys.exit(1)
     wall = time.time() - start
     out = args.out
     print(open(os.path.join(out, "table.md")).read(), end="")

@@ -40,6 +40,9 @@ def check_out(out: str | os.PathLike, *, overwrite: bool) -> None:
     problem = unwritable_reason(out, folder=True)
     if problem:
         raise ValueError(problem)
+    folders = [name for name in FILES.values() if (out / name).is_dir()]
+    if folders:   # found now, not by a failed rename after the whole sweep
+        raise ValueError(f"{str(out / folders[0])!r} is a folder; the sweep writes a file of that name")
     existing = [name for name in FILES.values() if (out / name).exists()]
     if existing and not overwrite:
         raise FileExistsError(f"{str(out)!r} already holds {', '.join(existing)} of an earlier run; "

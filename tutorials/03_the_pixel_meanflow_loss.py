@@ -312,16 +312,17 @@ save_figure(fig, out / "one_step_samples.png", trained=True)
 
 # %% [markdown]
 # One network call draws the roll — where one flow-matching step of the same network and recipe
-# (tutorial 01) gave a point at the mean. (Full mode: its samples lie on average 0.039 from the nearest
-# data point, against 0.016 between two data samples; sliced W2 is higher, 0.21 against 0.03, because
+# (tutorial 01) gave a point at the mean. (Full mode: its samples lie on average 0.046 from the nearest
+# data point, against 0.016 between two data samples; sliced W2 is higher, 0.19 against 0.03, because
 # some samples also fall into the gaps between the arms and the arms are not filled evenly. A second
-# call sharpens it a little: 0.036 and 0.16.)
-# <!-- check: precision distance to data, pMF, 1 step(s) = 0.039 -->
+# call sharpens it a little: 0.041 and 0.13. Tutorial 01's flow-matching model, the same network and
+# recipe, needs between 4 and 16 calls to get as close.)
+# <!-- check: precision distance to data, pMF, 1 step(s) = 0.046 -->
 # <!-- check: precision distance, data vs data (the floor) = 0.016 -->
-# <!-- check: sliced W2 to data, pMF, 1 step(s) = 0.21 -->
+# <!-- check: sliced W2 to data, pMF, 1 step(s) = 0.19 -->
 # <!-- check: sliced W2, data vs data (the floor) = 0.03 -->
-# <!-- check: precision distance to data, pMF, 2 step(s) = 0.036 -->
-# <!-- check: sliced W2 to data, pMF, 2 step(s) = 0.16 -->
+# <!-- check: precision distance to data, pMF, 2 step(s) = 0.041 -->
+# <!-- check: sliced W2 to data, pMF, 2 step(s) = 0.13 -->
 #
 # ## 7. The adaptive weight within a batch
 #
@@ -364,9 +365,9 @@ save_figure(fig, out / "adaptive_weight_in_a_batch.png", trained=True)
 
 # %% [markdown]
 # What the figure shows (full mode): the per-sample losses of one batch spread over five orders of
-# magnitude, and h explains little of it (median loss 2.39 on the r = t rows, 2.68 for t - r > 0.4).
-# <!-- check: median raw loss, rows with r = t = 2.39 -->
-# <!-- check: median raw loss, rows with t - r > 0.4 = 2.68 -->
+# magnitude, and h explains little of it (median loss 2.31 on the r = t rows, 2.73 for t - r > 0.4).
+# <!-- check: median raw loss, rows with r = t = 2.31 -->
+# <!-- check: median raw loss, rows with t - r > 0.4 = 2.73 -->
 # The spread is the luck of each row's noise: given `z_t`, the target `e - x` is unpredictable, and
 # in 2-D its squared error is a two-degree-of-freedom, chi-square-like number. Unweighted, the 10% of
 # rows with the largest loss would carry 33% of the batch's loss; weighted, every row contributes

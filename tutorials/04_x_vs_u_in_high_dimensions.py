@@ -32,9 +32,8 @@ import pmf_ref as P
 
 sys.path.insert(0, str(Path(P.__file__).resolve().parents[1] / "tutorials"))  # _common, from any folder
 import toy  # noqa: E402
-from _common import FAST, report, save_figure, setup, steps  # noqa: E402
-from toy.train import (EMA_WARMUP, ToyConfig, learning_rate, sample_times, training_precision,  # noqa: E402
-                       update_ema)
+from _common import FAST, ema_step, report, save_figure, setup, steps  # noqa: E402
+from toy.train import ToyConfig, learning_rate, sample_times, training_precision  # noqa: E402
 
 out = setup("04")
 
@@ -106,7 +105,7 @@ def train_and_sample(dim: int, prediction: str, num_steps: int = STEPS, seed: in
         optimizer.zero_grad()
         terms.loss.mean().backward()
         optimizer.step()
-        update_ema(ema, net, min(config.ema_decay, (1 + step) / (EMA_WARMUP + step)))
+        ema_step(ema, net, step, config.ema_decay)        # the toy's EMA with its warm-up (_common.ema_step)
         losses.append(terms.raw.mean().item())
     u_ema, has_aux = as_u_fn(ema, prediction)
     e = torch.randn(config.eval_samples, dim, generator=torch.Generator().manual_seed(seed + 2))

@@ -31,8 +31,8 @@ import pmf_ref as P
 
 sys.path.insert(0, str(Path(P.__file__).resolve().parents[1] / "tutorials"))  # _common, from any folder
 import toy  # noqa: E402
-from _common import MLP, report, save_figure, setup, steps  # noqa: E402
-from toy.train import EMA_WARMUP, ToyConfig, sample_times, update_ema  # noqa: E402
+from _common import MLP, ema_step, report, save_figure, setup, steps  # noqa: E402
+from toy.train import ToyConfig, sample_times  # noqa: E402
 
 out = setup("05")
 generator = torch.Generator().manual_seed(0)
@@ -209,7 +209,7 @@ for step in range(num_steps):
     optimizer.zero_grad()
     loss.backward()
     optimizer.step()
-    update_ema(ema, trunk, min(recipe.ema_decay, (1 + step) / (EMA_WARMUP + step)))   # the toy's warm-up
+    ema_step(ema, trunk, step, recipe.ema_decay)          # the toy's EMA, with its warm-up
     losses.append((terms.raw_u.mean().item(), terms.raw_v.mean().item()))
 report("final raw u-loss (mean of the last 10%)", np.mean([l[0] for l in losses[-max(1, num_steps // 10):]]))
 network = ema

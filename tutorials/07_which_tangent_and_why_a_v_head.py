@@ -307,8 +307,9 @@ for title, samples in panels:
 # <!-- check: Alg. 1, no adaptive weight (p = 0): one-step error, mean |x_theta(e, 0, 1) - Φ(e)| = 0.19 -->
 #
 # * **The network tangents are much less noisy than `e - x`**, but not the marginal v: about a
-#   third of the line velocity's error, and it stops improving early (Alg. 1: TANGENT250 at step 250,
+#   third of the line velocity's error, and it stops improving early (Alg. 1: 0.33 at step 250,
 #   0.36 at 3,000).
+# <!-- check: Alg. 1: sg(u(z, t, t)): tangent error at step 250 = 0.33 -->
 # * **The one-step map does not follow the tangent's quality**: `e - x`, with the worst tangent,
 #   gives the same one-step error as Alg. 1 (0.16 both), and the v-head run is a little behind
 #   (0.21). On this toy, within this budget, what limits a one-step model is how well the u-head fits
@@ -320,13 +321,23 @@ for title, samples in panels:
 #   (p = 0) the u-head's velocity at h = 0 is the marginal v to 0.5%.
 # * **What the weight does to the samples is visible, and not small**, although the mean distance to
 #   Φ(e) barely separates the runs (0.16 against 0.19). The sample panels show two different kinds of
-#   error. With `adp`, samples are pulled onto the mode centres and onto thin bridges between them
-#   (mode-seeking: median distance to the nearest centre ALGMED, against EXACTMED for the exact map).
+#   error. With `adp`, samples are pulled towards the mode centres, with thin bridges between them
+#   (mode-seeking: median distance to the nearest centre 0.15-0.17, against 0.23 for the exact map).
 #   Without it they spread over and between the modes, filling the inside of the ring (mean-seeking:
-#   CTRLSHARE of the samples lie more than 3 sigma from every centre, against EXACTSHARE for the exact
-#   map and ALGSHARE with `adp`). In 2-D a row's loss is a noisy two-degree-of-freedom number, so
+#   median 0.39, and 15% of the samples lie more than 3 sigma from every centre, against 0.9% for the
+#   exact map and about as few with `adp`). In 2-D a row's loss is a noisy two-degree-of-freedom number, so
 #   `adp` reweights individual draws (tutorial 03, section 7); on images the loss is a sum over
 #   thousands of pixels, it concentrates, and the weight acts mostly between noise levels.
+# <!-- check: Alg. 1: sg(u(z, t, t)): median distance to the nearest mode centre in [0.15, 0.17] -->
+# <!-- check: MeanFlow: e - x: median distance to the nearest mode centre in [0.15, 0.17] -->
+# <!-- check: released: v-head: median distance to the nearest mode centre in [0.15, 0.17] -->
+# <!-- check: Alg. 1: sg(u(z, t, t)): share of samples farther than 3 sigma from every centre in [0.8%, 0.9%] -->
+# <!-- check: MeanFlow: e - x: share of samples farther than 3 sigma from every centre in [0.8%, 0.9%] -->
+# <!-- check: released: v-head: share of samples farther than 3 sigma from every centre in [0.8%, 0.9%] -->
+# <!-- check: exact one-step map Φ(e): median distance to the nearest mode centre = 0.23 -->
+# <!-- check: Alg. 1, no adaptive weight (p = 0): median distance to the nearest mode centre = 0.39 -->
+# <!-- check: Alg. 1, no adaptive weight (p = 0): share of samples farther than 3 sigma from every centre = 15% -->
+# <!-- check: exact one-step map Φ(e): share of samples farther than 3 sigma from every centre = 0.9% -->
 #
 # ## 4. Why a v-head, then?
 #
