@@ -179,7 +179,7 @@ def test_snr_arm_trains_at_its_noise_scale_and_leaves_the_data_alone(evaluator, 
     # the trainer saw the digits themselves: the dataset is the untouched 64 px split (|x| reaches 1)
     (dataset,) = seen["datasets"]
     assert torch.equal(dataset.images, DigitsDataset(64).images)
-    # (2 steps, and the forward that checks the last state before full.train saves it)
+    # (2 steps, 3 forwards: the trainer checks the last state's next loss before it saves it)
     assert seen["x_max"] == [1.0, 1.0, 1.0]
     # ... and the loss saw e ~ N(0, 4^2): 8 x 64 x 64 draws put the std within 1% of 4 (1 without the scale)
     assert seen["e_std"] == pytest.approx([4.0, 4.0, 4.0], rel=0.01)
