@@ -322,7 +322,9 @@ def reference_info(path: str | os.PathLike) -> ReferenceInfo:
     """Describe a reference file without reading its large arrays (call :func:`load_statistics` first)."""
     with open_npz(path) as data:
         files = set(data.files)
-        keys = next(pair for pair in STATISTICS_KEYS if set(pair) <= files)
+        keys = next((pair for pair in STATISTICS_KEYS if set(pair) <= files), None)
+        if keys is None:
+            raise ValueError(f"{str(path)!r} holds neither mu/sigma nor ref_mu/ref_sigma; it holds {sorted(files)}")
 
         def scalar(name):
             if name not in files:

@@ -9,9 +9,10 @@ classes plus the null label. :func:`init_from_official` copies such a file into 
   predict the same quantity (u(z, t, t) = v(z, t)), so the copy starts the v-head at the released
   network's own instantaneous velocity -- the JVP tangent and the guidance target of the first steps
   are those of a trained model instead of a zero-output head. ``"fresh"`` keeps the model's random init
-  (zero-initialised output layer). Measured on digits (pMF-T/4, 16 px; a 10-class "release" trained 600
-  steps, written in the authors' layout without v-head, fine-tuned on the same data; FD of 500 raw-weight
-  samples, release 41.7, two data orders): copy-u 39.3 / 33.5 after 25 steps, 33.3 / 29.9 after 100,
+  (zero-initialised output layer). Measured on digits with the procedure of ``python -m full.digits.finetune``
+  (pMF-T/4, 16 px; a 10-class "release" trained 600 steps, written in the authors' layout without v-head,
+  fine-tuned on the same data; FD of 500 raw-weight samples, release 41.7; two data orders, which alone
+  move FD by about 5): copy-u 39.3 / 33.5 after 25 steps, 33.3 / 29.9 after 100,
   25.7 / 30.3 after 200; fresh 59.2 / 68.1, 39.0 / 34.0, 24.5 / 24.8 (its v-loss starts at 315 against
   copy-u's 56); from scratch 2807, 1824, 941. So copy-u never falls below the release while fresh first
   loses it for ~100 steps; by 200 steps the two are within seed noise. A file that does hold a v-head (an

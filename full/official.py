@@ -102,6 +102,8 @@ def _read(path: str) -> dict[str, torch.Tensor]:
     try:   # weights only: a shared file can never run code on load
         state = read_checkpoint_file(path, map_location="cpu")
     except CheckpointError as error:  # a truncated, foreign or pickled file: one line, not a traceback
+        if "holds code and was refused" in str(error):   # readable, but refused: say only that
+            raise OfficialCheckpointError(str(error)) from None
         raise OfficialCheckpointError(f"{path}: not a readable torch state dict ({error})") from None
     if not isinstance(state, dict) or not state or not all(
             isinstance(key, str) and isinstance(value, torch.Tensor) for key, value in state.items()):

@@ -88,7 +88,9 @@ def train(cfg: TrainConfig, dataset=None, progress: bool = True) -> TrainResult:
                                                            Path(cfg.resume).parent.resolve() == out.resolve())
         check_run_folder(out, resume=cfg.resume, overwrite=cfg.overwrite or in_place, check_writable=rank == 0)
         try:   # the Inception weights and reference statistics now: a bad file fails at start, not at step N
-            fid_reference = prepare_fid(cfg.fid_ref, cfg.inception_weights, device) if cfg.fid_every else None
+            resolution = cfg.resolution or getattr(ARCHITECTURES.get(cfg.preset), "resolution", None)
+            fid_reference = (prepare_fid(cfg.fid_ref, cfg.inception_weights, device, resolution=resolution)
+                             if cfg.fid_every else None)
         except ValueError as error:
             raise UsageError(f"--ref: {error}") from None
         random.seed(cfg.seed)

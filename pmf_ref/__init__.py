@@ -6,7 +6,7 @@ Notation, used by every function here and stated only once:
   (JiT and facebookresearch/flow_matching run time the other way: their t is our 1 - t.)
 * ``v = e - x`` is the conditional instantaneous velocity; ``u(z_t, r, t)`` the average velocity
   over [r, t], 0 <= r <= t; ``h = t - r``. ``u(z, t, t) = v(z, t)``.
-* MeanFlow identity: ``u = v - (t - r) du/dt`` with ``du/dt = v . d_z u + d_t u``.
+* MeanFlow identity: ``u = v - (t - r) du/dt`` with ``du/dt = (d_z u) v + d_t u``.
 * pMF predicts the denoised image ``x_theta(z_t, r, t)`` and converts ``u = (z_t - x_theta) / t``.
 * Layouts: images (B, C, H, W), vectors (B, D); per-example times (B,).
 * Network callables: ``u_fn(z, r, t) -> u`` (or ``-> (u, aux)``), ``x_fn(z, r, t) -> x_hat``;

@@ -31,7 +31,7 @@ class AverageVelocityJVP(NamedTuple):
 def average_velocity_jvp(u_fn: UFn, z: torch.Tensor, r: torch.Tensor, t: torch.Tensor, *,
                          v_tangent: torch.Tensor, has_aux: bool = False, jvp: JVPFn = torch.func.jvp,
                          check_values: bool = True) -> AverageVelocityJVP:
-    """Total time derivative of u along the flow, ``du/dt = v . d_z u + d_t u``  (MeanFlow Eq. 8).
+    """Total time derivative of u along the flow, ``du/dt = (d_z u) v + d_t u``  (MeanFlow Eq. 8).
 
     One forward-mode pass with tangents given by name: ``dz = v_tangent`` (the instantaneous
     velocity), ``dr = 0``, ``dt = 1``. The primal output keeps its autograd graph, so a loss on ``u``

@@ -179,9 +179,10 @@ def test_snr_arm_trains_at_its_noise_scale_and_leaves_the_data_alone(evaluator, 
     # the trainer saw the digits themselves: the dataset is the untouched 64 px split (|x| reaches 1)
     (dataset,) = seen["datasets"]
     assert torch.equal(dataset.images, DigitsDataset(64).images)
-    assert seen["x_max"] == [1.0, 1.0]
+    # (2 steps, 3 forwards: the trainer checks the last state's next loss before it saves it)
+    assert seen["x_max"] == [1.0, 1.0, 1.0]
     # ... and the loss saw e ~ N(0, 4^2): 8 x 64 x 64 draws put the std within 1% of 4 (1 without the scale)
-    assert seen["e_std"] == pytest.approx([4.0, 4.0], rel=0.01)
+    assert seen["e_std"] == pytest.approx([4.0, 4.0, 4.0], rel=0.01)
     # sampling starts from z_1 = 4 e too: the checkpoint rebuilds the network with its noise scale
     assert load_model(tmp_path / "runs" / result["key"] / "checkpoint.pt", "2000").noise_scale == 4.0
     assert "noisescale4" in result["key"] and "noisescale" not in arm_key(experiment_arms("sampler")[0][1], _budget())
@@ -267,3 +268,18 @@ def test_damaged_classifier_cache_is_rebuilt(tmp_path, monkeypatch, capsys):
     assert trained == [1] and "rebuilding the digits classifier cache" in capsys.readouterr().out
     D.load_or_train_classifier(tmp_path)                  # the rebuilt cache is read back, not retrained
     assert trained == [1]
+
+
+def test_report_reads_null_metrics_of_strict_json_as_nan(tmp_path):
+    from full.digits.report import markdown_table, save_figure
+    from full.io import write_json
+
+    row = {"label": "arm", "omega": 1.0, "weights": "ema", "train_seconds": 3.0, "final_raw_u": 2.0,
+           "metrics": {"fd": float("nan"), "accuracy": 0.5, "off_subspace_rms": float("inf")}}
+    write_json(tmp_path / "row.json", row)
+    cached = json.loads((tmp_path / "row.json").read_text())
+    assert cached["metrics"]["fd"] is None                      # what a cached arm result reads back
+    floor = {"fd": 1.0, "accuracy": 0.9, "off_subspace_rms": 0.0}
+    assert "| arm | 1 | nan | 50.0% | nan |" in markdown_table("x", [cached], floor, {})
+    save_figure(tmp_path / "x.png", "x", [("arm", np.zeros((10, 1, 8, 8)).tolist())], [cached], floor)
+    assert (tmp_path / "x.png").stat().st_size > 0

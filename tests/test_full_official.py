@@ -148,6 +148,16 @@ def test_loader_rejects_unreadable_files(tmp_path, content):
         load_official_checkpoint(str(tmp_path / "absent.pt"), "pMF-T/4")
 
 
+def test_loader_refuses_a_payload_without_running_it(tmp_path):
+    from test_full_checkpoint import PlantedPayload
+
+    path = tmp_path / "pMF-T-4.pt"
+    torch.save({"net.pos_embed": PlantedPayload(tmp_path / "payload-ran")}, path)
+    with pytest.raises(OfficialCheckpointError, match=r"^'.*pMF-T-4.pt' holds code and was refused") as refused:
+        load_official_checkpoint(str(path), "pMF-T/4")
+    assert "not a readable" not in str(refused.value) and not (tmp_path / "payload-ran").exists()
+
+
 def test_every_preset_has_its_layout_loadable_on_meta():
     for preset in PRESETS:
         with torch.device("meta"):

@@ -209,7 +209,7 @@ def tiny_fid(monkeypatch, tmp_path):
     images = torch.randint(0, 256, (6, 3, 16, 16), dtype=torch.uint8, generator=torch.Generator().manual_seed(1))
     mu, sigma = fid_lib.feature_statistics(fid_lib.extract_features(extractor, [images], progress=False).pool)
     reference = monitor.FIDReference(extractor, mu, sigma)
-    monkeypatch.setattr("full.train.prepare_fid", lambda ref, weights, device: reference)
+    monkeypatch.setattr("full.train.prepare_fid", lambda ref, weights, device, **_: reference)
     (tmp_path / "ref.npz").write_bytes(b"")
     return reference, str(tmp_path / "ref.npz")
 
@@ -877,3 +877,14 @@ def test_init_official_fine_tunes_from_a_file_in_the_authors_layout(tmp_path, ca
                           for name in v_head)
     code, errors = run_cli([*TINY, "--init-official", tmp_path / "absent.pt", "--out", tmp_path / "o"], capsys)
     assert code == 2 and len(errors) == 1 and "--init-official" in errors[0]
+
+
+def test_in_training_fid_refuses_a_reference_of_another_resolution_at_start(tmp_path, random_weights, capsys):
+    """pMF-T/2 makes 16 px samples; statistics recorded at 64 px are refused before any step."""
+    import numpy as np
+
+    np.savez(tmp_path / "ref64.npz", mu=np.zeros(2048), sigma=np.eye(2048), resolution=np.array(64))
+    code, errors = run_cli([*TINY, "--steps", "2", "--num-workers", "0", "--out", tmp_path / "out", "--fid-every", "1",
+                            "--ref", tmp_path / "ref64.npz", "--inception-weights", random_weights], capsys)
+    assert code == 2 and len(errors) == 1 and "64 px images but the model makes 16 px" in errors[0], errors
+    assert not (tmp_path / "out" / "checkpoint.pt").exists()

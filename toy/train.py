@@ -205,7 +205,9 @@ def training_precision(config: ToyConfig) -> contextlib.AbstractContextManager:
 
 
 def make_u_fn(model: ToyMLP, prediction: str) -> tuple[Callable, bool]:
-    """``(u_fn, has_aux)`` for the core: x-prediction is wrapped by ``u_fn_from_x_fn``."""
+    """The toy's one adapter to the core: ``(u_fn, has_aux)`` -- x-prediction wrapped by ``u_fn_from_x_fn``
+    (``u = (z - x_hat) / max(t, t_eps)``, x_hat as aux), u-prediction the network itself. The only place the
+    toy asks what its network predicts (tutorials call it too)."""
     if prediction == "x":
         return P.u_fn_from_x_fn(model), True
     if prediction == "u":

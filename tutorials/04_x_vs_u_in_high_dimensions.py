@@ -180,22 +180,22 @@ save_figure(fig, out / "loss_curves.png", trained=True)
 
 # %% [markdown]
 # How to read it (full mode, numbers from a run of this script). At D = 2 both parametrisations
-# draw a rough roll (precision 0.062 and 0.051, against 0.017 between two data samples) and nothing
-# can leave the plane. As D grows, x-prediction keeps its samples on the roll (precision 0.066 at
+# draw a rough roll (precision 0.064 and 0.066, against 0.017 between two data samples) and nothing
+# can leave the plane. As D grows, x-prediction keeps its samples on the roll (precision 0.057 at
 # D = 16, 0.061 at D = 512) and on the plane (off-plane distance at most 0.02), while u-prediction's
-# spread: precision 0.170 at D = 16, and at D = 512 0.235 — the pure-noise row's 0.235 — with an
+# spread: precision 0.172 at D = 16, and at D = 512 0.236 — the pure-noise row's 0.235 — with an
 # off-plane distance of 21.2 against the noise's `sqrt(D - 2) ≈ 22.6`. u-prediction has removed
 # almost none of the noise: it must output a D-dimensional noise-like vector exactly, x-prediction
 # only the 2 directions of the plane. The loss curves say the same: at D = 512 u's raw loss stays
 # in the hundreds, x's falls to a few.
-# <!-- check: precision, x-prediction, D = 2 = 0.062 -->
-# <!-- check: precision, u-prediction, D = 2 = 0.051 -->
+# <!-- check: precision, x-prediction, D = 2 = 0.064 -->
+# <!-- check: precision, u-prediction, D = 2 = 0.066 -->
 # <!-- check: precision, data vs data (the floor) = 0.017 -->
-# <!-- check: precision, x-prediction, D = 16 = 0.066 -->
+# <!-- check: precision, x-prediction, D = 16 = 0.057 -->
 # <!-- check: precision, x-prediction, D = 512 = 0.061 -->
 # <!-- check: off-manifold distance, x-prediction, D = * in [0, 0.02] -->
-# <!-- check: precision, u-prediction, D = 16 = 0.170 -->
-# <!-- check: precision, u-prediction, D = 512 = 0.235 -->
+# <!-- check: precision, u-prediction, D = 16 = 0.172 -->
+# <!-- check: precision, u-prediction, D = 512 = 0.236 -->
 # <!-- check: precision, pure noise, D = 512 = 0.235 -->
 # <!-- check: off-manifold distance, u-prediction, D = 512 = 21.2 -->
 # <!-- check: raw loss, mean of the last 10% of steps, u-prediction, D = 512 in [100, 999] -->

@@ -330,20 +330,20 @@ report("... and takes this many times more optimiser steps (batch 1024)", images
 # %% [markdown]
 # In full mode every row shows its class (accuracy 1.00 at every omega), and guidance shows: the
 # digits get sharper and more contrasted (pixel std 0.55 at omega = 1, 0.59 at 2, 0.70 at 4); the
-# right panel is the change from omega = 1 to 4, 0.18 per pixel on average on the -1..1 scale. The
-# FD, which compares feature statistics with the real digits, is lowest at omega = 2 (31, against 97
-# unguided) and rises again at omega = 4 (95): too much guidance overshoots the data, as in tutorial
+# right panel is the change from omega = 1 to 4, 0.19 per pixel on average on the -1..1 scale. The
+# FD, which compares feature statistics with the real digits, is lowest at omega = 2 (30, against 99
+# unguided) and rises again at omega = 4 (101): too much guidance overshoots the data, as in tutorial
 # 05. The samples of a row still look alike: after 500 steps the one-step map uses its noise input
 # only a little; diversity comes with training. The paper's B/16 run sees about 12,800 times more
 # images and takes about 800 times more optimiser steps.
 # <!-- check: one-step class accuracy, omega = * in [1.00, 1.00] -->
-# <!-- check: one-step FD, omega = 1.0 = 97 -->
-# <!-- check: one-step FD, omega = 2.0 = 31 -->
-# <!-- check: one-step FD, omega = 4.0 = 95 -->
+# <!-- check: one-step FD, omega = 1.0 = 99 -->
+# <!-- check: one-step FD, omega = 2.0 = 30 -->
+# <!-- check: one-step FD, omega = 4.0 = 101 -->
 # <!-- check: one-step mean pixel contrast (std per image), omega = 1.0 = 0.55 -->
 # <!-- check: one-step mean pixel contrast (std per image), omega = 2.0 = 0.59 -->
 # <!-- check: one-step mean pixel contrast (std per image), omega = 4.0 = 0.70 -->
-# <!-- check: mean |x(omega = 4) - x(omega = 1)| per pixel = 0.18 -->
+# <!-- check: mean |x(omega = 4) - x(omega = 1)| per pixel = 0.19 -->
 # <!-- check: the paper's B/16 run sees this many times more images = 12800 -->
 # <!-- check: ... and takes this many times more optimiser steps (batch 1024) = 800 -->
 

@@ -17,8 +17,13 @@ METRIC_LABELS = {"fd": "Fréchet distance (lower is better)", "accuracy": "class
                  "off_subspace_rms": "off-subspace RMS (0 for real digits)"}
 
 
-def _fmt(value: float, digits: int = 2) -> str:
-    return f"{value:.{digits}f}"
+def _number(value: float | None) -> float:
+    """A metric as a float: JSON files hold NaN / inf as null (full.io.write_json), read back as None."""
+    return float("nan") if value is None else value
+
+
+def _fmt(value: float | None, digits: int = 2) -> str:
+    return f"{_number(value):.{digits}f}"
 
 
 def markdown_table(experiment: str, rows: list[dict], floor: dict, paper: dict[str, str]) -> str:
@@ -31,7 +36,7 @@ def markdown_table(experiment: str, rows: list[dict], floor: dict, paper: dict[s
     lines = ["| arm | omega | FD | class acc. | off-subspace RMS | final raw loss | train s | paper (FID) |",
              "|---|---|---|---|---|---|---|---|"]
     for row in rows:
-        m = row["metrics"]
+        m = {name: _number(value) for name, value in row["metrics"].items()}
         lines.append(f"| {row['label']} | {row['omega']:g} | {_fmt(m['fd'])} | {_fmt(100 * m['accuracy'], 1)}% | "
                      f"{_fmt(m['off_subspace_rms'], 3)} | {_fmt(row['final_raw_u'], 1)} | "
                      f"{row['train_seconds']:.0f} | {paper.get(row['label'], '')} |")
@@ -64,7 +69,7 @@ def save_figure(path: Path, title: str, panels: list[tuple[str, list]], rows: li
     names = [f"{row['label']} (w={row['omega']:g})" for row in rows]
     for j, metric in enumerate(METRIC_LABELS):
         axis = figure.add_subplot(2, 3, 4 + j)
-        values = [row["metrics"][metric] for row in rows]
+        values = [_number(row["metrics"][metric]) for row in rows]
         axis.barh(range(len(values)), values, color="tab:blue")
         axis.axvline(floor[metric], color="k", linestyle="--", linewidth=1, label="held-out floor")
         axis.set_yticks(range(len(values)))
