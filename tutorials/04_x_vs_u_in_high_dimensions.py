@@ -21,6 +21,7 @@
 # %%
 import copy
 import dataclasses
+import inspect
 import sys
 from pathlib import Path
 
@@ -33,7 +34,7 @@ import pmf_ref as P
 sys.path.insert(0, str(Path(P.__file__).resolve().parents[1] / "tutorials"))  # _common, from any folder
 import toy  # noqa: E402
 from _common import FAST, ema_step, report, save_figure, setup, steps  # noqa: E402
-from toy.train import ToyConfig, learning_rate, sample_times, training_precision  # noqa: E402
+from toy.train import ToyConfig, learning_rate, make_u_fn, sample_times, training_precision  # noqa: E402
 
 out = setup("04")
 
@@ -67,20 +68,17 @@ for name, target in [("x", x), ("v = e - x", P.conditional_velocity(x, e))]:
 # weights with a short warm-up for sampling), imported rather than copied, with half of the demo's steps
 # to fit the tutorial's budget.
 # The loss is pMF's Alg. 1 (`P.velocity_loss`: tangent `sg(u(z_t, t, t))`, compound velocity,
-# adaptive weight). **The parametrisation enters in two lines only** (marked `# <-`, in `as_u_fn`):
-# how the network's output becomes u. The flag `has_aux` they return tells the loss and the sampler
-# that the x-network also hands back its x_hat; nothing else differs.
+# adaptive weight). **The parametrisation enters in two lines only**: how the network's output becomes
+# u, in the toy's one adapter `toy.train.make_u_fn` (printed below). The flag `has_aux` it returns tells
+# the loss and the sampler that the x-network also hands back its x_hat; nothing else differs.
 
 # %%
 RECIPE = ToyConfig()
 STEPS = steps(RECIPE.steps // 2, 15)
 
 
-def as_u_fn(network, prediction: str):
-    """The network as the core's u_fn(z, r, t), and whether it returns (u, x_hat)."""
-    if prediction == "x":
-        return P.u_fn_from_x_fn(network), True   # <- x-prediction: u = (z - x_hat) / max(t, t_eps)
-    return network, False                         # <- u-prediction: the output is u itself
+as_u_fn = make_u_fn   # the toy's adapter, the one place that asks what the network predicts
+print(inspect.getsource(make_u_fn))
 
 
 def train_and_sample(dim: int, prediction: str, num_steps: int = STEPS, seed: int = 0) -> dict:
