@@ -100,7 +100,8 @@ class TrainingStep(nn.Module):
         lpips_weight, convnext_weight: the perceptual terms' weights (pMF: 0.4, 0.1).
         c, p: the adaptive weight's constant and power (pMF: 0.01, 1).
         autocast_dtype: e.g. torch.bfloat16 to run the no-grad guidance pass and the perceptual nets under
-            autocast; the JVP pass stays in fp32. None: no autocast.
+            autocast (``full.train --bf16``); the JVP pass stays in fp32 unless the caller wraps the whole step
+            in autocast, as ``full.train --precision bf16`` does (``full.precision.autocast``). None: no autocast.
         jvp: the JVP engine handed to ``pmf_ref.average_velocity_jvp`` (``full.fast_jvp.jvp``, or
             ``torch.func.jvp``, the reference).
     """
