@@ -67,19 +67,19 @@ def mean_over_ranks(values: torch.Tensor) -> torch.Tensor:
     return values
 
 
+_HOST_GROUP = None   # (the default group it belongs to, the gloo group)
+
+
 def host_group():
-    """A gloo group over the default group's processes, for agreeing on host values (a CPU tensor) without
-    touching a device: the default group itself when it is gloo, else one made once (a collective: every
-    rank creates it in :func:`init_distributed`). None without several processes."""
+    """The group to agree on host values (a CPU tensor) over, without touching a device: None (the default
+    group) when that is gloo or there is no group, else a gloo group over the same processes, made once per
+    default group -- a collective, so every rank makes it at set-up in :func:`init_distributed`."""
     global _HOST_GROUP
     if not (dist.is_initialized() and dist.get_world_size() > 1) or dist.get_backend() == "gloo":
         return None
-    if _HOST_GROUP is None or _HOST_GROUP[0] is not dist.group.WORLD:   # per default group (tests re-create it)
+    if _HOST_GROUP is None or _HOST_GROUP[0] is not dist.group.WORLD:   # a new default group (tests make several)
         _HOST_GROUP = (dist.group.WORLD, dist.new_group(backend="gloo"))
     return _HOST_GROUP[1]
-
-
-_HOST_GROUP = None
 
 
 def any_rank(flag: bool) -> bool:

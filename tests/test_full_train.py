@@ -500,6 +500,18 @@ def test_divergence_stops_before_the_step_and_keeps_the_last_checkpoint(tmp_path
     assert _steps(tmp_path / "log.jsonl") == [1, 2, 3]                      # the bad step is not logged
 
 
+def test_divergence_between_check_points_is_found_at_the_next_and_nothing_after_it_is_saved(tmp_path):
+    """Log every 3rd step, checkpoint every 2nd: step 4 (NaN) is no check point, so its update is applied in
+    memory; the forward of step 5 clears the pending checkpoint of step 4, reads the window (steps 4, 5) and
+    stops at step 4 before saving. The named checkpoint (step 2) is the last good one."""
+    with pytest.raises(DivergenceError, match=r"step 4 is non-finite .*last checkpoint: .*checkpoint.pt \(step 2\)"):
+        train(_cli_config(tmp_path, log_every=3), _TurnsNaN(bad_from=3 * 4), progress=False)
+    state = read_checkpoint_file(tmp_path / "checkpoint.pt")
+    assert state["step"] == 2
+    assert all(torch.isfinite(tensor).all() for tensor in state["model"].values())
+    assert _steps(tmp_path / "log.jsonl") == [3]
+
+
 def test_divergence_through_the_cli_exits_3_and_saves_no_diverged_state(tmp_path, capsys):
     """An absurd learning rate: step 1 is finite, its update blows the weights up, step 2 is NaN. The state
     after step 1 is the diverged one: it is never saved (a save waits for the next step's guard)."""
