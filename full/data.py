@@ -184,13 +184,14 @@ class SyntheticDataset(Dataset):
                                                  align_corners=False)
         self.images = torch.tanh(images)                                    # (n, C, res, res)
         self.labels = torch.randint(0, num_classes, (n,), generator=generator)
+        self.label_list = self.labels.tolist()   # Python ints: fetching an item reads no tensor
         self.num_classes = num_classes
 
     def __len__(self) -> int:
         return self.images.shape[0]
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
-        return self.images[index], int(self.labels[index])
+        return self.images[index], self.label_list[index]
 
 
 # ----------------------------------------------------------------------------- sharding
@@ -231,7 +232,7 @@ class GlobalBatchSampler(Sampler[int]):
 
     def __iter__(self) -> Iterator[int]:
         generator = torch.Generator().manual_seed(self.seed + self.epoch)
-        order = torch.randperm(self.dataset_size, generator=generator)
+        order = torch.randperm(self.dataset_size, generator=generator).numpy()   # host indices, read per batch
         for batch in range(self.start_batch, self.batches_per_epoch(self.dataset_size, self.global_batch)):
             first = batch * self.global_batch + self.rank * self.local_batch
             yield from order[first:first + self.local_batch].tolist()

@@ -46,6 +46,7 @@ def init_distributed(device: str | None = None) -> DistInfo:
     if dist.is_initialized():
         rank, world_size = dist.get_rank(), dist.get_world_size()
         local_rank = int(os.environ.get("LOCAL_RANK", rank))
+        host_group()   # made now, at set-up, on every rank together
     else:
         rank, world_size, local_rank = 0, 1, 0
         if device is not None and device.startswith("cuda:"):
@@ -57,12 +58,38 @@ def init_distributed(device: str | None = None) -> DistInfo:
 
 
 def mean_over_ranks(values: torch.Tensor) -> torch.Tensor:
-    """Average a tensor over all ranks (identity without a process group); for logging."""
+    """Average a tensor over all ranks (identity without a process group); for logging. On the tensor's
+    device: with NCCL the all-reduce is queued on the stream, the host does not wait for it."""
     if dist.is_initialized() and dist.get_world_size() > 1:
         values = values.clone()
         dist.all_reduce(values, op=dist.ReduceOp.SUM)
         values /= dist.get_world_size()
     return values
+
+
+_HOST_GROUP = None   # (the default group it belongs to, the gloo group)
+
+
+def host_group():
+    """The group to agree on host values (a CPU tensor) over, without touching a device: None (the default
+    group) when that is gloo or there is no group, else a gloo group over the same processes, made once per
+    default group -- a collective, so every rank makes it at set-up in :func:`init_distributed`."""
+    global _HOST_GROUP
+    if not (dist.is_initialized() and dist.get_world_size() > 1) or dist.get_backend() == "gloo":
+        return None
+    if _HOST_GROUP is None or _HOST_GROUP[0] is not dist.group.WORLD:   # a new default group (tests make several)
+        _HOST_GROUP = (dist.group.WORLD, dist.new_group(backend="gloo"))
+    return _HOST_GROUP[1]
+
+
+def any_rank(flag: bool) -> bool:
+    """True on every rank when ``flag`` is True on any: an all-reduce of a CPU int over gloo (no device sync,
+    so it can run every step); ``flag`` itself with one process."""
+    if not (dist.is_initialized() and dist.get_world_size() > 1):
+        return flag
+    value = torch.tensor([int(flag)], dtype=torch.int32)
+    dist.all_reduce(value, group=host_group())
+    return bool(value.numpy()[0] > 0)     # a CPU tensor: numpy() reads host memory, no dispatch
 
 
 def barrier() -> None:

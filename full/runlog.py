@@ -4,14 +4,22 @@ grids / FID / TensorBoard as one call per step (:class:`RunMonitor`).
 
 * **Lock.** ``<out>/.lock`` is held with ``flock`` for the whole run (rank 0): a second run into the same
   folder is refused; the kernel drops the lock when the process dies, so a crashed run never leaves it stuck.
+* **Check points.** A step's logged terms stay on the device (one stacked tensor, :meth:`RunLog.add`):
+  reading them every step would stall a GPU's launch queue. At a check point (a log step, the last step, a
+  stop, and every step whose loss clears a pending checkpoint) the window is read to the host in one
+  transfer (:func:`to_host`, the loop's only read of device values) and the guard checks its steps in order
+  (:meth:`RunLog.check`).
 * **log.jsonl.** One record per ``--log-every`` steps: time stamp (UTC, ISO 8601, and Unix seconds), step,
   images seen, the *means over the window* of every logged term and the gradient norm, seconds per kimg,
   images per second, peak memory of the device (CUDA's max allocated) and of the host (max RSS), in GiB;
   in-training FID / IS when computed. A failed append (a full disk) names the file and stops the run.
-* **Divergence guard** (:class:`DivergenceGuard`): a step is refused *before* its optimiser update when any
-  logged term or the gradient norm is NaN / inf, or when ``raw_u`` / ``raw_v`` (the un-weighted squared
-  errors) exceed :data:`DIVERGENCE_FACTOR` x their median over the last :data:`DIVERGENCE_WINDOW` steps
-  (from the second step on), or the gradient norm does (once the window is full).
+* **Divergence guard** (:class:`DivergenceGuard`): a step diverged when any logged term or the gradient norm
+  is NaN / inf, or when ``raw_u`` / ``raw_v`` (the un-weighted squared errors) exceed
+  :data:`DIVERGENCE_FACTOR` x their median over the last :data:`DIVERGENCE_WINDOW` steps (from the second
+  step on), or the gradient norm does (once the window is full). It is judged at the next check point, so
+  a diverged step between check points may already have been applied to the weights in memory when the
+  run stops; that is harmless, because a checkpoint of the state after step N is written only once the
+  guard has passed step N + 1, so nothing diverged is ever saved and the checkpoint the error names is good.
 """
 from __future__ import annotations
 
@@ -29,6 +37,7 @@ from pathlib import Path
 
 import torch
 
+from .distributed import any_rank
 from .ema import EMA_RAMPUP_RATIO
 from .io import write_json
 
@@ -49,7 +58,8 @@ class RunFolderLocked(RuntimeError):
 
 
 class DivergenceError(RuntimeError):
-    """A step's loss or gradient norm is NaN / inf or exploded; raised before the optimiser applies it."""
+    """A step's loss or gradient norm is NaN / inf or exploded; raised at the next check point, before any
+    state after it is saved."""
 
 
 class LogWriteError(OSError):
@@ -77,7 +87,7 @@ class RunLock:
                 except BlockingIOError:
                     self.handle.close()
                     self.handle, holder = None, True
-        if _any_rank(holder is not None):
+        if any_rank(holder is not None):
             raise RunFolderLocked(f"--out {str(self.path.parent)!r} is in use by another full.train run (it holds "
                                   f"{LOCK_NAME} there); wait for it to finish or choose another --out")
         return self
@@ -86,18 +96,6 @@ class RunLock:
         if self.handle is not None:
             fcntl.flock(self.handle, fcntl.LOCK_UN)
             self.handle.close()
-
-
-def _any_rank(flag: bool) -> bool:
-    """True on every rank when ``flag`` is True on any (no process group: ``flag``)."""
-    import torch.distributed as dist
-
-    if not (dist.is_initialized() and dist.get_world_size() > 1):
-        return flag
-    backend_cuda = dist.get_backend() == "nccl"
-    value = torch.tensor([float(flag)], device="cuda" if backend_cuda else "cpu")
-    dist.all_reduce(value)
-    return value.item() > 0
 
 
 # ----------------------------------------------------------------------------- config.json
@@ -187,36 +185,63 @@ def jvp_route() -> str:
     return f"forward_ad ({ENGINE_DESCRIPTIONS['forward_ad']})"
 
 
+def to_host(tensor: torch.Tensor) -> list:
+    """The one way the training loop reads device values: a single device-to-host transfer (a GPU sync)."""
+    return tensor.tolist()
+
+
 class RunLog:
-    """Per-step values in, one ``log.jsonl`` record per window out; progress bar or plain lines."""
+    """Per-step values in (device tensors), one ``log.jsonl`` record per window out; progress bar or plain lines.
+
+    :meth:`add` keeps a step's values on the device; :meth:`check` reads every unchecked step to the host at
+    once and passes each through the guard; :meth:`write` closes the window of checked steps up to a step.
+    ``history`` holds the per-step dicts of every written step (every rank keeps it; rank 0 writes the file).
+    """
 
     def __init__(self, path: str | os.PathLike, *, device: torch.device, total_steps: int, start_step: int,
-                 batch_size: int, progress: bool, enabled: bool):
+                 batch_size: int, progress: bool, enabled: bool, terms: tuple[str, ...]):
         self.path, self.device, self.total, self.batch_size = Path(path), device, total_steps, batch_size
-        self.enabled, self.window, self.tick = enabled, [], time.perf_counter()
+        self.enabled, self.terms, self.tick = enabled, terms, time.perf_counter()
+        self.unchecked, self.window, self.history = [], [], []   # (step, images, tensor); per-step dicts
         self.bar = None
         if enabled and progress and sys.stderr.isatty():
             from tqdm import tqdm
             self.bar = tqdm(total=total_steps, initial=start_step, desc="pMF", dynamic_ncols=True)
         self.plain = enabled and progress and self.bar is None   # SLURM logs: a line per record, no bar
 
-    def step(self, values: dict[str, float]) -> None:
-        self.window.append(values)
-        if self.bar is not None:
+    def add(self, step: int, images_seen: int, values: torch.Tensor) -> None:
+        """Step ``step``'s terms (a 1-d tensor in the order of ``terms``), left on its device."""
+        self.unchecked.append((step, images_seen, values.detach()))
+        if self.bar is not None and step <= self.total:
             self.bar.update(1)
 
+    def check(self, guard: "DivergenceGuard", last_saved: str) -> None:
+        """A check point: every unchecked step to the host in one transfer, then through ``guard`` in order
+        (DivergenceError at the first diverged one)."""
+        if not self.unchecked:
+            return
+        rows = to_host(torch.stack([values for _, _, values in self.unchecked]))
+        for (step, images_seen, _), row in zip(self.unchecked, rows):
+            values = dict(zip(self.terms, row))
+            guard.check(step, values, last_saved)
+            self.window.append({"step": step, "images_seen": images_seen, **values})
+        self.unchecked = []
+
     def write(self, step: int, images_seen: int, extra: dict | None = None) -> dict:
-        """Close the window: append its record to log.jsonl (rank 0) and show it; returns the record."""
-        now, steps = time.perf_counter(), max(len(self.window), 1)
-        means = {name: sum(values[name] for values in self.window) / steps for name in self.window[-1]}
+        """Close the window at ``step`` (checked): append its record to log.jsonl (rank 0) and show it;
+        returns the record."""
+        window = [values for values in self.window if values["step"] <= step]
+        self.window, now, steps = self.window[len(window):], time.perf_counter(), max(len(window), 1)
+        self.history.extend(window)
+        means = {name: sum(values[name] for values in window) / steps for name in self.terms}
         seconds = now - self.tick
         gpu, host = peak_memory_gib(self.device)
         record = {"time": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                   "unix_time": round(time.time(), 3), "step": step, "images_seen": images_seen, **means,
-                  "window_steps": len(self.window), "sec_per_kimg": seconds / (steps * self.batch_size / 1000),
+                  "window_steps": len(window), "sec_per_kimg": seconds / (steps * self.batch_size / 1000),
                   "images_per_s": steps * self.batch_size / max(seconds, 1e-9),
                   "peak_gpu_gib": gpu, "peak_host_gib": host, **(extra or {})}
-        self.window, self.tick = [], now
+        self.tick = now
         if self.enabled:
             append_record(self.path, record)
             text = f"raw_u {record['raw_u']:.4g}  raw_v {record['raw_v']:.4g}  {record['sec_per_kimg']:.3g} s/kimg"
@@ -252,14 +277,20 @@ def append_record(path: Path, record: dict) -> None:
 # ----------------------------------------------------------------------------- the divergence guard
 
 class DivergenceGuard:
-    """Refuses a step whose terms are non-finite or exploded against the run's recent history (see module)."""
+    """Stops the run at a step whose terms are non-finite or exploded against the run's recent history.
+
+    It judges the steps of a window at a check point (:meth:`RunLog.check`), in order: a diverged step
+    between two check points may already have been applied to the weights in memory when it is found. That
+    is harmless -- nothing of it is saved: a checkpoint of the state after step N is written only once the
+    guard has passed step N + 1, so the checkpoint the error names is a good one. See the module docstring.
+    """
 
     def __init__(self, window: int = DIVERGENCE_WINDOW, factor: float = DIVERGENCE_FACTOR):
         self.factor, self.window = factor, window
         self.history: dict[str, deque] = {}
 
     def check(self, step: int, values: dict[str, float], last_saved: str) -> None:
-        """Raise DivergenceError for step ``step`` (not yet applied) or record its values."""
+        """Raise DivergenceError for step ``step`` or record its values."""
         bad = [f"{name} {value:.4g}" for name, value in values.items() if not math.isfinite(value)]
         kind = "non-finite"
         if not bad:
@@ -271,9 +302,9 @@ class DivergenceGuard:
                     bad.append(f"{name} {values[name]:.4g} vs median {statistics.median(past):.4g}")
         if bad:
             raise DivergenceError(
-                f"step {step} is {kind} ({', '.join(bad)}): training diverged and was stopped before the "
-                f"optimiser step; a checkpoint is written only after the next step's loss passed this check, so "
-                f"nothing diverged was saved; last checkpoint: {last_saved} -- resume from it with a lower --lr")
+                f"step {step} is {kind} ({', '.join(bad)}): training diverged and was stopped; a checkpoint is "
+                f"written only after the next step's loss passed this check, so nothing diverged was saved; "
+                f"last checkpoint: {last_saved} -- resume from it with a lower --lr")
         for name, value in values.items():
             self.history.setdefault(name, deque(maxlen=self.window)).append(value)
 
@@ -335,12 +366,16 @@ class RunMonitor:
             return self.model if name == "raw" else self.emas.models[name]
         return self.scratch
 
+    def fid_due(self, step: int, *, last: bool, stopping: bool) -> bool:
+        """Whether :meth:`after_step` computes the in-training FID at ``step`` (the same on every rank)."""
+        return bool(self.cfg.fid_every) and (step % self.cfg.fid_every == 0 or last) and not stopping
+
     def after_step(self, step: int, images_seen: int, *, last: bool, stopping: bool) -> dict:
         """Grids and FID when due; returns ``{"fid", "is_mean"}`` when the FID was computed (rank 0)."""
         from .monitor import FID_LOG, append_jsonl, broadcast_weights, in_training_fid, write_sample_grids
 
         cfg, extra, settings = self.cfg, {}, dict(omega=self.omega, t_min=self.t_min, t_max=self.t_max)
-        if cfg.fid_every and (step % cfg.fid_every == 0 or last) and not stopping:
+        if self.fid_due(step, last=last, stopping=stopping):
             network = self.network(self.fid_ema)
             if not self.sharded:
                 broadcast_weights(network)

@@ -5,19 +5,24 @@
     python -m full.train --preset pMF-T/4 --data synthetic --steps 50 --resume auto   # start, or continue
 
 ``train()`` reads top to bottom: set-up (settings, processes, run folder, model, step, EMAs, optimiser,
-resume), the loop (randomness, loss, guard, step, EMA, log, watch, checkpoint), the end. The loss of a
+resume), the loop (randomness, loss, check point, checkpoint, step, EMA, watch, log), the end. The loss of a
 step is :class:`full.step.TrainingStep`, built from the preset; every equation in it comes from ``pmf_ref``. Settings and their
 checks: :mod:`full.config`; the log, the lock, the guard and the monitor: :mod:`full.runlog`. In-process
 API: ``train(TrainConfig(...), dataset)``.
 
 Failure behaviour (a run loses nothing and never fails silently):
 
-* the divergence guard (:class:`full.runlog.DivergenceGuard`) refuses a step whose loss terms or gradient
-  norm are NaN / inf, or whose raw loss explodes (> 100x the run's recent median), *before* the optimiser
-  applies it (exit 3); a checkpoint is written only once the next step's loss has passed the guard, so a
-  diverged state is never saved and the checkpoint the error names is a good one;
-* SIGINT / SIGTERM finish the step, save a checkpoint and exit 128 + signal number; signals during the
-  checkpoint write wait for it to finish;
+* the divergence guard (:class:`full.runlog.DivergenceGuard`) stops the run (exit 3) at a step whose loss
+  terms or gradient norm are NaN / inf, or whose raw loss explodes (> 100x the run's recent median); a
+  checkpoint is written only once the next step's loss has passed the guard, so a diverged state is never
+  saved and the checkpoint the error names is a good one;
+* no step waits for the device: a step's logged terms stay there, and only at a *check point* (a log step,
+  the last step, a stop, a step whose loss clears a pending checkpoint) is the window read to the host, in
+  one transfer, and judged by the guard step by step. A diverged step between check points may therefore
+  already be applied to the weights in memory when the run stops -- harmless, since nothing of it is saved;
+* SIGINT / SIGTERM finish the step, save a checkpoint and exit 128 + signal number (ranks agree on the stop
+  through a CPU all-reduce, :func:`full.distributed.any_rank`); signals during the checkpoint write wait
+  for it to finish;
 * ``--out`` is locked while a run uses it; holding a checkpoint or log of another run it is refused unless
   ``--resume`` continues that run or ``--overwrite`` deletes them; on resume ``log.jsonl`` is cut back to
   the checkpoint's step;
@@ -44,7 +49,8 @@ from .checkpoint import (CHECKPOINT_FORMAT, LOG_NAME, CheckpointError, RunFolder
                          reset_run_folder, resolve_resume, restore_run, save_run_checkpoint, truncate_log)
 from .config import TrainConfig, UsageError, check_config, check_resume, config_from_argv
 from .data import ImageFolderDataset, SyntheticDataset, UnreadableImageError, infinite_batches
-from .distributed import barrier, init_distributed, mean_over_ranks, no_sync, parallelize, world_size_from_env
+from .distributed import (any_rank, barrier, init_distributed, mean_over_ranks, no_sync, parallelize,
+                          world_size_from_env)
 from .ema import EMASet
 from .finetune import InitFromOfficialError, init_from_official
 from .fsdp import SHARDED_NAME, ShardedEMA, ensure_process_group, remove_sharded, remove_stale_sharded, \
@@ -126,16 +132,17 @@ def train(cfg: TrainConfig, dataset=None, progress: bool = True) -> TrainResult:
             say(summary(summary_rows(cfg, model, dataset, world_size, step)))
         barrier()
         log = RunLog(out / LOG_NAME, device=device, total_steps=cfg.steps, start_step=step, batch_size=cfg.batch_size,
-                     progress=progress, enabled=rank == 0)
+                     progress=progress, enabled=rank == 0, terms=(*LOGGED_TERMS, "grad_norm"))
         monitor = RunMonitor(cfg, out, model, emas, rank=rank, world_size=world_size, fid_reference=fid_reference,
                              start_step=step if cfg.resume else 0, sharded=cfg.fsdp,
                              make_scratch=lambda: scratch_model(cfg, model, device))
-        guard, pending, checkpoint, history, stopped_by = DivergenceGuard(), None, None, [], 0
+        guard, pending, checkpoint, stopped_by = DivergenceGuard(), None, None, 0
         last_saved = f"{cfg.resume} (step {step})" if cfg.resume else "none yet"
         local_batch = cfg.batch_size // world_size
         micro_batch = local_batch // cfg.accum_steps
 
-        # ---- the loop: one more forward-backward than steps, so the last state is checked before it is saved
+        # ---- the loop: one more forward-backward than steps, so the last state is checked before it is saved;
+        # no value leaves the device except at a check point (log, last, stop, a pending checkpoint)
         objective.train()
         with StopOnSignal(announce=rank == 0) as stop, log, monitor:
             while True:
@@ -152,8 +159,12 @@ def train(cfg: TrainConfig, dataset=None, progress: bool = True) -> TrainResult:
                             terms = step_fn(x[rows], y[rows], randomness.rows(first, first + micro_batch))
                         (terms["loss"] / cfg.accum_steps).backward()
                     micro_means.append(torch.stack([terms[name].detach().mean() for name in LOGGED_TERMS]))
-                values, stop_requested = reduce_logged(model, micro_means, stop.signum)   # same on every rank
-                guard.check(step + 1, values, last_saved)   # DivergenceError: nothing of this step is applied
+                log.add(step + 1, images_seen + cfg.batch_size, logged_terms(model, micro_means))   # on the device
+                stop_requested = any_rank(stop.signum > 0)      # a CPU flag, the same on every rank
+                write_due = ((step + 1) % cfg.log_every == 0 or step + 1 == cfg.steps or stop_requested
+                             or monitor.fid_due(step + 1, last=step + 1 == cfg.steps, stopping=stop_requested))
+                if write_due or pending is not None or step == cfg.steps:   # a check point: one host read
+                    log.check(guard, last_saved)   # DivergenceError: nothing after the last good step is saved
                 if pending is not None:     # the state of the step before: its next loss passed the guard
                     with stop.writing():
                         checkpoint = save_run_checkpoint(out, pending, model=model, optimizer=optimizer, emas=emas,
@@ -167,11 +178,9 @@ def train(cfg: TrainConfig, dataset=None, progress: bool = True) -> TrainResult:
                 if emas is not None:
                     emas.update(model, batch=cfg.batch_size, images_seen=images_seen)
                 step, images_seen = step + 1, images_seen + cfg.batch_size
-                history.append({"step": step, "images_seen": images_seen, **values})
-                log.step(values)
                 stopped_by = (stop.signum or signal.SIGTERM) if stop_requested else 0   # a rank was signalled
                 extra = monitor.after_step(step, images_seen, last=step == cfg.steps, stopping=bool(stopped_by))
-                if rank == 0 and (step % cfg.log_every == 0 or step == cfg.steps or stopped_by or extra):
+                if write_due:
                     monitor.scalars(log.write(step, images_seen, extra), optimizer.param_groups[0]["lr"])
                 if step % cfg.ckpt_every == 0 or step == cfg.steps or stopped_by:
                     pending = checkpoint_meta(cfg, model, step, images_seen, generator, epoch, batch_in_epoch,
@@ -179,7 +188,8 @@ def train(cfg: TrainConfig, dataset=None, progress: bool = True) -> TrainResult:
 
         # ---- the end
         barrier()                                        # the checkpoint is complete before any rank exits
-    return TrainResult(model, dict(emas.models) if isinstance(emas, EMASet) else {}, history, checkpoint, stopped_by)
+    return TrainResult(model, dict(emas.models) if isinstance(emas, EMASet) else {}, log.history, checkpoint,
+                       stopped_by)
 
 
 # ----------------------------------------------------------------------------- set-up
@@ -272,14 +282,11 @@ def prepare_run_folder(cfg: TrainConfig, out: Path, step: int, images_seen: int,
 
 # ----------------------------------------------------------------------------- the loop's helpers
 
-def reduce_logged(model, micro_means: list, signum: int) -> tuple[dict, bool]:
-    """The step's logged terms and gradient norm averaged over ranks, and "a rank was signalled": one
-    all-reduce, so every rank takes the same decision (stop, or refuse the step)."""
+def logged_terms(model, micro_means: list) -> torch.Tensor:
+    """The step's logged terms and gradient norm averaged over ranks, as one tensor on the device (its
+    all-reduce is queued, not waited for): every rank judges the same values at the next check point."""
     grad_norm = whole(torch.nn.utils.get_total_norm([p.grad for p in model.parameters() if p.grad is not None]))
-    logged = torch.cat([torch.stack(micro_means).mean(dim=0), grad_norm.detach().reshape(1),
-                        torch.tensor([float(signum > 0)], device=grad_norm.device)])
-    *values, signalled = mean_over_ranks(logged).tolist()
-    return dict(zip((*LOGGED_TERMS, "grad_norm"), values)), signalled > 0
+    return mean_over_ranks(torch.cat([torch.stack(micro_means).mean(dim=0), grad_norm.detach().reshape(1)]))
 
 
 def checkpoint_meta(cfg: TrainConfig, model, step: int, images_seen: int, generator, epoch: int, batch: int,

@@ -76,3 +76,21 @@ def _initial_state() -> dict:
 
     torch.manual_seed(_config("unused").seed)
     return build_model("pMF-T/2", num_classes=10).state_dict()
+
+
+def _flag_worker(rank: int, world_size: int, init_file: str, out_dir: str) -> None:
+    from full.distributed import any_rank
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size)
+    try:
+        answers = [any_rank(rank == 1), any_rank(False), any_rank(True)]
+        torch.save(answers, os.path.join(out_dir, f"flags{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_any_rank_agrees_on_a_host_flag_raised_by_one_rank(tmp_path):
+    """The stop signal's agreement: a CPU all-reduce, True on every rank when one rank was signalled."""
+    init_file = os.path.join(tempfile.mkdtemp(dir=tmp_path), "init")
+    mp.spawn(_flag_worker, args=(2, init_file, str(tmp_path)), nprocs=2, join=True)
+    assert [torch.load(tmp_path / f"flags{rank}.pt") for rank in range(2)] == [[True, False, True]] * 2

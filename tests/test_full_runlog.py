@@ -71,13 +71,16 @@ def test_append_record_on_a_full_disk_names_the_file_and_leaves_no_empty_log(tmp
 
 def test_log_record_is_the_window_mean_with_time_and_memory(tmp_path):
     log = RunLog(tmp_path / "log.jsonl", device=torch.device("cpu"), total_steps=4, start_step=0, batch_size=8,
-                 progress=False, enabled=True)
-    for raw in (100.0, 300.0):
-        log.step({"loss": 1.0, "raw_u": raw, "raw_v": raw})
-    record = log.write(2, 16, {"fid": 12.5, "is_mean": 3.0})
+                 progress=False, enabled=True, terms=("loss", "raw_u", "raw_v"))
+    for step, raw in ((1, 100.0), (2, 300.0), (3, 1000.0)):
+        log.add(step, 8 * step, torch.tensor([1.0, raw, raw], dtype=torch.float64))
+    log.check(DivergenceGuard(), "none yet")
+    record = log.write(2, 16, {"fid": 12.5, "is_mean": 3.0})      # steps 1 and 2; step 3 waits for the next
     assert record["raw_u"] == 200.0 and record["window_steps"] == 2 and record["fid"] == 12.5
     assert record["sec_per_kimg"] > 0 and record["peak_host_gib"] > 0 and record["peak_gpu_gib"] is None
     assert json.loads((tmp_path / "log.jsonl").read_text()) == record
+    assert [values["step"] for values in log.history] == [1, 2] and log.history[1]["raw_v"] == 300.0
+    assert log.write(3, 24)["raw_u"] == 1000.0 and [values["step"] for values in log.history] == [1, 2, 3]
 
 
 def test_resume_note_names_what_changed():

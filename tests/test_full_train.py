@@ -16,10 +16,12 @@ import subprocess
 import sys
 import textwrap
 import time
+import traceback
 from pathlib import Path
 
 import pytest
 import torch
+import torch.utils._python_dispatch
 
 import pmf_ref as P
 from full import checkpoint as checkpoint_lib
@@ -498,6 +500,18 @@ def test_divergence_stops_before_the_step_and_keeps_the_last_checkpoint(tmp_path
     assert _steps(tmp_path / "log.jsonl") == [1, 2, 3]                      # the bad step is not logged
 
 
+def test_divergence_between_check_points_is_found_at_the_next_and_nothing_after_it_is_saved(tmp_path):
+    """Log every 3rd step, checkpoint every 2nd: step 4 (NaN) is no check point, so its update is applied in
+    memory; the forward of step 5 clears the pending checkpoint of step 4, reads the window (steps 4, 5) and
+    stops at step 4 before saving. The named checkpoint (step 2) is the last good one."""
+    with pytest.raises(DivergenceError, match=r"step 4 is non-finite .*last checkpoint: .*checkpoint.pt \(step 2\)"):
+        train(_cli_config(tmp_path, log_every=3), _TurnsNaN(bad_from=3 * 4), progress=False)
+    state = read_checkpoint_file(tmp_path / "checkpoint.pt")
+    assert state["step"] == 2
+    assert all(torch.isfinite(tensor).all() for tensor in state["model"].values())
+    assert _steps(tmp_path / "log.jsonl") == [3]
+
+
 def test_divergence_through_the_cli_exits_3_and_saves_no_diverged_state(tmp_path, capsys):
     """An absurd learning rate: step 1 is finite, its update blows the weights up, step 2 is NaN. The state
     after step 1 is the diverged one: it is never saved (a save waits for the next step's guard)."""
@@ -888,3 +902,82 @@ def test_in_training_fid_refuses_a_reference_of_another_resolution_at_start(tmp_
                             "--ref", tmp_path / "ref64.npz", "--inception-weights", random_weights], capsys)
     assert code == 2 and len(errors) == 1 and "64 px images but the model makes 16 px" in errors[0], errors
     assert not (tmp_path / "out" / "checkpoint.pt").exists()
+
+
+# ---------------------------------------------------------------------------- issue 23: no host sync in a step
+
+class _HostReads(torch.utils._python_dispatch.TorchDispatchMode):
+    """Counts the reads of a tensor's value to the host made from the project's own code (full/, pmf_ref/),
+    per iteration of the training loop: ``aten._local_scalar_dense`` / ``aten.item`` (``.item()``, ``float(t)``,
+    ``bool(t)``) and ``aten.nonzero`` (a data-dependent shape). On a GPU each one drains the launch queue.
+
+    Reads inside torch's own optimisers are not counted: on CUDA torch.optim keeps its step counters on the
+    CPU (``capturable=False``), so its ``.item()`` calls read host memory and are no device syncs. Nor is the
+    DataLoader's draw of its base seed (a CPU tensor, once per epoch)."""
+
+    READS = (torch.ops.aten._local_scalar_dense.default, torch.ops.aten.item.default, torch.ops.aten.nonzero.default)
+
+    def __init__(self, iterations: list):
+        super().__init__()
+        self.iterations = iterations
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func in self.READS and _from_our_code(traceback.extract_stack()):
+            self.iterations[-1]["reads"] += 1
+        return func(*args, **(kwargs or {}))
+
+
+def _from_our_code(frames) -> bool:
+    """The innermost frame that is ours, torch.optim's or torch's DataLoader's is ours."""
+    for frame in reversed(frames):
+        path = Path(frame.filename).resolve()
+        if "torch" in path.parts and ("optim" in path.parts or path.match("utils/data/*.py")):
+            return False
+        if path.is_relative_to(REPO / "full") or path.is_relative_to(REPO / "pmf_ref"):
+            return True
+    return False
+
+
+def test_a_step_reads_nothing_to_the_host_but_a_check_point_once(tmp_path, monkeypatch):
+    """pMF-T/4 on synthetic data, log every 3rd of 6 steps: the loop's iterations 1, 2, 4, 5 (forwards of
+    steps 1, 2, 4, 5) read no tensor value to the host; a check point (the forwards of the log steps 3 and 6
+    and the last, extra forward that clears the final checkpoint) reads the window once."""
+    import full.runlog as runlog
+    import full.train as train_module
+
+    iterations = [{"reads": 0, "tolist": 0, "to_host": 0}]        # [0]: the set-up
+    real_batches, real_tolist, real_to_host = train_module.infinite_batches, torch.Tensor.tolist, \
+        getattr(runlog, "to_host", None)
+
+    def counted_batches(*args, **kwargs):
+        batches = real_batches(*args, **kwargs)
+        while True:                            # a new iteration begins when the loop asks for its batch
+            iterations.append({"reads": 0, "tolist": 0, "to_host": 0})
+            yield next(batches)
+
+    def counted_tolist(tensor):
+        if _from_our_code(traceback.extract_stack()[:-1]):
+            iterations[-1]["tolist"] += 1
+        return real_tolist(tensor)
+
+    def counted_to_host(tensor):
+        iterations[-1]["to_host"] += 1
+        return real_to_host(tensor)
+
+    monkeypatch.setattr(train_module, "infinite_batches", counted_batches)
+    monkeypatch.setattr(torch.Tensor, "tolist", counted_tolist)
+    monkeypatch.setattr(runlog, "to_host", counted_to_host, raising=False)
+    cfg = TrainConfig(preset="pMF-T/4", data="synthetic", num_classes=10, batch_size=2, steps=6, perceptual="none",
+                      ckpt_every=1000, log_every=3, ema_half_lives_kimg=(1.0,), device="cpu", num_workers=0,
+                      out=str(tmp_path))
+    with _HostReads(iterations):
+        result = train(cfg, progress=False)
+    monkeypatch.undo()
+    assert [record["step"] for record in result.history] == [1, 2, 3, 4, 5, 6]
+    assert _steps(tmp_path / "log.jsonl") == [3, 6]
+    loop = iterations[1:]
+    assert len(loop) == 7, loop                # 6 steps and the forward that clears the last checkpoint
+    for number, counts in enumerate(loop, start=1):
+        check_point = number % 3 == 0 or number == 7
+        assert all(count <= (1 if check_point else 0) for count in counts.values()), (number, counts)
+    assert sum(counts["to_host"] for counts in loop) == 3      # every check point read its window
