@@ -29,7 +29,9 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-TOP_ENTRIES = {path.name for path in ROOT.iterdir() if not path.name.startswith(".")}
+OUTPUT_FOLDERS = {"runs", "samples", "build", "dist"}   # what commands write (git-ignored): a README's example paths
+TOP_ENTRIES = {path.name for path in ROOT.iterdir()
+               if not path.name.startswith(".") and path.name not in OUTPUT_FOLDERS and not path.name.endswith(".egg-info")}
 READMES = sorted({ROOT / "README.md", *ROOT.glob("*/README.md"), *ROOT.glob("*/*/README.md")})
 SOURCE_FOLDERS = ("pmf_ref", "full", "toy", "tutorials", "tests")
 PYTHONS = {"python", "python3", ".venv/bin/python"}
