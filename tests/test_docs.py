@@ -189,7 +189,7 @@ def missing_paths(text: str, folder: Path | None) -> list[str]:
             continue
         if not ((folder or ROOT) / target.split("#")[0]).exists():
             missing.append(target)
-    local = {entry.name for entry in folder.iterdir()} if folder is not None else set()
+    local = ({entry.name for entry in folder.iterdir()} - OUTPUT_FOLDERS) if folder is not None else set()
     for match in PATH.finditer(text):
         path = match[1].rstrip(".,:;")
         if "..." in path or text[match.end():match.end() + 1] in ("*", "{", "<") or not path:
