@@ -222,7 +222,8 @@ def build_parser() -> argparse.ArgumentParser:
                                                  "checkpoint.pt / log.jsonl (deletes them; default: refuse)")
     add("--num-workers", type=int, default=defaults.num_workers, help="data-loading processes per GPU")
     add("--no-progress", action="store_true",
-        help="no progress bar (plain lines every --log-every steps instead; also when stdout is not a terminal)")
+        help="neither a progress bar nor periodic lines (log.jsonl is still written); without it, a run whose stderr "
+             "is not a terminal (SLURM) prints a plain line every --log-every steps instead of a bar")
     cli.add_device(parser)
     add("--fsdp", action="store_true",
         help="shard weights, gradients, optimiser state and EMAs over the processes (FSDP2; for pMF-H); "
