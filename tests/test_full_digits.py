@@ -4,6 +4,7 @@ rebuilt rather than crashing the sweep)."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 import shutil
 
 import numpy as np
@@ -283,3 +284,22 @@ def test_report_reads_null_metrics_of_strict_json_as_nan(tmp_path):
     assert "| arm | 1 | nan | 50.0% | nan |" in markdown_table("x", [cached], floor, {})
     save_figure(tmp_path / "x.png", "x", [("arm", np.zeros((10, 1, 8, 8)).tolist())], [cached], floor)
     assert (tmp_path / "x.png").stat().st_size > 0
+
+
+def test_precision_reaches_the_trainer_and_keeps_fp32_cache_keys():
+    """--precision bf16 trains through full.train's bf16 policy in its own cache folder; an fp32 arm keeps the
+    key it had before the field existed (the digest of the budget without it)."""
+    import dataclasses
+    import hashlib
+    import json as json_
+
+    from full.digits.runs import train_config
+
+    spec = experiment_arms("sampler")[0][1]
+    fp32, bf16 = _budget(), dataclasses.replace(_budget(), precision="bf16")
+    old = {k: v for k, v in dataclasses.asdict(spec).items() if k != "omegas" and not (k == "noise_scale" and v == 1.0)}
+    old.update({k: v for k, v in dataclasses.asdict(fp32).items() if k != "precision"})
+    assert arm_key(spec, fp32).endswith(hashlib.sha1(json_.dumps(old, sort_keys=True).encode()).hexdigest()[:8])
+    assert "-bf16-" in arm_key(spec, bf16) and arm_key(spec, bf16) != arm_key(spec, fp32)
+    assert train_config(spec, bf16, Path("x")).precision == "bf16"
+    assert train_config(spec, fp32, Path("x")).precision == "fp32"

@@ -131,6 +131,9 @@ def main(argv: list[str] | None = None) -> dict[str, dict]:
                         help="one-step samples per class scored per arm and omega (floor set: 50 per class)")
     cli.add_out(parser, "runs/digits", "<experiment>.json, .md (table) and .png (figure), the cached classifier "
                                        f"{CACHE_NAME} and the cached arms under runs/")
+    parser.add_argument("--precision", choices=("fp32", "bf16"), default="fp32",
+                        help="training precision (full.train --precision): fp32, or bf16 autocast of every pass, "
+                             "the JVP's included (default: fp32)")
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     parser.add_argument("--fresh", action="store_true", help="retrain arms even if a cached result exists")
     parser.add_argument("--no-progress", action="store_true", help="no tqdm bars")
@@ -152,7 +155,7 @@ def main(argv: list[str] | None = None) -> dict[str, dict]:
     cli.check_out(parser, args.out)
     experiments = EXPERIMENTS if args.experiment == "all" else (args.experiment,)
     budget = Budget(steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
-                    per_class=args.per_class, ema_kimg=EMA_KIMG)
+                    per_class=args.per_class, ema_kimg=EMA_KIMG, precision=args.precision)
     try:
         return run(DigitsConfig(experiments=experiments, budget=budget, out=args.out, threads=args.threads,
                                 progress=not args.no_progress, fresh=args.fresh, report_only=args.report_only))

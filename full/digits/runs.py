@@ -57,6 +57,7 @@ class Budget:
     seed: int
     per_class: int                 # generated images per class (held-out floor: 50 per class)
     ema_kimg: float                # EMA half-life; ramped to 5% of images seen (EDM), so short runs use the ramp
+    precision: str = "fp32"        # full.train's --precision on this CPU: "fp32" or "bf16" (every pass autocast)
 
 
 def train_config(spec: ArmSpec, budget: Budget, out: Path) -> TrainConfig:
@@ -64,7 +65,8 @@ def train_config(spec: ArmSpec, budget: Budget, out: Path) -> TrainConfig:
         preset=PRESET, num_classes=NUM_CLASSES, channels=1, resolution=spec.resolution, patch=spec.patch,
         noise_scale=spec.noise_scale,
         batch_size=budget.batch_size, steps=budget.steps, lr=budget.lr, seed=budget.seed,
-        optimizer=spec.optimizer, prediction=spec.prediction, time_sampler=spec.time_sampler,
+        precision=budget.precision, optimizer=spec.optimizer, prediction=spec.prediction,
+        time_sampler=spec.time_sampler,
         guidance=spec.guidance, ema_half_lives_kimg=(budget.ema_kimg,),
         # Deviation: MSE only (no LPIPS / ConvNeXt): their pretrained nets need 224 px RGB and weights we
         # do not ship; the paper's own ablations (Tables 2-5) are MSE-only too.
@@ -77,11 +79,13 @@ def arm_key(spec: ArmSpec, budget: Budget) -> str:
     """A readable, unique folder name for the training configuration (the omegas are not part of it)."""
     training = {k: v for k, v in dataclasses.asdict(spec).items()
                 if k != "omegas" and not (k == "noise_scale" and v == 1.0)}   # keys of pMF arms unchanged
-    training.update(dataclasses.asdict(budget))
+    training.update({k: v for k, v in dataclasses.asdict(budget).items()
+                     if not (k == "precision" and v == "fp32")})   # keys of fp32 arms unchanged
     digest = hashlib.sha1(json.dumps(training, sort_keys=True).encode()).hexdigest()[:8]
     scale = "" if spec.noise_scale == 1.0 else f"-noisescale{spec.noise_scale:g}"
     return (f"{spec.resolution}px-p{spec.patch}-{spec.prediction}-{spec.optimizer}-{spec.time_sampler}-"
-            f"{'cfg' if spec.guidance else 'nocfg'}{scale}-{budget.steps}steps-{digest}")
+            f"{'cfg' if spec.guidance else 'nocfg'}{scale}-{budget.steps}steps"
+            f"{'' if budget.precision == 'fp32' else '-' + budget.precision}-{digest}")
 
 
 
