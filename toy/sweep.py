@@ -6,6 +6,7 @@ import multiprocessing
 import os
 import signal
 import statistics
+import sys
 import threading
 import time
 import warnings
@@ -163,12 +164,20 @@ def _train_one_thread(config: ToyConfig) -> ToyRun:
     return train(config, progress=False)
 
 
+RESOURCE_TRACKER_FILTER = "ignore:resource_tracker:UserWarning"
+
+
 def _run_parallel(configs: list[ToyConfig], workers: int, progress: bool) -> list[ToyRun]:
     """Train the runs in a process pool; each run seeds itself, so results do not depend on workers."""
     # Largest D first: the slowest runs start early and the pool stays busy to the end.
     order = sorted(range(len(configs)), key=lambda i: -configs[i].dim)
     runs: list[ToyRun | None] = [None] * len(configs)
     context = multiprocessing.get_context("spawn")
+    # Workers stopped on Ctrl-C or a diverged run leave their queue semaphores to multiprocessing's resource
+    # tracker, which frees them and then warns on stderr, after our one-line message. The tracker is a separate
+    # process that takes only -W options (sys.warnoptions), so its warning is silenced there.
+    if RESOURCE_TRACKER_FILTER not in sys.warnoptions:
+        sys.warnoptions.append(RESOURCE_TRACKER_FILTER)
     with ProcessPoolExecutor(max_workers=workers, mp_context=context, initializer=exit_with_parent,
                              initargs=(os.getpid(),)) as pool:
         futures = {pool.submit(_train_one_thread, configs[i]): i for i in order}
