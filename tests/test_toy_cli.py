@@ -150,3 +150,15 @@ def test_cli_full_disk_is_one_line(tmp_path, capsys, monkeypatch):
         cli.main(["--out", str(tmp_path), *TINY])
     error = capsys.readouterr().err
     assert raised.value.code == 1 and error.count("\n") == 1 and "samples.png" in error and "No space" in error
+
+
+def test_cli_out_of_memory_is_one_line_exit_2(tmp_path, capsys):
+    """A network too wide for this machine (10^16 weights): torch's allocator fails in the first run; the CLI
+    says so in one line naming the size flags, exits 2 and writes nothing."""
+    with pytest.raises(SystemExit) as raised:
+        cli.main(["--out", str(tmp_path / "run"), "--dims", "2", "--predictions", "x", "--width", "100000000",
+                  "--steps", "2", "--no-progress"])
+    error = capsys.readouterr().err
+    assert raised.value.code == 2 and error.count("\n") == 1
+    assert "out of memory" in error and "--width 100000000" in error
+    assert not (tmp_path / "run" / "metrics.json").exists()

@@ -169,6 +169,13 @@ def main(argv: list[str] | None = None) -> None:
     except ToyDivergenceError as error:   # nothing was written: the outputs come after the last run
         print(f"{parser.prog}: error: {error}; nothing was written to {args.out}", file=sys.stderr)
         sys.exit(EXIT_DIVERGED)
+    except (MemoryError, RuntimeError) as error:   # torch's CPU allocator raises a RuntimeError when it runs out
+        if not isinstance(error, MemoryError) and "allocate memory" not in str(error):
+            raise
+        print(f"{parser.prog}: error: out of memory: --dims {max(args.dims)}, --width {args.width}, --batch-size "
+              f"{args.batch_size} need more memory than this machine has (lower them); nothing was written to "
+              f"{args.out}", file=sys.stderr)
+        sys.exit(2)
     except KeyboardInterrupt:
         print(f"{parser.prog}: interrupted (Ctrl-C); nothing was written to {args.out}", file=sys.stderr)
         sys.exit(cli.EXIT_INTERRUPTED)
