@@ -4,8 +4,8 @@ Every equation comes from ``pmf_ref``; this package adds what scales. A map, in 
 meets it:
 
 One training batch, from ``train.py`` to ``loss.backward()``: eight places -- seven files of ``full/`` and
-the core ``pmf_ref`` (entered as one namespace, ``P.<equation>``; its modules are path, time, guidance,
-meanflow, loss). Control leaves ``step.py`` only for a ``pmf_ref`` equation, a network pass through the
+the core ``pmf_ref`` (entered as one namespace, ``P.<equation>``; its modules are path (the path, the times, the guidance draws) and
+meanflow (the identity, the guidance equations, the losses)). Control leaves ``step.py`` only for a ``pmf_ref`` equation, a network pass through the
 adapter, or the perceptual nets; the core calls back into ``full`` only through the function its JVP
 differentiates (the adapter's ``u_and_trunk``, run by ``fast_jvp.jvp``).
 
