@@ -21,9 +21,10 @@ differentiates (the adapter's ``u_and_trunk``, run by ``fast_jvp.jvp``).
                         ``P.average_velocity_jvp``, ``P.compound_velocity``, ``P.adaptively_weighted``, ...
 5. ``model.py``      -- ``core_fns(model, cond)``: the one adapter from a ``PMFViT`` to the core's velocity
                         callables (x or u prediction is decided there); the ``PMFViT`` (trunk, u-head, v-head)
-6. ``layers.py``     -- blocks, attention, RoPE, the bottleneck patch embedding, written with the ops of
-7. ``fast_jvp.py``   -- ops whose forward-mode tangent costs what it should, and the JVP engine ``jvp``
-8. ``perceptual.py`` -- crop boxes (drawn in step 3), LPIPS and ConvNeXt distances (perceptual runs only);
+                        and its layers (blocks, attention, RoPE, the bottleneck patch embedding), written with
+                        the ops of
+6. ``fast_jvp.py``   -- ops whose forward-mode tangent costs what it should, and the JVP engine ``jvp``
+7. ``perceptual.py`` -- crop boxes (drawn in step 3), LPIPS and ConvNeXt distances (perceptual runs only);
                         the gating and weighting are ``pmf_ref.perceptual_term``
 
 Around it:
