@@ -143,7 +143,6 @@ def train(cfg: TrainConfig, dataset=None, progress: bool = True) -> TrainResult:
         # ---- the loop: one more forward-backward than steps, so the last state is checked before it is saved;
         # no value leaves the device except at a check point (log, last, stop, a pending checkpoint)
         objective.train()
-        optimizer.zero_grad(set_to_none=True)   # the first batch starts from no gradients, as every later one does
         with StopOnSignal(announce=rank == 0) as stop, log, monitor:
             while True:
                 epoch, batch_in_epoch, (x, y) = next(batches)
@@ -173,7 +172,7 @@ def train(cfg: TrainConfig, dataset=None, progress: bool = True) -> TrainResult:
                 if step == cfg.steps or stopped_by:
                     break
                 optimizer.step()
-                optimizer.zero_grad(set_to_none=True)   # freed now: the EMAs, the monitor and the next batch need none
+                optimizer.zero_grad(set_to_none=True)   # freed here: the next batch starts from none, as the first
                 if emas is not None:
                     emas.update(model, batch=cfg.batch_size, images_seen=images_seen)
                 step, images_seen = step + 1, images_seen + cfg.batch_size
