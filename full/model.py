@@ -670,6 +670,14 @@ class CoreFns(NamedTuple):
     """``(z, t) -> v``: the v-head's instantaneous velocity at h = 0 (the guidance pass)."""
 
 
+def predicts_image(prediction: str) -> bool:
+    """What a network's output means, the one place it is decided: True for x-prediction (pMF: the output is the
+    denoised image x_hat), False for u-prediction (the ablation: the output is u itself). ``prediction`` is
+    a PMFViT's ``prediction``, one of :data:`PREDICTIONS`; the trainer's settings and the fine-tuning loader ask
+    here too."""
+    return prediction == "x"
+
+
 def velocity_from_output(model: PMFViT, z: torch.Tensor, output: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
     """What the network's output means: x-prediction (pMF) outputs the denoised image, so
     ``u = (z - x_hat) / max(t, t_eps)`` (``pmf_ref.average_velocity_from_x``); u-prediction (the ablation)
@@ -681,7 +689,7 @@ def velocity_from_output(model: PMFViT, z: torch.Tensor, output: torch.Tensor, t
     Returns:
         the velocity, (B, C, H, W).
     """
-    if model.prediction == "x":
+    if predicts_image(model.prediction):
         return P.average_velocity_from_x(z, output, t, check_values=False)
     return output
 
@@ -694,7 +702,7 @@ def x_hat_from_output(model: PMFViT, z: torch.Tensor, output: torch.Tensor, t: t
 
 def core_fns(model: PMFViT, cond: dict[str, torch.Tensor]) -> CoreFns:
     """The one adapter between a PMFViT and the core: the network, conditioned on ``cond``, as velocity
-    callables in the core's signature (:class:`CoreFns`). It alone (through :func:`velocity_from_output`)
+    callables in the core's signature (:class:`CoreFns`). It alone (through :func:`predicts_image`)
     decides what the output means; the training step, the sampler, the monitor and digits go through it.
 
     Args:
@@ -720,4 +728,4 @@ __all__ = ["FUSED_ATTENTION_DEVICES", "fused_attention_allowed", "Linear", "RMSN
            "attention", "Attention", "SwiGLU", "Block", "recompute_in_backward", "BottleneckPatchEmbed", "sinusoidal_features",
            "ScalarEmbedder", "LabelEmbedder", "swiglu_hidden", "init_linear_", "init_xavier_",
            "PRESETS", "ARCH_KEYS", "NUM_PREFIX_TOKENS", "PMFViT", "Head", "build_model", "make_cond",
-           "CoreFns", "core_fns", "velocity_from_output", "x_hat_from_output", "PREDICTIONS"]
+           "CoreFns", "core_fns", "predicts_image", "velocity_from_output", "x_hat_from_output", "PREDICTIONS"]

@@ -440,12 +440,12 @@ def test_core_fns_read_the_output_by_what_the_model_predicts(prediction):
 
 
 def test_only_the_adapters_ask_what_a_network_predicts():
-    """Reading a network's output by ``prediction ==`` happens in the two adapters only: full/model.py (PMFViT)
-    and toy/train.py (the toy MLP). (full/config.py's flag check -- --init-official needs x-prediction -- reads
-    a setting, not an output.)"""
+    """What a network's output means (``prediction ==`` / ``!=``) is decided in the two adapters only:
+    full/model.py (``predicts_image``, which the PMFViT's adapter, the trainer's settings and the fine-tuning
+    loader ask) and toy/train.py (the toy MLP)."""
     import pathlib
     import re
     root = pathlib.Path(__file__).resolve().parents[1]
-    sites = sorted({str(path.relative_to(root)) for folder in ("full", "toy") for path in (root / folder).rglob("*.py")
-                    if re.search(r"prediction ==", path.read_text())} - {"full/config.py"})
+    sites = sorted({str(path.relative_to(root)) for folder in ("full", "toy", "tutorials")
+                    for path in (root / folder).rglob("*.py") if re.search(r"prediction [!=]=", path.read_text())})
     assert sites == ["full/model.py", "toy/train.py"], sites
