@@ -3,35 +3,44 @@
 Every equation comes from ``pmf_ref``; this package adds what scales. A map, in the order a newcomer
 meets it:
 
-One training batch, from ``train.py`` to ``loss.backward()``: eight places -- seven files of ``full/`` and
-the core ``pmf_ref`` (entered as one namespace, ``P.<equation>``; its modules are path, time, guidance,
-meanflow, loss). Control leaves ``step.py`` only for a ``pmf_ref`` equation, a network pass through the
-adapter, or the perceptual nets; the core calls back into ``full`` only through the function its JVP
-differentiates (the adapter's ``u_and_trunk``, run by ``fast_jvp.jvp``).
+One training batch, from ``next(batches)`` to ``loss.backward()`` in ``train()``'s loop, enters eight files
+(tests/test_full_train.py traces it and checks this list). ``train.py`` calls only into ``data.py`` and
+``step.py``; control leaves ``step.py`` only for a ``pmf_ref`` equation, a network pass through the adapter,
+or the perceptual nets; the core calls back into ``full`` only through the function its JVP differentiates
+(the adapter's ``u_and_trunk``, run by the engine ``fast_jvp.jvp``). In the order the batch meets them:
 
-1. ``train.py``      -- ``train(TrainConfig)``: the loop. ``step = TrainingStep.from_preset(model, preset)``;
-                        per batch ``step.draw_randomness(x, ...)``, ``step(x, y, randomness)["loss"].backward()``,
-                        optimiser, EMAs, checkpoint (``python -m full.train``)
-2. ``data.py``       -- the ImageNet-style folder (ADM centre crop) or synthetic data; the batch (x, y)
-3. ``step.py``       -- ``TrainingStep``: ``draw_randomness`` ((r, t), omega, interval, label drop: ``pmf_ref``
-                        samplers; crop boxes; noise), then ``forward``, top to bottom: z_t and v_t, the guidance
-                        pass, the guided target, one JVP (``P.average_velocity_jvp(..., jvp=fast_jvp.jvp)``), the
-                        v-head on the JVP's tangent-free auxiliary output, the losses, the perceptual terms
-4. ``pmf_ref``       -- every equation: ``P.interpolate``, ``P.target_velocity``, ``P.guided_velocity``,
-                        ``P.average_velocity_jvp``, ``P.compound_velocity``, ``P.adaptively_weighted``, ...
-5. ``model.py``      -- ``core_fns(model, cond)``: the one adapter from a ``PMFViT`` to the core's velocity
-                        callables (x or u prediction is decided there); the ``PMFViT`` (trunk, u-head, v-head)
-6. ``layers.py``     -- blocks, attention, RoPE, the bottleneck patch embedding, written with the ops of
-7. ``fast_jvp.py``   -- ops whose forward-mode tangent costs what it should, and the JVP engine ``jvp``
-8. ``perceptual.py`` -- crop boxes (drawn in step 3), LPIPS and ConvNeXt distances (perceptual runs only);
-                        the gating and weighting are ``pmf_ref.perceptual_term``
+1. ``full/train.py``       -- ``train(TrainConfig)``: the loop. Per batch: the batch, ``step.draw_randomness``,
+                              then per micro-batch ``step_fn(x, y, randomness)["loss"].backward()`` (DDP's
+                              ``no_sync`` on all but the last); after it the optimiser, EMAs, log, checkpoint
+                              (``python -m full.train``)
+2. ``full/data.py``        -- the ImageNet-style folder (ADM centre crop) or synthetic data; the batch (x, y)
+3. ``full/step.py``        -- ``TrainingStep`` (built once by ``TrainingStep.from_preset(model, preset)``):
+                              ``draw_randomness`` ((r, t), omega, interval, label drop, crop boxes, noise), then
+                              ``forward``: ``loss_terms`` under the step's precision, top to bottom -- z_t and
+                              v_t, the guidance pass, the guided target, one JVP, the v-head on the JVP's
+                              tangent-free auxiliary output, the losses, the perceptual terms
+4. ``pmf_ref/path.py``     -- the draws (``P.sample_time_pair_released``, ``P.sample_omega``,
+                              ``P.sample_guidance_interval``, ``P.label_drop_mask_diagonal``) and the path
+                              (``P.interpolate``, ``P.target_velocity``, ``P.denoised_image``)
+5. ``full/perceptual.py``  -- the crop boxes (drawn in 3); LPIPS and ConvNeXt distances (perceptual runs only)
+6. ``pmf_ref/meanflow.py`` -- the guidance equations (``P.guidance_scale_for_target``, ``P.guided_velocity``,
+                              ``P.drop_labels``), the JVP (``P.average_velocity_jvp(..., jvp=fast_jvp.jvp)``),
+                              ``P.compound_velocity``, ``P.squared_error``, ``P.adaptively_weighted``,
+                              ``P.perceptual_term``
+7. ``full/model.py``       -- ``core_fns(model, cond)``: the one adapter from a ``PMFViT`` to the core's
+                              velocity callables (what the output means, x or u, is decided there); the
+                              ``PMFViT`` (trunk, u-head, v-head) and its layers (blocks, attention, RoPE, the
+                              bottleneck patch embedding)
+8. ``full/fast_jvp.py``    -- the JVP engine ``jvp`` and the ops the layers are written with, whose
+                              forward-mode tangent costs what it should
 
 Around it:
 
 * ``presets.py``  -- ``ARCHITECTURES``, ``RECIPES``, ``SAMPLING``: three typed tables keyed by preset name
+* ``config.py``   -- ``TrainConfig``, its checks and the command line;  ``precision.py`` -- fp32 / tf32 / bf16
 * ``optim.py``    -- Muon for matrices + Nesterov Adam for the rest;  ``ema.py`` -- EDM-style EMAs
 * ``checkpoint.py`` -- atomic, weights-only checkpoints, resume, signals; ``io.py`` -- the one atomic writer
-* ``distributed.py`` -- DDP set-up; ``fsdp.py`` -- FSDP2 sharding for pMF-H (``--fsdp``, ``python -m full.fsdp``)
+* ``distributed.py`` -- DDP set-up and wrapping; ``fsdp.py`` -- FSDP2 sharding for pMF-H (``--fsdp``, ``python -m full.fsdp``)
 * ``monitor.py``, ``plot.py`` -- sample grids, FID while training, TensorBoard; curves (``python -m full.plot``)
 * ``sample.py``   -- ``generate(model, e, y, ...)``, the one 1-NFE sampler (the monitor and digits use it);
   sampling to PNG / npz (``python -m full.sample``)

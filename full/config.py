@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from . import cli
+from .model import predicts_image
 from .precision import PRECISIONS
 from .presets import PRESETS, SAMPLING
 
@@ -149,7 +150,7 @@ def check_config(cfg: TrainConfig, world_size: int = 1) -> None:
          f"--precision must be one of {', '.join(PRECISIONS)}, got {cfg.precision!r}"),
         (cfg.init_official is None or cfg.resume is not None or Path(cfg.init_official).is_file(),
          f"--init-official: {cfg.init_official!r} is not a file (the authors' pMF-*.pt)"),
-        (cfg.init_official is None or cfg.prediction == "x",
+        (cfg.init_official is None or predicts_image(cfg.prediction),
          "--init-official needs --prediction x (the released networks predict x)"),
     ]
     for ok, message in checks:

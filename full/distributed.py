@@ -5,7 +5,6 @@ and LOCAL_RANK; a plain ``python -m full.train`` runs as rank 0 of 1 without a p
 """
 from __future__ import annotations
 
-import contextlib
 import os
 from typing import NamedTuple
 
@@ -113,11 +112,3 @@ def parallelize(step: torch.nn.Module, *, world_size: int, device: torch.device,
         step = DistributedDataParallel(step, device_ids=[device.index] if device.type == "cuda" else None)
     return torch.compile(step) if compile else step
 
-
-def no_sync(step: torch.nn.Module, last_micro_batch: bool):
-    """DDP all-reduces gradients in the backward of the last micro-batch only; FSDP reduce-scatters after
-    every one (unsharded gradients would cost the memory it saves); one process has nothing to sync."""
-    inner = getattr(step, "_orig_mod", step)   # under torch.compile
-    if last_micro_batch or not isinstance(inner, DistributedDataParallel):
-        return contextlib.nullcontext()
-    return inner.no_sync()

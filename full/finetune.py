@@ -37,7 +37,7 @@ from typing import Sequence
 
 import torch
 
-from .model import PMFViT
+from .model import PMFViT, predicts_image
 from .official import OfficialCheckpointError, _read, load_official_state_dict
 
 LABEL_KEY = "y_embedder.embedding_table._flax_embedding.weight"   # (classes + 1, W), last row = null
@@ -115,7 +115,7 @@ def init_from_official(model: PMFViT, path: str | os.PathLike, *, num_classes: i
         raise ValueError(f"v_head_rule must be one of {V_HEAD_RULES}, got {v_head_rule!r}")
     if num_classes != model.num_classes:
         raise ValueError(f"num_classes={num_classes} but the model was built with {model.num_classes} classes")
-    if model.prediction != "x":
+    if not predicts_image(model.prediction):
         raise ValueError("the released networks predict x: build the model with prediction='x'")
     state = _read_state(path)
     table = _label_table(state, path)

@@ -68,7 +68,7 @@ from torch.optim._muon import _adjust_lr, _zeropower_via_newtonschulz
 from . import cli
 from .checkpoint import CHECKPOINT_FORMAT, CHECKPOINT_NAME, CheckpointError, read_checkpoint_file, save_checkpoint
 from .ema import ema_decay, format_half_life
-from .layers import Block
+from .model import Block
 
 SHARDED_NAME = "checkpoint.dcp"      # the link to the newest complete sharded checkpoint folder
 META_NAME = "meta.pt"                # everything but the shards, written by rank 0

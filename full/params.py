@@ -24,8 +24,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from . import cli
-from .layers import SINUSOID_DIM, swiglu_hidden
-from .model import NUM_PREFIX_TOKENS, PMFViT, build_model, make_cond
+from .model import NUM_PREFIX_TOKENS, SINUSOID_DIM, PMFViT, build_model, make_cond, swiglu_hidden
 from .presets import ARCHITECTURES, PRESETS
 
 NUM_SCALAR_EMBEDDERS = 4  # omega, t_min, t_max, h

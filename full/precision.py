@@ -6,7 +6,7 @@
   default, where a float32 matmul is a bf16 pass. On a CPU there is no TF32: it is ``fp32`` there.
 * ``bf16`` -- every pass of the step under ``torch.autocast(dtype=torch.bfloat16)``: the guidance passes,
   the JVP pass (primal and tangent) and the backward; matmuls run in bf16, while what autocast keeps in
-  float32 stays there (softmax and the RMSNorm statistic: see ``full.layers``). The tangent combination
+  float32 stays there (softmax and the RMSNorm statistic: see ``full.model``). The tangent combination
   ``u + (t - r) du/dt``, the losses, the adaptive weights and the optimiser stay in float32: the network's
   outputs are cast back to float32 before ``pmf_ref`` sees them, and parameters and gradients are float32.
 

@@ -8,9 +8,11 @@ then per batch::
     terms = step(x, y, randomness)                               # {"loss", "total", "loss_u", ...}
     terms["loss"].backward()
 
-``forward`` reads top to bottom like the loss of the released ``pixelMeanFlow.forward``: z_t and v_t, the
-guidance pass, the guided target, one JVP, the losses, the perceptual terms -- every equation a call into
-``pmf_ref``. The only function the core calls back is the one its JVP differentiates.
+The step owns its precision (``precision="bf16"``: ``forward`` runs every pass under bf16 autocast, the JVP's
+included). :meth:`TrainingStep.loss_terms` reads top to bottom like the loss of the released
+``pixelMeanFlow.forward``: z_t and v_t, the guidance pass, the guided target, one JVP, the losses, the
+perceptual terms -- every equation a call into ``pmf_ref``. The only function the core calls back is the one
+its JVP differentiates.
 
 Why a module: the core's JVP cannot take a DDP-wrapped network, and calling the inner network directly
 bypasses DDP's gradient hooks set up in ``DDP.forward`` (gradients would silently not be averaged across
@@ -38,6 +40,7 @@ import pmf_ref as P
 from . import fast_jvp
 from .model import core_fns, make_cond
 from .perceptual import CONVNEXT_WEIGHT, LPIPS_WEIGHT, PerceptualDistances, sample_crop_boxes
+from .precision import autocast_dtype as precision_autocast_dtype
 from .presets import RECIPES, Recipe, check_preset
 
 TimePairSampler = Callable[..., tuple[torch.Tensor, torch.Tensor]]   # (n, *, generator, device) -> (r, t)
@@ -99,16 +102,19 @@ class TrainingStep(nn.Module):
         t_thr: perceptual terms only on rows with t < t_thr (pMF: 0.8 for B/L-16, B/32; 0.6 for L/32, H).
         lpips_weight, convnext_weight: the perceptual terms' weights (pMF: 0.4, 0.1).
         c, p: the adaptive weight's constant and power (pMF: 0.01, 1).
-        autocast_dtype: e.g. torch.bfloat16 to run the no-grad guidance pass and the perceptual nets under
-            autocast (``full.train --bf16``); the JVP pass stays in fp32 unless the caller wraps the whole step
-            in autocast, as ``full.train --precision bf16`` does (``full.precision.autocast``). None: no autocast.
+        precision: the step's precision policy (``full.precision``: "fp32", "tf32" or "bf16"). "bf16" runs every
+            pass of the step under bf16 autocast -- the guidance pass, the JVP (primal and tangent), the
+            perceptual nets -- while the losses, the tangent combination and the optimiser stay float32
+            (``full.train --precision bf16``); "fp32" and "tf32" add no autocast (TF32 is a global switch).
+        autocast_dtype: e.g. torch.bfloat16 to run only the no-grad guidance pass and the perceptual nets under
+            autocast, the JVP pass in fp32 (``full.train --bf16``, the older switch). None: no autocast.
         jvp: the JVP engine handed to ``pmf_ref.average_velocity_jvp`` (``full.fast_jvp.jvp``, or
             ``torch.func.jvp``, the reference).
     """
 
     def __init__(self, model: nn.Module, *, sample_time_pair: TimePairSampler, sample_guidance: Callable,
                  noise_scale: float, perceptual: PerceptualDistances | None, t_thr: float,
-                 lpips_weight: float, convnext_weight: float, c: float, p: float,
+                 lpips_weight: float, convnext_weight: float, c: float, p: float, precision: str,
                  autocast_dtype: torch.dtype | None, jvp: P.JVPFn):
         super().__init__()
         if not 0.0 <= t_thr <= 1.0:   # NaN fails too: it would turn the perceptual terms off without a word
@@ -116,18 +122,19 @@ class TrainingStep(nn.Module):
         self.model, self.perceptual = model, perceptual
         self.sample_time_pair, self.sample_guidance = sample_time_pair, sample_guidance
         self.noise_scale, self.t_thr, self.autocast_dtype, self.jvp = noise_scale, t_thr, autocast_dtype, jvp
+        self.precision, self.step_autocast_dtype = precision, precision_autocast_dtype(precision)   # checks the name
         self.weights = {"lpips": lpips_weight, "convnext": convnext_weight}
         self.c, self.p = c, p
 
     @classmethod
     def from_preset(cls, model: nn.Module, preset: str | Recipe, *, perceptual: PerceptualDistances | None = None,
-                    autocast_dtype: torch.dtype | None = None, time_sampler: str = "full", guidance: bool = True,
-                    jvp: P.JVPFn = fast_jvp.jvp, **overrides) -> "TrainingStep":
+                    precision: str = "fp32", autocast_dtype: torch.dtype | None = None, time_sampler: str = "full",
+                    guidance: bool = True, jvp: P.JVPFn = fast_jvp.jvp, **overrides) -> "TrainingStep":
         """The released recipe of ``preset`` (a name of ``full.presets.RECIPES``, or a ``Recipe``).
 
         Args:
             model: the PMFViT; its ``noise_scale`` (the preset's, unless overridden when it was built) is used.
-            perceptual: the perceptual nets, or None (MSE only).  autocast_dtype: as in the class.
+            perceptual: the perceptual nets, or None (MSE only).  precision, autocast_dtype: as in the class.
             time_sampler: a key of :data:`TIME_SAMPLERS` ("full" = pMF).  guidance: trained-in CFG (pMF) or off.
             jvp: the JVP engine (default: the fast one, ``full.fast_jvp.jvp``).
             overrides: fields of ``Recipe`` (t_thr, P_mean, P_std, uniform_fraction, omega_beta, noise_scale)
@@ -153,7 +160,7 @@ class TrainingStep(nn.Module):
         return cls(model, sample_time_pair=functools.partial(TIME_SAMPLERS[time_sampler], **sampler_kwargs),
                    sample_guidance=sample_guidance, noise_scale=noise_scale, perceptual=perceptual,
                    t_thr=recipe.t_thr, lpips_weight=LPIPS_WEIGHT, convnext_weight=CONVNEXT_WEIGHT,
-                   c=P.ADAPTIVE_C, p=P.ADAPTIVE_P, autocast_dtype=autocast_dtype, jvp=jvp)
+                   c=P.ADAPTIVE_C, p=P.ADAPTIVE_P, precision=precision, autocast_dtype=autocast_dtype, jvp=jvp)
 
     # ------------------------------------------------------------------ randomness
     def draw_randomness(self, x: torch.Tensor, *, generator: torch.Generator,
@@ -177,10 +184,12 @@ class TrainingStep(nn.Module):
         return StepRandomness(e, r, t, omega, t_min, t_max, dropped, boxes)
 
     # ------------------------------------------------------------------ the guidance pass
-    def _autocast(self, device: torch.device):
-        if self.autocast_dtype is None:
+    @staticmethod
+    def _autocast(device: torch.device, dtype: torch.dtype | None):
+        """``torch.autocast`` to ``dtype`` on ``device``'s type, or a no-op context for None."""
+        if dtype is None:
             return contextlib.nullcontext()
-        return torch.autocast(device.type, dtype=self.autocast_dtype)
+        return torch.autocast(device.type, dtype=dtype)
 
     def guidance_velocities(self, z: torch.Tensor, t: torch.Tensor, omega_target: torch.Tensor,
                             y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -191,12 +200,18 @@ class TrainingStep(nn.Module):
         labels = torch.cat([y, torch.full_like(y, self.model.num_classes)])
         omegas = torch.cat([omega_target, torch.ones_like(omega_target)])
         z2, t2 = torch.cat([z, z]), torch.cat([t, t])
-        with self._autocast(z.device):
+        with self._autocast(z.device, self.autocast_dtype):
             v = core_fns(self.model, make_cond(labels, omegas, 0.0, 1.0)).v(z2, t2).to(z.dtype)
         return v[:n], v[n:]
 
     # ------------------------------------------------------------------ the loss
     def forward(self, x: torch.Tensor, y: torch.Tensor, randomness: StepRandomness) -> dict[str, torch.Tensor]:
+        """:meth:`loss_terms` under the step's precision: with ``precision="bf16"`` every pass of the step runs
+        under bf16 autocast (the JVP's too); the backward, which the caller runs, follows the forward's dtypes."""
+        with self._autocast(x.device, self.step_autocast_dtype):
+            return self.loss_terms(x, y, randomness)
+
+    def loss_terms(self, x: torch.Tensor, y: torch.Tensor, randomness: StepRandomness) -> dict[str, torch.Tensor]:
         """The released loss (``pixelMeanFlow.forward``) of one batch, without a host sync.
 
         Args: x (B, C, H, W) in [-1, 1]; y (B,) labels; randomness for these B rows (drawn by
@@ -243,7 +258,7 @@ class TrainingStep(nn.Module):
         #    through the nets (a row select would be a data-dependent shape, a host sync), masked rows get 0
         if self.perceptual is not None:
             x_pred = P.denoised_image(z_t, u, t, **unchecked)
-            with self._autocast(x.device):
+            with self._autocast(x.device, self.autocast_dtype):
                 distances = self.perceptual(x_pred, x, rnd.crop_boxes)
             for name, distance in distances.items():
                 per_sample[name] = P.perceptual_term(distance.to(raw_u.dtype), t, t_thr=self.t_thr,

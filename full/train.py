@@ -42,15 +42,14 @@ from typing import NamedTuple
 
 import numpy as np
 import torch
-
+from torch.nn.parallel import DistributedDataParallel
 
 from .checkpoint import (CHECKPOINT_FORMAT, LOG_NAME, CheckpointError, RunFolderError, StopOnSignal, capture_rng_state,
                          check_run_folder, continues_in_place, portable_settings, read_run_checkpoint,
                          reset_run_folder, resolve_resume, restore_run, save_run_checkpoint, truncate_log)
 from .config import TrainConfig, UsageError, check_config, check_resume, config_from_argv
 from .data import ImageFolderDataset, SyntheticDataset, UnreadableImageError, infinite_batches
-from .distributed import (any_rank, barrier, init_distributed, mean_over_ranks, no_sync, parallelize,
-                          world_size_from_env)
+from .distributed import any_rank, barrier, init_distributed, mean_over_ranks, parallelize, world_size_from_env
 from .ema import EMASet
 from .finetune import InitFromOfficialError, init_from_official
 from .fsdp import SHARDED_NAME, ShardedEMA, ensure_process_group, remove_sharded, remove_stale_sharded, \
@@ -58,7 +57,7 @@ from .fsdp import SHARDED_NAME, ShardedEMA, ensure_process_group, remove_sharded
 from .model import build_model
 from .monitor import prepare_fid
 from .optim import build_optimizer
-from .precision import apply_precision, autocast, default_precision
+from .precision import apply_precision, default_precision
 from .perceptual import PerceptualDistances, build_convnext_v2, build_lpips_vgg
 from .presets import ARCHITECTURES
 from .step import TrainingStep
@@ -149,14 +148,12 @@ def train(cfg: TrainConfig, dataset=None, progress: bool = True) -> TrainResult:
                 epoch, batch_in_epoch, (x, y) = next(batches)
                 x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
                 randomness = objective.draw_randomness(x, generator=generator, batch_size=cfg.batch_size)
-                optimizer.zero_grad(set_to_none=True)
                 micro_means = []
                 for micro in range(cfg.accum_steps):     # rows [first, first + micro_batch) of the global batch
                     first, rows = rank * local_batch + micro * micro_batch, slice(micro * micro_batch,
                                                                                   (micro + 1) * micro_batch)
                     with no_sync(step_fn, last_micro_batch=micro == cfg.accum_steps - 1):
-                        with autocast(cfg.precision, device):     # bf16: every pass of the step, the JVP's too
-                            terms = step_fn(x[rows], y[rows], randomness.rows(first, first + micro_batch))
+                        terms = step_fn(x[rows], y[rows], randomness.rows(first, first + micro_batch))
                         (terms["loss"] / cfg.accum_steps).backward()
                     micro_means.append(torch.stack([terms[name].detach().mean() for name in LOGGED_TERMS]))
                 log.add(step + 1, images_seen + cfg.batch_size, logged_terms(model, micro_means))   # on the device
@@ -175,6 +172,7 @@ def train(cfg: TrainConfig, dataset=None, progress: bool = True) -> TrainResult:
                 if step == cfg.steps or stopped_by:
                     break
                 optimizer.step()
+                optimizer.zero_grad(set_to_none=True)   # freed here: the next batch starts from none, as the first
                 if emas is not None:
                     emas.update(model, batch=cfg.batch_size, images_seen=images_seen)
                 step, images_seen = step + 1, images_seen + cfg.batch_size
@@ -236,7 +234,7 @@ def build_step(cfg: TrainConfig, model: torch.nn.Module, device: torch.device) -
         perceptual = PerceptualDistances(build_lpips_vgg(pretrained_backbone=cfg.perceptual_pretrained), convnext,
                                          crop_size=cfg.perceptual_crop)
     return TrainingStep.from_preset(model, cfg.preset, perceptual=perceptual, time_sampler=cfg.time_sampler,
-                                    guidance=cfg.guidance,
+                                    guidance=cfg.guidance, precision=cfg.precision,   # bf16: every pass, the JVP's too
                                     autocast_dtype=torch.bfloat16 if cfg.bf16 else None).to(device)
 
 
@@ -281,6 +279,15 @@ def prepare_run_folder(cfg: TrainConfig, out: Path, step: int, images_seen: int,
 
 
 # ----------------------------------------------------------------------------- the loop's helpers
+
+def no_sync(step_fn: torch.nn.Module, last_micro_batch: bool):
+    """DDP all-reduces gradients in the backward of the last micro-batch only; FSDP reduce-scatters after
+    every one (unsharded gradients would cost the memory it saves); one process has nothing to sync."""
+    inner = getattr(step_fn, "_orig_mod", step_fn)   # under torch.compile
+    if last_micro_batch or not isinstance(inner, DistributedDataParallel):
+        return contextlib.nullcontext()
+    return inner.no_sync()
+
 
 def logged_terms(model, micro_means: list) -> torch.Tensor:
     """The step's logged terms and gradient norm averaged over ranks, as one tensor on the device (its

@@ -16,20 +16,16 @@ Nothing here draws random numbers except the samplers, which take a ``torch.Gene
 The JVP is ``torch.func.jvp`` unless a caller passes another engine (``jvp=``); value checks (host
 syncs) can be skipped with ``check_values=False`` where the values were checked on entry.
 """
-from .guidance import (LABEL_DROP_PROB, OMEGA_S_MAX, drop_labels, effective_guidance_scale,
-                       guidance_scale_for_target, guided_velocity, label_drop_mask, label_drop_mask_diagonal,
-                       sample_guidance_interval, sample_omega)
-from .loss import (ADAPTIVE_C, ADAPTIVE_P, GuidedLossTerms, MeanFlowLossTerms, adaptively_weighted,
-                   flow_matching_loss, meanflow_loss, perceptual_term, pmf_guided_loss, pmf_loss, squared_error,
-                   velocity_loss)
-from .meanflow import (AverageVelocityJVP, JVPFn, average_velocity_jvp, compound_velocity, meanflow_target,
-                       tangent_conditional, tangent_from_model, tangent_from_v_head, u_fn_from_x_fn)
-from .path import (T_EPS, average_velocity_from_x, conditional_velocity, denoised_image, interpolate,
-                   target_velocity, x_from_average_velocity)
-from ._checks import expand_like
+from .meanflow import (ADAPTIVE_C, ADAPTIVE_P, AverageVelocityJVP, GuidedLossTerms, JVPFn, MeanFlowLossTerms,
+                       adaptively_weighted, average_velocity_jvp, compound_velocity, drop_labels,
+                       effective_guidance_scale, flow_matching_loss, guidance_scale_for_target, guided_velocity,
+                       meanflow_loss, meanflow_target, perceptual_term, pmf_guided_loss, pmf_loss, squared_error,
+                       tangent_conditional, tangent_from_model, tangent_from_v_head, u_fn_from_x_fn, velocity_loss)
+from .path import (EQUAL_FRACTION, LABEL_DROP_PROB, OMEGA_S_MAX, P_MEAN, P_STD, T_EPS, average_velocity_from_x,
+                   conditional_velocity, denoised_image, diagonal_rows, expand_like, interpolate, label_drop_mask,
+                   label_drop_mask_diagonal, sample_guidance_interval, sample_logit_normal, sample_omega,
+                   sample_time_pair, sample_time_pair_diagonal, sample_time_pair_endpoint, sample_time_pair_released,
+                   sample_time_pair_two_lines, target_velocity, x_from_average_velocity)
 from .sampling import sample_multi_step, sample_one_step
-from .time import (EQUAL_FRACTION, P_MEAN, P_STD, diagonal_rows, sample_logit_normal, sample_time_pair,
-                   sample_time_pair_diagonal, sample_time_pair_endpoint, sample_time_pair_released,
-                   sample_time_pair_two_lines)
 
 __all__ = [name for name in dir() if not name.startswith("_")]

@@ -5,7 +5,7 @@ from typing import Callable
 
 import torch
 
-from ._checks import check_float
+from .path import check_float
 
 
 def _u_only(u_fn: Callable, z, r, t, has_aux: bool) -> torch.Tensor:

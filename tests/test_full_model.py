@@ -1,20 +1,28 @@
-"""Tests of the pMF ViT (full/model.py, full/layers.py) and its parameter / GMAC counter (full/params.py).
+"""Tests of the pMF ViT (full/model.py: its layers, the network, the adapter) and its parameter / GMAC counter
+(full/params.py).
 
 Oracles: float64 central finite differences (JVP), F.scaled_dot_product_attention (attention),
-closed forms (RMSNorm, RoPE's relative-position property, zero-init identity), an analytic
+closed forms (RMSNorm, RoPE's relative-position property, zero-init identity), the explicit attention
+for the fused SDPA route, the plain block for activation checkpointing, an analytic
 parameter / MAC formula against sum(p.numel()) and torch's FlopCounterMode, and the paper's Table 8.
 """
 from __future__ import annotations
 
 import pytest
 import torch
+import torch.autograd.forward_ad as fwAD
 import torch.nn.functional as F
 from hypothesis import given, strategies as st
+from torch import nn
 from torch.func import functional_call, jvp
 
+import full.model as full_model
 import pmf_ref as P
-from full.layers import Block, RMSNorm, apply_rope, attention, rope_angles_2d
-from full.model import NUM_PREFIX_TOKENS, PRESETS, build_model, core_fns, make_cond
+from full import fast_jvp
+from full.model import (NUM_PREFIX_TOKENS, PRESETS, Block, RMSNorm, apply_rope, attention, build_model, core_fns,
+                        make_cond, rope_angles_2d)
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 TINY = ["pMF-T/4", "pMF-T/2"]
 FD_EPS = 1e-6          # central-difference step in float64: truncation ~eps^2, rounding ~1e-16/eps
@@ -238,6 +246,153 @@ def test_rope_scores_depend_on_relative_position(shift_row, shift_col):
     torch.testing.assert_close(q_rot.norm(dim=-1), q.norm().expand(length))
 
 
+# ----------------------------------------------------------------------------- layers: the fused-attention route, the cheap-JVP modules
+
+TOL = {torch.float32: 1e-6, torch.float64: 1e-12}
+
+
+def _qkv(dtype, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    return [torch.randn(2, 3, 9, 8, generator=generator, dtype=dtype) for _ in range(3)]
+
+
+@pytest.fixture
+def fused_on_cpu(monkeypatch):
+    """Let the CPU take the fused branch (by default only CUDA does), counting its calls."""
+    calls = []
+    sdpa = full_model.F.scaled_dot_product_attention
+    monkeypatch.setattr(full_model, "FUSED_ATTENTION_DEVICES", ("cpu", "cuda"))
+    monkeypatch.setattr(full_model.F, "scaled_dot_product_attention",
+                        lambda *args, **kwargs: calls.append(1) or sdpa(*args, **kwargs))
+    return calls
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_fused_attention_equals_explicit_math(fused_on_cpu, dtype):
+    q, k, v = _qkv(dtype)
+    with torch.no_grad():
+        fused = full_model.attention(q, k, v)
+        with fast_jvp.reference_ops():
+            explicit = full_model.attention(q, k, v)
+    assert len(fused_on_cpu) == 1   # the fused kernel ran once, the reference did not call it
+    torch.testing.assert_close(fused, explicit, rtol=0, atol=TOL[dtype] * explicit.abs().max().item())
+
+
+def test_fused_attention_only_without_grad_and_tangent(fused_on_cpu):
+    q, k, v = _qkv(torch.float64)
+    full_model.attention(q, k, v)                              # grad enabled: explicit
+    with torch.no_grad(), fwAD.dual_level():
+        full_model.attention(fwAD.make_dual(q, torch.ones_like(q)), k, v)   # tangent: explicit (forward AD)
+    assert fused_on_cpu == []
+    with torch.no_grad():
+        full_model.attention(q, k, v)
+    assert fused_on_cpu == [1]
+
+
+def test_default_cpu_attention_is_explicit():
+    """On CPU the fused kernel is off by default: a no-grad pass is the reference's bits."""
+    q, k, v = _qkv(torch.float32)
+    with torch.no_grad():
+        plain = full_model.attention(q, k, v)
+        with fast_jvp.reference_ops():
+            assert torch.equal(plain, full_model.attention(q, k, v))
+
+
+def test_vit_no_grad_forward_with_fused_attention_matches_math(fused_on_cpu):
+    torch.manual_seed(0)
+    model = build_model("pMF-T/2")
+    generator = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.2 * torch.randn(p.shape, generator=generator))
+    z = torch.randn(3, 3, 16, 16, generator=generator)
+    t, cond = torch.tensor([1.0, 0.5, 0.2]), make_cond(torch.tensor([1, 2, 1000]), 3.0, 0.1, 0.7)
+    with torch.no_grad():
+        fused = model.forward_u(z, torch.zeros(3), t, cond)
+        with fast_jvp.reference_ops():
+            explicit = model.forward_u(z, torch.zeros(3), t, cond)
+    assert len(fused_on_cpu) == len(model.trunk) + len(model.u_head.blocks)
+    torch.testing.assert_close(fused, explicit, rtol=0, atol=1e-5 * explicit.abs().max().item())
+
+
+def test_linear_is_a_drop_in_nn_linear():
+    torch.manual_seed(0)
+    plain = nn.Linear(6, 4)
+    ours = full_model.Linear(6, 4)
+    ours.load_state_dict(plain.state_dict())
+    assert isinstance(ours, nn.Linear) and ours.state_dict().keys() == plain.state_dict().keys()
+    x = torch.randn(2, 3, 6)
+    assert torch.equal(ours(x), plain(x))
+
+
+# ----------------------------------------------------------------------------- layers: activation checkpointing (recompute_in_backward)
+
+def _released_step_grads(model, seed=0, n=6):
+    """Loss and every gradient of the released step (TrainingStep: guidance pass, JVP through both heads)."""
+    from full.step import TrainingStep
+
+    generator = torch.Generator().manual_seed(seed)
+    randomness = TrainingStep.from_preset(model, "pMF-T/4", noise_scale=1.0, omega_beta=1.0).draw_randomness(
+        torch.zeros(n, 3, 32, 32), generator=generator)
+    randomness = type(randomness)(*(f.double() if f.is_floating_point() else f for f in randomness))
+    x = torch.rand(n, 3, 32, 32, generator=generator, dtype=torch.float64) * 2 - 1
+    y = torch.randint(0, 10, (n,), generator=generator)
+    model.zero_grad(set_to_none=True)
+    terms = TrainingStep.from_preset(model, "pMF-T/4", noise_scale=1.0, t_thr=0.8, omega_beta=1.0)(x, y, randomness)
+    terms["loss"].backward()
+    return terms, {name: p.grad for name, p in model.named_parameters()}
+
+
+def test_activation_checkpointing_keeps_loss_and_every_gradient():
+    """Recomputing each block in the backward (JVP pass included) changes no number: float64, pMF-T/4 with
+    random gates and output layers, the released step's loss terms and every gradient to 1e-12."""
+    from full.bench.precision import randomize_zero_init_
+
+    torch.manual_seed(0)
+    plain = randomize_zero_init_(build_model("pMF-T/4", num_classes=10).double(), torch.Generator().manual_seed(1))
+    checkpointed = build_model("pMF-T/4", num_classes=10, activation_checkpointing=True).double()
+    checkpointed.load_state_dict(plain.state_dict())
+    assert all(block.recompute for block in checkpointed.modules() if isinstance(block, Block))
+    terms, grads = _released_step_grads(plain)
+    terms_ckpt, grads_ckpt = _released_step_grads(checkpointed)
+    for key in ("loss", "loss_u", "loss_v", "raw_u", "raw_v"):
+        torch.testing.assert_close(terms_ckpt[key], terms[key], rtol=1e-12, atol=0)
+    assert all(grad.abs().max() > 0 for grad in grads.values())   # every parameter's gradient is exercised
+    for name, grad in grads.items():
+        torch.testing.assert_close(grads_ckpt[name], grad, rtol=1e-12, atol=1e-14, msg=name)
+
+
+def test_activation_checkpointing_keeps_dudt_and_saves_only_block_inputs():
+    """The JVP's primal and tangent are the plain block's; under autograd a checkpointed block saves only
+    its input (counted with saved-tensor hooks) where the plain block saves dozens of tensors."""
+    torch.manual_seed(0)
+    block = Block(32, 4).double()
+    with torch.no_grad():
+        block.gate_attn.normal_()
+        block.gate_mlp.normal_()
+    cos, sin = rope_angles_2d(2, 8, 1).cos(), rope_angles_2d(2, 8, 1).sin()
+    x = torch.randn(3, 5, 32, dtype=torch.float64, requires_grad=True)
+    tangent = torch.randn_like(x)
+
+    def run(recompute):
+        block.recompute = recompute
+        saved = []
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+            with fwAD.dual_level():
+                y, dy = fwAD.unpack_dual(block(fwAD.make_dual(x, tangent), cos, sin))
+        grad_x, *grad_p = torch.autograd.grad((y ** 2).sum(), (x, *block.parameters()))
+        return y, dy, grad_x, grad_p, len(saved)
+
+    y, dy, grad_x, grad_p, saved = run(False)
+    y_c, dy_c, grad_x_c, grad_p_c, saved_c = run(True)
+    torch.testing.assert_close(y_c, y, rtol=1e-14, atol=1e-14)
+    torch.testing.assert_close(dy_c, dy, rtol=1e-14, atol=1e-14)
+    torch.testing.assert_close(grad_x_c, grad_x, rtol=1e-12, atol=1e-13)
+    for a, b in zip(grad_p_c, grad_p):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-13)
+    assert saved_c == 1 and saved > 10     # the checkpointed block saves its input alone
+
+
 # ----------------------------------------------------------------------------- counts
 
 
@@ -285,12 +440,12 @@ def test_core_fns_read_the_output_by_what_the_model_predicts(prediction):
 
 
 def test_only_the_adapters_ask_what_a_network_predicts():
-    """Reading a network's output by ``prediction ==`` happens in the two adapters only: full/model.py (PMFViT)
-    and toy/train.py (the toy MLP). (full/config.py's flag check -- --init-official needs x-prediction -- reads
-    a setting, not an output.)"""
+    """What a network's output means (``prediction ==`` / ``!=``) is decided in the two adapters only:
+    full/model.py (``predicts_image``, which the PMFViT's adapter, the trainer's settings and the fine-tuning
+    loader ask) and toy/train.py (the toy MLP)."""
     import pathlib
     import re
     root = pathlib.Path(__file__).resolve().parents[1]
-    sites = sorted({str(path.relative_to(root)) for folder in ("full", "toy") for path in (root / folder).rglob("*.py")
-                    if re.search(r"prediction ==", path.read_text())} - {"full/config.py"})
+    sites = sorted({str(path.relative_to(root)) for folder in ("full", "toy", "tutorials")
+                    for path in (root / folder).rglob("*.py") if re.search(r"prediction [!=]=", path.read_text())})
     assert sites == ["full/model.py", "toy/train.py"], sites

@@ -1,5 +1,6 @@
 """full.step: the training step built from a preset, and the released recipe's randomness per device batch
 (the loss itself is checked against a transcription of the authors' code in test_full_official.py)."""
+import contextlib
 import inspect
 
 import pytest
@@ -185,6 +186,31 @@ def test_v_head_does_no_tangent_work():
         handle.remove()
     assert seen and not any(seen)   # the guidance pass and the v-loss pass: never a tangent
     assert all(p.grad is not None for p in model.v_head.parameters())
+
+
+# ----------------------------------------------------------------------------- precision
+
+def test_bf16_precision_is_the_step_under_bf16_autocast():
+    """``precision="bf16"``: the step runs every pass under bf16 autocast itself -- the same loss terms and
+    gradients, bit for bit, as the fp32 step called inside ``torch.autocast`` (how the trainer ran it before
+    the step owned its precision); the default adds no autocast."""
+    model = _randomised_vit("pMF-T/4", dtype=torch.float32)
+
+    def run(step, outer):
+        model.zero_grad(set_to_none=True)
+        x, y, rnd = _batch(step, 6, dtype=torch.float32)
+        with outer:
+            terms = step(x, y, rnd)
+        terms["loss"].backward()
+        return terms, [p.grad.clone() for p in model.parameters()]
+    expected, expected_grads = run(TrainingStep.from_preset(model, "pMF-T/4"), torch.autocast("cpu", dtype=torch.bfloat16))
+    terms, grads = run(TrainingStep.from_preset(model, "pMF-T/4", precision="bf16"), contextlib.nullcontext())
+    fp32, _ = run(TrainingStep.from_preset(model, "pMF-T/4"), contextlib.nullcontext())
+    assert terms.keys() == expected.keys() and all(torch.equal(terms[k], expected[k]) for k in expected)
+    assert all(torch.equal(a, b) for a, b in zip(grads, expected_grads))
+    assert terms["loss"].dtype == torch.float32 and not torch.equal(terms["raw_u"], fp32["raw_u"])   # it ran
+    with pytest.raises(ValueError, match="precision must be one of fp32, tf32, bf16"):
+        TrainingStep.from_preset(model, "pMF-T/4", precision="fp16")
 
 
 # ----------------------------------------------------------------------------- no host syncs

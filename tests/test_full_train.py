@@ -981,3 +981,84 @@ def test_a_step_reads_nothing_to_the_host_but_a_check_point_once(tmp_path, monke
         check_point = number % 3 == 0 or number == 7
         assert all(count <= (1 if check_point else 0) for count in counts.values()), (number, counts)
     assert sum(counts["to_host"] for counts in loop) == 3      # every check point read its window
+
+
+# ---------------------------------------------------------------------------- the walk of one training batch
+
+def _walk_of_one_batch(cfg: TrainConfig, dataset) -> tuple[dict[str, set[str]], set[tuple[str, str]]]:
+    """Train under a profiler (every Python call, on every thread) and return (a) the repository files whose
+    functions run while ``train()``'s frame is between its ``next(batches)`` line and its ``.backward()`` line,
+    each with the functions entered, and (b) every (file, function) of ``full`` called from a ``pmf_ref``
+    frame in that window."""
+    import inspect
+    import threading
+
+    import full.train as train_module
+
+    code = train_module.train.__code__
+    source, start = inspect.getsourcelines(train_module.train)
+    first = start + next(i for i, line in enumerate(source) if "next(batches)" in line)
+    last = start + next(i for i, line in enumerate(source) if ".backward()" in line)
+    root = Path(train_module.__file__).resolve().parents[1]
+    files: dict[str, set[str]] = {}
+    callbacks: set[tuple[str, str]] = set()
+    names: dict[str, str | None] = {}
+
+    def in_repository(filename: str) -> str | None:    # "full/step.py", or None outside the repository
+        if filename not in names:
+            path = Path(filename).resolve()    # not "<frozen abc>", "<string>": those are no file of ours
+            names[filename] = (path.relative_to(root).as_posix() if Path(filename).is_absolute() and
+                               path.is_relative_to(root) and not {".venv", "site-packages"} & set(path.parts)
+                               else None)
+        return names[filename]
+
+    def profile(frame, event, arg):
+        if event != "call":
+            return
+        outer = frame
+        while outer is not None and outer.f_code is not code:
+            outer = outer.f_back
+        if outer is None or not first <= outer.f_lineno <= last:
+            return
+        name = in_repository(frame.f_code.co_filename)
+        if name is None:
+            return
+        files.setdefault(name, set()).add(frame.f_code.co_name)
+        caller = in_repository(frame.f_back.f_code.co_filename) if frame.f_back is not None else None
+        if caller is not None and caller.startswith("pmf_ref/") and name.startswith("full/"):
+            callbacks.add((name, frame.f_code.co_name))
+
+    threading.setprofile(profile)
+    sys.setprofile(profile)
+    try:
+        train(cfg, dataset, progress=False)
+    finally:
+        sys.setprofile(None)
+        threading.setprofile(None)
+    return files, callbacks
+
+
+def _walk_in_full_init() -> list[str]:
+    """The files listed in ``full/__init__.py``'s walk of one training batch (its numbered list)."""
+    import re
+
+    import full
+    walk = full.__doc__.split("One training batch", 1)[1].split("Around it:", 1)[0]
+    return re.findall(r"^\d+\. ``([\w/]+\.py)``", walk, flags=re.M)
+
+
+def test_one_batch_walk_enters_the_eight_files_of_full_init_and_the_core_calls_back_only_the_jvp(tmp_path):
+    """From ``next(batches)`` to ``.backward()`` (perceptual nets on, with random weights) the batch enters
+    exactly the files ``full/__init__.py`` lists, at most 8, and ``pmf_ref`` calls into ``full`` only the
+    JVP's function (the adapter's ``u_and_trunk``) or the engine ``full.fast_jvp.jvp``."""
+    cfg = TrainConfig(preset="pMF-T/4", num_classes=10, batch_size=4, steps=2, out=str(tmp_path), device="cpu",
+                      num_workers=0, log_every=1, ema_half_lives_kimg=(0.5,), perceptual="lpips+convnext",
+                      perceptual_pretrained=False, convnext_arch="convnextv2_atto", perceptual_crop=32)
+    files, callbacks = _walk_of_one_batch(cfg, SyntheticDataset(8, 32, num_classes=10, seed=1))
+    listed = _walk_in_full_init()
+    assert len(listed) == len(set(listed)) <= 8, listed
+    walked = set(files) | {"full/train.py"}   # the loop's own file (entered again only if it calls a helper there)
+    assert walked == set(listed), {name: sorted(functions)[:8] for name, functions in files.items()}
+    assert {"sample_crop_boxes", "forward"} <= files["full/perceptual.py"]    # crop boxes, then the distances
+    assert callbacks <= {("full/model.py", "u_and_trunk"), ("full/fast_jvp.py", "jvp")}, callbacks
+    assert ("full/fast_jvp.py", "jvp") in callbacks    # the tracer sees the core's one call-back

@@ -210,7 +210,7 @@ def test_tutorial06_preset_counts_and_the_bottleneck(tutorial_runs):
     assert numbers["EMA decay in steady state, batch 1024, half-life 2000 kimg (0.5^(1024/2e6))"] == \
         pytest.approx(0.5 ** (1024 / 2e6), abs=1e-9)
     assert numbers["ViT: relative |JVP - finite difference| of du/dt"] < 1e-4
-    assert numbers["one ViT block: |written out - full.layers.Block| (max)"] < 1e-5
+    assert numbers["one ViT block: |written out - full.model.Block| (max)"] < 1e-5
     # the written-out released step and the library's training-step object: same loss, same gradients
     assert numbers["written-out step vs the library's TrainingStep: relative loss difference on the same draws"] < 1e-5
     assert numbers["written-out step vs TrainingStep: max gradient difference / max gradient"] < 1e-4

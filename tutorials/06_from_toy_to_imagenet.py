@@ -94,7 +94,7 @@ report("max |x_hat| of the freshly initialised network (zero-init heads)", x_hat
 
 # %% [markdown]
 # **One block, written out.** Every block of trunk and heads is the same pre-norm transformer block
-# (`full.layers.Block`): RMSNorm, attention with RMS-normalised queries and keys and 2-D RoPE on the
+# (`full.model.Block`): RMSNorm, attention with RMS-normalised queries and keys and 2-D RoPE on the
 # patch tokens, a SwiGLU MLP, each added back through a per-channel gate that starts at zero — so
 # every block starts as the identity. Here it is in plain torch, with the block's own weights,
 # against the block itself (gates set non-zero so that the check sees the whole block):
@@ -128,7 +128,7 @@ block = model.trunk[0]
 with torch.no_grad():
     block.gate_attn.normal_(), block.gate_mlp.normal_()
     tokens = torch.randn(2, model.rope_cos.shape[0], model.pos_embed.shape[-1])   # (B, 20 + 16, 64)
-    report("one ViT block: |written out - full.layers.Block| (max)",
+    report("one ViT block: |written out - full.model.Block| (max)",
            (block_by_hand(block, tokens, model.rope_cos, model.rope_sin) - block(tokens, model.rope_cos, model.rope_sin)).abs().max())
     block.gate_attn.zero_(), block.gate_mlp.zero_()                           # back to the identity init
 
