@@ -336,7 +336,7 @@ def rms_normalize(x: torch.Tensor, eps: float) -> torch.Tensor:
         return y
     with torch.no_grad():
         # d(x rs) = (dx - x rs^2 mean(x dx)) rs
-        tangent = torch.addcmul(x_t, x, (x * x_t).mean(-1, keepdim=True) * rs.square(), value=-1) * rs
+        tangent = torch.addcmul(x_t, x, (x * x_t).mean(-1, keepdim=True) * rs.square(), value=-1).mul_(rs)
     return _dual(y, tangent)
 
 
@@ -349,14 +349,17 @@ def _attention_weights(q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
 
 def _attention_tangent(q, k, v, weights, q_t, k_t, v_t) -> torch.Tensor | None:
     """``dO = dP v + P dv``, ``dP = P (dS - rowsum(P dS))``, ``dS = (dq k^T + q dk^T) d^(-1/2)``; P = ``weights``."""
-    scores_t = _plus(None if q_t is None else q_t @ k.transpose(-2, -1),
-                     None if k_t is None else q @ k_t.transpose(-2, -1))
+    # every intermediate is fresh and without history: updated in place (fewer allocations)
+    scores_t = None if q_t is None else q_t @ k.transpose(-2, -1)
+    if k_t is not None:
+        scores_t = q @ k_t.transpose(-2, -1) if scores_t is None else scores_t.add_(q @ k_t.transpose(-2, -1))
     output_t = None if v_t is None else weights.to(v.dtype) @ v_t
     if scores_t is None:
         return output_t
-    scores_t = (scores_t * (q.shape[-1] ** -0.5)).to(weights.dtype)
-    weights_t = weights * (scores_t - (weights * scores_t).sum(-1, keepdim=True))
-    return _plus(weights_t.to(v.dtype) @ v, output_t)
+    scores_t = scores_t.mul_(q.shape[-1] ** -0.5).to(weights.dtype)
+    weights_t = scores_t.sub_((weights * scores_t).sum(-1, keepdim=True)).mul_(weights)
+    tangent = weights_t.to(v.dtype) @ v
+    return tangent if output_t is None else tangent.add_(output_t)
 
 
 class _SoftmaxAttention(torch.autograd.Function):
@@ -457,7 +460,7 @@ def silu_mul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     if a_t is None and b_t is None:
         return y
     with torch.no_grad():
-        tangent = None if a_t is None else torch.ops.aten.silu_backward(a_t, a) * b
+        tangent = None if a_t is None else torch.ops.aten.silu_backward(a_t, a).mul_(b)
         if b_t is not None:
             tangent = silu_a * b_t if tangent is None else tangent.addcmul_(silu_a, b_t)
     return _dual(y, tangent)
