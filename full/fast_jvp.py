@@ -239,6 +239,17 @@ def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tens
     return torch.stack([a * cos - b * sin, a * sin + b * cos], dim=-1).flatten(-2).to(x.dtype)
 
 
+def _rotate_tangent(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """:func:`_rotate` as one complex product ``(a + ib)(cos + i sin)`` where x's layout allows a complex view
+    (float32 / float64 like the tables, channel pairs adjacent): one kernel instead of six. For tangents only:
+    the primal keeps :func:`_rotate`, whose graph is the plain op's."""
+    if (x.dtype not in (torch.float32, torch.float64) or cos.dtype != x.dtype or sin.dtype != x.dtype
+            or x.stride(-1) != 1 or any(stride % 2 for stride in x.stride()[:-1])):
+        return _rotate(x, cos, sin)
+    rotated = torch.view_as_complex(x.unflatten(-1, (-1, 2))) * torch.complex(cos, sin)
+    return torch.view_as_real(rotated).flatten(-2)
+
+
 class _RotatePairs(torch.autograd.Function):
     """Rotation by fixed angles is linear in x: the tangent is the rotated tangent, the gradient the
     gradient rotated back (the transpose of a rotation)."""
@@ -279,7 +290,7 @@ def rotate_pairs(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
     if x_t is None:
         return y
     with torch.no_grad():
-        tangent = _rotate(x_t, cos, sin)
+        tangent = _rotate_tangent(x_t, cos, sin)
     return _dual(y, tangent)
 
 
