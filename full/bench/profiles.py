@@ -6,11 +6,18 @@ under ``torch.profiler`` (CPU activities) after one warm-up call, and every op's
 its *excess*: the pass's time minus what the target allows for that op, ``bound x unit`` (a ``<=`` target in
 units of the unit pass) or ``unit / bound`` (a ``>=`` speed-up). The ops with the largest excess are where the
 target is lost. Profiler times include the profiler's own overhead (a few us per op), so the totals read
-higher than the timed medians; the split between ops is what the table is for.
+higher than the timed medians; the split between ops is what the table is for. The minor page faults of each
+profiled call are counted too: memory glibc handed back to the OS and takes again is zeroed page by page by the
+kernel, a cost no op's self time shows.
 """
 from __future__ import annotations
 
 from typing import Callable
+
+try:
+    import resource
+except ImportError:          # not on Windows: no page-fault count there
+    resource = None
 
 import torch
 from torch.profiler import ProfilerActivity, profile
@@ -18,12 +25,19 @@ from torch.profiler import ProfilerActivity, profile
 TOP_OPS = 10
 
 
-def op_self_ms(fn: Callable[[], object]) -> dict[str, tuple[float, int]]:
-    """op name -> (self CPU ms, calls) of one call of ``fn`` (after one untimed call)."""
+def minor_page_faults() -> int | None:
+    """This process's minor page faults so far (a fresh page of memory touched for the first time), or None."""
+    return None if resource is None else resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+
+
+def op_self_ms(fn: Callable[[], object]) -> tuple[dict[str, tuple[float, int]], int | None]:
+    """(op name -> (self CPU ms, calls), minor page faults) of one call of ``fn`` (after one untimed call)."""
     fn()
+    faults = minor_page_faults()
     with profile(activities=[ProfilerActivity.CPU]) as prof:
         fn()
-    return {event.key: (event.self_cpu_time_total / 1e3, event.count) for event in prof.key_averages()}
+    faults = None if faults is None else minor_page_faults() - faults
+    return {event.key: (event.self_cpu_time_total / 1e3, event.count) for event in prof.key_averages()}, faults
 
 
 def excess_profile(pass_name: str, pass_fn: Callable[[], object], unit_name: str, unit_fn: Callable[[], object],
@@ -31,11 +45,11 @@ def excess_profile(pass_name: str, pass_fn: Callable[[], object], unit_name: str
     """Profile ``pass_fn`` and ``unit_fn``; per op ``excess_ms = pass_ms - allowed * unit_ms``.
 
     Returns:
-        ``{"pass", "unit", "allowed", "total": {...}, "ops": [...]}``: one row per op among the ``top`` of the
+        ``{"pass", "unit", "allowed", "total": {...}, "minor_page_faults": {...}, "ops": [...]}``: one row per op among the ``top`` of the
         pass by self time and the ``top`` by excess (each row: op, pass_ms, pass_calls, unit_ms, unit_calls,
         excess_ms), sorted by excess, largest first; ``total`` sums every op.
     """
-    passed, unit = op_self_ms(pass_fn), op_self_ms(unit_fn)
+    (passed, pass_faults), (unit, unit_faults) = op_self_ms(pass_fn), op_self_ms(unit_fn)
     rows = []
     for name in set(passed) | set(unit):
         pass_ms, pass_calls = passed.get(name, (0.0, 0))
@@ -48,6 +62,7 @@ def excess_profile(pass_name: str, pass_fn: Callable[[], object], unit_name: str
     total_pass, total_unit = sum(row["pass_ms"] for row in rows), sum(row["unit_ms"] for row in rows)
     return {"pass": pass_name, "unit": unit_name, "allowed": allowed,
             "total": {"pass_ms": total_pass, "unit_ms": total_unit, "excess_ms": total_pass - allowed * total_unit},
+            "minor_page_faults": {"pass": pass_faults, "unit": unit_faults},
             "ops": chosen}
 
 
@@ -62,6 +77,10 @@ def format_profile(target: str, profile_: dict) -> str:
               f"{row['unit_calls']} | {row['excess_ms']:+.1f} |" for row in p["ops"]]
     total = p["total"]
     lines.append(f"| all ops | {total['pass_ms']:.1f} | | {total['unit_ms']:.1f} | | {total['excess_ms']:+.1f} |")
+    faults = p.get("minor_page_faults") or {}
+    if faults.get("pass") is not None:
+        lines += ["", f"Minor page faults in that call (fresh 4 KiB pages the allocator took from the OS, each "
+                      f"zeroed by the kernel): {p['pass']} {faults['pass']}, {p['unit']} {faults['unit']}."]
     return "\n".join(lines)
 
 
