@@ -12,7 +12,8 @@ import pmf_ref as P
 from full.bench import compile as BC
 from full.bench import harness as bench
 from full.bench.steps import ALG1_STRATEGIES, Batch, alg1_loss
-from full.bench.timing import interleaved_medians, peak_memory_bytes
+from full.bench.profiles import excess_profile, format_profile
+from full.bench.timing import interleaved_medians, peak_memory_bytes, round_ratios
 from full.io import write_json
 from full.step import TrainingStep
 from toy.model import ToyMLP
@@ -61,6 +62,23 @@ def test_interleaved_medians_rotates_order_and_counts_calls():
     assert all(s["min_s"] <= s["median_s"] for s in stats.values())
 
 
+def test_round_ratios_pair_the_samples_of_one_round():
+    """Ratio per round, then the median: 2, 4, 3 -> 3 (the ratio of the medians would be 4 / 1)."""
+    stats = {"a": {"samples_s": [2.0, 4.0, 9.0]}, "b": {"samples_s": [1.0, 1.0, 3.0]}}
+    assert round_ratios(stats, "a", "b") == {"median": 3.0, "min": 2.0, "max": 4.0, "rounds": 3}
+
+
+def test_excess_profile_counts_the_ops_of_both_passes():
+    a, b = torch.randn(32, 32), torch.randn(32, 32)
+    result = excess_profile("two", lambda: (a @ b, a @ b), "one", lambda: a @ b, allowed=2.0)
+    mm = next(row for row in result["ops"] if row["op"] == "aten::mm")
+    assert (mm["pass_calls"], mm["unit_calls"]) == (2, 1)
+    assert mm["excess_ms"] == pytest.approx(mm["pass_ms"] - 2.0 * mm["unit_ms"])
+    assert result["total"]["excess_ms"] == pytest.approx(result["total"]["pass_ms"] - 2.0 * result["total"]["unit_ms"])
+    table = format_profile("some_target", result)
+    assert "| aten::mm | " in table and "| all ops |" in table and "some_target" in table
+
+
 def test_peak_memory_sees_a_transient_allocation():
     size_mb = 64
     peak = peak_memory_bytes(lambda: torch.ones(size_mb * 2 ** 20 // 4).sum(), torch.device("cpu"))
@@ -82,7 +100,16 @@ def test_bench_run_has_headline_ratios_and_rows(tmp_path):
     rows = {(row["network"], row["variant"], row["path"]) for row in result["steps"]}
     assert len(rows) == 2 * (4 + 5 + 5)     # old and new; the toy has no released recipe (no v-head)
     assert {row["strategy"] for row in result["jvp_strategies"]} == {"flow_matching", *ALG1_STRATEGIES}
+    assert set(result["target_ranges"]) <= set(bench.TARGETS)
+    for key, (pass_name, unit_name) in bench.PROFILED_TARGETS.items():   # every missed timed target is explained
+        if result["targets_met"][key] is False:
+            assert (result["profiles"][key]["pass"], result["profiles"][key]["unit"]) == (pass_name, unit_name)
+            assert f"missed target {key}" in bench.format_tables(result)
+        else:
+            assert key not in result["profiles"]
     for row in result["steps"]:
+        low, high = row["ratio_vs_forward_range"]
+        assert low <= row["ratio_vs_forward"] <= high
         assert row["ratio_vs_old"] == 1.0 if row["path"] == "old" else row["ratio_vs_old"] > 0
         if row["variant"] == "flow_matching":
             assert row["ratio_vs_flow_matching"] == 1.0
@@ -170,7 +197,8 @@ def test_precision_section_rows_and_json(tmp_path, capsys):
         assert row["model_flop_utilisation"] == pytest.approx(row["achieved_tflops"] / 2.5)
         assert row["peak_memory_mb"] is None or row["peak_memory_mb"] >= 0
         assert row["host_syncs"]["total"] == sum(row["host_syncs"]["by_op"].values())
-    assert rows[0]["speedup_vs_fp32"] == 1.0
+    assert rows[0]["speedup_vs_fp32"] == 1.0 and rows[0]["speedup_range"] == [1.0, 1.0]
+    assert rows[1]["speedup_range"][0] <= rows[1]["speedup_vs_fp32"] <= rows[1]["speedup_range"][1]
     assert result["steps"] == [] and result["networks"] == []          # no other section ran
     assert "| precision | ms / step | images / s |" in printed and "| bf16 |" in printed
 

@@ -44,9 +44,10 @@ from .memory import format_memory_table, memory_rows
 from .steps import (ALG1_STRATEGIES, PATHS, alg1_loss, flow_matching_loss, on_path, sampling_calls,
                           training_step, u_forward, u_jvp)
 from .syncs import count_host_syncs
-from .timing import CLOCKS, interleaved_medians, machine_info, memory_method, peak_memory_bytes
-from .training import precision_rows
-from ..precision import PRECISIONS
+from .profiles import excess_profile, format_profile
+from .timing import CLOCKS, interleaved_medians, machine_info, memory_method, peak_memory_bytes, round_ratios
+from .training import precision_rows, released_step
+from ..precision import PRECISIONS, apply_precision
 from ..presets import PRESETS
 
 TARGETS = {"jvp_forwards": ("<=", 2.0), "step_ratio_alg1": ("<=", 1.9), "step_ratio_released": ("<=", 2.9),
@@ -107,12 +108,14 @@ class BenchConfig:
     activation_checkpointing: bool = False
     peak_tflops: float | None = None    # the device's peak for the utilisation (default: full.bench.training)
     memory_presets: tuple[str, ...] = MEMORY_PRESETS
+    profile_missed: bool = True         # print where the time goes for every missed timed target (PROFILED_TARGETS)
 
 
-QUICK = dict(warmup=1, repeats=5, toy_batch=256, tiny_batch=16, small_batches=(2,), sample_batch=1,
+QUICK = dict(warmup=1, repeats=7, toy_batch=256, tiny_batch=16, small_batches=(2,), sample_batch=1,
              compile_tiny=False, jvp_small=False)
-"""--quick: smaller batches (B/16 at batch 2 only), the minimum of 5 repetitions, torch.compile on the toy
-only, the jvp section on the toy and the tiny ViT only."""
+"""--quick: smaller batches (B/16 at batch 2 only), 7 interleaved rounds (the headline ratios are medians of
+per-round ratios, quoted with their min-max), torch.compile on the toy only, the jvp section on the toy and
+the tiny ViT only."""
 
 
 # ----------------------------------------------------------------------------- sections
@@ -148,17 +151,20 @@ def step_rows(work: Workload, cfg: BenchConfig, device, bar) -> list[dict]:
     stats = interleaved_medians({f"{v}|{p}": call for (v, p), call in calls.items()}, device=device,
                                  warmup=cfg.warmup, repeats=cfg.repeats, min_sample_s=cfg.min_sample_s,
                                  clock=cfg.clock, progress=bar)
-    median = {key: stats[f"{key[0]}|{key[1]}"]["median_s"] for key in calls}
     memory = {key: _memory_mb(call, device, cfg.memory) for key, call in calls.items()}
     rows = []
     for (variant, path), call in calls.items():
         old_memory = memory[(variant, "old")]
         syncs = count_host_syncs(call) if path == "new" else None   # device-to-host syncs in one call
+        # every ratio round by round (both variants ran in the same round): its median, and min-max as the spread
+        ratios = {f"ratio_vs_{unit}": round_ratios(stats, f"{variant}|{path}", f"{unit_variant}|{unit_path}")
+                  for unit, unit_variant, unit_path in (("forward", "forward", path),
+                                                        ("flow_matching", "flow_matching", path),
+                                                        ("old", variant, "old"))}
         rows.append({"network": work.name, "batch": work.batch.x.shape[0], "variant": variant, "path": path,
                      **_ms(stats[f"{variant}|{path}"]),
-                     "ratio_vs_forward": median[(variant, path)] / median[("forward", path)],
-                     "ratio_vs_flow_matching": median[(variant, path)] / median[("flow_matching", path)],
-                     "ratio_vs_old": median[(variant, path)] / median[(variant, "old")],
+                     **{key: ratio["median"] for key, ratio in ratios.items()},
+                     **{f"{key}_range": [ratio["min"], ratio["max"]] for key, ratio in ratios.items()},
                      "peak_memory_mb": memory[(variant, path)],
                      "peak_memory_vs_old": (None if memory[(variant, path)] is None or not old_memory
                                             else memory[(variant, path)] / old_memory),
@@ -167,16 +173,21 @@ def step_rows(work: Workload, cfg: BenchConfig, device, bar) -> list[dict]:
     return rows
 
 
-def precision_section(cfg: BenchConfig, device: torch.device, bar=None) -> list[dict]:
-    """The released step per precision policy at ``cfg.preset`` (see :class:`BenchConfig`)."""
-    precisions = cfg.precisions or (PRECISIONS if device.type == "cuda" else ("fp32", "bf16"))
+def _precision_setup(cfg: BenchConfig, device: torch.device) -> tuple[str, int, dict]:
+    """(preset, batch, build_model overrides) of the precision section (see :class:`BenchConfig`)."""
     if cfg.preset is not None:
         preset, overrides = cfg.preset, {}
     elif device.type == "cuda":
         preset, overrides = "pMF-B/16", {}
     else:
         preset, overrides = cfg.small_preset, {"resolution": cfg.small_resolution}
-    batch = cfg.precision_batch or (32 if device.type == "cuda" else cfg.small_batches[0])
+    return preset, cfg.precision_batch or (32 if device.type == "cuda" else cfg.small_batches[0]), overrides
+
+
+def precision_section(cfg: BenchConfig, device: torch.device, bar=None) -> list[dict]:
+    """The released step per precision policy at ``cfg.preset`` (see :class:`BenchConfig`)."""
+    precisions = cfg.precisions or (PRECISIONS if device.type == "cuda" else ("fp32", "bf16"))
+    preset, batch, overrides = _precision_setup(cfg, device)
     return precision_rows(preset, batch, tuple(precisions), device=device, warmup=cfg.warmup, repeats=cfg.repeats,
                           clock=cfg.clock, memory=cfg.memory, peak_tflops_override=cfg.peak_tflops,
                           activation_checkpointing=cfg.activation_checkpointing, progress=bar, **overrides)
@@ -282,6 +293,48 @@ def target_values(result: dict) -> dict[str, float | None]:
             "released_peak_memory_vs_old": _headline(*step, "released", "peak_memory_vs_old")}
 
 
+def target_ranges(result: dict) -> dict[str, list[float] | None]:
+    """The spread (min, max over the interleaved rounds) of every :data:`TARGETS` ratio that has one."""
+    network = result["networks"][2]["name"] if result["networks"] else None
+    step = (result["steps"], network, result["config"]["small_batches"][0])
+    forward_vs_old = _headline(*step, "forward", "ratio_vs_old_range")
+    bf16 = [row for row in result.get("precision", []) if row["precision"] == "bf16"]
+    return {"jvp_forwards": _headline(*step, "jvp", "ratio_vs_forward_range"),
+            "released_forwards": _headline(*step, "released", "ratio_vs_forward_range"),
+            "step_ratio_alg1": _headline(*step, "alg1", "ratio_vs_flow_matching_range"),
+            "step_ratio_released": _headline(*step, "released", "ratio_vs_flow_matching_range"),
+            "bf16_speedup": bf16[0].get("speedup_range") if bf16 else None,
+            "forward_speed_vs_old": None if forward_vs_old is None else [1 / forward_vs_old[1], 1 / forward_vs_old[0]]}
+
+
+PROFILED_TARGETS = {"jvp_forwards": ("jvp", "forward"), "released_forwards": ("released", "forward"),
+                    "step_ratio_alg1": ("alg1", "flow_matching"), "step_ratio_released": ("released", "flow_matching"),
+                    "bf16_speedup": ("bf16", "fp32")}
+"""The timed targets a missed value is explained for: (the pass in question, the pass it is measured in)."""
+
+
+def missed_target_profiles(cfg: BenchConfig, device: torch.device, result: dict, small: Workload | None) -> dict:
+    """For every missed target of :data:`PROFILED_TARGETS`: ``full.bench.profiles.excess_profile`` of its pass
+    against its unit (new path, headline network; the bf16 step against the fp32 step of the precision section)."""
+    profiles = {}
+    for key, (pass_name, unit_name) in PROFILED_TARGETS.items():
+        if result["targets_met"].get(key) is not False:
+            continue
+        op, bound = TARGETS[key]
+        if key == "bf16_speedup":
+            preset, batch, overrides = _precision_setup(cfg, device)
+            step, _ = released_step(preset, batch, device=device, activation_checkpointing=cfg.activation_checkpointing,
+                                    **overrides)
+            calls = {name: (lambda name=name: (apply_precision(name, device), step(name))) for name in ("fp32", "bf16")}
+        elif small is not None:
+            calls = {variant: call for (variant, path), call in _step_calls(small).items() if path == "new"}
+        else:
+            continue
+        allowed = bound if op == "<=" else 1 / bound
+        profiles[key] = excess_profile(pass_name, calls[pass_name], unit_name, calls[unit_name], allowed)
+    return profiles
+
+
 def run(cfg: BenchConfig, progress: bool = True) -> dict:
     """Run the chosen sections and return the JSON-ready result dict."""
     device = torch.device(cfg.device)
@@ -349,7 +402,9 @@ def _run(cfg: BenchConfig, device: torch.device, progress: bool) -> dict:
     result["targets_met"] = {key: None if values[key] is None else
                              (values[key] <= bound if op == "<=" else values[key] >= bound)
                              for key, (op, bound) in TARGETS.items()}
+    result["target_ranges"] = target_ranges(result)
     result["machine"]["load_average_end"] = list(os.getloadavg()) if hasattr(os, "getloadavg") else None
+    result["profiles"] = missed_target_profiles(cfg, device, result, small) if cfg.profile_missed else {}
     result["elapsed_s"] = time.perf_counter() - started
     # CPU seconds actually used (compiler workers are child processes): on a machine shared with
     # other jobs this, not elapsed_s, estimates how long the run takes on an idle machine.
@@ -415,8 +470,9 @@ def format_tables(result: dict) -> str:
     if absolute:
         lines += [f"Absolute rows, new path, {result['headline_network']} (hold them against the authors' JAX run the "
                   "same hour; ratios divide the GEMM library out):", "",
-                  "| step | ms | forwards | host syncs |", "|---|---:|---:|---:|"]
+                  "| step | ms | forwards | min-max over rounds | host syncs |", "|---|---:|---:|---:|---:|"]
         lines += [f"| {r['variant']} ({r['batch']}) | {_fmt(r['median_ms'], '.1f')} | {_fmt(r['ratio_vs_forward'])} | "
+                  f"{_fmt(r['ratio_vs_forward_range'][0])}-{_fmt(r['ratio_vs_forward_range'][1])} | "
                   f"{'-' if r['host_syncs'] is None else r['host_syncs']['total']} |" for r in absolute]
         lines.append("")
     if result.get("precision"):
@@ -424,29 +480,39 @@ def format_tables(result: dict) -> str:
         lines += [f"Released step per precision: {first['preset']} at {first['resolution']} px, batch {first['batch']}, "
                   f"{first['device']}, {first['training_gflops_per_image']:.1f} training GFLOPs per image "
                   f"({first['step_in_forwards_counted']:.2f} forwards counted)", "",
-                  "| precision | ms / step | images / s | speed-up | TFLOP/s | MFU | peak MB | host syncs |",
-                  "|---|---:|---:|---:|---:|---:|---:|---:|"]
+                  "| precision | ms / step | images / s | speed-up | min-max over rounds | TFLOP/s | MFU | peak MB "
+                  "| host syncs |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
         lines += [f"| {r['precision']} | {_fmt(r['median_ms'], '.1f')} | {_fmt(r['images_per_s'], '.2f')} | "
-                  f"{_fmt(r['speedup_vs_' + first['precision']])} | {_fmt(r['achieved_tflops'], '.3f')} | "
+                  f"{_fmt(r['speedup_vs_' + first['precision']])} | "
+                  f"{_fmt(r['speedup_range'][0])}-{_fmt(r['speedup_range'][1])} | {_fmt(r['achieved_tflops'], '.3f')} | "
                   f"{_fmt(r['model_flop_utilisation'], '.1%')} | "
                   f"{_fmt(r['peak_allocated_mb'] if r['peak_allocated_mb'] is not None else r['peak_memory_mb'], '.0f')} | "
                   f"{r['host_syncs']['total']} |" for r in result["precision"]]
         lines.append("")
     if result.get("memory"):
         lines += [format_memory_table(result["memory"]), ""]
-    values = target_values(result)
-    lines.append(f"Headline, new path ({result['headline_network']}): " + ", ".join(
-        f"{key} = {_fmt(values[key], '.3f')}" + ("" if key not in TARGETS or values[key] is None else
-                                                 f" (target {result['targets'][key]}: "
-                                                 f"{'met' if result['targets_met'][key] else 'missed'})")
+    values, ranges = target_values(result), result.get("target_ranges", {})
+
+    def spread(key):
+        low_high = ranges.get(key)
+        return "" if not low_high else f" [{low_high[0]:.3f}-{low_high[1]:.3f}]"
+    lines.append(f"Headline, new path ({result['headline_network']}; ratios: median [min-max] of the per-round ratio "
+                 f"over {result['config']['repeats']} interleaved rounds; load average at start "
+                 f"{_fmt(result['machine']['load_average_1_5_15'][0], '.2f')}, at end "
+                 f"{_fmt((result['machine'].get('load_average_end') or [None])[0], '.2f')}): " + ", ".join(
+        f"{key} = {_fmt(values[key], '.3f')}{spread(key)}" + ("" if key not in TARGETS or values[key] is None else
+                                                             f" (target {result['targets'][key]}: "
+                                                             f"{'met' if result['targets_met'][key] else 'missed'})")
         for key in values))
+    for key, profile_ in result.get("profiles", {}).items():
+        lines += ["", format_profile(key, profile_)]
     return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = cli.Parser("python -m full.bench", __doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true",
-                        help="small batches, 5 repetitions, torch.compile on the toy only (< 5 min on 2 cores)")
+                        help="small batches, 7 interleaved rounds, torch.compile on the toy only (< 5 min on 2 cores)")
     parser.add_argument("--out", default=None, metavar="DIR",
                         help=f"output folder: {RESULT_NAME} (the tables are printed either way)")
     cli.add_json(parser, "the whole result")
@@ -457,7 +523,7 @@ def main(argv: list[str] | None = None) -> None:
                         help="clock of the medians: 'process' CPU time (steady on a shared CPU), 'wall', "
                              "or 'auto' = process on CPU, wall on CUDA")
     parser.add_argument("--repeats", type=int, default=None,
-                        help=f"timed repetitions per variant, >= {MIN_REPEATS} (default 7; 5 with --quick)")
+                        help=f"timed repetitions per variant, >= {MIN_REPEATS} (default 7, also with --quick)")
     parser.add_argument("--warmup", type=int, default=None, help="untimed calls per variant first (default 2; 1 with --quick)")
     parser.add_argument("--sections", nargs="+", choices=SECTIONS, default=list(DEFAULT_SECTIONS), metavar="SECTION",
                         help=f"which of {' '.join(SECTIONS)} to run (default: all but memory, which measures "

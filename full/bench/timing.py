@@ -3,7 +3,9 @@
 Timing: every variant of a comparison runs in the same process, interleaved in a rotating order
 reversed every other time (ABC, ACB, CAB, BAC, ...: each variant follows each neighbour), after warm-up; a sample is the mean of ``inner`` calls (chosen so a sample
 lasts at least ``min_sample_s``) and the reported number is the median over samples, so slow
-drifts of a shared machine hit all variants alike and outliers do not move the result.
+drifts of a shared machine hit all variants alike and outliers do not move the result. A ratio of two
+variants is taken round by round (:func:`round_ratios`: both samples of a round ran within seconds of each
+other) and quoted as the median with its spread, min to max.
 
 Peak memory: on CUDA ``torch.cuda.max_memory_allocated`` above the allocation before the call.
 On CPU PyTorch keeps no allocator statistics, so we read the process's resident set: reset the
@@ -109,6 +111,13 @@ def interleaved_medians(fns: dict[str, Callable[[], object]], *, device: torch.d
                         "process_median_s": statistics.median(samples[name]["process"]),
                         "inner": inner[name], "clock": clock}
     return result
+
+
+def round_ratios(stats: dict[str, dict], numerator: str, denominator: str) -> dict:
+    """The ratio of two variants of one :func:`interleaved_medians` call, repetition by repetition (both ran in
+    the same round, so a slow minute of a shared machine hits both): ``{"median", "min", "max", "rounds"}``."""
+    ratios = [a / b for a, b in zip(stats[numerator]["samples_s"], stats[denominator]["samples_s"])]
+    return {"median": statistics.median(ratios), "min": min(ratios), "max": max(ratios), "rounds": len(ratios)}
 
 
 # ----------------------------------------------------------------------------- memory

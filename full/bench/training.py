@@ -15,7 +15,7 @@ from typing import Callable
 import torch
 
 from .syncs import count_host_syncs
-from .timing import interleaved_medians, peak_memory_bytes
+from .timing import interleaved_medians, peak_memory_bytes, round_ratios
 from ..model import PMFViT, build_model
 from ..params import training_gmacs
 from ..precision import PRECISIONS, apply_precision, autocast
@@ -107,8 +107,11 @@ def precision_rows(preset: str, batch: int, precisions: tuple[str, ...], *, devi
                      "peak_allocated_mb": (torch.cuda.max_memory_allocated(device) / MB
                                            if device.type == "cuda" and memory else None),
                      "host_syncs": count_host_syncs(steps[name])})
-    for row in rows:
-        row["speedup_vs_" + precisions[0]] = rows[0]["median_ms"] / row["median_ms"]
+    for name, row in zip(precisions, rows):
+        # round by round: the first precision's step over this one's, both timed in the same round
+        speedup = round_ratios(stats, precisions[0], name)
+        row["speedup_vs_" + precisions[0]] = speedup["median"]
+        row["speedup_range"] = [speedup["min"], speedup["max"]]
     return rows
 
 
