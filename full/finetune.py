@@ -12,11 +12,12 @@ classes plus the null label. :func:`init_from_official` copies such a file into 
   (zero-initialised output layer). Measured on digits with the procedure of ``python -m full.digits.finetune``
   (pMF-T/4, 16 px; a 10-class "release" trained 600 steps, written in the authors' layout without v-head,
   fine-tuned on the same data; FD of 500 raw-weight samples, release 41.7; two data orders, which alone
-  move FD by about 5): copy-u 39.3 / 33.5 after 25 steps, 33.3 / 29.9 after 100,
-  25.7 / 30.3 after 200; fresh 59.2 / 68.1, 39.0 / 34.0, 24.5 / 24.8 (its v-loss starts at 315 against
-  copy-u's 56); from scratch 2807, 1824, 941. So copy-u never falls below the release while fresh first
-  loses it for ~100 steps; by 200 steps the two are within seed noise. A file that does hold a v-head (an
-  export of ours with one, or a conversion of their JAX ``-full`` archive) loads it as is.
+  move FD by about 5): copy-u 40.0 / 42.8 after 25 steps, 32.3 / 30.0 after 100, 34.5 / 30.3 after 200;
+  fresh 70.5 / 98.9, 41.2 / 34.5, 25.7 / 24.1; from scratch about 2810, 1830, 930. So copy-u stays
+  within about 1 FD of the release from the first step while fresh first loses it (by 29-57 FD) for
+  ~100 steps; by 200 steps fresh is ahead by 6-9 -- copy-u is the rule for short fine-tunes. (14 min on 2
+  cores.) A file that does hold a v-head (an export of ours with one, or a conversion of their JAX
+  ``-full`` archive) loads it as is.
 * **labels**: a model with K classes takes K rows of the file's table -- ``class_rows`` (e.g. the
   ImageNet ids the new classes correspond to), by default the first K -- and the file's *null row*
   (its last) as its own null row K, so unconditional generation and classifier-free guidance keep the
