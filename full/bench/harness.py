@@ -21,8 +21,10 @@ The JSON carries the headline ratios of the new path at the top level (the small
 batch size): ``jvp_forwards`` (JVP time / forward time), ``step_ratio_alg1``, ``step_ratio_released``
 (step time / flow-matching step time), ``sampling_vs_forward`` (1-NFE images/s / bare forward
 images/s) and ``one_step_vs_euler50``; ``targets_met`` adds the new-vs-old targets (plain forward
-speed, released-step peak memory) read from the rows. Benchmarks are measurements, never tests:
-nothing here asserts a time.
+speed, released-step peak memory) read from the rows. Every ratio is taken round by round (both variants ran in
+the same round of the interleaving) and quoted as the median with its min-max (``target_ranges``); every missed
+target of :data:`PROFILED_TARGETS` is printed with an op-by-op profile of its pass against its unit
+(``full.bench.profiles``). Benchmarks are measurements, never tests: nothing here asserts a time.
 """
 from __future__ import annotations
 
